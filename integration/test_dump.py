@@ -1,0 +1,151 @@
+"""livedump against real QEMU: its vmcore must equal QEMU's own dump, byte for byte."""
+
+import json
+import os
+import stat
+
+import pytest
+
+from .conftest import livedump
+from .vm import VM, Marker, kvm_usable
+from .vmcore import first_difference, loads, read_phys
+
+GiB = 1 << 30
+
+MARKERS = [
+    Marker(0x0010_0000, b"livedump marker: 1 MiB"),
+    Marker(0x1000_0000, os.urandom(64 << 10)),
+    Marker(0x3E00_0000, b"livedump marker: 992 MiB, near the top of a 1 GiB guest"),
+]
+HIGH_MARKERS = [
+    Marker(0x1_0000_0000, b"livedump marker: first byte above 4 GiB"),
+    Marker(0x1_2345_6000, os.urandom(1 << 20)),
+    Marker(0x1_BFFF_F000, b"livedump marker: last page of a 5 GiB q35"),
+]
+
+# (machine, memory, markers): a pc guest below 4 GiB, and a q35 guest whose
+# RAM is split below and above 4 GiB.
+GUESTS = {
+    "pc-1G": ("pc", "1G", MARKERS),
+    "q35-5G": ("q35", "5G", MARKERS[:2] + HIGH_MARKERS),
+}
+ACCELS = ["tcg"] + (["kvm"] if kvm_usable() else [])
+
+
+def assert_markers(vmcore, markers):
+    for m in markers:
+        assert read_phys(vmcore, m.gpa, len(m.data)) == m.data, f"marker at {m.gpa:#x}"
+
+
+@pytest.mark.parametrize("accel", ACCELS)
+@pytest.mark.parametrize("guest", GUESTS)
+def test_paused_vm_equals_qemu_dump(scratch, guest, accel):
+    machine, memory, markers = GUESTS[guest]
+    with VM(machine=machine, memory=memory, markers=markers, accel=accel) as vm:
+        vm.wait_running(1)
+        vm.command("stop")
+        ours, theirs = scratch / "ours.vmcore", scratch / "qemu.vmcore"
+        r = livedump("--pid", str(vm.pid), str(ours))
+        assert r.returncode == 0, r.stderr
+        assert vm.status() == "paused"
+        vm.own_dump(theirs)
+        assert first_difference(ours, theirs) is None
+        assert_markers(ours, markers)
+        assert stat.S_IMODE(os.stat(ours).st_mode) == 0o600
+        assert b"already paused" in r.stderr
+
+
+def test_running_vm_is_dumped_and_keeps_running(scratch):
+    with VM(machine="q35", memory="5G", markers=HIGH_MARKERS) as vm:
+        vm.wait_running(1)
+        out = scratch / "run.vmcore"
+        r = livedump("--pid", str(vm.pid), "--json", str(out))
+        assert r.returncode == 0, r.stderr
+        assert vm.status() == "running"
+        assert_markers(out, HIGH_MARKERS)
+        report = json.loads(r.stdout)
+        assert report["was_running"] is True
+        assert 0 < report["pause_seconds"] <= report["wall_seconds"]
+        assert report["memory_bytes"] == sum(l.memsz for l in loads(out))
+        assert report["blocks"][-1] == {"gpa": 0x1_0000_0000, "size": 3 * GiB}
+
+
+def test_vm_started_paused_stays_paused(scratch):
+    with VM(memory="512M", markers=MARKERS[:2], start_paused=True) as vm:
+        assert vm.status() == "prelaunch"
+        out = scratch / "s.vmcore"
+        r = livedump("--pid", str(vm.pid), str(out))
+        assert r.returncode == 0, r.stderr
+        assert vm.status() == "prelaunch"
+        assert_markers(out, MARKERS[:2])
+
+
+def test_existing_output_is_left_alone_without_force(scratch):
+    with VM(memory="128M") as vm:
+        out = scratch / "exists.vmcore"
+        out.write_bytes(b"precious")
+        r = livedump("--pid", str(vm.pid), str(out))
+        assert r.returncode == 7
+        assert b"exists" in r.stderr and b"--force" in r.stderr
+        assert out.read_bytes() == b"precious"
+        assert vm.status() == "running"
+        assert sorted(p.name for p in scratch.iterdir()) == ["exists.vmcore"]
+
+        r = livedump("--pid", str(vm.pid), "--force", str(out))
+        assert r.returncode == 0, r.stderr
+        assert loads(out)
+        assert stat.S_IMODE(os.stat(out).st_mode) == 0o600
+
+
+def test_stdout_stream_equals_file(scratch):
+    with VM(memory="512M", markers=MARKERS[:2], start_paused=True) as vm:
+        a, b = scratch / "file.vmcore", scratch / "pipe.vmcore"
+        assert livedump("--pid", str(vm.pid), str(a)).returncode == 0
+        with open(b, "wb") as f:
+            r = livedump("--pid", str(vm.pid), "-", stdout=f)
+        assert r.returncode == 0, r.stderr
+        assert a.read_bytes() == b.read_bytes()
+
+
+def test_busy_socket_is_skipped_and_named(scratch):
+    """A monitor that another client holds never greets: try the next one."""
+    with VM(memory="128M") as vm:
+        # The harness holds harness.sock; put it first so livedump meets it first.
+        out = scratch / "x.vmcore"
+        r = livedump("--qmp", str(vm.harness_socket), "--qmp-timeout", "1", str(out))
+        assert r.returncode == 5
+        assert str(vm.harness_socket).encode() in r.stderr
+        assert b"no greeting within 1 s" in r.stderr
+        assert not out.exists()
+        assert vm.status() == "running"
+
+
+def test_qmp_socket_alone_finds_the_pid(scratch):
+    with VM(memory="128M", markers=MARKERS[:1]) as vm:
+        out = scratch / "q.vmcore"
+        r = livedump("--qmp", str(vm.socket), "--json", str(out))
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["pid"] == vm.pid
+        assert_markers(out, MARKERS[:1])
+
+
+def test_socket_of_another_vm_is_refused(scratch):
+    with VM(memory="128M") as a, VM(memory="128M") as b:
+        r = livedump("--qmp", str(a.socket), "--pid", str(b.pid), str(scratch / "n"))
+        assert r.returncode == 2
+        assert f"belongs to PID {a.pid}, not to PID {b.pid}".encode() in r.stderr
+        assert a.status() == b.status() == "running"
+        assert not os.listdir(scratch)
+
+
+def test_bad_targets_get_distinct_codes(scratch):
+    out = str(scratch / "n.vmcore")
+    r = livedump("--pid", "999999999", out)
+    assert (r.returncode, r.stderr) == (3, b"livedump: no process with PID 999999999\n")
+    r = livedump("--pid", str(os.getpid()), out)
+    assert r.returncode == 4 and b"not a QEMU" in r.stderr
+    r = livedump("--qmp", str(scratch / "nothing.sock"), out)
+    assert r.returncode == 5 and b"nothing.sock" in r.stderr
+    r = livedump(out)
+    assert r.returncode == 2
+    assert not os.listdir(scratch)

@@ -1,0 +1,67 @@
+"""Target architectures: what each one means for the ELF header."""
+
+from dataclasses import dataclass
+
+from .errors import UsageError
+
+EM_386 = 3
+EM_PPC64 = 21
+EM_S390 = 22
+EM_X86_64 = 62
+EM_AARCH64 = 183
+
+
+@dataclass(frozen=True)
+class Arch:
+    """ELF identity of a vmcore: word size, byte order and e_machine."""
+
+    name: str
+    bits: int
+    byteorder: str
+    machine: int
+
+    @property
+    def little_endian(self) -> bool:
+        return self.byteorder == "little"
+
+
+ARCHES = {
+    a.name: a
+    for a in (
+        Arch("x86_64", 64, "little", EM_X86_64),
+        Arch("386", 32, "little", EM_386),
+        Arch("aarch64-le", 64, "little", EM_AARCH64),
+        Arch("aarch64-be", 64, "big", EM_AARCH64),
+        Arch("ppc64-le", 64, "little", EM_PPC64),
+        Arch("ppc64-be", 64, "big", EM_PPC64),
+        Arch("s390", 64, "big", EM_S390),
+    )
+}
+
+# Other spellings users type, and the names QMP `query-target` reports.
+# A bare "aarch64" or "ppc64" does not say the byte order: the little-endian
+# variant is what current Linux distributions run.
+_ALIASES = {
+    "x86-64": "x86_64",
+    "amd64": "x86_64",
+    "i386": "386",
+    "i686": "386",
+    "x86": "386",
+    "aarch64": "aarch64-le",
+    "arm64": "aarch64-le",
+    "aarch64_be": "aarch64-be",
+    "ppc64": "ppc64-le",
+    "ppc64le": "ppc64-le",
+    "s390x": "s390",
+}
+
+
+def lookup(name: str) -> Arch:
+    """Return the architecture called ``name`` (case-insensitive, aliases allowed)."""
+    key = name.strip().lower()
+    key = _ALIASES.get(key, key)
+    try:
+        return ARCHES[key]
+    except KeyError:
+        known = ", ".join(ARCHES)
+        raise UsageError(f"unknown architecture {name!r} (known: {known})") from None

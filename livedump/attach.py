@@ -1,0 +1,58 @@
+"""Hold the guest still while its memory is read, and let it go afterwards.
+
+Only a VM that was running is stopped, and only what we stopped is resumed:
+a VM that was paused (by its operator, a debugger, or a panic) stays paused.
+"""
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from . import signals
+from .errors import LivedumpError, MonitorError
+from .monitor import Monitor
+
+
+@dataclass
+class Pause:
+    """What the pause did: whether the guest was running, and for how long we held it."""
+
+    was_running: bool
+    stopped_at: float = 0.0
+    resumed_at: float = 0.0
+
+    @property
+    def seconds(self) -> float:
+        return self.resumed_at - self.stopped_at
+
+
+@contextlib.contextmanager
+def paused(monitor: Monitor) -> Iterator[Pause]:
+    """Keep the guest's vCPUs stopped for the duration of the block."""
+    with signals.deferred():
+        pause = Pause(was_running=monitor.running())
+        if pause.was_running:
+            try:
+                monitor.stop()
+            except LivedumpError:
+                _resume(monitor, pause)  # The stop may have taken effect all the same.
+                raise
+            pause.stopped_at = time.monotonic()
+    try:
+        yield pause
+    finally:
+        if pause.was_running:
+            with signals.deferred():
+                _resume(monitor, pause)
+
+
+def _resume(monitor: Monitor, pause: Pause) -> None:
+    try:
+        monitor.cont()
+    except LivedumpError as e:
+        raise MonitorError(
+            f"could not resume the VM, which livedump paused ({e}); "
+            "resume it with the QMP command 'cont' (or 'virsh resume')"
+        ) from None
+    pause.resumed_at = time.monotonic()

@@ -1,0 +1,74 @@
+"""The errors livedump reports, one class per exit code.
+
+Every failure a user can cause or meet ends as one of these: the command
+line prints ``livedump: <message>`` and exits with the class's code, so
+scripts can tell "wrong PID" from "disk full" without parsing text.
+"""
+
+
+class LivedumpError(Exception):
+    """Base of every expected failure; the message is one line for the user."""
+
+    exit_code = 1
+
+
+class UsageError(LivedumpError):
+    """The command line asks for something that cannot work."""
+
+    exit_code = 2
+
+
+class ProcessNotFound(LivedumpError):
+    """No process with the given PID (or behind the given socket)."""
+
+    exit_code = 3
+
+
+class NotQemu(LivedumpError):
+    """The process exists but is not a QEMU system emulator."""
+
+    exit_code = 4
+
+
+class MonitorUnavailable(LivedumpError):
+    """No QMP monitor of the VM could be reached."""
+
+    exit_code = 5
+
+
+class PermissionDenied(LivedumpError):
+    """The OS refused access to the VM's memory or monitor."""
+
+    exit_code = 6
+
+
+class OutputExists(LivedumpError):
+    """The output path exists and ``--force`` was not given."""
+
+    exit_code = 7
+
+
+class DumpIOError(LivedumpError):
+    """Reading guest memory or writing the vmcore failed."""
+
+    exit_code = 8
+
+
+class MonitorError(LivedumpError):
+    """The monitor refused a command or answered something unparseable."""
+
+    exit_code = 9
+
+
+class GuestMemoryError(LivedumpError):
+    """The guest RAM map does not fit the QEMU process's address space."""
+
+    exit_code = 10
+
+
+class Interrupted(LivedumpError):
+    """A signal ended the dump; exits 128 + the signal number, as shells do."""
+
+    def __init__(self, signum: int, name: str) -> None:
+        super().__init__(f"interrupted by {name}")
+        self.exit_code = 128 + signum

@@ -1,0 +1,150 @@
+"""Talking to QEMU's monitor: a transport that carries QMP, and the commands we send.
+
+:class:`QMPTransport` owns a socket and a :mod:`qemu.qmp` client and runs
+each exchange to completion with a timeout, so the rest of livedump is
+plain synchronous code. :class:`Monitor` holds the few commands livedump
+needs and works over any :class:`Transport`.
+"""
+
+import asyncio
+import logging
+import socket
+import struct
+from collections.abc import Mapping
+from typing import Protocol
+
+from qemu.qmp import ExecuteError, QMPClient, QMPError
+
+from . import signals
+from .errors import MonitorError, MonitorUnavailable, PermissionDenied
+
+# qemu.qmp logs every failed connect at ERROR level; we report failures ourselves.
+logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+
+Address = str | tuple[str, int]
+
+
+class Transport(Protocol):
+    def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> object:
+        """Run one QMP command and return its ``return`` value."""
+
+    def close(self) -> None:
+        """End the session."""
+
+
+class QMPTransport:
+    """A QMP session on a UNIX or TCP socket, with every exchange bounded by ``timeout``.
+
+    A monitor that another client holds (libvirt, say) accepts the connection
+    but never greets; the greeting timeout is what tells us so.
+    """
+
+    def __init__(self, address: Address, timeout: float) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.peer_pid: int | None = None
+        self._runner = asyncio.Runner()
+        self._client = QMPClient("livedump")
+        try:
+            sock = self._open_socket(address)
+        except PermissionError as e:
+            self._runner.close()
+            raise PermissionDenied(f"cannot connect to {describe(address)}: {e.strerror}") from None
+        except OSError as e:
+            self._runner.close()
+            reason = "timed out" if isinstance(e, TimeoutError) else e.strerror or str(e)
+            raise MonitorUnavailable(f"{describe(address)}: {reason}") from None
+        try:
+            self._run(self._client.connect(sock), "greeting")
+        except BaseException:
+            self.close()
+            sock.close()
+            raise
+
+    def _open_socket(self, address: Address) -> socket.socket:
+        if isinstance(address, str):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(self.timeout)
+                sock.connect(address)
+                creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+                self.peer_pid = struct.unpack("3i", creds)[0] or None
+            except BaseException:
+                sock.close()
+                raise
+        else:
+            sock = socket.create_connection(address, timeout=self.timeout)
+        sock.setblocking(False)
+        return sock
+
+    def _run(self, coro: object, what: str) -> object:
+        with signals.deferred():
+            try:
+                return self._runner.run(asyncio.wait_for(coro, self.timeout))
+            except (TimeoutError, asyncio.TimeoutError):
+                raise MonitorUnavailable(
+                    f"{describe(self.address)}: no {what} within {self.timeout:g} s"
+                ) from None
+            except ExecuteError:
+                raise
+            except (QMPError, OSError, EOFError) as e:
+                raise MonitorUnavailable(f"{describe(self.address)}: {what} failed: {e}") from None
+
+    def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> object:
+        try:
+            return self._run(self._client.execute(command, arguments), f"reply to {command!r}")
+        except ExecuteError as e:
+            raise MonitorError(f"QEMU refused {command!r}: {e.error.desc}") from None
+
+    def close(self) -> None:
+        with signals.deferred():
+            try:
+                self._runner.run(asyncio.wait_for(self._client.disconnect(), self.timeout))
+            except Exception:
+                pass  # The session is over either way; nothing more to tell QEMU.
+            finally:
+                self._runner.close()
+
+
+def describe(address: Address) -> str:
+    """How an address appears in messages: ``unix:PATH`` or ``tcp:HOST:PORT``."""
+    if isinstance(address, str):
+        return f"unix:{address}"
+    return f"tcp:{address[0]}:{address[1]}"
+
+
+class Monitor:
+    """The monitor commands livedump uses."""
+
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+
+    def running(self) -> bool:
+        """Whether the guest's vCPUs are running now."""
+        status = self.transport.execute("query-status")
+        if not isinstance(status, dict) or "running" not in status:
+            raise MonitorError(f"unexpected 'query-status' reply: {status!r}")
+        return bool(status["running"])
+
+    def stop(self) -> None:
+        self.transport.execute("stop")
+
+    def cont(self) -> None:
+        self.transport.execute("cont")
+
+    def target_arch(self) -> str:
+        """The QEMU target, as ``query-target`` names it (``x86_64``, ``ppc64``...)."""
+        reply = self.transport.execute("query-target")
+        if not isinstance(reply, dict) or not isinstance(reply.get("arch"), str):
+            raise MonitorError(f"unexpected 'query-target' reply: {reply!r}")
+        return reply["arch"]
+
+    def hmp(self, command_line: str) -> str:
+        """Run a human monitor command and return its text."""
+        reply = self.transport.execute("human-monitor-command", {"command-line": command_line})
+        if not isinstance(reply, str):
+            raise MonitorError(f"unexpected reply to {command_line!r}: {reply!r}")
+        return reply
+
+    def close(self) -> None:
+        self.transport.close()

@@ -1,0 +1,96 @@
+"""Where the vmcore goes, written so that no partial file ever poses as a dump.
+
+A file is created beside its final name, mode 0600 from the first byte
+(guest memory holds secrets), and linked into place only once complete.
+An existing file is replaced only with ``force``; a symlink at the path
+is never followed.
+"""
+
+import errno
+import os
+import secrets
+import stat
+
+from .errors import DumpIOError, OutputExists, PermissionDenied, UsageError
+
+STDOUT = "-"
+
+
+class Output:
+    """A write-once destination: a new file, or standard output for ``-``."""
+
+    def __init__(self, path: str, force: bool = False) -> None:
+        self.path = path
+        self.force = force
+        self._temp: str | None = None
+        if path == STDOUT:
+            if os.isatty(1):
+                raise UsageError("refusing to write a vmcore to a terminal; redirect standard output")
+            self._fd = 1
+            return
+        if os.path.lexists(path) and not force:
+            raise OutputExists(f"{path} exists (use --force to replace it)")
+        directory, name = os.path.split(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            raise UsageError(f"output directory {directory} does not exist")
+        self._temp = os.path.join(directory, f".{name}.{secrets.token_hex(4)}.partial")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            self._fd = os.open(self._temp, flags, 0o600)
+            os.fchmod(self._fd, stat.S_IRUSR | stat.S_IWUSR)
+        except PermissionError:
+            raise PermissionDenied(f"may not create files in {directory}") from None
+        except OSError as e:
+            raise DumpIOError(f"creating {self._temp}: {e.strerror}") from None
+
+    def write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(self._fd, view)
+            except OSError as e:
+                if e.errno == errno.EPIPE:
+                    raise DumpIOError("the reader of standard output went away") from None
+                raise DumpIOError(f"writing {self.path}: {e.strerror}") from None
+            view = view[n:]
+
+    def commit(self) -> None:
+        """Put the finished file at its path."""
+        if self._temp is None:
+            return
+        try:
+            self._close()
+            if self.force:
+                os.replace(self._temp, self.path)
+            else:
+                try:
+                    os.link(self._temp, self.path)  # Fails, atomically, if the path appeared.
+                except FileExistsError:
+                    raise OutputExists(
+                        f"{self.path} appeared during the dump; the dump was not written"
+                    ) from None
+        except OSError as e:
+            raise DumpIOError(f"finishing {self.path}: {e.strerror}") from None
+        finally:
+            self._discard()
+
+    def _close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _discard(self) -> None:
+        """Remove the temporary file (after commit, only its now redundant name)."""
+        if self._temp is not None:
+            self._close()
+            try:
+                os.unlink(self._temp)
+            except FileNotFoundError:
+                pass
+            self._temp = None
+
+    def __enter__(self) -> "Output":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._discard()

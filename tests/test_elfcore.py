@@ -1,0 +1,111 @@
+"""The ELF writer, read back with pyelftools for every architecture."""
+
+import tempfile
+
+import pytest
+from elftools.elf.elffile import ELFFile
+
+from livedump.arch import ARCHES, lookup
+from livedump.coalesce import Block
+from livedump.dump import NT_LIVEDUMP_INFO
+from livedump.elfcore import PAGE_SIZE, CoreLayout, Note
+
+BLOCKS = [Block(0, 0xA0000, 0x7F00_0000_0000), Block(0xC0000, 0x3FF40000, 0x7F00_000C_0000)]
+NOTE = Note("LIVEDUMP", NT_LIVEDUMP_INFO, b"livedump test\n")
+
+# e_machine as pyelftools names it, class, byte order.
+EXPECTED = {
+    "x86_64": ("EM_X86_64", 64, "ELFDATA2LSB"),
+    "386": ("EM_386", 32, "ELFDATA2LSB"),
+    "aarch64-le": ("EM_AARCH64", 64, "ELFDATA2LSB"),
+    "aarch64-be": ("EM_AARCH64", 64, "ELFDATA2MSB"),
+    "ppc64-le": ("EM_PPC64", 64, "ELFDATA2LSB"),
+    "ppc64-be": ("EM_PPC64", 64, "ELFDATA2MSB"),
+    "s390": ("EM_S390", 64, "ELFDATA2MSB"),
+}
+
+
+def parse(layout: CoreLayout) -> ELFFile:
+    """The layout's header followed by a sparse file's zeros for memory."""
+    f = tempfile.TemporaryFile()
+    f.write(layout.header)
+    f.truncate(layout.size)
+    return ELFFile(f)
+
+
+def test_every_arch_is_covered():
+    assert set(EXPECTED) == set(ARCHES)
+
+
+@pytest.mark.parametrize("name", EXPECTED)
+def test_header_per_arch(name):
+    machine, bits, data = EXPECTED[name]
+    layout = CoreLayout(lookup(name), BLOCKS, [NOTE])
+    elf = parse(layout)
+    assert elf.header["e_type"] == "ET_CORE"
+    assert elf.header["e_machine"] == machine
+    assert elf.elfclass == bits and layout.bits == bits
+    assert elf.header["e_ident"]["EI_DATA"] == data
+
+    segments = list(elf.iter_segments())
+    assert segments[0]["p_type"] == "PT_NOTE"
+    notes = list(segments[0].iter_notes())
+    assert [(n["n_name"], n["n_type"], n["n_desc"]) for n in notes] == [
+        ("LIVEDUMP", NT_LIVEDUMP_INFO, b"livedump test\n")
+    ]
+    loads = segments[1:]
+    assert all(s["p_type"] == "PT_LOAD" for s in loads)
+    assert [(s["p_paddr"], s["p_vaddr"], s["p_filesz"], s["p_memsz"]) for s in loads] == [
+        (b.gpa, b.gpa, b.size, b.size) for b in BLOCKS
+    ]
+    assert all(s["p_flags"] == 0 and s["p_align"] == 0 for s in loads)
+    assert loads[0]["p_offset"] == layout.data_offset
+    assert layout.data_offset % PAGE_SIZE == 0
+    assert loads[1]["p_offset"] == loads[0]["p_offset"] + BLOCKS[0].size
+    assert layout.size == layout.data_offset + sum(b.size for b in BLOCKS)
+
+
+@pytest.mark.parametrize("seed, name", [
+    ("X86_64", "x86_64"), ("i386", "386"), ("s390x", "s390"), ("aarch64", "aarch64-le"),
+    ("ppc64le", "ppc64-le"), ("PPC64-BE", "ppc64-be"),
+])
+def test_aliases(seed, name):
+    assert lookup(seed).name == name
+
+
+def test_unknown_arch_is_a_usage_error():
+    from livedump.errors import UsageError
+
+    with pytest.raises(UsageError, match="unknown architecture 'mips'.*x86_64"):
+        lookup("mips")
+
+
+def test_386_above_4g_becomes_elf64_like_qemu():
+    blocks = [Block(0, 0xA0000, 0), Block(0x1_0000_0000, 0x1000, 0x1000)]
+    layout = CoreLayout(lookup("386"), blocks, [NOTE])
+    elf = parse(layout)
+    assert elf.elfclass == 64 and elf.header["e_machine"] == "EM_386"
+    assert [s["p_paddr"] for s in elf.iter_segments()][1:] == [0, 0x1_0000_0000]
+
+
+def test_386_below_4g_stays_elf32_up_to_the_boundary():
+    blocks = [Block(0xFFFC0000, 0x40000, 0)]  # Ends exactly at 4 GiB.
+    assert CoreLayout(lookup("386"), blocks, [NOTE]).bits == 32
+
+
+def test_extended_numbering_past_65534_segments():
+    blocks = [Block(i * 0x2000, 0x1000, i * 0x2000) for i in range(70000)]
+    layout = CoreLayout(lookup("ppc64-be"), blocks, [NOTE])
+    elf = parse(layout)
+    assert elf.header["e_phnum"] == 0xFFFF
+    assert elf.num_segments() == 70001
+    assert elf.get_section(0)["sh_info"] == 70001
+    last = elf.get_segment(70000)
+    assert (last["p_paddr"], last["p_filesz"]) == (69999 * 0x2000, 0x1000)
+    assert last["p_offset"] == layout.data_offset + 69999 * 0x1000
+
+
+def test_just_below_extended_numbering():
+    blocks = [Block(i * 0x2000, 0x1000, 0) for i in range(65533)]
+    elf = parse(CoreLayout(lookup("x86_64"), blocks, [NOTE]))
+    assert elf.header["e_phnum"] == 65534 and elf.header["e_shnum"] == 0
