@@ -89,7 +89,7 @@ def _options(argv: list[str]) -> list[tuple[str, str]]:
 
 
 def _split_props(value: str) -> tuple[str, dict[str, str]]:
-    """Split QEMU's ``first,key=value,...`` syntax, where ``,,`` is a literal comma."""
+    """Split QEMU's ``[first,]key=value,...`` syntax, where ``,,`` is a literal comma."""
     parts, current, i = [], [], 0
     while i < len(value):
         if value[i] == ",":
@@ -103,11 +103,12 @@ def _split_props(value: str) -> tuple[str, dict[str, str]]:
             current.append(value[i])
         i += 1
     parts.append("".join(current))
+    first = "" if "=" in parts[0] else parts.pop(0)
     props = {}
-    for p in parts[1:]:
+    for p in parts:
         key, _, val = p.partition("=")
         props[key] = val
-    return parts[0], props
+    return first, props
 
 
 def _legacy_endpoint(value: str, cwd: str, origin: str) -> QmpEndpoint:

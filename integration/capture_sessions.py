@@ -1,0 +1,85 @@
+"""Record real monitor sessions for the unit tests in ``tests/``.
+
+For each VM configuration this starts a real QEMU, pauses it, and records
+every monitor exchange livedump's RAM locator makes, plus the PT_LOAD list
+of QEMU's own ``dump-guest-memory`` of the same paused VM. The unit tests
+replay the exchanges and must arrive at QEMU's PT_LOAD list.
+
+    python3 -m integration.capture_sessions tests/data/sessions
+"""
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from livedump import locate
+from livedump.monitor import Monitor, QMPTransport
+
+from .vm import VM, kvm_usable
+from .vmcore import loads
+
+CONFIGS = {
+    "pc-1G-prelaunch": dict(machine="pc", memory="1G", start_paused=True),
+    "pc-1G-seabios": dict(machine="pc", memory="1G"),
+    "q35-5G-seabios": dict(machine="q35", memory="5G"),
+    "q35-5G-seabios-kvm": dict(machine="q35", memory="5G", accel="kvm"),
+}
+
+
+class Recorder:
+    """A transport that passes commands through and keeps every exchange."""
+
+    def __init__(self, inner: QMPTransport) -> None:
+        self.inner = inner
+        self.exchanges: list[dict] = []
+
+    def execute(self, command, arguments=None):
+        reply = self.inner.execute(command, arguments)
+        self.exchanges.append({"execute": command, "arguments": arguments, "return": reply})
+        return reply
+
+    def close(self):
+        self.inner.close()
+
+
+def capture(name: str, config: dict) -> dict:
+    with VM(**config) as vm, tempfile.TemporaryDirectory(dir="/dev/shm") as tmp:
+        if vm.status() == "running":
+            vm.wait_running(1)
+            vm.command("stop")
+        recorder = Recorder(QMPTransport(str(vm.socket), 5))
+        try:
+            locate.guest_ranges(Monitor(recorder))
+        finally:
+            recorder.close()
+        core = Path(tmp) / "qemu.vmcore"
+        vm.own_dump(core)
+        version = subprocess.run([vm_qemu(), "--version"], capture_output=True, text=True)
+        return {
+            "config": name,
+            "qemu": version.stdout.splitlines()[0],
+            "exchanges": recorder.exchanges,
+            "qemu_dump_loads": [[x.paddr, x.memsz] for x in loads(core)],
+        }
+
+
+def vm_qemu() -> str:
+    from .vm import QEMU
+
+    return QEMU
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    out.mkdir(parents=True, exist_ok=True)
+    for name, config in CONFIGS.items():
+        if config.get("accel") == "kvm" and not kvm_usable():
+            continue
+        (out / f"{name}.json").write_text(json.dumps(capture(name, config), indent=1) + "\n")
+        print(name)
+
+
+if __name__ == "__main__":
+    main()
