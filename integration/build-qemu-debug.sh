@@ -254,6 +254,15 @@ T_BUILD0=$(date +%s)
     --firmwarepath=/usr/share/seabios:/usr/lib/ipxe/qemu \
     --with-git-submodules=ignore)
 
+# x86 option ROMs (kvmvapic.bin, linuxboot_dma.bin, multiboot*.bin, pvh.bin).
+# QEMU's configure only builds them if "cc -m32 ... -lgcc" links, which needs
+# gcc-multilib; Debian instead builds them with its own debian/optionrom.mak
+# (plain cc -m16 + ld -m elf_i386), whose output is byte-identical to the
+# files in qemu-system-data. Do the same - first, as it takes seconds.
+log "building x86 option ROMs (debian/optionrom.mak)"
+mkdir -p "$WORK/optionrom"
+run make -f "$WORK/src/debian/optionrom.mak" -C "$WORK/optionrom" SRC_PATH="$WORK/src" all
+
 # --- 5. Build & stage-install -----------------------------------------------
 JOBS=$(nproc)
 log "make -j$JOBS (this takes a while)"
@@ -264,12 +273,12 @@ log "build took $((T_BUILD1 - T_BUILD0)) s"
 STAGE_ROOT="$WORK/destdir"
 STAGE="$STAGE_ROOT$CACHE"
 run make -C "$WORK/src/build" install DESTDIR="$STAGE_ROOT"
-# x86 option ROMs built from source (Debian ships them in qemu-system-data,
-# upstream's blob install is disabled above).
+# Our option ROMs go to the data dir ($CACHE/share/qemu), which QEMU
+# searches after the --firmwarepath dirs.
 mkdir -p "$STAGE/share/qemu"
 for rom in kvmvapic.bin linuxboot.bin linuxboot_dma.bin multiboot.bin \
            multiboot_dma.bin pvh.bin; do
-    f="$WORK/src/build/pc-bios/optionrom/$rom"
+    f="$WORK/optionrom/$rom"
     [[ -f "$f" ]] || die "option ROM $rom was not built"
     install -m 0644 "$f" "$STAGE/share/qemu/"
 done

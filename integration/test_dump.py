@@ -133,7 +133,7 @@ def test_socket_of_another_vm_is_refused(scratch):
     with VM(memory="128M") as a, VM(memory="128M") as b:
         r = livedump("--qmp", str(a.socket), "--pid", str(b.pid), str(scratch / "n"))
         assert r.returncode == 2
-        assert f"belongs to PID {a.pid}, not to PID {b.pid}".encode() in r.stderr
+        assert f"belongs to QEMU PID {a.pid}, not to PID {b.pid}".encode() in r.stderr
         assert a.status() == b.status() == "running"
         assert not os.listdir(scratch)
 

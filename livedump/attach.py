@@ -30,16 +30,15 @@ class Pause:
 @contextlib.contextmanager
 def paused(monitor: Monitor) -> Iterator[Pause]:
     """Keep the guest's vCPUs stopped for the duration of the block."""
-    with signals.deferred():
-        pause = Pause(was_running=monitor.running())
-        if pause.was_running:
-            try:
-                monitor.stop()
-            except LivedumpError:
-                _resume(monitor, pause)  # The stop may have taken effect all the same.
-                raise
-            pause.stopped_at = time.monotonic()
+    pause = Pause(was_running=False)
     try:
+        # A signal that arrives meanwhile is raised when the mask is lifted,
+        # inside this try: the guest is resumed all the same.
+        with signals.deferred():
+            pause.was_running = monitor.running()
+            if pause.was_running:
+                monitor.stop()  # If this fails, it may have stopped the guest still.
+                pause.stopped_at = time.monotonic()
         yield pause
     finally:
         if pause.was_running:

@@ -18,7 +18,7 @@ from .monitor import Address, Monitor, QMPTransport, describe
 from .output import Output
 from .procmem import ProcessMemory, check_blocks, read_maps
 from .stream import stream
-from .target import QmpEndpoint, qemu_executable, qmp_endpoints
+from .target import QmpEndpoint, is_qemu, qemu_executable, qmp_endpoints
 
 # Our own note under the "LIVEDUMP" owner: text lines saying who made the dump.
 # The type is "LVDP" in ASCII, far from the small numbers that gdb and crash
@@ -117,7 +117,11 @@ def _attach_monitor(request: Request) -> tuple[Monitor, QmpEndpoint, int]:
 
 
 def _check_peer(pid: int | None, transport: QMPTransport) -> int:
-    """The QEMU PID, from the user or the socket's peer, checked to agree."""
+    """The QEMU PID, from the user or the socket's peer, checked to agree.
+
+    A peer that is not QEMU at all is a relay (socat, a management daemon's
+    proxy): then only ``--pid`` can say which process to read.
+    """
     peer = transport.peer_pid
     where = describe(transport.address)
     if pid is None:
@@ -125,8 +129,8 @@ def _check_peer(pid: int | None, transport: QMPTransport) -> int:
             raise UsageError(f"cannot tell which process serves {where}; add --pid")
         qemu_executable(peer)
         return peer
-    if peer is not None and peer != pid:
-        raise UsageError(f"{where} belongs to PID {peer}, not to PID {pid}")
+    if peer is not None and peer != pid and is_qemu(peer):
+        raise UsageError(f"{where} belongs to QEMU PID {peer}, not to PID {pid}")
     return pid
 
 

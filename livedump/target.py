@@ -8,7 +8,7 @@ libvirt wrote it: ``-qmp unix:PATH,...``, ``-qmp tcp:HOST:PORT,...``, and
 import os
 from dataclasses import dataclass
 
-from .errors import NotQemu, PermissionDenied, ProcessNotFound
+from .errors import LivedumpError, NotQemu, PermissionDenied, ProcessNotFound
 from .monitor import Address, describe
 
 
@@ -39,6 +39,14 @@ def qemu_executable(pid: int) -> str:
     if not (name.startswith("qemu-system-") or name == "qemu-kvm"):
         raise NotQemu(f"PID {pid} is {exe}, not a QEMU system emulator")
     return exe
+
+
+def is_qemu(pid: int) -> bool:
+    try:
+        qemu_executable(pid)
+    except LivedumpError:
+        return False
+    return True
 
 
 def qmp_endpoints(pid: int) -> list[QmpEndpoint]:

@@ -1,0 +1,90 @@
+"""The VM comes back on every way out: signals mid-dump, and a reader that goes away."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from .qmp_proxy import QMPProxy
+from .vm import VM
+
+
+def wait_for_status(vm: VM, status: str, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while vm.status() != status:
+        assert time.monotonic() < deadline, f"VM never became {status}"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_signal_mid_dump_resumes_the_vm(scratch, sig):
+    with VM(memory="1G") as vm:
+        # livedump writes into a pipe nobody reads: it blocks mid-dump, VM paused.
+        r, w = os.pipe()
+        proc = subprocess.Popen([sys.executable, "-m", "livedump", "--pid", str(vm.pid), "-"],
+                                stdout=w, stderr=subprocess.PIPE)
+        os.close(w)
+        try:
+            wait_for_status(vm, "paused")
+            proc.send_signal(sig)
+            _, err = proc.communicate(timeout=30)
+        finally:
+            os.close(r)
+            proc.kill()
+        assert proc.returncode == 128 + sig
+        assert err == f"livedump: interrupted by {sig.name}\n".encode()
+        assert vm.status() == "running"
+
+
+def test_closed_pipe_resumes_the_vm_and_fails(scratch):
+    with VM(memory="1G") as vm:
+        proc = subprocess.run(
+            f"{sys.executable} -m livedump --pid {vm.pid} - | head -c 1000 >/dev/null; "
+            "echo ${PIPESTATUS[0]} >&2",
+            shell=True, executable="/bin/bash", capture_output=True, timeout=60,
+        )
+        err = proc.stderr.decode().splitlines()
+        assert err == ["livedump: the reader of standard output went away", "8"]
+        assert vm.status() == "running"
+
+
+
+def test_signal_at_any_moment_leaves_the_vm_running(scratch):
+    """Signals sent at a spread of moments, from start-up to mid-copy."""
+    with VM(memory="1G") as vm:
+        for delay in (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.6, 0.8):
+            r, w = os.pipe()
+            proc = subprocess.Popen([sys.executable, "-m", "livedump", "--pid", str(vm.pid), "-"],
+                                    stdout=w, stderr=subprocess.DEVNULL)
+            os.close(w)
+            try:
+                time.sleep(delay)
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=30)
+            finally:
+                os.close(r)
+                proc.kill()
+            # Before livedump installs its handlers the default action ends it (-15).
+            assert proc.returncode in (-signal.SIGTERM, 128 + signal.SIGTERM), delay
+            assert vm.status() == "running", f"VM left paused by a signal after {delay} s"
+
+
+@pytest.mark.parametrize("command", ["stop", "cont"])
+def test_signal_while_a_monitor_command_is_in_flight(scratch, command):
+    """The signal lands while QEMU's reply to stop (or cont) is held back."""
+    with VM(memory="512M") as vm, QMPProxy(vm.socket, command, delay=1.0) as proxy:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "livedump", "--pid", str(vm.pid), "--qmp", str(proxy.path),
+             str(scratch / "x.vmcore")], stderr=subprocess.PIPE)
+        try:
+            assert proxy.seen.wait(30)
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=30)
+        finally:
+            proc.kill()
+        assert (proc.returncode, err) == (143, b"livedump: interrupted by SIGTERM\n")
+        assert vm.status() == "running"
+        assert os.listdir(scratch) == []
