@@ -51,7 +51,8 @@ def capture(name: str, config: dict) -> dict:
             vm.command("stop")
         recorder = Recorder(QMPTransport(str(vm.socket), 5))
         try:
-            locate.guest_ranges(Monitor(recorder))
+            monitor = Monitor(recorder)
+            locate.guest_ranges(monitor, locate.flat_view(monitor))
         finally:
             recorder.close()
         core = Path(tmp) / "qemu.vmcore"

@@ -26,8 +26,16 @@ HIGH_MARKERS = [
 # (machine, memory, markers): a pc guest below 4 GiB, and a q35 guest whose
 # RAM is split below and above 4 GiB.
 GUESTS = {
-    "pc-1G": ("pc", "1G", MARKERS),
-    "q35-5G": ("q35", "5G", MARKERS[:2] + HIGH_MARKERS),
+    "pc-1G": ("pc", "1G", MARKERS, []),
+    "q35-5G": ("q35", "5G", MARKERS[:2] + HIGH_MARKERS, []),
+    # Every page populated (and zero): zero detection, not the page map, makes holes.
+    "pc-1G-prealloc": ("pc", "1G", MARKERS, [
+        "-object", "memory-backend-ram,id=ram0,size=1G,prealloc=on",
+        "-machine", "memory-backend=ram0"]),
+    # Shared memory: the page map cannot tell untouched pages; all is read.
+    "pc-1G-memfd": ("pc", "1G", MARKERS, [
+        "-object", "memory-backend-memfd,id=ram0,size=1G,share=on",
+        "-machine", "memory-backend=ram0"]),
 }
 ACCELS = ["tcg"] + (["kvm"] if kvm_usable() else [])
 
@@ -40,8 +48,8 @@ def assert_markers(vmcore, markers):
 @pytest.mark.parametrize("accel", ACCELS)
 @pytest.mark.parametrize("guest", GUESTS)
 def test_paused_vm_equals_qemu_dump(scratch, guest, accel):
-    machine, memory, markers = GUESTS[guest]
-    with VM(machine=machine, memory=memory, markers=markers, accel=accel) as vm:
+    machine, memory, markers, extra = GUESTS[guest]
+    with VM(machine=machine, memory=memory, markers=markers, accel=accel, extra=extra) as vm:
         vm.wait_running(1)
         vm.command("stop")
         ours, theirs = scratch / "ours.vmcore", scratch / "qemu.vmcore"
@@ -53,6 +61,21 @@ def test_paused_vm_equals_qemu_dump(scratch, guest, accel):
         assert_markers(ours, markers)
         assert stat.S_IMODE(os.stat(ours).st_mode) == 0o600
         assert b"already paused" in r.stderr
+        # Untouched and zero memory are holes: far less is allocated than QEMU's file.
+        assert os.stat(ours).st_blocks * 512 < os.stat(theirs).st_blocks * 512 // 4
+
+
+def test_no_pause_never_stops_the_guest(scratch):
+    with VM(memory="1G", markers=MARKERS) as vm:
+        vm.wait_running(1)
+        vm.events()
+        out = scratch / "fuzzy.vmcore"
+        r = livedump("--pid", str(vm.pid), "--no-pause", "--json", str(out))
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["paused"] is False
+        assert "STOP" not in vm.events()
+        assert vm.status() == "running"
+        assert_markers(out, MARKERS[1:])  # Firmware does not touch these.
 
 
 def test_running_vm_is_dumped_and_keeps_running(scratch):
@@ -64,7 +87,7 @@ def test_running_vm_is_dumped_and_keeps_running(scratch):
         assert vm.status() == "running"
         assert_markers(out, HIGH_MARKERS)
         report = json.loads(r.stdout)
-        assert report["was_running"] is True
+        assert report["was_running"] is True and report["paused"] is True
         assert 0 < report["pause_seconds"] <= report["wall_seconds"]
         assert report["memory_bytes"] == sum(l.memsz for l in loads(out))
         assert report["blocks"][-1] == {"gpa": 0x1_0000_0000, "size": 3 * GiB}

@@ -91,6 +91,16 @@ class VM:
     def status(self) -> str:
         return self.command("query-status")["status"]
 
+    def event_log(self) -> list[dict]:
+        """The QMP events (STOP, RESUME, ...) since the last call, with QEMU's timestamps."""
+        self.status()  # The client only takes in events while it talks to QEMU.
+        events = self.qmp.get_events(wait=False)
+        self.qmp.clear_events()
+        return events
+
+    def events(self) -> list[str]:
+        return [e["event"] for e in self.event_log()]
+
     def wait_running(self, seconds: float = 2.0) -> None:
         """Let the firmware run for a while, so the guest is really live."""
         assert self.status() == "running"

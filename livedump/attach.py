@@ -55,3 +55,9 @@ def _resume(monitor: Monitor, pause: Pause) -> None:
             "resume it with the QMP command 'cont' (or 'virsh resume')"
         ) from None
     pause.resumed_at = time.monotonic()
+
+
+@contextlib.contextmanager
+def not_paused(monitor: Monitor) -> Iterator[Pause]:
+    """Leave the guest as it is (``--no-pause``): the dump may be inconsistent."""
+    yield Pause(was_running=monitor.running())

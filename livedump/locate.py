@@ -7,7 +7,8 @@ same map QEMU's ``dump-guest-memory`` builds from its memory listener.
 """
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 from .coalesce import GuestRange
 from .errors import MonitorError
@@ -30,13 +31,15 @@ _GPA2HVA = re.compile(
 _DUMPED_TYPES = {"ram", "rom"}
 
 
+@dataclass(frozen=True, slots=True)
 class FlatRange:
     """One line of the flat view."""
 
-    __slots__ = ("gpa", "size", "type", "name", "offset")
-
-    def __init__(self, gpa: int, size: int, type: str, name: str, offset: int) -> None:
-        self.gpa, self.size, self.type, self.name, self.offset = gpa, size, type, name, offset
+    gpa: int
+    size: int
+    type: str
+    name: str
+    offset: int
 
     @property
     def dumped(self) -> bool:
@@ -92,10 +95,15 @@ def parse_gpa2hva(text: str) -> tuple[int, str]:
     return int(m["hva"], 16), m["name"]
 
 
-def guest_ranges(monitor: Monitor) -> list[GuestRange]:
-    """The RAM ranges ``dump-guest-memory`` would dump, with host addresses."""
+def flat_view(monitor: Monitor) -> list[FlatRange]:
+    """The flat view of the ``memory`` address space, as the monitor shows it now."""
+    return parse_flatview(monitor.hmp("info mtree -f"))
+
+
+def guest_ranges(monitor: Monitor, view: Sequence[FlatRange]) -> list[GuestRange]:
+    """The RAM ranges of ``view`` that ``dump-guest-memory`` would dump, with host addresses."""
     result = []
-    for fr in parse_flatview(monitor.hmp("info mtree -f")):
+    for fr in view:
         if not fr.dumped:
             continue
         hva, name = parse_gpa2hva(monitor.hmp(f"gpa2hva {fr.gpa:#x}"))

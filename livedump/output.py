@@ -14,6 +14,7 @@ import stat
 from .errors import DumpIOError, OutputExists, PermissionDenied, UsageError
 
 STDOUT = "-"
+_ZEROS = bytes(1 << 20)
 
 
 class Output:
@@ -43,6 +44,18 @@ class Output:
         except OSError as e:
             raise DumpIOError(f"creating {self._temp}: {e.strerror}") from None
 
+    @property
+    def is_stdout(self) -> bool:
+        return self._temp is None and self.path == STDOUT
+
+    def skip(self, length: int) -> None:
+        """Advance over ``length`` zero bytes: a hole in a file, real zeros in a pipe."""
+        if self.is_stdout:
+            for done in range(0, length, len(_ZEROS)):
+                self.write(_ZEROS[: min(len(_ZEROS), length - done)])
+        else:
+            os.lseek(self._fd, length, os.SEEK_CUR)
+
     def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
         while view:
@@ -59,6 +72,7 @@ class Output:
         if self._temp is None:
             return
         try:
+            os.ftruncate(self._fd, os.lseek(self._fd, 0, os.SEEK_CUR))  # A trailing hole.
             self._close()
             if self.force:
                 os.replace(self._temp, self.path)

@@ -1,8 +1,11 @@
 """QEMU's address space seen from outside: its mappings, and reads of its memory."""
 
+import ctypes
 import errno
 import os
-from collections.abc import Sequence
+import sys
+import typing
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from .coalesce import Block
@@ -43,18 +46,23 @@ def read_maps(pid: int) -> list[Mapping]:
         raise PermissionDenied(f"may not read the mappings of PID {pid}") from None
 
 
-def check_blocks(blocks: Sequence[Block], maps: Sequence[Mapping]) -> None:
+def check_blocks(blocks: Sequence[Block], maps: Sequence[Mapping]) -> list[bool]:
     """Fail unless every block lies in readable mappings of the process.
 
     The monitor's map and the process's must agree; if they do not, we
-    would read the wrong memory, so stop before writing anything.
+    would read the wrong memory, so stop before writing anything. Returns,
+    per block, whether all of it is private anonymous memory: only there
+    does a page that is neither present nor swapped read as zero for sure
+    (a shared or file-backed page can exist without being mapped here).
     """
+    private = []
     for b in blocks:
-        addr, end = b.hva, b.hva + b.size
+        addr, end, anonymous = b.hva, b.hva + b.size, True
         for m in maps:
             if m.start <= addr < m.end:
                 if "r" not in m.perms:
                     break
+                anonymous &= m.perms.endswith("p") and not m.path
                 addr = m.end
                 if addr >= end:
                     break
@@ -63,13 +71,40 @@ def check_blocks(blocks: Sequence[Block], maps: Sequence[Mapping]) -> None:
                 f"guest RAM at {b.gpa:#x} (host {b.hva:#x}, {b.size:#x} bytes) "
                 f"is not mapped readable in QEMU at {addr:#x}"
             )
+        private.append(anonymous)
+    return private
+
+
+class _IOVec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_process_vm_readv = _libc.process_vm_readv
+_process_vm_readv.argtypes = [ctypes.c_int, ctypes.POINTER(_IOVec), ctypes.c_ulong,
+                              ctypes.POINTER(_IOVec), ctypes.c_ulong, ctypes.c_ulong]
+_process_vm_readv.restype = ctypes.c_ssize_t
+
+
+class Buffer:
+    """A reusable read buffer with a fixed address, as process_vm_readv needs."""
+
+    def __init__(self, size: int) -> None:
+        self.data = bytearray(size)
+        self.view = memoryview(self.data)
+        self.address = ctypes.addressof((ctypes.c_char * size).from_buffer(self.data))
 
 
 class ProcessMemory:
-    """Reads from another process's address space through ``/proc/PID/mem``."""
+    """Reads another process's memory: process_vm_readv, else ``/proc/PID/mem``.
+
+    process_vm_readv is the faster (about 1.4 times here); the file is the
+    fallback where a seccomp policy forbids the system call.
+    """
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
+        self._fd: int | None = None
         try:
             self._fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -79,27 +114,102 @@ class ProcessMemory:
                 f"may not read the memory of PID {pid} (run as its owner or root; "
                 "check kernel.yama.ptrace_scope)"
             ) from None
+        self._use_syscall = True
 
-    def read_into(self, buf: memoryview, address: int) -> None:
-        """Fill ``buf`` with the bytes at ``address``."""
+    def read(self, buf: Buffer, length: int, address: int) -> memoryview:
+        """Fill the first ``length`` bytes of ``buf`` from ``address``; return them."""
         done = 0
-        while done < len(buf):
-            try:
-                n = os.preadv(self._fd, [buf[done:]], address + done)
-            except OSError as e:
-                if e.errno == errno.ESRCH:
-                    raise ProcessNotFound(f"QEMU (PID {self.pid}) exited during the dump") from None
-                raise DumpIOError(
-                    f"reading QEMU memory at {address + done:#x}: {e.strerror}"
-                ) from None
+        while done < length:
+            n = self._read_some(buf, done, length - done, address + done)
             if n == 0:
                 raise DumpIOError(f"reading QEMU memory at {address + done:#x}: unexpected end")
             done += n
+        return buf.view[:length]
+
+    def _read_some(self, buf: Buffer, offset: int, length: int, address: int) -> int:
+        if self._use_syscall:
+            local = _IOVec(buf.address + offset, length)
+            remote = _IOVec(address, length)
+            n = _process_vm_readv(self.pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+            if n >= 0:
+                return n
+            err = ctypes.get_errno()
+            if err not in (errno.ENOSYS, errno.EPERM):
+                self._fail(err, address)
+            self._use_syscall = False
+        try:
+            return os.preadv(self._fd, [buf.view[offset : offset + length]], address)
+        except OSError as e:
+            self._fail(e.errno, address)
+
+    def _fail(self, err: int, address: int) -> typing.NoReturn:
+        if err == errno.ESRCH:
+            raise ProcessNotFound(f"QEMU (PID {self.pid}) exited during the dump")
+        raise DumpIOError(f"reading QEMU memory at {address:#x}: {os.strerror(err)}")
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "ProcessMemory":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+_PM_ENTRY = 8
+# Each pagemap entry is a native-endian u64; bit 63 is "present", bit 62
+# "swapped". The byte holding them, mapped to 1 when either is set:
+_PM_FLAGS_BYTE = 7 if sys.byteorder == "little" else 0
+_PM_POPULATED = bytes(1 if b & 0xC0 else 0 for b in range(256))
+
+
+class PageMap:
+    """Which pages of a process have ever been populated, from ``/proc/PID/pagemap``."""
+
+    WINDOW = 32768  # pages looked up per read (128 MiB of 4 KiB pages)
+
+    def __init__(self, pid: int) -> None:
+        try:
+            self._fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise ProcessNotFound(f"QEMU (PID {pid}) has exited") from None
+        except PermissionError:
+            raise PermissionDenied(f"may not read the page map of PID {pid}") from None
+
+    def extents(self, address: int, size: int) -> Iterator[tuple[int, int, bool]]:
+        """Yield ``(offset, length, populated)`` runs covering ``[address, address + size)``.
+
+        ``address`` and ``size`` are page-aligned. The work is per run, not per page.
+        """
+        first, count = address // PAGE_SIZE, size // PAGE_SIZE
+        run_start, run_populated = 0, None
+        for base in range(0, count, self.WINDOW):
+            n = min(self.WINDOW, count - base)
+            entries = os.pread(self._fd, n * _PM_ENTRY, (first + base) * _PM_ENTRY)
+            if len(entries) != n * _PM_ENTRY:
+                raise DumpIOError(f"short read of the page map at {address:#x}")
+            flags = entries[_PM_FLAGS_BYTE::_PM_ENTRY].translate(_PM_POPULATED)
+            pos = 0
+            while pos < n:
+                populated = flags[pos] == 1
+                end = flags.find(b"\0" if populated else b"\1", pos)
+                end = n if end < 0 else end
+                if populated != run_populated:
+                    if run_populated is not None:
+                        yield run_start * PAGE_SIZE, (base + pos - run_start) * PAGE_SIZE, run_populated
+                    run_start, run_populated = base + pos, populated
+                pos = end
+        if run_populated is not None:
+            yield run_start * PAGE_SIZE, (count - run_start) * PAGE_SIZE, run_populated
 
     def close(self) -> None:
         os.close(self._fd)
 
-    def __enter__(self) -> "ProcessMemory":
+    def __enter__(self) -> "PageMap":
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -17,7 +17,8 @@ def mtree_text(session: dict) -> str:
 
 def test_blocks_equal_qemu_dump(session):
     """Parsing, selection and coalescing together give QEMU's own PT_LOAD list."""
-    ranges = locate.guest_ranges(Monitor(ReplayTransport(session)))
+    monitor = Monitor(ReplayTransport(session))
+    ranges = locate.guest_ranges(monitor, locate.flat_view(monitor))
     assert [[b.gpa, b.size] for b in coalesce(ranges)] == session["qemu_dump_loads"]
 
 

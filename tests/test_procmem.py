@@ -8,7 +8,7 @@ import pytest
 
 from livedump.coalesce import Block
 from livedump.errors import DumpIOError, GuestMemoryError
-from livedump.procmem import ProcessMemory, check_blocks, read_maps
+from livedump.procmem import Buffer, PageMap, ProcessMemory, check_blocks, read_maps
 
 PAGE = mmap.PAGESIZE
 
@@ -16,7 +16,7 @@ PAGE = mmap.PAGESIZE
 @pytest.fixture
 def region():
     """Three pages: readable, unmapped, readable."""
-    m = mmap.mmap(-1, 3 * PAGE)
+    m = mmap.mmap(-1, 3 * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     m[:PAGE] = b"A" * PAGE
     m[2 * PAGE :] = b"C" * PAGE
     addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
@@ -42,8 +42,44 @@ def test_block_outside_any_mapping_fails():
 
 def test_reads_bytes_and_reports_unreadable(region):
     with ProcessMemory(os.getpid()) as mem:
-        buf = memoryview(bytearray(PAGE))
-        mem.read_into(buf, region + 2 * PAGE)
-        assert bytes(buf) == b"C" * PAGE
-        with pytest.raises(DumpIOError, match="reading QEMU memory at"):
-            mem.read_into(buf, region + PAGE)
+        buf = Buffer(2 * PAGE)
+        assert bytes(mem.read(buf, PAGE, region + 2 * PAGE)) == b"C" * PAGE
+        with pytest.raises(DumpIOError, match=f"reading QEMU memory at {region + PAGE:#x}"):
+            mem.read(buf, PAGE, region + PAGE)
+
+
+def test_fallback_to_proc_pid_mem_reads_the_same(region):
+    with ProcessMemory(os.getpid()) as mem:
+        mem._use_syscall = False  # As when seccomp forbids process_vm_readv.
+        assert bytes(mem.read(Buffer(PAGE), PAGE, region)) == b"A" * PAGE
+
+
+def test_private_anonymous_blocks_are_told_apart(tmp_path, region):
+    backing = tmp_path / "ram"
+    backing.write_bytes(b"\0" * PAGE)
+    with open(backing, "r+b") as f:
+        shared = mmap.mmap(f.fileno(), PAGE)
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(shared))
+        got = check_blocks([Block(0, PAGE, region), Block(PAGE, PAGE, addr)],
+                           read_maps(os.getpid()))
+        shared.close()
+    assert got == [True, False]
+
+
+def test_pagemap_extents_follow_touched_pages():
+    n = 40
+    m = mmap.mmap(-1, n * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    touched = {0, 1, 2, 7, 20, 21, 39}
+    for i in touched:
+        m[i * PAGE] = 1
+    expected, i = [], 0
+    while i < n:
+        j = i
+        while j < n and (j in touched) == (i in touched):
+            j += 1
+        expected.append((i * PAGE, (j - i) * PAGE, i in touched))
+        i = j
+    with PageMap(os.getpid()) as pagemap:
+        pagemap.WINDOW = 16  # Runs must join across look-up windows.
+        assert list(pagemap.extents(addr, n * PAGE)) == expected
