@@ -1,0 +1,68 @@
+#!/bin/sh
+# /init of the livedump test guest (busybox sh, PID 1).
+#
+# Switches on the kernel command line (read from /proc/cmdline):
+#   livedump.touch=MIB    fill MIB MiB of anonymous memory with non-zero data,
+#                         in a process that stays alive
+#   livedump.marker=N     place N known strings in N pages of a live process
+#                         and print their guest-physical addresses
+#   livedump.panic=1      crash the kernel (sysrq 'c') once all is set up; boot
+#                         with panic=0 so that the machine stays up afterwards
+#
+# Lines for the host (see linux_guest.py), all on the serial console:
+#   LIVEDUMP-GUEST-READY uptime=S    filesystems mounted, about to set up
+#   LIVEDUMP-TOUCH ... / LIVEDUMP-MARKER ...   from livedump-guest
+#   LIVEDUMP-GUEST-PANIC             about to crash the kernel
+#   LIVEDUMP-GUEST-IDLE uptime=S     all done; the guest idles from now on
+#   LIVEDUMP-GUEST-ERROR ...         something failed
+#
+# PID 1 must never exit (the kernel panics if it does), hence the final loop.
+
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mkdir -p /dev/shm
+mount -t tmpfs -o size=90% tmpfs /dev/shm
+
+# Everything goes to the console, whatever the kernel gave us.
+exec </dev/console >/dev/console 2>&1
+
+seconds_up() { read -r up _ </proc/uptime; echo "$up"; }
+
+# Keep the pages the markers live in where they are: no migration of mlocked
+# pages by compaction (see livedump-guest).
+echo 0 >/proc/sys/vm/compact_unevictable_allowed 2>/dev/null
+
+# The value of livedump.NAME= on the kernel command line, or empty.
+switch() {
+    for word in $(cat /proc/cmdline); do
+        case "$word" in
+            "livedump.$1="*) echo "${word#*=}"; return ;;
+        esac
+    done
+}
+
+echo "LIVEDUMP-GUEST-READY uptime=$(seconds_up)"
+
+touch_mib=$(switch touch)
+if [ -n "$touch_mib" ] && [ "$touch_mib" != 0 ]; then
+    livedump-guest touch "$touch_mib" || echo "LIVEDUMP-GUEST-ERROR touch failed"
+fi
+
+markers=$(switch marker)
+if [ -n "$markers" ] && [ "$markers" != 0 ]; then
+    livedump-guest marker "$markers" || echo "LIVEDUMP-GUEST-ERROR marker failed"
+fi
+
+if [ "$(switch panic)" = 1 ]; then
+    echo "LIVEDUMP-GUEST-PANIC"
+    sleep 0.2  # let the line reach the serial port before the crash
+    echo c >/proc/sysrq-trigger
+fi
+
+echo "LIVEDUMP-GUEST-IDLE uptime=$(seconds_up)"
+while :; do
+    sleep 3600
+done
