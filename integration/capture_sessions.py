@@ -35,10 +35,13 @@ class Recorder:
         self.inner = inner
         self.exchanges: list[dict] = []
 
-    def execute(self, command, arguments=None):
-        reply = self.inner.execute(command, arguments)
+    def execute(self, command, arguments=None, timeout=None):
+        reply = self.inner.execute(command, arguments, timeout)
         self.exchanges.append({"execute": command, "arguments": arguments, "return": reply})
         return reply
+
+    def reconnect(self):
+        self.inner.reconnect()
 
     def close(self):
         self.inner.close()

@@ -10,7 +10,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from . import signals
-from .errors import LivedumpError, MonitorError
+from .errors import LivedumpError, MonitorError, MonitorUnavailable, ProcessNotFound
+from .guardian import Guardian
 from .monitor import Monitor
 
 
@@ -28,27 +29,49 @@ class Pause:
 
 
 @contextlib.contextmanager
-def paused(monitor: Monitor) -> Iterator[Pause]:
-    """Keep the guest's vCPUs stopped for the duration of the block."""
+def paused(monitor: Monitor, guardian: Guardian | None = None) -> Iterator[Pause]:
+    """Keep the guest's vCPUs stopped for the duration of the block.
+
+    ``guardian`` is told before the stop and after the resume, so that it
+    resumes the guest if this process dies in between.
+    """
     pause = Pause(was_running=False)
+    failure: BaseException | None = None
     try:
         # A signal that arrives meanwhile is raised when the mask is lifted,
         # inside this try: the guest is resumed all the same.
         with signals.deferred():
             pause.was_running = monitor.running()
             if pause.was_running:
+                if guardian:
+                    guardian.paused()
                 monitor.stop()  # If this fails, it may have stopped the guest still.
                 pause.stopped_at = time.monotonic()
         yield pause
+    except BaseException as e:
+        failure = e
+        raise
     finally:
         if pause.was_running:
             with signals.deferred():
-                _resume(monitor, pause)
+                try:
+                    _resume(monitor, pause)
+                    if guardian:
+                        guardian.resumed()
+                except LivedumpError:
+                    if not isinstance(failure, ProcessNotFound):
+                        raise  # Else QEMU is gone: there is nothing left to resume.
 
 
 def _resume(monitor: Monitor, pause: Pause) -> None:
     try:
-        monitor.cont()
+        try:
+            monitor.cont()
+        except MonitorUnavailable:
+            # The session broke (QEMU closed it, a relay dropped it): the
+            # monitor takes a new client, and the guest must not stay paused.
+            monitor.reconnect()
+            monitor.cont()
     except LivedumpError as e:
         raise MonitorError(
             f"could not resume the VM, which livedump paused ({e}); "
@@ -58,6 +81,6 @@ def _resume(monitor: Monitor, pause: Pause) -> None:
 
 
 @contextlib.contextmanager
-def not_paused(monitor: Monitor) -> Iterator[Pause]:
+def not_paused(monitor: Monitor, guardian: Guardian | None = None) -> Iterator[Pause]:
     """Leave the guest as it is (``--no-pause``): the dump may be inconsistent."""
     yield Pause(was_running=monitor.running())

@@ -16,8 +16,10 @@ from . import arch as arches
 from .attach import not_paused, paused
 from .coalesce import Block, coalesce
 from .elfcore import CoreLayout, Note
+from .guardian import Guardian
 from .errors import GuestMemoryError, MonitorUnavailable, UsageError
 from .monitor import Address, Monitor, QMPTransport, describe
+from .lock import VMLock
 from .output import Output
 from .procmem import PageMap, ProcessMemory, check_blocks, read_maps
 from .stream import Writer, copy
@@ -91,15 +93,19 @@ def dump(request: Request) -> Summary:
     try:
         arch = arches.lookup(request.arch or monitor.target_arch())
         with (
+            VMLock(pid),
             Output(request.output, request.force) as out,
             ProcessMemory(pid) as memory,
             PageMap(pid) as pagemap,
         ):
             plan = _plan(monitor, pid, arch, locate.flat_view(monitor))
-            hold = paused if request.pause else not_paused
             progress = request.progress
-            with Writer(out, progress.update if progress else None) as writer:
-                with hold(monitor) as pause:
+            hold = paused if request.pause else not_paused
+            with (
+                Guardian(monitor.transport.fileno()) as guardian,
+                Writer(out, progress.update if progress else None) as writer,
+            ):
+                with hold(monitor, guardian) as pause:
                     if request.pause:
                         # Only a changed map costs more round trips inside the pause.
                         view = locate.flat_view(monitor)

@@ -66,6 +66,12 @@ class GuestMemoryError(LivedumpError):
     exit_code = 10
 
 
+class AlreadyDumping(LivedumpError):
+    """Another livedump is dumping the same VM right now."""
+
+    exit_code = 12
+
+
 class Interrupted(LivedumpError):
     """A signal ended the dump; exits 128 + the signal number, as shells do."""
 

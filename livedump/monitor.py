@@ -22,11 +22,16 @@ from .errors import MonitorError, MonitorUnavailable, PermissionDenied
 logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
 Address = str | tuple[str, int]
+RESUME_TIMEOUT = 30.0
 
 
 class Transport(Protocol):
-    def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> object:
-        """Run one QMP command and return its ``return`` value."""
+    def execute(self, command: str, arguments: Mapping[str, object] | None = None,
+                timeout: float | None = None) -> object:
+        """Run one QMP command and return its ``return`` value (``timeout``: not the default)."""
+
+    def reconnect(self) -> None:
+        """Start a new session, as after the old one broke."""
 
     def close(self) -> None:
         """End the session."""
@@ -43,6 +48,10 @@ class QMPTransport:
         self.address = address
         self.timeout = timeout
         self.peer_pid: int | None = None
+        self._connect()
+
+    def _connect(self) -> None:
+        address = self.address
         self._runner = asyncio.Runner()
         self._client = QMPClient("livedump")
         try:
@@ -60,6 +69,11 @@ class QMPTransport:
             self.close()
             sock.close()
             raise
+        self._sock = sock
+
+    def fileno(self) -> int:
+        """The connection's file descriptor, for a process that must be able to speak on it."""
+        return self._sock.fileno()
 
     def _open_socket(self, address: Address) -> socket.socket:
         if isinstance(address, str):
@@ -77,24 +91,32 @@ class QMPTransport:
         sock.setblocking(False)
         return sock
 
-    def _run(self, coro: object, what: str) -> object:
+    def _run(self, coro: object, what: str, timeout: float | None = None) -> object:
+        timeout = timeout or self.timeout
         with signals.deferred():
             try:
-                return self._runner.run(asyncio.wait_for(coro, self.timeout))
+                return self._runner.run(asyncio.wait_for(coro, timeout))
             except (TimeoutError, asyncio.TimeoutError):
                 raise MonitorUnavailable(
-                    f"{describe(self.address)}: no {what} within {self.timeout:g} s"
+                    f"{describe(self.address)}: no {what} within {timeout:g} s"
                 ) from None
             except ExecuteError:
                 raise
             except (QMPError, OSError, EOFError) as e:
                 raise MonitorUnavailable(f"{describe(self.address)}: {what} failed: {e}") from None
 
-    def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> object:
+    def execute(self, command: str, arguments: Mapping[str, object] | None = None,
+                timeout: float | None = None) -> object:
         try:
-            return self._run(self._client.execute(command, arguments), f"reply to {command!r}")
+            return self._run(self._client.execute(command, arguments), f"reply to {command!r}",
+                             timeout)
         except ExecuteError as e:
             raise MonitorError(f"QEMU refused {command!r}: {e.error.desc}") from None
+
+    def reconnect(self) -> None:
+        """Start a new session on the same socket, as after the old one broke."""
+        self.close()
+        self._connect()
 
     def close(self) -> None:
         with signals.deferred():
@@ -130,7 +152,11 @@ class Monitor:
         self.transport.execute("stop")
 
     def cont(self) -> None:
-        self.transport.execute("cont")
+        # Resuming is what matters most: a slow monitor gets longer to answer.
+        self.transport.execute("cont", timeout=RESUME_TIMEOUT)
+
+    def reconnect(self) -> None:
+        self.transport.reconnect()
 
     def target_arch(self) -> str:
         """The QEMU target, as ``query-target`` names it (``x86_64``, ``ppc64``...)."""

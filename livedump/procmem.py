@@ -75,6 +75,15 @@ def check_blocks(blocks: Sequence[Block], maps: Sequence[Mapping]) -> list[bool]
     return private
 
 
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` still runs (an exiting process first loses its memory, then its PID)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
 class _IOVec(ctypes.Structure):
     _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
 
@@ -143,7 +152,7 @@ class ProcessMemory:
             self._fail(e.errno, address)
 
     def _fail(self, err: int, address: int) -> typing.NoReturn:
-        if err == errno.ESRCH:
+        if err == errno.ESRCH or not _alive(self.pid):
             raise ProcessNotFound(f"QEMU (PID {self.pid}) exited during the dump")
         raise DumpIOError(f"reading QEMU memory at {address:#x}: {os.strerror(err)}")
 

@@ -17,7 +17,7 @@ class ReplayTransport:
             for x in session["exchanges"]
         }
 
-    def execute(self, command, arguments=None):
+    def execute(self, command, arguments=None, timeout=None):
         return self.replies[(command, json.dumps(arguments, sort_keys=True))]
 
     def close(self):

@@ -1,0 +1,165 @@
+"""Faults around a dump: the VM comes back as it was, and no broken file poses as a dump.
+
+Each case checks afterwards: the VM's run state equals its state before,
+livedump's exit code is non-zero and its one-line message names the cause,
+and nothing is left at the output path (or beside it).
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from .conftest import livedump
+from .qmp_proxy import QMPProxy
+from .vm import VM, Marker
+
+
+def wait_for_status(vm: VM, status: str, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while vm.status() != status:
+        assert time.monotonic() < deadline, f"VM never became {status}"
+        time.sleep(0.01)
+
+
+def blocked_dump(vm: VM, *args: str) -> tuple[subprocess.Popen, int]:
+    """livedump writing to a pipe nobody reads yet: it stalls mid-dump, VM paused."""
+    r, w = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "livedump", "--pid", str(vm.pid), *args, "-"],
+                            stdout=w, stderr=subprocess.PIPE)
+    os.close(w)
+    wait_for_status(vm, "paused")
+    return proc, r
+
+
+def drain(fd: int) -> None:
+    """Read the pipe to its end in the background, so the stalled dump goes on."""
+    def run() -> None:
+        while os.read(fd, 1 << 20):
+            pass
+        os.close(fd)
+
+    threading.Thread(target=run, daemon=True).start()
+
+
+def test_full_filesystem(scratch):
+    """ENOSPC: reported, the temporary file removed, the VM running."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    small = scratch / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(small)], check=True)
+    try:
+        # Random bytes: neither holes nor zeros can save the space.
+        with VM(memory="256M", markers=[Marker(0x100_0000, os.urandom(64 << 20))]) as vm:
+            r = livedump("--pid", str(vm.pid), str(small / "x.vmcore"))
+            assert r.returncode == 8
+            assert r.stderr.startswith(b"livedump: writing ") and b"No space left" in r.stderr
+            assert os.listdir(small) == []
+            assert vm.status() == "running"
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+def test_qemu_killed_mid_dump(scratch):
+    with VM(memory="1G") as vm:
+        out = scratch / "x.vmcore"
+        proc, fd = blocked_dump(vm)
+        vm.process.kill()
+        vm.process.wait()
+        drain(fd)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 3
+        assert err == f"livedump: QEMU (PID {vm.pid}) exited during the dump\n".encode()
+        assert not out.exists()
+
+
+def test_monitor_connection_dropped_mid_dump(scratch):
+    """The session breaks while memory is read: livedump reconnects to resume."""
+    with VM(memory="1G") as vm, QMPProxy(vm.socket) as proxy:
+        proc, fd = blocked_dump(vm, "--qmp", str(proxy.path))
+        proxy.drop()
+        drain(fd)
+        _, err = proc.communicate(timeout=60)
+        assert vm.status() == "running"
+        assert proxy.connections == 2
+        assert proc.returncode == 0, err
+
+
+def test_slow_greeting(scratch):
+    with VM(memory="128M") as vm, QMPProxy(vm.socket, greeting_delay=5) as proxy:
+        out = scratch / "x.vmcore"
+        r = livedump("--pid", str(vm.pid), "--qmp", str(proxy.path), "--qmp-timeout", "1",
+                     str(out))
+        assert r.returncode == 5
+        assert r.stderr == f"livedump: no QMP monitor answered: unix:{proxy.path}: " \
+                           f"no greeting within 1 s\n".encode()
+        assert os.listdir(scratch) == []
+        assert vm.status() == "running"
+
+
+def test_slow_reply_to_stop(scratch):
+    """QEMU stops the guest but its reply is late: livedump gives up and resumes it."""
+    with VM(memory="128M") as vm, QMPProxy(vm.socket, "stop", delay=5) as proxy:
+        r = livedump("--pid", str(vm.pid), "--qmp", str(proxy.path), "--qmp-timeout", "1",
+                     str(scratch / "x.vmcore"))
+        assert r.returncode == 5
+        assert b"no reply to 'stop' within 1 s" in r.stderr
+        time.sleep(0.5)
+        assert vm.status() == "running"
+        assert os.listdir(scratch) == []
+
+
+def test_second_livedump_on_the_same_vm_is_refused(scratch):
+    with VM(memory="1G") as vm:
+        proc, fd = blocked_dump(vm)
+        try:
+            r = livedump("--pid", str(vm.pid), "--qmp", str(vm.socket),
+                         "--qmp-timeout", "1", str(scratch / "second.vmcore"))
+            # Its monitor is busy with the first run, so it cannot even get that far...
+            assert r.returncode == 5
+            # ...and through the other socket, the lock stops it.
+            vm.qmp.close()
+            r = livedump("--pid", str(vm.pid), "--qmp", str(vm.harness_socket),
+                         str(scratch / "second.vmcore"))
+            assert r.returncode == 12
+            assert r.stderr == (f"livedump: another livedump (PID {proc.pid}) is dumping "
+                                f"QEMU PID {vm.pid}\n").encode()
+        finally:
+            drain(fd)
+            _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err  # The first run is unharmed.
+        assert os.listdir(scratch) == []
+        vm.qmp.connect()
+        assert vm.status() == "running"
+
+
+def test_unprivileged_user_is_refused(scratch):
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to act as another user")
+    with VM(memory="128M") as vm:
+        os.chmod(scratch, 0o777)
+        r = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+             sys.executable, "-m", "livedump", "--pid", str(vm.pid), str(scratch / "x.vmcore")],
+            capture_output=True, timeout=60)
+        assert r.returncode == 6
+        assert r.stderr == f"livedump: may not inspect PID {vm.pid} " \
+                           f"(run as its owner or root)\n".encode()
+        assert vm.status() == "running"
+        assert os.listdir(scratch) == []
+
+
+def test_sigkill_mid_dump_the_guardian_resumes_the_vm(scratch):
+    """SIGKILL gives livedump no chance to resume; its guardian process does."""
+    with VM(memory="1G") as vm:
+        proc, fd = blocked_dump(vm)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        os.close(fd)
+        wait_for_status(vm, "running", seconds=10)
