@@ -72,6 +72,12 @@ class AlreadyDumping(LivedumpError):
     exit_code = 12
 
 
+class FreezeError(LivedumpError):
+    """A QEMU thread would not stop in time under ptrace, or could not be let go."""
+
+    exit_code = 13
+
+
 class Interrupted(LivedumpError):
     """A signal ended the dump; exits 128 + the signal number, as shells do."""
 
