@@ -9,7 +9,8 @@ Scenarios (each guest started here, running while it is dumped):
      guest files of integration/linux_guest.py; built on first use)
 
 For each, the two tools run alternately (QEMU first on even runs, livedump
-first on odd ones), and the table shows medians of:
+first on odd ones), each on a freshly started guest, and the table shows
+medians of:
   wall      seconds from the command to its completion (livedump: the whole
             process, Python start-up included)
   pause     seconds between QEMU's STOP and RESUME events, read with their
@@ -167,15 +168,14 @@ def scenario_vm(name: str, workdir: Path) -> VM:
     raise ValueError(name)
 
 
-# Scenario: (title, a fresh VM for every measurement?). Reading memory that
-# was never populated makes the kernel map its zero page there, which
-# changes what the next dump of the same VM finds; fresh VMs keep the
-# measurements independent. The Linux guest takes too long to boot for that.
+# Every measurement gets a VM of its own: reading memory that was never
+# populated (as QEMU's dump does) makes the kernel map its zero page there,
+# which would change what the next dump of the same VM finds.
 SCENARIOS = {
-    "a": ("(a) 1 GiB, all RAM populated (zeros)", True),
-    "a'": ("(a') 1 GiB, all RAM random bytes", True),
-    "b": ("(b) idle 8 GiB", True),
-    "c": ("(c) 4 GiB Linux, 1 GiB touched", False),
+    "a": "(a) 1 GiB, all RAM populated (zeros)",
+    "a'": "(a') 1 GiB, all RAM random bytes",
+    "b": "(b) idle 8 GiB",
+    "c": "(c) 4 GiB Linux, 1 GiB touched",
 }
 
 
@@ -183,33 +183,43 @@ def fmt_bytes(n: int | None) -> str:
     return "-" if n is None else f"{n / GiB:.2f} GiB" if n >= GiB / 4 else f"{n / (1 << 20):.0f} MiB"
 
 
+def started(name: str, workdir: Path) -> VM:
+    """A new VM of the scenario, past its firmware or boot."""
+    vm = scenario_vm(name, workdir).__enter__()
+    try:
+        if name == "c":
+            vm.wait_idle()
+        else:
+            vm.wait_running(2)
+    except BaseException:
+        vm.__exit__()
+        raise
+    return vm
+
+
 def measure(name: str, runs: int, workdir: Path) -> tuple[list[Run], list[Run], str]:
     """Alternate the two tools ``runs`` times; return their runs and a note on the guest."""
-    _, fresh = SCENARIOS[name]
     out = workdir / "out.vmcore"
     qemu_runs: list[Run] = []
     ours: list[Run] = []
-    with scenario_vm(name, workdir) as probe:
-        if fresh:
-            probe.wait_running(2)
-        else:
-            probe.wait_idle()
-        mappings = ram_mappings(probe)
-        note = f"pages present before any dump {fmt_bytes(present_bytes(probe.pid, mappings))}"
-        for i in range(runs):
-            pair = [(qemu_runs, qemu_dump), (ours, livedump)]
-            for results, tool in pair if i % 2 == 0 else list(reversed(pair)):
-                if fresh:
-                    with scenario_vm(name, workdir) as vm:
-                        vm.wait_running(2)
-                        results.append(tool(vm, out))
-                else:
-                    results.append(tool(probe, out))
-        # Last, as reading everything populates the zero page where nothing was.
-        mem_rate, vm_rate = read_ceilings(probe.pid, mappings)
-    note += (f"; bare read of its RAM: /proc/PID/mem {mem_rate:.2f} GB/s, "
-             f"process_vm_readv {vm_rate:.2f} GB/s")
-    return qemu_runs, ours, note
+    for i in range(runs):
+        pair = [(qemu_runs, qemu_dump), (ours, livedump)]
+        for results, tool in pair if i % 2 == 0 else list(reversed(pair)):
+            vm = started(name, workdir)
+            try:
+                results.append(tool(vm, out))
+            finally:
+                vm.__exit__()
+    vm = started(name, workdir)
+    try:
+        mappings = ram_mappings(vm)
+        present = present_bytes(vm.pid, mappings)
+        mem_rate, vm_rate = read_ceilings(vm.pid, mappings)
+    finally:
+        vm.__exit__()
+    return qemu_runs, ours, (
+        f"pages present {fmt_bytes(present)}; bare read of its RAM: /proc/PID/mem "
+        f"{mem_rate:.2f} GB/s, process_vm_readv {vm_rate:.2f} GB/s")
 
 
 def main() -> None:
@@ -234,7 +244,7 @@ def main() -> None:
                   for k in ("wall", "pause", "allocated")))
         o = Run(*(statistics.median(getattr(r, k) for r in ours)
                   for k in ("wall", "pause", "allocated", "rss", "read_bytes")))
-        title = SCENARIOS[name][0]
+        title = SCENARIOS[name]
         print(f"{title:36} {'QEMU':9} {q.wall:7.2f} {q.pause:8.3f} "
               f"{fmt_bytes(q.allocated):>10} {'-':>9}")
         print(f"{'':36} {'livedump':9} {o.wall:7.2f} {o.pause:8.3f} "

@@ -26,6 +26,7 @@ class QMPProxy:
         self.greeting_delay = greeting_delay
         self.seen = threading.Event()
         self.connections = 0
+        self.sent: list[dict] = []  # every message the client sent, in order
         self._current: list[socket.socket] = []
         self.dir = tempfile.mkdtemp(prefix="livedump-proxy-")
         self.path = Path(self.dir) / "proxy.sock"
@@ -74,6 +75,7 @@ class QMPProxy:
                     except ValueError:
                         break  # Incomplete: wait for more.
                     raw, buf = buf[:end], buf[end:]
+                    self.sent.append(message)
                     if self.command is not None and message.get("execute") == self.command:
                         self.seen.set()
                         if self.cut:

@@ -163,3 +163,17 @@ def test_sigkill_mid_dump_the_guardian_resumes_the_vm(scratch):
         proc.wait()
         os.close(fd)
         wait_for_status(vm, "running", seconds=10)
+
+
+def test_livedump_only_reads_and_pauses(scratch):
+    """Every monitor command livedump sends is a query, stop, cont or a read-only HMP info."""
+    with VM(memory="512M") as vm, QMPProxy(vm.socket) as proxy:
+        r = livedump("--pid", str(vm.pid), "--qmp", str(proxy.path), str(scratch / "x.vmcore"))
+        assert r.returncode == 0, r.stderr
+        commands = [m["execute"] for m in proxy.sent]
+        assert set(commands) == {"qmp_capabilities", "query-status", "query-target", "stop",
+                                 "cont", "human-monitor-command"}
+        assert commands.count("stop") == commands.count("cont") == 1
+        hmp = [m["arguments"]["command-line"] for m in proxy.sent
+               if m["execute"] == "human-monitor-command"]
+        assert {line for line in hmp if not line.startswith("gpa2hva 0x")} == {"info mtree -f"}
