@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from livedump import locate
+from livedump import locate_monitor as locate
 from livedump.monitor import Monitor, QMPTransport
 
 from .vm import VM, kvm_usable
@@ -39,9 +39,6 @@ class Recorder:
         reply = self.inner.execute(command, arguments, timeout)
         self.exchanges.append({"execute": command, "arguments": arguments, "return": reply})
         return reply
-
-    def reconnect(self):
-        self.inner.reconnect()
 
     def close(self):
         self.inner.close()

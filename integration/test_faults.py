@@ -95,7 +95,7 @@ def test_slow_greeting(scratch):
     with VM(memory="128M") as vm, QMPProxy(vm.socket, greeting_delay=5) as proxy:
         out = scratch / "x.vmcore"
         r = livedump("--pid", str(vm.pid), "--qmp", str(proxy.path), "--qmp-timeout", "1",
-                     str(out))
+                     "--via", "qmp", str(out))
         assert r.returncode == 5
         assert r.stderr == f"livedump: no QMP monitor answered: unix:{proxy.path}: " \
                            f"no greeting within 1 s\n".encode()
@@ -119,7 +119,7 @@ def test_second_livedump_on_the_same_vm_is_refused(scratch):
     with VM(memory="1G") as vm:
         proc, fd = blocked_dump(vm)
         try:
-            r = livedump("--pid", str(vm.pid), "--qmp", str(vm.socket),
+            r = livedump("--pid", str(vm.pid), "--qmp", str(vm.socket), "--via", "qmp",
                          "--qmp-timeout", "1", str(scratch / "second.vmcore"))
             # Its monitor is busy with the first run, so it cannot even get that far...
             assert r.returncode == 5

@@ -41,17 +41,21 @@ class VM:
     start_paused: bool = False
     accel: str = "tcg"
     extra: list[str] = field(default_factory=list)
+    qemu: str = QEMU
+    # False: the harness's socket is the VM's only monitor, as with libvirt.
+    livedump_socket: bool = True
 
     def __enter__(self) -> "VM":
         self.dir = Path(tempfile.mkdtemp(prefix="livedump-vm-"))
         self.socket = self.dir / "livedump.sock"
         self.harness_socket = self.dir / "harness.sock"
         args = [
-            QEMU, "-M", self.machine, "-m", self.memory, "-display", "none",
+            self.qemu, "-M", self.machine, "-m", self.memory, "-display", "none",
             "-nodefaults", "-no-user-config", "-vga", "std",
-            "-qmp", f"unix:{self.socket},server=on,wait=off",
             "-qmp", f"unix:{self.harness_socket},server=on,wait=off",
         ]
+        if self.livedump_socket:
+            args[-2:-2] = ["-qmp", f"unix:{self.socket},server=on,wait=off"]
         args += ["-accel", "kvm", "-accel", "tcg"] if self.accel == "kvm" else ["-accel", "tcg"]
         for i, m in enumerate(self.markers):
             path = self.dir / f"marker{i}.bin"

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from . import signals
-from .errors import LivedumpError, MonitorError, MonitorUnavailable, ProcessNotFound
+from .errors import LivedumpError, MonitorError
 from .guardian import Guardian
 from .monitor import Monitor
 
@@ -36,7 +36,6 @@ def paused(monitor: Monitor, guardian: Guardian | None = None) -> Iterator[Pause
     resumes the guest if this process dies in between.
     """
     pause = Pause(was_running=False)
-    failure: BaseException | None = None
     try:
         # A signal that arrives meanwhile is raised when the mask is lifted,
         # inside this try: the guest is resumed all the same.
@@ -48,30 +47,17 @@ def paused(monitor: Monitor, guardian: Guardian | None = None) -> Iterator[Pause
                 monitor.stop()  # If this fails, it may have stopped the guest still.
                 pause.stopped_at = time.monotonic()
         yield pause
-    except BaseException as e:
-        failure = e
-        raise
     finally:
         if pause.was_running:
             with signals.deferred():
-                try:
-                    _resume(monitor, pause)
-                    if guardian:
-                        guardian.resumed()
-                except LivedumpError:
-                    if not isinstance(failure, ProcessNotFound):
-                        raise  # Else QEMU is gone: there is nothing left to resume.
+                _resume(monitor, pause)
+                if guardian:
+                    guardian.resumed()
 
 
 def _resume(monitor: Monitor, pause: Pause) -> None:
     try:
-        try:
-            monitor.cont()
-        except MonitorUnavailable:
-            # The session broke (QEMU closed it, a relay dropped it): the
-            # monitor takes a new client, and the guest must not stay paused.
-            monitor.reconnect()
-            monitor.cont()
+        monitor.cont()
     except LivedumpError as e:
         raise MonitorError(
             f"could not resume the VM, which livedump paused ({e}); "

@@ -7,6 +7,7 @@ import sys
 from . import __version__, signals
 from .arch import ARCHES
 from .dump import Request, Summary, dump
+from .session import VIAS
 from .errors import LivedumpError
 from .monitor import Address
 from .output import STDOUT
@@ -14,7 +15,9 @@ from .output import STDOUT
 EPILOG = """\
 exit codes: 0 done, 1 internal error, 2 usage, 3 no such process, 4 not QEMU,
 5 no QMP monitor reachable, 6 permission denied, 7 output exists, 8 I/O error,
-9 monitor refused or garbled, 10 RAM map unusable, 128+N killed by signal N
+9 monitor refused or garbled, 10 RAM map unusable, 11 no usable debug info,
+12 another livedump is dumping this VM, 13 a QEMU thread would not freeze,
+128+N killed by signal N
 """
 
 
@@ -31,6 +34,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "found on its command line")
     p.add_argument("--qmp", metavar="SOCKET", type=_qmp_address,
                    help="QMP monitor to use: a UNIX socket path, or tcp:HOST:PORT")
+    p.add_argument("--via", choices=VIAS, default="auto",
+                   help="qmp: pause and map the VM through its monitor; ptrace: freeze "
+                   "QEMU's threads and map its RAM from its debug info (no monitor needed); "
+                   "auto (default): qmp if a monitor answers, else ptrace")
+    p.add_argument("--debug-file", metavar="PATH",
+                   help="QEMU's debug info for --via ptrace (default: found by build-id, "
+                   ".gnu_debuglink or debuginfod)")
     p.add_argument("--arch", help="vmcore architecture (default: the QEMU target): "
                    + ", ".join(ARCHES))
     p.add_argument("--force", action="store_true", help="replace an existing output file")
@@ -58,7 +68,8 @@ def _qmp_address(text: str) -> Address:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signals.install()
-    request = Request(output=args.output, pid=args.pid, qmp=args.qmp, arch=args.arch,
+    request = Request(output=args.output, pid=args.pid, qmp=args.qmp, via=args.via,
+                      debug_file=args.debug_file, arch=args.arch,
                       force=args.force, qmp_timeout=args.qmp_timeout, pause=args.pause,
                       progress=None if args.quiet or not sys.stderr.isatty() else ProgressBar())
     try:
@@ -99,24 +110,31 @@ def summary_line(s: Summary) -> str:
     if not s.was_running:
         paused = "guest was already paused"
     elif s.paused:
-        paused = f"guest paused {s.pause_seconds:.3f} s"
+        paused = (f"guest paused {s.pause_seconds:.3f} s" if s.via == "qmp"
+                  else f"QEMU frozen {s.pause_seconds:.3f} s")
     else:
         paused = "guest NOT paused (--no-pause): memory may be inconsistent"
     return (f"wrote {s.output}: {len(s.blocks)} blocks, {_size(s.memory_bytes)} of {s.arch} "
             f"guest memory ({_size(s.read_bytes)} read, {_size(s.written_bytes)} written, "
             f"the rest never touched or zero) in {s.wall_seconds:.2f} s, {paused}, "
-            f"via QMP {s.monitor}")
+            f"{_via(s)}")
 
 
 def as_json(s: Summary) -> dict[str, object]:
     return {
         "output": s.output, "pid": s.pid, "arch": s.arch, "elf_class": s.elf_class,
-        "via": s.via, "monitor": s.monitor, "was_running": s.was_running,
+        "via": s.via, "detail": s.detail, "was_running": s.was_running,
         "paused": s.paused, "read_bytes": s.read_bytes, "written_bytes": s.written_bytes,
         "blocks": [{"gpa": b.gpa, "size": b.size} for b in s.blocks],
         "memory_bytes": s.memory_bytes, "file_bytes": s.file_size,
         "wall_seconds": round(s.wall_seconds, 6), "pause_seconds": round(s.pause_seconds, 6),
     }
+
+
+def _via(s: Summary) -> str:
+    if s.via == "qmp":
+        return f"via QMP {s.detail}"
+    return f"via ptrace and QEMU's debug info ({s.detail})"
 
 
 def _size(n: float) -> str:

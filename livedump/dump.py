@@ -1,29 +1,28 @@
-"""The pipeline: attach, locate, coalesce, write, resume.
+"""The pipeline: attach, locate, coalesce, write, resume, the same for every mode.
 
-Everything that can be slow (finding and greeting the monitor, reading the
-RAM map, opening files, building the header) happens before the guest is
-paused. Inside the pause: one ``info mtree -f`` to confirm the map has not
-changed meanwhile, and the reading of memory. Writing overlaps the reading
-and may end after the guest runs again.
+Everything that can be slow (finding and greeting the monitor, loading
+QEMU's debug info, reading the RAM map through the monitor, opening files,
+building the header) happens before the guest is held. While it is held:
+the RAM map is confirmed (one ``info mtree -f``) or read (from QEMU's own
+structures, in ptrace mode), and memory is read. Writing overlaps the
+reading and may end after the guest runs again.
 """
 
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from . import __version__, locate
+from . import __version__
 from . import arch as arches
-from .attach import not_paused, paused
-from .coalesce import Block, coalesce
+from .coalesce import Block, GuestRange, coalesce
 from .elfcore import CoreLayout, Note
-from .guardian import Guardian
-from .errors import GuestMemoryError, MonitorUnavailable, UsageError
-from .monitor import Address, Monitor, QMPTransport, describe
+from .errors import GuestMemoryError, LivedumpError, ProcessNotFound
 from .lock import VMLock
+from .monitor import Address
 from .output import Output
-from .procmem import PageMap, ProcessMemory, check_blocks, read_maps
+from .procmem import PageMap, ProcessMemory, alive, check_blocks, read_maps
+from .session import open_session
 from .stream import Writer, copy
-from .target import QmpEndpoint, is_qemu, qemu_executable, qmp_endpoints
 
 # Our own note under the "LIVEDUMP" owner: text lines saying who made the dump.
 # The type is "LVDP" in ASCII, far from the small numbers that gdb and crash
@@ -46,6 +45,8 @@ class Request:
     output: str
     pid: int | None = None
     qmp: Address | None = None
+    via: str = "auto"
+    debug_file: str | None = None
     arch: str | None = None
     force: bool = False
     qmp_timeout: float = 3.0
@@ -62,7 +63,7 @@ class Summary:
     arch: str
     elf_class: int
     via: str
-    monitor: str
+    detail: str
     was_running: bool
     paused: bool
     blocks: list[Block] = field(default_factory=list)
@@ -79,9 +80,9 @@ class Summary:
 
 @dataclass
 class _Plan:
-    """The RAM map and file layout, prepared before the guest is paused."""
+    """The blocks and file layout for one RAM map."""
 
-    view: list[locate.FlatRange]
+    ranges: list[GuestRange]
     layout: CoreLayout
     private: list[bool]
 
@@ -89,104 +90,55 @@ class _Plan:
 def dump(request: Request) -> Summary:
     """Write a vmcore of the VM ``request`` names; return what was done."""
     started = time.monotonic()
-    monitor, endpoint, pid = _attach_monitor(request)
+    session = open_session(request.pid, request.qmp, request.via, request.qmp_timeout,
+                           request.debug_file)
+    pid = session.pid
     try:
-        arch = arches.lookup(request.arch or monitor.target_arch())
+        arch = arches.lookup(request.arch or session.target_arch())
+        progress = request.progress
         with (
             VMLock(pid),
             Output(request.output, request.force) as out,
             ProcessMemory(pid) as memory,
             PageMap(pid) as pagemap,
         ):
-            plan = _plan(monitor, pid, arch, locate.flat_view(monitor))
-            progress = request.progress
-            hold = paused if request.pause else not_paused
-            with (
-                Guardian(monitor.transport.fileno()) as guardian,
-                Writer(out, progress.update if progress else None) as writer,
-            ):
-                with hold(monitor, guardian) as pause:
-                    if request.pause:
-                        # Only a changed map costs more round trips inside the pause.
-                        view = locate.flat_view(monitor)
-                        if view != plan.view:
-                            plan = _plan(monitor, pid, arch, view)
+            prepared = session.prepare()
+            plan = _plan(prepared, pid, arch) if prepared is not None else None
+            with Writer(out, progress.update if progress else None) as writer:
+                with session.hold(request.pause) as pause:
+                    ranges = session.ranges(memory, prepared)
+                    if plan is None or ranges is not plan.ranges:
+                        plan = _plan(ranges, pid, arch)
                     if progress:
                         progress.start(plan.layout.size)
                     read = copy(plan.layout, plan.private, memory, pagemap, writer)
                 writer.finish()
             out.commit()
+    except LivedumpError:
+        if not alive(pid):  # Whatever failed, QEMU's exit is the cause to report.
+            raise ProcessNotFound(f"QEMU (PID {pid}) exited during the dump") from None
+        raise
     finally:
-        if request.progress:
-            request.progress.close()
-        monitor.close()
+        if progress:
+            progress.close()
+        session.close()
     return Summary(
         output=request.output, pid=pid, arch=arch.name, elf_class=plan.layout.bits,
-        via="qmp", monitor=str(endpoint), was_running=pause.was_running,
+        via=session.via, detail=session.detail, was_running=pause.was_running,
         paused=request.pause and pause.was_running, blocks=plan.layout.blocks,
         file_size=plan.layout.size, read_bytes=read, written_bytes=writer.written,
         wall_seconds=time.monotonic() - started, pause_seconds=pause.seconds,
     )
 
 
-def _plan(monitor: Monitor, pid: int, arch: arches.Arch, view: list[locate.FlatRange]) -> _Plan:
-    blocks = coalesce(locate.guest_ranges(monitor, view))
+def _plan(ranges: list[GuestRange], pid: int, arch: arches.Arch) -> _Plan:
+    blocks = coalesce(ranges)
     if not blocks:
         raise GuestMemoryError("the VM has no RAM in its memory map")
     private = check_blocks(blocks, read_maps(pid))
-    return _Plan(view, CoreLayout(arch, blocks, [_provenance(pid)]), private)
-
-
-def _attach_monitor(request: Request) -> tuple[Monitor, QmpEndpoint, int]:
-    """Connect to the VM's first answering QMP monitor; return it with the QEMU PID."""
-    if request.pid is not None:
-        qemu_executable(request.pid)
-    if request.qmp is not None:
-        endpoints = [QmpEndpoint(request.qmp, "--qmp")]
-    elif request.pid is not None:
-        endpoints = qmp_endpoints(request.pid)
-    else:
-        raise UsageError("name the VM with --pid or --qmp")
-
-    failures = []
-    for endpoint in endpoints:
-        if endpoint.address is None:
-            failures.append(str(endpoint))
-            continue
-        try:
-            transport = QMPTransport(endpoint.address, request.qmp_timeout)
-        except MonitorUnavailable as e:
-            failures.append(str(e))
-            continue
-        try:
-            pid = _check_peer(request.pid, transport)
-        except BaseException:
-            transport.close()
-            raise
-        return Monitor(transport), endpoint, pid
-    if not endpoints:
-        raise MonitorUnavailable(f"QEMU PID {request.pid} has no QMP monitor on its command line")
-    raise MonitorUnavailable("no QMP monitor answered: " + "; ".join(failures))
-
-
-def _check_peer(pid: int | None, transport: QMPTransport) -> int:
-    """The QEMU PID, from the user or the socket's peer, checked to agree.
-
-    A peer that is not QEMU at all is a relay (socat, a management daemon's
-    proxy): then only ``--pid`` can say which process to read.
-    """
-    peer = transport.peer_pid
-    where = describe(transport.address)
-    if pid is None:
-        if peer is None:
-            raise UsageError(f"cannot tell which process serves {where}; add --pid")
-        qemu_executable(peer)
-        return peer
-    if peer is not None and peer != pid and is_qemu(peer):
-        raise UsageError(f"{where} belongs to QEMU PID {peer}, not to PID {pid}")
-    return pid
+    return _Plan(ranges, CoreLayout(arch, blocks, [_provenance(pid)]), private)
 
 
 def _provenance(pid: int) -> Note:
-    text = f"livedump {__version__}\npid {pid}\nvia qmp\n"
+    text = f"livedump {__version__}\npid {pid}\n"
     return Note("LIVEDUMP", NT_LIVEDUMP_INFO, text.encode())

@@ -25,13 +25,14 @@ Address = str | tuple[str, int]
 RESUME_TIMEOUT = 30.0
 
 
+class _SessionBroken(MonitorUnavailable):
+    """The connection ended under us (as opposed to a monitor that is slow)."""
+
+
 class Transport(Protocol):
     def execute(self, command: str, arguments: Mapping[str, object] | None = None,
                 timeout: float | None = None) -> object:
         """Run one QMP command and return its ``return`` value (``timeout``: not the default)."""
-
-    def reconnect(self) -> None:
-        """Start a new session, as after the old one broke."""
 
     def close(self) -> None:
         """End the session."""
@@ -103,27 +104,35 @@ class QMPTransport:
             except ExecuteError:
                 raise
             except (QMPError, OSError, EOFError) as e:
-                raise MonitorUnavailable(f"{describe(self.address)}: {what} failed: {e}") from None
+                raise _SessionBroken(f"{describe(self.address)}: {what} failed: {e}") from None
 
     def execute(self, command: str, arguments: Mapping[str, object] | None = None,
                 timeout: float | None = None) -> object:
+        """Run ``command``; if the session broke (QEMU or a relay dropped it), once more
+        on a new session: the monitor takes a new client, and every command livedump
+        sends may be repeated."""
+        try:
+            return self._execute(command, arguments, timeout)
+        except _SessionBroken:
+            self.close()
+            self._connect()
+            return self._execute(command, arguments, timeout)
+
+    def _execute(self, command: str, arguments: Mapping[str, object] | None,
+                 timeout: float | None) -> object:
         try:
             return self._run(self._client.execute(command, arguments), f"reply to {command!r}",
                              timeout)
         except ExecuteError as e:
             raise MonitorError(f"QEMU refused {command!r}: {e.error.desc}") from None
 
-    def reconnect(self) -> None:
-        """Start a new session on the same socket, as after the old one broke."""
-        self.close()
-        self._connect()
-
     def close(self) -> None:
         with signals.deferred():
+            goodbye = self._client.disconnect()
             try:
-                self._runner.run(asyncio.wait_for(self._client.disconnect(), self.timeout))
+                self._runner.run(asyncio.wait_for(goodbye, self.timeout))
             except Exception:
-                pass  # The session is over either way; nothing more to tell QEMU.
+                goodbye.close()  # Not awaited if the loop could not run it; that is fine.
             finally:
                 self._runner.close()
 
@@ -155,8 +164,6 @@ class Monitor:
         # Resuming is what matters most: a slow monitor gets longer to answer.
         self.transport.execute("cont", timeout=RESUME_TIMEOUT)
 
-    def reconnect(self) -> None:
-        self.transport.reconnect()
 
     def target_arch(self) -> str:
         """The QEMU target, as ``query-target`` names it (``x86_64``, ``ppc64``...)."""

@@ -75,13 +75,17 @@ def check_blocks(blocks: Sequence[Block], maps: Sequence[Mapping]) -> list[bool]
     return private
 
 
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` still runs (an exiting process first loses its memory, then its PID)."""
+_PF_EXITING = 0x4
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` still runs: not gone, not a zombie, not on its way out."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+            fields = f.read().rpartition(")")[2].split()
     except FileNotFoundError:
         return False
+    return fields[0] not in ("Z", "X") and not int(fields[6]) & _PF_EXITING
 
 
 class _IOVec(ctypes.Structure):
@@ -152,7 +156,7 @@ class ProcessMemory:
             self._fail(e.errno, address)
 
     def _fail(self, err: int, address: int) -> typing.NoReturn:
-        if err == errno.ESRCH or not _alive(self.pid):
+        if err == errno.ESRCH or not alive(self.pid):
             raise ProcessNotFound(f"QEMU (PID {self.pid}) exited during the dump")
         raise DumpIOError(f"reading QEMU memory at {address:#x}: {os.strerror(err)}")
 

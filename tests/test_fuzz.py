@@ -5,7 +5,7 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from livedump import locate
+from livedump import locate_monitor as locate
 from livedump.errors import MonitorError
 from livedump.target import parse_qmp_options
 

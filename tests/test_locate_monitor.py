@@ -2,7 +2,7 @@
 
 import pytest
 
-from livedump import locate
+from livedump import locate_monitor as locate
 from livedump.coalesce import coalesce
 from livedump.errors import MonitorError
 from livedump.monitor import Monitor

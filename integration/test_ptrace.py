@@ -1,0 +1,138 @@
+"""--via ptrace: a VM whose monitor is out of reach, frozen with ptrace and mapped
+through QEMU's debug info (a QEMU built from Debian's source with DWARF by
+integration/build-qemu-debug.sh, which integration/setup --test runs)."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from livedump import locate_dwarf, locate_monitor
+from livedump.coalesce import coalesce
+from livedump.dwarf import qemu_layout
+from livedump.freeze import frozen
+from livedump.monitor import Monitor, QMPTransport
+from livedump.procmem import ProcessMemory, read_maps
+
+from .conftest import livedump
+from .test_dump import HIGH_MARKERS, MARKERS, assert_markers
+from .vm import VM, kvm_usable
+from .vmcore import first_difference
+
+DEBUG_QEMU = Path(os.environ.get("LIVEDUMP_QEMU_CACHE",
+                                  Path.home() / ".cache/livedump/qemu-debug")) / "bin/qemu-system-x86_64"
+
+pytestmark = pytest.mark.skipif(
+    not DEBUG_QEMU.exists(), reason="no debug-info QEMU: run integration/build-qemu-debug.sh")
+
+ACCELS = ["tcg"] + (["kvm"] if kvm_usable() else [])
+
+
+def thread_states(pid: int) -> set[str]:
+    states = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            states.add(f.read().rpartition(")")[2].split()[0])
+    return states
+
+
+@pytest.mark.parametrize("accel", ACCELS)
+def test_vm_with_its_only_monitor_held_is_dumped_through_ptrace(scratch, accel):
+    """As with libvirt: the one QMP socket is taken, so auto mode falls back to ptrace."""
+    with VM(qemu=str(DEBUG_QEMU), machine="q35", memory="5G", accel=accel,
+            markers=MARKERS[:2] + HIGH_MARKERS, livedump_socket=False) as vm:
+        vm.wait_running(1)
+        ours = scratch / "ours.vmcore"
+        r = livedump("--pid", str(vm.pid), "--qmp-timeout", "1", "--json", str(ours))
+        assert r.returncode == 0, r.stderr
+        assert b'"via": "ptrace"' in r.stdout and b"no greeting within 1 s" in r.stdout
+        assert vm.status() == "running"
+        assert "t" not in thread_states(vm.pid)
+        assert_markers(ours, MARKERS[:2] + HIGH_MARKERS)
+
+        # Paused, for a comparison byte for byte with QEMU's own dump.
+        vm.command("stop")
+        ours.unlink()
+        theirs = scratch / "qemu.vmcore"
+        r = livedump("--pid", str(vm.pid), "--via", "ptrace", str(ours))
+        assert r.returncode == 0, r.stderr
+        vm.own_dump(theirs)
+        assert first_difference(ours, theirs) is None
+        assert vm.status() == "paused"
+        assert "t" not in thread_states(vm.pid)
+
+
+def test_debug_info_map_equals_monitor_map():
+    with VM(qemu=str(DEBUG_QEMU), machine="pc", memory="1G") as vm:
+        vm.wait_running(1)
+        layout = qemu_layout(f"/proc/{vm.pid}/exe")
+        bias = locate_dwarf.load_bias(vm.pid, layout, read_maps(vm.pid))
+        monitor = Monitor(QMPTransport(str(vm.socket), 5))
+        try:
+            vm.command("stop")
+            with ProcessMemory(vm.pid) as memory, frozen(vm.pid):
+                ours = locate_dwarf.guest_ranges(memory, layout, bias)
+            theirs = locate_monitor.guest_ranges(monitor, locate_monitor.flat_view(monitor))
+        finally:
+            monitor.close()
+        # Same ranges (PAM-split low RAM included), same names, same host addresses.
+        assert [(r.gpa, r.size, r.hva, r.name) for r in ours] == \
+               [(r.gpa, r.size, r.hva, r.name) for r in theirs]
+        assert coalesce(ours) == coalesce(theirs)
+
+
+def test_mismatched_debug_file_is_refused(scratch, tmp_path):
+    # Debug info of another build: real DWARF, another build-id.
+    source = tmp_path / "other.c"
+    source.write_text("int address_space_memory;\nint main(void) { return 0; }\n")
+    other = tmp_path / "other"
+    subprocess.run(["gcc", "-g", "-Wl,--build-id", "-o", str(other), str(source)], check=True)
+    with VM(qemu=str(DEBUG_QEMU), memory="128M") as vm:
+        r = livedump("--pid", str(vm.pid), "--via", "ptrace", "--debug-file", str(other),
+                     str(scratch / "x.vmcore"))
+        assert r.returncode == 11
+        assert b"build-id" in r.stderr and r.stderr.count(b"\n") == 1
+        r = livedump("--pid", str(vm.pid), "--via", "ptrace", "--debug-file",
+                     "/usr/bin/qemu-system-x86_64", str(scratch / "x.vmcore"))
+        assert (r.returncode, r.stderr) == (
+            11, b"livedump: /usr/bin/qemu-system-x86_64 has no DWARF debug info\n")
+        assert vm.status() == "running" and "t" not in thread_states(vm.pid)
+        assert os.listdir(scratch) == []
+
+
+def test_no_debug_info_and_no_monitor_says_how_to_get_it(scratch):
+    """Debian's own QEMU has no DWARF; with its only monitor held there is no way in."""
+    with VM(memory="128M", livedump_socket=False) as vm:
+        r = livedump("--pid", str(vm.pid), "--qmp-timeout", "1", str(scratch / "x.vmcore"))
+        assert r.returncode == 11
+        err = r.stderr.decode()
+        assert err.count("\n") == 1
+        assert "no usable QMP monitor" in err and "no greeting within 1 s" in err
+        assert "--debug-file" in err and "DEBUGINFOD_URLS" in err
+        assert vm.status() == "running"
+        assert os.listdir(scratch) == []
+
+
+def test_signal_while_frozen_thaws_qemu(scratch):
+    with VM(qemu=str(DEBUG_QEMU), memory="1G") as vm:
+        r, w = os.pipe()
+        proc = subprocess.Popen([sys.executable, "-m", "livedump", "--pid", str(vm.pid),
+                                 "--via", "ptrace", "-"], stdout=w, stderr=subprocess.PIPE)
+        os.close(w)
+        try:
+            for _ in range(500):  # Until its threads are frozen: it stalls on the full pipe.
+                if "t" in thread_states(vm.pid):
+                    break
+                time.sleep(0.01)
+            assert "t" in thread_states(vm.pid)
+            proc.terminate()
+            _, err = proc.communicate(timeout=30)
+        finally:
+            os.close(r)
+            proc.kill()
+        assert proc.returncode == 143, err
+        assert "t" not in thread_states(vm.pid)
+        assert vm.status() == "running"

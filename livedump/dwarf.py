@@ -1,0 +1,862 @@
+"""Where QEMU keeps its memory map, read from QEMU's own DWARF debug info.
+
+Without a monitor, guest RAM is found by walking QEMU's data:
+``address_space_memory.current_map->ranges[0..nr]``, each range's
+MemoryRegion and that region's RAMBlock. Those structures change between
+QEMU versions and builds, so every offset comes from the DWARF of the very
+binary that runs (matched by build-id), never from a table. This module
+finds that DWARF (:func:`find_debug_file`) and reduces it to a small
+:class:`QemuLayout` (:func:`load_layout`), cached per build-id. It reads
+files only, never QEMU's memory.
+
+pyelftools has no index to jump to a type or variable by name, and even
+reading just the top-level DIEs of all of QEMU 7.2's 994 units takes 20 s,
+so the few DIEs needed are found by searching the raw section bytes: the
+variable by its location expression, ``DW_OP_addr <address>`` (the address
+from the symbol table; GCC lists no data in .debug_aranges), and a struct
+only declared there (FlatRange outside memory.c) by the references to its
+name string (``DW_FORM_strp``) or the name inline (``DW_FORM_string``),
+in units that also name its rarest members. Only what that finds is parsed,
+and checked, with pyelftools. Other toolchains' forms (clang's
+``DW_OP_addrx``, ``DW_FORM_strx``) fall back to .debug_aranges and to that
+slow scan, once: the result is cached per build-id.
+"""
+
+import bisect
+import json
+import os
+import shutil
+import struct
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from elftools.common.exceptions import DWARFError, ELFError
+from elftools.dwarf.die import DIE, AttributeValue
+from elftools.dwarf.dwarf_expr import DWARFExprParser
+from elftools.dwarf.dwarfinfo import DWARFInfo
+from elftools.elf.elffile import ELFFile
+
+from . import __version__
+from .errors import LivedumpError, PermissionDenied
+
+
+class DebugInfoError(LivedumpError):
+    """QEMU's debug info is missing, does not match the running binary, or lacks what we need."""
+
+    exit_code = 11
+
+
+# gdb's debug-file-directory: separate debug files by build-id and by
+# .gnu_debuglink live under it. A list so tests can point it elsewhere.
+DEBUG_DIRS: list[Path] = [Path("/usr/lib/debug")]
+
+VARIABLE = "address_space_memory"
+
+# The members read of each structure (QEMU's names).
+NEEDED: dict[str, tuple[str, ...]] = {
+    "AddressSpace": ("current_map",),
+    "FlatView": ("ranges", "nr"),
+    "FlatRange": ("mr", "offset_in_region", "addr", "readonly", "nonvolatile", "romd_mode"),
+    "AddrRange": ("start", "size"),
+    "MemoryRegion": ("ram", "ram_device", "nonvolatile", "readonly", "rom_device",
+                     "romd_mode", "alias", "alias_offset", "ram_block", "name", "size"),
+    "RAMBlock": ("host", "idstr", "offset", "used_length"),
+}
+
+# How each structure is reached from the variable's type (AddressSpace):
+# (structure, member, the member's structure, through a pointer).
+_PATH = (
+    ("AddressSpace", "current_map", "FlatView", True),
+    ("FlatView", "ranges", "FlatRange", True),
+    ("FlatRange", "addr", "AddrRange", False),
+    ("FlatRange", "mr", "MemoryRegion", True),
+    ("MemoryRegion", "ram_block", "RAMBlock", True),
+)
+
+# The members of QEMU's type Int128, and where that type is used.
+_INT128_HALVES = ("lo", "hi")
+_INT128_USES = (("AddrRange", "start"), ("AddrRange", "size"), ("MemoryRegion", "size"))
+
+_TRANSPARENT = {"DW_TAG_typedef", "DW_TAG_const_type", "DW_TAG_volatile_type",
+                "DW_TAG_restrict_type", "DW_TAG_atomic_type"}
+_DW_OP_ADDR = 0x03
+# An ELF symbol per class: its struct format, where st_value and st_shndx are in it.
+_SYMBOL_ENTRY = {64: ("IBBHQQ", 4, 3), 32: ("IIIBBH", 1, 5)}
+
+_CACHE_FORMAT = 1
+_DEBUGINFOD_TIMEOUT = 10  # seconds without progress; DEBUGINFOD_TIMEOUT overrides
+_DEBUGINFOD_MISS_SECONDS = 600  # elfutils' default for remembering a "not found"
+
+
+# --- the layout -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Field:
+    """Where a member is in its structure, in bytes."""
+
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True)
+class StructLayout:
+    size: int
+    fields: dict[str, Field]
+
+    def __getitem__(self, member: str) -> Field:
+        return self.fields[member]
+
+
+@dataclass(frozen=True)
+class Int128Layout:
+    """How QEMU stores an Int128: a 16-byte integer in the binary's byte order
+    (``scalar``), or a struct of two 64-bit halves at offsets ``lo`` and ``hi``."""
+
+    scalar: bool
+    lo: int | None = None
+    hi: int | None = None
+
+
+@dataclass(frozen=True)
+class QemuLayout:
+    """What a memory walk needs to know about one QEMU binary.
+
+    ``address_space_memory`` is the variable's link-time address; in a
+    ``pie`` binary add the load bias, the start of the executable's mapping
+    at file offset 0 in ``/proc/PID/maps``.
+    ``byteorder`` is ``"little"`` or ``"big"``, as ``int.from_bytes`` takes it.
+    """
+
+    build_id: str | None
+    address_space_memory: int
+    pie: bool
+    pointer_size: int
+    byteorder: str
+    int128: Int128Layout
+    structs: dict[str, StructLayout]
+
+    def to_json(self) -> str:
+        return json.dumps({"format": _CACHE_FORMAT, **asdict(self)}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "QemuLayout":
+        """Parse :meth:`to_json`'s output; ValueError if it is anything else."""
+        try:
+            d = json.loads(text)
+            if d["format"] != _CACHE_FORMAT or d["byteorder"] not in ("little", "big"):
+                raise ValueError("not a layout of this livedump")
+            i = d["int128"]
+            return cls(
+                build_id=_typed(d["build_id"], str | None),
+                address_space_memory=_count(d["address_space_memory"]),
+                pie=_typed(d["pie"], bool),
+                pointer_size=_count(d["pointer_size"]),
+                byteorder=d["byteorder"],
+                int128=Int128Layout(_typed(i["scalar"], bool), _typed(i["lo"], int | None),
+                                    _typed(i["hi"], int | None)),
+                structs={name: StructLayout(_count(s["size"]), {
+                    m: Field(_count(f["offset"]), _count(f["size"]))
+                    for m, f in s["fields"].items()}) for name, s in d["structs"].items()},
+            )
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"malformed layout: {e!r}") from None
+
+
+def _typed(value: object, kind: object) -> object:
+    if not isinstance(value, kind):  # type: ignore[arg-type]
+        raise ValueError(f"{value!r} is not {kind}")
+    return value
+
+
+def _count(value: object) -> int:
+    if type(value) is not int or value < 0:
+        raise ValueError(f"{value!r} is not a size or offset")
+    return value
+
+
+# --- entry points -----------------------------------------------------------
+
+
+def qemu_layout(exe: str, debug_file: str | None = None) -> QemuLayout:
+    """The layout for the running binary ``exe`` (``/proc/PID/exe``).
+
+    A layout cached for its build-id is returned without looking for debug
+    info at all (which can mean checksumming a large file); otherwise this
+    is :func:`find_debug_file` then :func:`load_layout`.
+    """
+    if debug_file is None:
+        build_id = read_build_id(exe)
+        cached = _read_cache(build_id) if build_id else None
+        if cached is not None:
+            return cached
+    return load_layout(exe, find_debug_file(exe, debug_file))
+
+
+def load_layout(exe: str, debug_file: Path) -> QemuLayout:
+    """The layout for the running binary ``exe``, read from ``debug_file``'s
+    DWARF, or from the cache of an earlier run for the same build-id."""
+    build_id = read_build_id(exe)
+    if build_id:
+        cached = _read_cache(build_id)
+        if cached is not None:
+            return cached
+    layout = _read_layout(exe, Path(debug_file), build_id)
+    if build_id:
+        _write_cache(layout)
+    return layout
+
+
+def find_debug_file(exe: str, explicit: str | None = None) -> Path:
+    """The file with the DWARF of the running binary ``exe``.
+
+    In gdb's order: ``explicit`` (``--debug-file``); ``exe`` itself; a file
+    by build-id under :data:`DEBUG_DIRS`; the file ``.gnu_debuglink`` names
+    (beside ``exe``, in its ``.debug/``, under :data:`DEBUG_DIRS`), if its
+    CRC matches; debuginfod, if ``DEBUGINFOD_URLS`` is set. A file whose
+    build-id is not the running binary's is refused, never used.
+    """
+    build_id = read_build_id(exe)
+    if explicit is not None:
+        return _checked(Path(explicit), build_id)
+    with _elf(exe) as elf:
+        if _has_dwarf(elf):
+            return Path(exe)
+        link = elf.get_dwarf_link()
+    notes: list[str] = []
+    for path in _build_id_paths(build_id):
+        if path.is_file():
+            return _checked(path, build_id)
+    if link is not None:
+        found = _from_debuglink(exe, os.fsdecode(link.filename), link.checksum, notes)
+        if found is not None:
+            return _checked(found, build_id)
+    if build_id:
+        found = _fetch_debuginfod(build_id, notes)
+        if found is not None:
+            return _checked(found, build_id)
+    raise DebugInfoError(
+        f"no debug info for {_on_disk(exe)} (build-id {build_id or 'none'}): install its "
+        "debug symbols (the distribution's -dbgsym or -dbg package, e.g. "
+        "qemu-system-x86-dbgsym), set DEBUGINFOD_URLS, or pass --debug-file"
+        + "".join(f"; {n}" for n in notes))
+
+
+def read_build_id(path: str | Path) -> str | None:
+    """The GNU build-id of an ELF file, as lowercase hex (None if it has none)."""
+    with _elf(path) as elf:
+        return _build_id(elf)
+
+
+# --- finding the debug file -------------------------------------------------
+
+
+@contextmanager
+def _elf(path: str | Path) -> Iterator[ELFFile]:
+    """An open ELF file; failures as livedump errors (permission, not ELF)."""
+    try:
+        with open(path, "rb") as f:
+            yield ELFFile(f)
+    except PermissionError:
+        raise PermissionDenied(f"may not read {path}") from None
+    except OSError as e:
+        raise DebugInfoError(f"cannot read {path}: {e.strerror}") from None
+    except ELFError as e:
+        raise DebugInfoError(f"{path} is not a usable ELF file ({e})") from None
+
+
+def _build_id(elf: ELFFile) -> str | None:
+    holders = [s for s in elf.iter_sections() if s["sh_type"] == "SHT_NOTE"]
+    for holder in holders or [s for s in elf.iter_segments() if s["p_type"] == "PT_NOTE"]:
+        for note in holder.iter_notes():
+            if note["n_type"] == "NT_GNU_BUILD_ID" and note["n_name"] == "GNU":
+                return note["n_desc"]
+    return None
+
+
+def _has_dwarf(elf: ELFFile) -> bool:
+    section = elf.get_section_by_name(".debug_info") or elf.get_section_by_name(".zdebug_info")
+    return section is not None and section["sh_type"] != "SHT_NOBITS" and section["sh_size"] > 0
+
+
+def _checked(path: Path, build_id: str | None) -> Path:
+    """``path`` if it has DWARF for the binary with ``build_id``; else refuse it."""
+    with _elf(path) as elf:
+        if not _has_dwarf(elf):
+            raise DebugInfoError(f"{path} has no DWARF debug info")
+        found = _build_id(elf)
+    if build_id is not None and found != build_id:
+        raise DebugInfoError(f"{path} is the debug info of build-id {found or 'none'}, "
+                             f"not of the running QEMU's {build_id}: refusing it")
+    return path
+
+
+def _build_id_paths(build_id: str | None) -> list[Path]:
+    if not build_id or len(build_id) < 3:
+        return []
+    return [d / ".build-id" / build_id[:2] / f"{build_id[2:]}.debug" for d in DEBUG_DIRS]
+
+
+def _on_disk(exe: str) -> Path:
+    """Where the binary is (for ``/proc/PID/exe``, the link's target, even if deleted)."""
+    return Path(os.path.realpath(exe).removesuffix(" (deleted)"))
+
+
+def _from_debuglink(exe: str, name: str, crc: int, notes: list[str]) -> Path | None:
+    where = _on_disk(exe).parent
+    candidates = [where / name, where / ".debug" / name]
+    candidates += [d / where.relative_to(where.anchor) / name for d in DEBUG_DIRS]
+    for path in candidates:
+        if path.is_file():
+            if _crc32(path) == crc:
+                return path
+            notes.append(f"{path} does not match the CRC in .gnu_debuglink")
+    return None
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+# --- debuginfod ---------------------------------------------------------------
+
+
+def debuginfod_cache_dir() -> Path:
+    """elfutils' client cache, so livedump and gdb share what either fetched:
+    ``$DEBUGINFOD_CACHE_PATH``, else an existing ``~/.debuginfod_client_cache``,
+    else ``${XDG_CACHE_HOME:-~/.cache}/debuginfod_client``."""
+    if os.environ.get("DEBUGINFOD_CACHE_PATH"):
+        return Path(os.environ["DEBUGINFOD_CACHE_PATH"])
+    home = Path(os.environ.get("HOME") or "/")
+    if (home / ".debuginfod_client_cache").exists():
+        return home / ".debuginfod_client_cache"
+    return Path(os.environ.get("XDG_CACHE_HOME") or home / ".cache") / "debuginfod_client"
+
+
+def _fetch_debuginfod(build_id: str, notes: list[str]) -> Path | None:
+    """The debug file for ``build_id`` from the servers in ``DEBUGINFOD_URLS``
+    (tried in turn), kept in the cache as elfutils' client keeps it:
+    ``<cache>/<build-id>/debuginfo``, mode 0400; an empty file there records
+    that no server had it, and is believed for ``cache_miss_s`` seconds.
+    Why nothing came is appended to ``notes``."""
+    urls = list(dict.fromkeys(os.environ.get("DEBUGINFOD_URLS", "").split()))
+    if not urls:
+        return None
+    cache = debuginfod_cache_dir()
+    target = cache / build_id / "debuginfo"
+    state = _cache_entry(target, cache)
+    if state is not None:
+        if not state:
+            notes.append(f"debuginfod had no {build_id} (remembered in {target})")
+        return target if state else None
+    not_found = 0
+    for url in urls:
+        try:
+            _download(f"{url.rstrip('/')}/buildid/{build_id}/debuginfo", target, _timeout())
+            return target
+        except urllib.error.HTTPError as e:
+            notes.append(f"debuginfod {url}: HTTP {e.code}")
+            not_found += 1
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            notes.append(f"debuginfod {url}: {getattr(e, 'reason', None) or e}")
+    if not_found == len(urls):
+        _remember_miss(target)
+    return None
+
+
+def _cache_entry(target: Path, cache: Path) -> bool | None:
+    """True: downloaded before; False: a recent "not found"; None: ask the servers."""
+    try:
+        st = target.stat()
+    except OSError:
+        return None
+    if st.st_size > 0:
+        return True
+    try:
+        keep = int((cache / "cache_miss_s").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        keep = _DEBUGINFOD_MISS_SECONDS
+    if time.time() - st.st_mtime <= keep:
+        return False
+    with suppress(OSError):
+        target.unlink()
+    return None
+
+
+def _timeout() -> float:
+    try:
+        return float(os.environ.get("DEBUGINFOD_TIMEOUT") or _DEBUGINFOD_TIMEOUT)
+    except ValueError:
+        return _DEBUGINFOD_TIMEOUT
+
+
+def _download(url: str, target: Path, timeout: float) -> None:
+    request = urllib.request.Request(url, headers={"User-Agent": f"livedump/{__version__}"})
+    with urllib.request.urlopen(request, timeout=timeout) as reply:
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with _replacing(target, 0o400) as out:
+            shutil.copyfileobj(reply, out, 1 << 20)
+
+
+def _remember_miss(target: Path) -> None:
+    with suppress(OSError):  # only a hint for the next run
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        target.touch(exist_ok=True)
+
+
+# --- the layout cache -----------------------------------------------------------
+
+
+def layout_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    return Path(base if os.path.isabs(base) else Path.home() / ".cache") / "livedump" / "layouts"
+
+
+def _read_cache(build_id: str) -> QemuLayout | None:
+    """The cached layout, or None if there is none or it is unusable (then rebuilt)."""
+    try:
+        layout = QemuLayout.from_json((layout_cache_dir() / f"{build_id}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return layout if layout.build_id == build_id else None
+
+
+def _write_cache(layout: QemuLayout) -> None:
+    """Store the layout atomically; a cache that cannot be written only costs time."""
+    target = layout_cache_dir() / f"{layout.build_id}.json"
+    with suppress(OSError):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with _replacing(target, 0o644) as out:
+            out.write(layout.to_json().encode())
+
+
+@contextmanager
+def _replacing(target: Path, mode: int) -> Iterator[BinaryIO]:
+    """A new file that becomes ``target`` in one step if the block succeeds,
+    so no reader ever sees half of it."""
+    fd, temporary = tempfile.mkstemp(prefix=f"{target.name}.", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            yield out
+        os.chmod(temporary, mode)
+        os.replace(temporary, target)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+# --- reading the layout from DWARF ----------------------------------------------
+
+
+def _read_layout(exe: str, debug_file: Path, build_id: str | None) -> QemuLayout:
+    _checked(debug_file, build_id)
+    with _elf(debug_file) as elf:
+        address = _symbol(elf, VARIABLE)
+        info = elf.get_dwarf_info(follow_links=False)
+        supplementary = _supplementary(elf, debug_file)
+    with _elf(exe) as elf:
+        pie = elf["e_type"] == "ET_DYN"
+        pointer_size = elf.elfclass // 8
+        byteorder = "little" if elf.little_endian else "big"
+        if address is None:
+            address = _symbol(elf, VARIABLE)
+    if address is None:
+        raise DebugInfoError(f"no symbol {VARIABLE} in {debug_file}: is this qemu-system-*?")
+    try:
+        walk = _Walk(_dwarfs(info, supplementary, byteorder), debug_file)
+        structs, int128 = walk.structs(walk.variable(address, pointer_size))
+    except (ELFError, DWARFError) as e:
+        raise DebugInfoError(f"cannot read the DWARF in {debug_file}: {e}") from None
+    return QemuLayout(build_id=build_id, address_space_memory=address, pie=pie,
+                      pointer_size=pointer_size, byteorder=byteorder, int128=int128,
+                      structs=structs)
+
+
+def _dwarfs(info: DWARFInfo, supplementary: Path | None, byteorder: str) -> list["_Dwarf"]:
+    """The debug file's DWARF, and its dwz common file's, linked as pyelftools expects."""
+    if supplementary is None:
+        return [_Dwarf(info, byteorder)]
+    with _elf(supplementary) as elf:
+        info.supplementary_dwarfinfo = elf.get_dwarf_info(follow_links=False)
+    common = _Dwarf(info.supplementary_dwarfinfo, byteorder)
+    return [_Dwarf(info, byteorder, alien_strings=common.strings), common]
+
+
+def _symbol(elf: ELFFile, name: str) -> int | None:
+    """The value of a defined symbol, from .symtab (else .dynsym).
+
+    Read with ``struct``: pyelftools takes seconds over QEMU's 45,000 symbols.
+    """
+    layout, value_at, section_at = _SYMBOL_ENTRY[elf.elfclass]
+    fmt = ("<" if elf.little_endian else ">") + layout
+    for table in (elf.get_section_by_name(".symtab"), elf.get_section_by_name(".dynsym")):
+        if table is None or table["sh_type"] == "SHT_NOBITS":
+            continue
+        names = elf.get_section(table["sh_link"]).data()
+        wanted = set(_find_all(names, name.encode() + b"\0"))
+        for entry in struct.iter_unpack(fmt, table.data()):
+            if entry[0] in wanted and entry[section_at] != 0:
+                return entry[value_at]
+    return None
+
+
+def _supplementary(elf: ELFFile, debug_file: Path) -> Path | None:
+    """The dwz common file (``.gnu_debugaltlink``) holding part of the DWARF, if any.
+
+    Debian's -dbgsym packages are made with ``dwz -m``; the file is looked
+    for where the link says, by build-id under :data:`DEBUG_DIRS`, then
+    through debuginfod.
+    """
+    section = elf.get_section_by_name(".gnu_debugaltlink")
+    if section is None:
+        return None
+    name, _, raw_id = section.data().partition(b"\0")
+    alt_id = raw_id.hex()
+    named = debug_file.parent / os.fsdecode(name)  # an absolute name stays absolute
+    for path in [named, *_build_id_paths(alt_id)]:
+        if path.is_file() and read_build_id(path) == alt_id:
+            return path
+    notes: list[str] = []
+    found = _fetch_debuginfod(alt_id, notes)
+    if found is not None and read_build_id(found) == alt_id:
+        return found
+    raise DebugInfoError(f"{debug_file} keeps part of its DWARF in {named} (build-id "
+                         f"{alt_id}), which is not installed" + "".join(f"; {n}" for n in notes))
+
+
+def _find_all(haystack: bytes, needle: bytes) -> Iterator[int]:
+    at = haystack.find(needle)
+    while at >= 0:
+        yield at
+        at = haystack.find(needle, at + 1)
+
+
+class _Dwarf:
+    """One file's DWARF with its raw bytes, for the searches pyelftools has no index for."""
+
+    def __init__(self, info: DWARFInfo, byteorder: str, alien_strings: bytes = b"") -> None:
+        self.info = info
+        self.order = byteorder
+        self.data = info.debug_info_sec.stream.getvalue()
+        self.strings = info.debug_str_sec.stream.getvalue() if info.debug_str_sec else b""
+        self.alien_strings = alien_strings  # the dwz common file's (DW_FORM_GNU_strp_alt)
+        self.units = self._unit_offsets()
+
+    def _unit_offsets(self) -> list[int]:
+        offsets, at = [], 0
+        while at + 4 <= len(self.data):
+            offsets.append(at)
+            length = int.from_bytes(self.data[at:at + 4], self.order)
+            if length == 0xFFFFFFFF:  # 64-bit DWARF
+                length = 8 + int.from_bytes(self.data[at + 4:at + 12], self.order)
+            at += 4 + length
+        return offsets
+
+    def unit_at(self, offset: int) -> int:
+        return self.units[bisect.bisect_right(self.units, offset) - 1]
+
+    def name_refs(self, name: str) -> list[int]:
+        """Where in .debug_info the string ``name`` may be referred to: an
+        offset into a string table with it (DW_FORM_strp, DW_FORM_GNU_strp_alt;
+        also its tail, as linkers merge suffixes), or the string inline."""
+        text = name.encode() + b"\0"
+        hits = set(_find_all(self.data, text))
+        for table in (self.strings, self.alien_strings):
+            for start in _find_all(table, text):
+                hits.update(_find_all(self.data, start.to_bytes(4, self.order)))
+        return sorted(hits)
+
+    def units_naming(self, names: Iterable[str]) -> set[int]:
+        """The units that may mention the two rarest of ``names`` (the unit
+        defining a struct names all its members). Common names ("size" ends
+        hundreds of strings, each a search of the whole section) are left out."""
+        units: set[int] | None = None
+        for name in sorted(names, key=self._in_strings)[:2]:
+            found = {self.unit_at(hit) for hit in self.name_refs(name)}
+            units = found if units is None else units & found
+        return units or set()
+
+    def _in_strings(self, name: str) -> int:
+        text = name.encode() + b"\0"
+        return self.strings.count(text) + self.alien_strings.count(text)
+
+    def struct_named_at(self, offset: int, name: str) -> DIE | None:
+        """The complete struct DIE whose DW_AT_name is at ``offset``, if the bytes there are one.
+
+        The DIE starts with its abbreviation code, a ULEB128 ending just
+        before the name; only a code that means "struct with members" is
+        parsed, so stray matches cost a lookup and nothing more.
+        """
+        cu = self.info.get_CU_at(self.unit_at(offset))
+        table = cu.get_abbrev_table()
+        for start in _uleb_starts(self.data, offset, cu.cu_die_offset):
+            try:
+                abbrev = table.get_abbrev(_uleb(self.data, start))
+            except KeyError:
+                continue
+            if (abbrev["tag"] != "DW_TAG_structure_type" or not abbrev.has_children()
+                    or any(a == "DW_AT_declaration" for a, _ in abbrev.iter_attr_specs())):
+                continue
+            die = DIE(cu, self.info.debug_info_sec.stream, start)
+            attr = die.attributes.get("DW_AT_name")
+            if attr is not None and attr.offset == offset and attr.value == name.encode():
+                return die
+        return None
+
+
+def _uleb(data: bytes, at: int) -> int:
+    value = shift = 0
+    while True:
+        byte = data[at]
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value
+        at, shift = at + 1, shift + 7
+
+
+def _uleb_starts(data: bytes, end: int, floor: int) -> Iterator[int]:
+    """Where a ULEB128 of up to 3 bytes ending just before ``end`` could start."""
+    if end <= floor or data[end - 1] >= 0x80:
+        return
+    start = end - 1
+    yield start
+    while start > max(floor, end - 3) and data[start - 1] >= 0x80:
+        start -= 1
+        yield start
+
+
+class _Walk:
+    """Follows the types from address_space_memory to every structure in NEEDED."""
+
+    def __init__(self, dwarfs: list[_Dwarf], path: Path) -> None:
+        self.dwarfs = dwarfs  # the debug file's, then its dwz common file's
+        self.path = path
+
+    def variable(self, address: int, pointer_size: int) -> DIE:
+        """The DIE that defines the variable at ``address`` (DW_OP_addr in its location)."""
+        info = self.dwarfs[0].info
+        for unit in _variable_units(self.dwarfs[0], address, pointer_size):
+            die = _top_level(info.get_CU_at(unit).get_top_DIE(),
+                             lambda d: _is_variable_at(d, address))
+            if die is not None:
+                return die
+        die = _scan(info, lambda d: _is_variable_at(d, address))  # other toolchains
+        if die is None:
+            raise DebugInfoError(f"{self.path} has no DWARF for {VARIABLE}")
+        return die
+
+    def definition(self, die: DIE, role: str, members: tuple[str, ...]) -> DIE:
+        """The complete struct behind ``die``, which may be a declaration
+        only (as FlatRange is outside QEMU's memory.c)."""
+        struct_die = _strip(die)
+        if struct_die.tag != "DW_TAG_structure_type":
+            raise DebugInfoError(f"{role} is a {struct_die.tag} in {self.path}, not a struct")
+        if "DW_AT_declaration" not in struct_die.attributes:
+            return struct_die
+        name = struct_die.attributes["DW_AT_name"].value.decode()
+        for dwarf in self.dwarfs:
+            units = dwarf.units_naming(members)
+            for hit in dwarf.name_refs(name):
+                if dwarf.unit_at(hit) in units:
+                    found = dwarf.struct_named_at(hit, name)
+                    if found is not None and _has_members(found, members):
+                        return found
+        for dwarf in self.dwarfs:  # names in forms the byte search misses
+            found = _scan(dwarf.info, lambda d: _is_definition(d, name, members))
+            if found is not None:
+                return found
+        raise DebugInfoError(f"{self.path} has no definition of struct {name}")
+
+    def structs(self, variable: DIE) -> tuple[dict[str, StructLayout], Int128Layout]:
+        """The needed structures' layouts and Int128's, from the variable's DIE."""
+        dies = {"AddressSpace": self.definition(_type(variable), "AddressSpace",
+                                                NEEDED["AddressSpace"])}
+        for role, member, target, pointer in _PATH:
+            found = _type(_members(dies[role], role)[member][1])
+            if pointer:
+                found = _pointee(found, f"{role}.{member}")
+            dies[target] = self.definition(found, target, NEEDED[target])
+        members = {role: _members(dies[role], role) for role in NEEDED}
+        kinds = {self.int128(_type(members[r][m][1])) for r, m in _INT128_USES}
+        if len(kinds) != 1:
+            raise DebugInfoError(f"Int128 is stored in different ways in {self.path}")
+        layouts = {role: StructLayout(_byte_size(dies[role]), {
+            name: Field(offset, _byte_size(_type(die)))
+            for name, (offset, die) in members[role].items()}) for role in NEEDED}
+        return layouts, kinds.pop()
+
+    def int128(self, die: DIE) -> Int128Layout:
+        found = _strip(die)
+        if found.tag == "DW_TAG_base_type" and _byte_size(found) == 16:
+            return Int128Layout(scalar=True)
+        if found.tag == "DW_TAG_structure_type":
+            halves = _members(self.definition(found, "Int128", _INT128_HALVES), "Int128",
+                              _INT128_HALVES)
+            if all(_byte_size(_type(d)) == 8 for _, d in halves.values()):
+                return Int128Layout(scalar=False, lo=halves["lo"][0], hi=halves["hi"][0])
+        raise DebugInfoError(f"Int128 in {self.path} is neither a 16-byte integer "
+                             "nor a struct of two 64-bit halves")
+
+
+def _variable_units(dwarf: _Dwarf, address: int, pointer_size: int) -> Iterator[int]:
+    """Units that may define the variable at ``address``: those holding a
+    location expression that is just ``DW_OP_addr address`` (GCC lists no
+    data in .debug_aranges), then the unit .debug_aranges gives (clang's way)."""
+    location = bytes([1 + pointer_size, _DW_OP_ADDR]) + address.to_bytes(pointer_size,
+                                                                        dwarf.order)
+    yield from dict.fromkeys(dwarf.unit_at(hit) for hit in _find_all(dwarf.data, location))
+    aranges = dwarf.info.get_aranges()
+    unit = aranges.cu_offset_at_addr(address) if aranges else None
+    if unit is not None:
+        yield unit
+
+
+def _top_level(top: DIE, wanted: Callable[[DIE], bool]) -> DIE | None:
+    return next((d for d in top.iter_children() if wanted(d)), None)
+
+
+def _scan(info: DWARFInfo, wanted: Callable[[DIE], bool]) -> DIE | None:
+    """The first top-level DIE of any unit that is ``wanted``: slow, the last resort."""
+    for cu in info.iter_CUs():
+        found = _top_level(cu.get_top_DIE(), wanted)
+        if found is not None:
+            return found
+    return None
+
+
+def _is_variable_at(die: DIE, address: int) -> bool:
+    if die.tag != "DW_TAG_variable" or "DW_AT_location" not in die.attributes:
+        return False
+    value = die.attributes["DW_AT_location"].value
+    if not isinstance(value, list):
+        return False  # a location list: not a global
+    ops = DWARFExprParser(die.cu.structs).parse_expr(value)
+    if len(ops) != 1:
+        return False
+    if ops[0].op_name == "DW_OP_addr":
+        return ops[0].args[0] == address
+    if ops[0].op_name in ("DW_OP_addrx", "DW_OP_GNU_addr_index"):
+        return die.dwarfinfo.get_addr(die.cu, ops[0].args[0]) == address
+    return False
+
+
+def _is_definition(die: DIE, name: str, members: tuple[str, ...]) -> bool:
+    attrs = die.attributes
+    return (die.tag == "DW_TAG_structure_type" and "DW_AT_declaration" not in attrs
+            and "DW_AT_name" in attrs and attrs["DW_AT_name"].value == name.encode()
+            and _has_members(die, members))
+
+
+def _has_members(die: DIE, members: tuple[str, ...]) -> bool:
+    return set(members) <= {name for name, _, _ in _iter_members(die, 0)}
+
+
+def _iter_members(die: DIE, base: int) -> Iterator[tuple[str, int, DIE]]:
+    """(name, offset, DIE) of each member, those of anonymous structs and unions included."""
+    for child in die.iter_children():
+        if child.tag != "DW_TAG_member":
+            continue
+        offset = base + _member_offset(child)
+        if "DW_AT_name" in child.attributes:
+            yield child.attributes["DW_AT_name"].value.decode(), offset, child
+        elif _strip(_type(child)).tag in ("DW_TAG_structure_type", "DW_TAG_union_type"):
+            yield from _iter_members(_strip(_type(child)), offset)
+
+
+def _members(die: DIE, role: str,
+             names: tuple[str, ...] | None = None) -> dict[str, tuple[int, DIE]]:
+    """Offset and DIE of each needed member of the struct ``die``."""
+    names = names or NEEDED[role]
+    found: dict[str, tuple[int, DIE]] = {}
+    for name, offset, member in _iter_members(die, 0):
+        if name in names and name not in found:
+            if any(a in member.attributes for a in
+                   ("DW_AT_bit_size", "DW_AT_data_bit_offset", "DW_AT_bit_offset")):
+                raise DebugInfoError(f"{role}.{name} is a bit-field: not supported")
+            found[name] = (offset, member)
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise DebugInfoError(f"QEMU's {role} has no member {', '.join(missing)}: "
+                             "a QEMU version livedump does not know")
+    return {n: found[n] for n in names}
+
+
+def _member_offset(member: DIE) -> int:
+    attr = member.attributes.get("DW_AT_data_member_location")
+    if attr is None:
+        return 0
+    if isinstance(attr.value, int):
+        return attr.value
+    ops = DWARFExprParser(member.cu.structs).parse_expr(attr.value)  # DWARF 2 style
+    if len(ops) == 1 and ops[0].op_name == "DW_OP_plus_uconst":
+        return ops[0].args[0]
+    raise DebugInfoError(f"member location {attr.value} is not a constant")
+
+
+def _type(die: DIE) -> DIE:
+    """The type of a variable or member, through a declaration it completes."""
+    for attr in ("DW_AT_type", "DW_AT_specification", "DW_AT_abstract_origin"):
+        if attr in die.attributes:
+            found = die.get_DIE_from_attribute(attr)
+            return found if attr == "DW_AT_type" else _type(found)
+    raise DebugInfoError(f"DIE at {die.offset:#x} has no type")
+
+
+def _strip(die: DIE) -> DIE:
+    """The type behind typedefs and qualifiers."""
+    while die.tag in _TRANSPARENT:
+        die = _type(die)
+    return die
+
+
+def _pointee(die: DIE, what: str) -> DIE:
+    pointer = _strip(die)
+    if pointer.tag != "DW_TAG_pointer_type":
+        raise DebugInfoError(f"{what} is not a pointer")
+    return _type(pointer)
+
+
+def _byte_size(die: DIE) -> int:
+    found = _strip(die)
+    if "DW_AT_byte_size" in found.attributes:
+        return found.attributes["DW_AT_byte_size"].value
+    if found.tag == "DW_TAG_pointer_type":
+        return found.cu["address_size"]
+    if found.tag == "DW_TAG_array_type":
+        count = 1
+        for sub in found.iter_children():
+            if sub.tag == "DW_TAG_subrange_type":
+                count *= _extent(sub)
+        return count * _byte_size(_type(found))
+    raise DebugInfoError(f"no size for the {found.tag} at {found.offset:#x}")
+
+
+def _extent(subrange: DIE) -> int:
+    attrs = subrange.attributes
+    count = _constant(attrs.get("DW_AT_count"))
+    upper = _constant(attrs.get("DW_AT_upper_bound"))
+    if count is None and upper is not None:
+        count = upper - (_constant(attrs.get("DW_AT_lower_bound")) or 0) + 1
+    if count is None:
+        raise DebugInfoError(f"array of no fixed length at {subrange.offset:#x}")
+    return count
+
+
+def _constant(attr: AttributeValue | None) -> int | None:
+    """An attribute's value if it is a constant (not a reference or an expression)."""
+    if attr is None or not attr.form.startswith(("DW_FORM_data", "DW_FORM_udata",
+                                                 "DW_FORM_sdata", "DW_FORM_implicit_const")):
+        return None
+    return attr.value

@@ -1,0 +1,185 @@
+"""How livedump gets hold of a VM: through its QMP monitor, or with ptrace.
+
+Both kinds of session answer the same three questions for the pipeline:
+what target the VM is (:meth:`target_arch`), how to hold it still
+(:meth:`hold`), and where its RAM is (:meth:`prepare` before the pause,
+:meth:`ranges` inside it). :func:`open_session` picks one as ``--via`` says.
+"""
+
+import contextlib
+import os
+import platform
+from collections.abc import Iterator
+from typing import ContextManager, Protocol
+
+from . import dwarf, locate_dwarf, locate_monitor
+from .attach import Pause, not_paused, paused
+from .coalesce import GuestRange
+from .errors import LivedumpError, MonitorUnavailable, UsageError
+from .freeze import frozen
+from .guardian import Guardian
+from .monitor import Address, Monitor, QMPTransport, describe
+from .procmem import ProcessMemory, read_maps
+from .target import QmpEndpoint, is_qemu, qemu_executable, qmp_endpoints
+
+VIAS = ("auto", "qmp", "ptrace")
+
+
+class Session(Protocol):
+    pid: int
+    via: str
+    detail: str  # For the report: which monitor, or why ptrace.
+
+    def target_arch(self) -> str: ...
+    def prepare(self) -> list[GuestRange] | None: ...
+    def hold(self, pause: bool) -> ContextManager[Pause]: ...
+    def ranges(self, memory: ProcessMemory, prepared: list[GuestRange] | None
+               ) -> list[GuestRange]: ...
+    def close(self) -> None: ...
+
+
+class MonitorSession:
+    """The VM through QMP: ``stop``/``cont``, and the RAM map from ``info mtree -f``."""
+
+    via = "qmp"
+
+    def __init__(self, monitor: Monitor, endpoint: QmpEndpoint, pid: int) -> None:
+        self.monitor = monitor
+        self.pid = pid
+        self.detail = str(endpoint)
+        self._view: list[locate_monitor.FlatRange] = []
+
+    def target_arch(self) -> str:
+        return self.monitor.target_arch()
+
+    def prepare(self) -> list[GuestRange]:
+        """The map, read before the pause so its round trips cost the guest nothing."""
+        self._view = locate_monitor.flat_view(self.monitor)
+        return locate_monitor.guest_ranges(self.monitor, self._view)
+
+    @contextlib.contextmanager
+    def hold(self, pause: bool) -> Iterator[Pause]:
+        if not pause:
+            with not_paused(self.monitor) as p:
+                yield p
+            return
+        # The guardian outlives the pause: it resumes the guest if we die in it.
+        with Guardian(self.monitor.transport.fileno()) as guardian:
+            with paused(self.monitor, guardian) as p:
+                yield p
+
+    def ranges(self, memory: ProcessMemory, prepared: list[GuestRange] | None
+               ) -> list[GuestRange]:
+        """Inside the pause: ``prepared`` itself if the map is unchanged, else the new map."""
+        view = locate_monitor.flat_view(self.monitor)
+        if view == self._view and prepared is not None:
+            return prepared
+        self._view = view
+        return locate_monitor.guest_ranges(self.monitor, view)
+
+    def close(self) -> None:
+        self.monitor.close()
+
+
+class PtraceSession:
+    """The VM with no monitor: threads frozen by ptrace, the map read via QEMU's DWARF."""
+
+    via = "ptrace"
+
+    def __init__(self, pid: int, debug_file: str | None, reason: str) -> None:
+        self.pid = pid
+        self.detail = reason
+        self.exe = qemu_executable(pid)
+        self.layout = dwarf.qemu_layout(f"/proc/{pid}/exe", debug_file)
+        self.bias = locate_dwarf.load_bias(pid, self.layout, read_maps(pid))
+
+    def target_arch(self) -> str:
+        """From the binary's name: qemu-system-TARGET (qemu-kvm runs the host's)."""
+        name = os.path.basename(self.exe.removesuffix(" (deleted)"))
+        return name.removeprefix("qemu-system-") if name != "qemu-kvm" else platform.machine()
+
+    def prepare(self) -> None:
+        return None  # QEMU may change its map until it is frozen.
+
+    def hold(self, pause: bool) -> ContextManager[Pause]:
+        if pause:
+            return frozen(self.pid)
+        return contextlib.nullcontext(Pause(was_running=True))
+
+    def ranges(self, memory: ProcessMemory, prepared: list[GuestRange] | None
+               ) -> list[GuestRange]:
+        return locate_dwarf.guest_ranges(memory, self.layout, self.bias)
+
+    def close(self) -> None:
+        pass
+
+
+def open_session(pid: int | None, qmp: Address | None, via: str, timeout: float,
+                 debug_file: str | None) -> Session:
+    """A session on the VM, by ``via``: ``qmp``, ``ptrace``, or ``auto`` (QMP if one answers)."""
+    if pid is None and qmp is None:
+        raise UsageError("name the VM with --pid or --qmp")
+    if via == "ptrace":
+        if pid is None:
+            raise UsageError("--via ptrace needs --pid")
+        return PtraceSession(pid, debug_file, "--via ptrace")
+    try:
+        return _monitor_session(pid, qmp, timeout)
+    except MonitorUnavailable as e:
+        if via == "qmp" or pid is None:
+            raise
+        reason = f"no usable QMP monitor ({e})"
+    try:
+        return PtraceSession(pid, debug_file, reason)
+    except LivedumpError as e:
+        # Say both why the monitor could not serve and why ptrace could not.
+        e.args = (f"{reason}; and for ptrace mode: {e}",)
+        raise
+
+
+def _monitor_session(pid: int | None, qmp: Address | None, timeout: float) -> MonitorSession:
+    """Connect to the VM's first answering QMP monitor."""
+    if pid is not None:
+        qemu_executable(pid)
+    if qmp is not None:
+        endpoints = [QmpEndpoint(qmp, "--qmp")]
+    else:
+        assert pid is not None
+        endpoints = qmp_endpoints(pid)
+    if not endpoints:
+        raise MonitorUnavailable(f"QEMU PID {pid} has no QMP monitor on its command line")
+
+    failures = []
+    for endpoint in endpoints:
+        if endpoint.address is None:
+            failures.append(str(endpoint))
+            continue
+        try:
+            transport = QMPTransport(endpoint.address, timeout)
+        except MonitorUnavailable as e:
+            failures.append(str(e))
+            continue
+        try:
+            return MonitorSession(Monitor(transport), endpoint, _check_peer(pid, transport))
+        except BaseException:
+            transport.close()
+            raise
+    raise MonitorUnavailable("no QMP monitor answered: " + "; ".join(failures))
+
+
+def _check_peer(pid: int | None, transport: QMPTransport) -> int:
+    """The QEMU PID, from the user or the socket's peer, checked to agree.
+
+    A peer that is not QEMU at all is a relay (socat, a management daemon's
+    proxy): then only ``--pid`` can say which process to read.
+    """
+    peer = transport.peer_pid
+    where = describe(transport.address)
+    if pid is None:
+        if peer is None:
+            raise UsageError(f"cannot tell which process serves {where}; add --pid")
+        qemu_executable(peer)
+        return peer
+    if peer is not None and peer != pid and is_qemu(peer):
+        raise UsageError(f"{where} belongs to QEMU PID {peer}, not to PID {pid}")
+    return pid
