@@ -250,8 +250,9 @@ def main() -> None:
         print(f"{'':36} {'livedump':9} {o.wall:7.2f} {o.pause:8.3f} "
               f"{fmt_bytes(o.allocated):>10} {fmt_bytes(o.rss):>9}  "
               f"{o.wall / q.wall:.2f}x, {o.pause / q.pause:.3f}x", flush=True)
-        notes.append(f"{name}: {note}; livedump read {fmt_bytes(int(o.read_bytes))}, "
-                     f"allocated {fmt_bytes(int(o.allocated))}")
+        rate = o.read_bytes / o.pause / 1e9 if o.pause else float("nan")
+        notes.append(f"{name}: {note}; livedump read {fmt_bytes(int(o.read_bytes))} "
+                     f"({rate:.2f} GB/s over its pause), allocated {fmt_bytes(int(o.allocated))}")
     print()
     print("\n".join(notes))
     print(f"(medians of {args.runs} runs; output on {args.dir})")

@@ -136,3 +136,38 @@ def test_signal_while_frozen_thaws_qemu(scratch):
         assert proc.returncode == 143, err
         assert "t" not in thread_states(vm.pid)
         assert vm.status() == "running"
+
+
+def test_sigkill_while_frozen_lets_qemu_run(scratch):
+    """The kernel detaches a dead tracer's tracees: nothing stays stopped."""
+    with VM(qemu=str(DEBUG_QEMU), memory="1G") as vm:
+        r, w = os.pipe()
+        proc = subprocess.Popen([sys.executable, "-m", "livedump", "--pid", str(vm.pid),
+                                 "--via", "ptrace", "-"], stdout=w, stderr=subprocess.DEVNULL)
+        os.close(w)
+        try:
+            for _ in range(500):
+                if "t" in thread_states(vm.pid):
+                    break
+                time.sleep(0.01)
+            assert "t" in thread_states(vm.pid)
+            proc.kill()
+            proc.wait()
+        finally:
+            os.close(r)
+        time.sleep(0.2)
+        assert "t" not in thread_states(vm.pid)
+        assert vm.status() == "running"
+
+
+def test_corrupt_debug_file_is_refused(scratch, tmp_path):
+    broken = tmp_path / "qemu.debug"
+    with open(DEBUG_QEMU, "rb") as f:
+        broken.write_bytes(f.read(1 << 20))  # The first MiB of the real one: cut short.
+    with VM(qemu=str(DEBUG_QEMU), memory="128M") as vm:
+        r = livedump("--pid", str(vm.pid), "--via", "ptrace", "--debug-file", str(broken),
+                     str(scratch / "x.vmcore"))
+        assert r.returncode == 11, r.stderr
+        assert r.stderr.startswith(b"livedump: ") and r.stderr.count(b"\n") == 1
+        assert vm.status() == "running" and "t" not in thread_states(vm.pid)
+        assert os.listdir(scratch) == []
