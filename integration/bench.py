@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .vm import VM, Marker
+from .vm import VM
 
 GiB = 1 << 30
 PAGE = os.sysconf("SC_PAGE_SIZE")

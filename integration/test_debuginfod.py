@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from livedump import dwarf
+from livedump import debuginfo, dwarf
+from livedump.errors import DebugInfoError
 from tests.test_dwarf import build, split
 
 pytestmark = pytest.mark.skipif(
@@ -49,7 +50,7 @@ def fixture_qemu(tmp_path, monkeypatch) -> tuple[Path, str]:
     """The fixture, stripped, its DWARF in a directory debuginfod serves, and that server's URL."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv("DEBUGINFOD_CACHE_PATH", str(tmp_path / "debuginfod-client"))
-    monkeypatch.setattr(dwarf, "DEBUG_DIRS", [tmp_path / "no-debug-dir"])
+    monkeypatch.setattr(debuginfo, "DEBUG_DIRS", [tmp_path / "no-debug-dir"])
     exe = build(tmp_path / "build")
     split(exe, tmp_path / "served/qemu.debug")
     port = free_port()
@@ -67,13 +68,13 @@ def fixture_qemu(tmp_path, monkeypatch) -> tuple[Path, str]:
 
 def test_fetch_from_elfutils_debuginfod(fixture_qemu, tmp_path, monkeypatch):
     exe, url = fixture_qemu
-    build_id = dwarf.read_build_id(exe)
+    build_id = debuginfo.read_build_id(exe)
     start = time.monotonic()
     wait_until_served(f"{url}/buildid/{build_id}/debuginfo")
     ready = time.monotonic() - start
     assert ready < READY_SECONDS
     monkeypatch.setenv("DEBUGINFOD_URLS", url)
-    found = dwarf.find_debug_file(str(exe))
+    found = debuginfo.find_debug_file(str(exe))
     assert found == tmp_path / "debuginfod-client" / build_id / "debuginfo"
     assert found.read_bytes() == (tmp_path / "served/qemu.debug").read_bytes()
     layout = dwarf.load_layout(str(exe), found)
@@ -82,9 +83,9 @@ def test_fetch_from_elfutils_debuginfod(fixture_qemu, tmp_path, monkeypatch):
 
 def test_unknown_build_id_is_a_404(fixture_qemu, tmp_path, monkeypatch):
     exe, url = fixture_qemu
-    wait_until_served(f"{url}/buildid/{dwarf.read_build_id(exe)}/debuginfo")
+    wait_until_served(f"{url}/buildid/{debuginfo.read_build_id(exe)}/debuginfo")
     other = build(tmp_path / "other", "-DINT128_SCALAR")
     subprocess.run(["objcopy", "--strip-debug", str(other)], check=True)
     monkeypatch.setenv("DEBUGINFOD_URLS", url)
-    with pytest.raises(dwarf.DebugInfoError, match="HTTP 404"):
-        dwarf.find_debug_file(str(other))
+    with pytest.raises(DebugInfoError, match="HTTP 404"):
+        debuginfo.find_debug_file(str(other))

@@ -3,11 +3,15 @@
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from . import __version__, signals
 from .arch import ARCHES
 from .dump import Request, Summary, dump
 from .session import VIAS
+
+if TYPE_CHECKING:
+    import tqdm
 from .errors import LivedumpError
 from .monitor import Address
 from .output import STDOUT

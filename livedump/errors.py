@@ -66,6 +66,12 @@ class GuestMemoryError(LivedumpError):
     exit_code = 10
 
 
+class DebugInfoError(LivedumpError):
+    """QEMU's debug info is missing, does not match the running binary, or lacks what we need."""
+
+    exit_code = 11
+
+
 class AlreadyDumping(LivedumpError):
     """Another livedump is dumping the same VM right now."""
 

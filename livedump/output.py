@@ -10,6 +10,11 @@ import errno
 import os
 import secrets
 import stat
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
 
 from .errors import DumpIOError, OutputExists, PermissionDenied, UsageError
 
@@ -108,3 +113,18 @@ class Output:
 
     def __exit__(self, *exc: object) -> None:
         self._discard()
+
+
+@contextmanager
+def replacing(target: Path, mode: int) -> Iterator[BinaryIO]:
+    """A new file that becomes ``target`` in one step if the block succeeds,
+    so no reader ever sees half of it."""
+    fd, temporary = tempfile.mkstemp(prefix=f"{target.name}.", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            yield out
+        os.chmod(temporary, mode)
+        os.replace(temporary, target)
+    except BaseException:
+        os.unlink(temporary)
+        raise

@@ -18,8 +18,10 @@ from pathlib import Path
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from livedump import dwarf
-from livedump.dwarf import DebugInfoError, QemuLayout, find_debug_file, load_layout, qemu_layout
+from livedump import debuginfo, dwarf
+from livedump.debuginfo import find_debug_file
+from livedump.dwarf import QemuLayout, load_layout, qemu_layout
+from livedump.errors import DebugInfoError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "qemu_like.c"
 REAL_QEMU = Path.home() / ".cache/livedump/qemu-debug/bin/qemu-system-x86_64"
@@ -82,7 +84,7 @@ def isolated(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     for name in ("DEBUGINFOD_URLS", "DEBUGINFOD_CACHE_PATH", "DEBUGINFOD_TIMEOUT"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(dwarf, "DEBUG_DIRS", [tmp_path / "root/usr/lib/debug"])
+    monkeypatch.setattr(debuginfo, "DEBUG_DIRS", [tmp_path / "root/usr/lib/debug"])
 
 
 def expected(exe: Path) -> dict:
@@ -133,7 +135,7 @@ def test_layout_is_what_the_compiler_laid_out(variant, builds, monkeypatch):
     got = dataclasses.asdict(layout)
     assert {"structs": got["structs"], "int128": got["int128"]} == expected(exe)
     assert layout.address_space_memory == symbol(exe, "address_space_memory")
-    assert layout.build_id == dwarf.read_build_id(exe) and len(layout.build_id) == 40
+    assert layout.build_id == debuginfo.read_build_id(exe) and len(layout.build_id) == 40
     assert (layout.pie, layout.pointer_size, layout.byteorder) == (True, 8, "little")
 
 
@@ -189,8 +191,8 @@ def test_dwz_common_file_as_in_debian_dbgsym(exe, tmp_path):
                    check=True)
     assert dwarf._read_layout(str(exe), debug, plain.build_id) == plain
 
-    alt_id = dwarf.read_build_id(common)
-    by_id = dwarf.DEBUG_DIRS[0] / ".build-id" / alt_id[:2] / f"{alt_id[2:]}.debug"
+    alt_id = debuginfo.read_build_id(common)
+    by_id = debuginfo.DEBUG_DIRS[0] / ".build-id" / alt_id[:2] / f"{alt_id[2:]}.debug"
     by_id.parent.mkdir(parents=True)
     common.rename(by_id)
     assert dwarf._read_layout(str(exe), debug, plain.build_id) == plain
@@ -251,17 +253,17 @@ def test_explicit_file_without_dwarf_is_refused(exe, tmp_path):
 
 
 def test_separate_debug_file_by_build_id(exe):
-    build_id = dwarf.read_build_id(exe)
+    build_id = debuginfo.read_build_id(exe)
     before = dwarf._read_layout(str(exe), exe, build_id)
-    place = dwarf.DEBUG_DIRS[0] / ".build-id" / build_id[:2] / f"{build_id[2:]}.debug"
+    place = debuginfo.DEBUG_DIRS[0] / ".build-id" / build_id[:2] / f"{build_id[2:]}.debug"
     split(exe, place)
     assert find_debug_file(str(exe)) == place
     assert layout_of(exe) == before
 
 
 def test_file_at_build_id_path_of_another_build_is_refused(exe, builds):
-    build_id = dwarf.read_build_id(exe)
-    place = dwarf.DEBUG_DIRS[0] / ".build-id" / build_id[:2] / f"{build_id[2:]}.debug"
+    build_id = debuginfo.read_build_id(exe)
+    place = debuginfo.DEBUG_DIRS[0] / ".build-id" / build_id[:2] / f"{build_id[2:]}.debug"
     place.parent.mkdir(parents=True)
     shutil.copy(built("int128-scalar", builds), place)
     subprocess.run(["objcopy", "--strip-debug", str(exe)], check=True)
@@ -274,7 +276,7 @@ def test_gnu_debuglink(exe, tmp_path, where):
     debug = split(exe, tmp_path / "qemu.debug")
     subprocess.run(["objcopy", f"--add-gnu-debuglink={debug}", str(exe)], check=True)
     place = {"beside": debug, ".debug": tmp_path / ".debug/qemu.debug",
-             "debug-dir": dwarf.DEBUG_DIRS[0] / tmp_path.relative_to("/") / "qemu.debug"}[where]
+             "debug-dir": debuginfo.DEBUG_DIRS[0] / tmp_path.relative_to("/") / "qemu.debug"}[where]
     if place != debug:
         place.parent.mkdir(parents=True)
         debug.rename(place)
@@ -297,7 +299,7 @@ def test_no_debug_info_says_how_to_get_it(exe):
         find_debug_file(str(exe))
     message = str(e.value)
     assert "\n" not in message and e.value.exit_code == 11
-    for hint in ("-dbgsym", "DEBUGINFOD_URLS", "--debug-file", dwarf.read_build_id(exe)):
+    for hint in ("-dbgsym", "DEBUGINFOD_URLS", "--debug-file", debuginfo.read_build_id(exe)):
         assert hint in message
 
 
@@ -305,7 +307,7 @@ def test_no_debug_info_says_how_to_get_it(exe):
 
 
 def cache_file(exe: Path) -> Path:
-    return dwarf.layout_cache_dir() / f"{dwarf.read_build_id(exe)}.json"
+    return dwarf.layout_cache_dir() / f"{debuginfo.read_build_id(exe)}.json"
 
 
 def test_second_load_reads_the_cache(exe, monkeypatch):
@@ -392,7 +394,7 @@ def serve(server_root: Path, debug: Path, build_id: str) -> None:
 
 
 def test_debuginfod_download_is_cached_like_elfutils(exe, tmp_path, server, monkeypatch):
-    build_id = dwarf.read_build_id(exe)
+    build_id = debuginfo.read_build_id(exe)
     serve(tmp_path / "srv", split(exe, tmp_path / "q.debug"), build_id)
     dead = "http://127.0.0.1:9"  # discard port: nothing listens
     monkeypatch.setenv("DEBUGINFOD_URLS", f"{dead} {server.url}/")
@@ -406,7 +408,7 @@ def test_debuginfod_download_is_cached_like_elfutils(exe, tmp_path, server, monk
 
 
 def test_debuginfod_not_found_is_remembered(exe, tmp_path, server, monkeypatch):
-    build_id = dwarf.read_build_id(exe)
+    build_id = debuginfo.read_build_id(exe)
     subprocess.run(["objcopy", "--strip-debug", str(exe)], check=True)
     monkeypatch.setenv("DEBUGINFOD_URLS", server.url)
     monkeypatch.setenv("DEBUGINFOD_CACHE_PATH", str(tmp_path / "dcache"))
@@ -425,7 +427,7 @@ def test_debuginfod_not_found_is_remembered(exe, tmp_path, server, monkeypatch):
 
 
 def test_debuginfod_file_of_another_build_is_refused(exe, builds, tmp_path, server, monkeypatch):
-    build_id = dwarf.read_build_id(exe)
+    build_id = debuginfo.read_build_id(exe)
     serve(tmp_path / "srv", built("int128-scalar", builds), build_id)
     subprocess.run(["objcopy", "--strip-debug", str(exe)], check=True)
     monkeypatch.setenv("DEBUGINFOD_URLS", server.url)
@@ -436,13 +438,13 @@ def test_debuginfod_file_of_another_build_is_refused(exe, builds, tmp_path, serv
 def test_debuginfod_cache_dir_follows_elfutils(tmp_path, monkeypatch):
     home = tmp_path / "home"
     monkeypatch.delenv("XDG_CACHE_HOME")
-    assert dwarf.debuginfod_cache_dir() == home / ".cache/debuginfod_client"
+    assert debuginfo.debuginfod_cache_dir() == home / ".cache/debuginfod_client"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert dwarf.debuginfod_cache_dir() == tmp_path / "xdg/debuginfod_client"
+    assert debuginfo.debuginfod_cache_dir() == tmp_path / "xdg/debuginfod_client"
     (home / ".debuginfod_client_cache").mkdir(parents=True)
-    assert dwarf.debuginfod_cache_dir() == home / ".debuginfod_client_cache"
+    assert debuginfo.debuginfod_cache_dir() == home / ".debuginfod_client_cache"
     monkeypatch.setenv("DEBUGINFOD_CACHE_PATH", str(tmp_path / "explicit"))
-    assert dwarf.debuginfod_cache_dir() == tmp_path / "explicit"
+    assert debuginfo.debuginfod_cache_dir() == tmp_path / "explicit"
 
 
 # --- the real QEMU ----------------------------------------------------------------
