@@ -50,9 +50,16 @@ def paused(monitor: Monitor, guardian: Guardian | None = None) -> Iterator[Pause
     finally:
         if pause.was_running:
             with signals.deferred():
-                _resume(monitor, pause)
-                if guardian:
-                    guardian.resumed()
+                try:
+                    _resume(monitor, pause)
+                except LivedumpError:
+                    # Last resort: the guardian's own connection to the monitor.
+                    if guardian is None or not guardian.rescue():
+                        raise
+                    pause.resumed_at = time.monotonic()
+                else:
+                    if guardian:
+                        guardian.resumed()
 
 
 def _resume(monitor: Monitor, pause: Pause) -> None:
@@ -67,6 +74,6 @@ def _resume(monitor: Monitor, pause: Pause) -> None:
 
 
 @contextlib.contextmanager
-def not_paused(monitor: Monitor, guardian: Guardian | None = None) -> Iterator[Pause]:
+def not_paused(monitor: Monitor) -> Iterator[Pause]:
     """Leave the guest as it is (``--no-pause``): the dump may be inconsistent."""
     yield Pause(was_running=monitor.running())

@@ -7,11 +7,13 @@ from typing import TYPE_CHECKING
 
 from . import __version__, signals
 from .arch import ARCHES
+from .arch import lookup as arch_lookup
 from .dump import Request, Summary, dump
 from .session import VIAS
 
 if TYPE_CHECKING:
     import tqdm
+
 from .errors import LivedumpError
 from .monitor import Address
 from .output import STDOUT
@@ -45,10 +47,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--debug-file", metavar="PATH",
                    help="QEMU's debug info for --via ptrace (default: found by build-id, "
                    ".gnu_debuglink or debuginfod)")
-    p.add_argument("--arch", help="vmcore architecture (default: the QEMU target): "
-                   + ", ".join(ARCHES))
+    p.add_argument("--arch", type=_arch, help="vmcore architecture (default: the QEMU "
+                   "target): " + ", ".join(ARCHES))
     p.add_argument("--force", action="store_true", help="replace an existing output file")
-    p.add_argument("--qmp-timeout", type=float, default=3.0, metavar="SECONDS",
+    p.add_argument("--qmp-timeout", type=_seconds, default=3.0, metavar="SECONDS",
                    help="how long to wait for a monitor's greeting or reply (default 3)")
     p.add_argument("--no-pause", dest="pause", action="store_false",
                    help="do not pause the guest: faster for it, but the vmcore is fuzzy "
@@ -58,6 +60,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="no progress bar and no summary line (errors are still reported)")
     p.add_argument("--version", action="version", version=f"livedump {__version__}")
     return p.parse_args(argv)
+
+
+def _arch(text: str) -> str:
+    try:
+        return arch_lookup(text).name
+    except LivedumpError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
 
 
 def _qmp_address(text: str) -> Address:
@@ -93,12 +109,17 @@ class ProgressBar:
     """A progress bar on the terminal, with rate and time left."""
 
     def __init__(self) -> None:
+        # Imported only where there is a terminal to show it (0.1 s), and
+        # before the guest is paused.
+        import tqdm
+
+        self._tqdm = tqdm.tqdm
+        # No monitor thread: signals must reach only the main thread.
+        self._tqdm.monitor_interval = 0
         self._bar: "tqdm.tqdm | None" = None
 
     def start(self, total: int) -> None:
-        import tqdm  # Only where there is a terminal to show it: it takes 0.1 s to import.
-
-        self._bar = tqdm.tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+        self._bar = self._tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
                          desc="livedump", leave=False, file=sys.stderr, dynamic_ncols=True)
 
     def update(self, done: int) -> None:

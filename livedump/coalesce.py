@@ -10,6 +10,8 @@ Following it exactly is what makes our PT_LOAD list equal QEMU's.
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 
+from .errors import GuestMemoryError
+
 
 @dataclass(frozen=True)
 class GuestRange:
@@ -51,7 +53,7 @@ def coalesce(ranges: Iterable[GuestRange]) -> list[Block]:
         if r.size <= 0:
             continue
         if last is not None and r.gpa < last.end:
-            raise ValueError(f"guest ranges overlap or are unsorted at {r.gpa:#x}")
+            raise GuestMemoryError(f"guest RAM ranges overlap or are out of order at {r.gpa:#x}")
         if blocks and last is not None and _extends(blocks[-1], last, r):
             b = blocks[-1]
             blocks[-1] = Block(b.gpa, b.size + r.size, b.hva)

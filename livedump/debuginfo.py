@@ -7,6 +7,7 @@ layout so its client and this one share downloads. The running binary's
 build-id decides: a debug file of another build is refused, never used.
 """
 
+import http.client
 import os
 import shutil
 import time
@@ -140,9 +141,12 @@ def _from_debuglink(exe: str, name: str, crc: int, notes: list[str]) -> Path | N
 
 def _crc32(path: Path) -> int:
     crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            crc = zlib.crc32(chunk, crc)
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                crc = zlib.crc32(chunk, crc)
+    except PermissionError:
+        raise PermissionDenied(f"may not read {path}") from None
     return crc
 
 
@@ -177,12 +181,14 @@ def _fetch_debuginfod(build_id: str, notes: list[str]) -> Path | None:
     not_found = 0
     for url in urls:
         try:
-            _download(f"{url.rstrip('/')}/buildid/{build_id}/debuginfo", target, _timeout())
+            _download(f"{url.rstrip('/')}/buildid/{build_id}/debuginfo", target, _timeout(),
+                      build_id)
             return target
         except urllib.error.HTTPError as e:
             notes.append(f"debuginfod {url}: HTTP {e.code}")
             not_found += 1
-        except (urllib.error.URLError, OSError, ValueError) as e:
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError,
+                DebugInfoError) as e:
             notes.append(f"debuginfod {url}: {getattr(e, 'reason', None) or e}")
     if not_found == len(urls):
         _remember_miss(target)
@@ -215,12 +221,17 @@ def _timeout() -> float:
         return _DEBUGINFOD_TIMEOUT
 
 
-def _download(url: str, target: Path, timeout: float) -> None:
+def _download(url: str, target: Path, timeout: float, build_id: str) -> None:
+    """Fetch into the cache; what is not the ELF file asked for (a proxy's error
+    page, say) is not kept."""
     request = urllib.request.Request(url, headers={"User-Agent": f"livedump/{__version__}"})
     with urllib.request.urlopen(request, timeout=timeout) as reply:
         target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         with replacing(target, 0o400) as out:
             shutil.copyfileobj(reply, out, 1 << 20)
+            out.flush()
+            if read_build_id(out.name) != build_id:
+                raise DebugInfoError(f"{url} sent something that is not build-id {build_id}")
 
 
 def _remember_miss(target: Path) -> None:

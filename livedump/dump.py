@@ -8,6 +8,7 @@ structures, in ptrace mode), and memory is read. Writing overlaps the
 reading and may end after the guest runs again.
 """
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -16,7 +17,7 @@ from . import __version__
 from . import arch as arches
 from .coalesce import Block, GuestRange, coalesce
 from .elfcore import CoreLayout, Note
-from .errors import GuestMemoryError, LivedumpError, ProcessNotFound
+from .errors import GuestMemoryError, Interrupted, LivedumpError, ProcessNotFound
 from .lock import VMLock
 from .monitor import Address
 from .output import Output
@@ -90,18 +91,24 @@ class _Plan:
 def dump(request: Request) -> Summary:
     """Write a vmcore of the VM ``request`` names; return what was done."""
     started = time.monotonic()
-    session = open_session(request.pid, request.qmp, request.via, request.qmp_timeout,
-                           request.debug_file)
-    pid = session.pid
-    try:
-        arch = arches.lookup(request.arch or session.target_arch())
-        progress = request.progress
-        with (
-            VMLock(pid),
-            Output(request.output, request.force) as out,
-            ProcessMemory(pid) as memory,
-            PageMap(pid) as pagemap,
-        ):
+    progress = request.progress
+    with contextlib.ExitStack() as stack:
+        # Claim the VM before touching it, where its PID is known up front.
+        if request.pid is not None:
+            stack.enter_context(VMLock(request.pid))
+        session = open_session(request.pid, request.qmp, request.via, request.qmp_timeout,
+                               request.debug_file)
+        stack.callback(session.close)
+        pid = session.pid
+        if request.pid is None:
+            stack.enter_context(VMLock(pid))
+        if progress:
+            stack.callback(progress.close)
+        try:
+            arch = arches.lookup(request.arch or session.target_arch())
+            out = stack.enter_context(Output(request.output, request.force))
+            memory = stack.enter_context(ProcessMemory(pid))
+            pagemap = stack.enter_context(PageMap(pid))
             prepared = session.prepare()
             plan = _plan(prepared, pid, arch) if prepared is not None else None
             with Writer(out, progress.update if progress else None) as writer:
@@ -114,14 +121,11 @@ def dump(request: Request) -> Summary:
                     read = copy(plan.layout, plan.private, memory, pagemap, writer)
                 writer.finish()
             out.commit()
-    except LivedumpError:
-        if not alive(pid):  # Whatever failed, QEMU's exit is the cause to report.
-            raise ProcessNotFound(f"QEMU (PID {pid}) exited during the dump") from None
-        raise
-    finally:
-        if progress:
-            progress.close()
-        session.close()
+        except LivedumpError as e:
+            # Whatever failed, QEMU's exit is the cause to report (but a signal is a signal).
+            if not isinstance(e, Interrupted) and not alive(pid):
+                raise ProcessNotFound(f"QEMU (PID {pid}) exited during the dump") from None
+            raise
     return Summary(
         output=request.output, pid=pid, arch=arch.name, elf_class=plan.layout.bits,
         via=session.via, detail=session.detail, was_running=pause.was_running,

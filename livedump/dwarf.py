@@ -44,15 +44,15 @@ from .output import replacing
 
 VARIABLE = "address_space_memory"
 
-# The members read of each structure (QEMU's names).
+# The members read of each structure (QEMU's names): no more, so that a
+# QEMU that renames any other member still works.
 NEEDED: dict[str, tuple[str, ...]] = {
     "AddressSpace": ("current_map",),
     "FlatView": ("ranges", "nr"),
-    "FlatRange": ("mr", "offset_in_region", "addr", "readonly", "nonvolatile", "romd_mode"),
+    "FlatRange": ("mr", "offset_in_region", "addr"),
     "AddrRange": ("start", "size"),
-    "MemoryRegion": ("ram", "ram_device", "nonvolatile", "readonly", "rom_device",
-                     "romd_mode", "alias", "alias_offset", "ram_block", "name", "size"),
-    "RAMBlock": ("host", "idstr", "offset", "used_length"),
+    "MemoryRegion": ("ram", "ram_device", "nonvolatile", "ram_block", "name"),
+    "RAMBlock": ("host",),
 }
 
 # How each structure is reached from the variable's type (AddressSpace):
@@ -67,7 +67,7 @@ _PATH = (
 
 # The members of QEMU's type Int128, and where that type is used.
 _INT128_HALVES = ("lo", "hi")
-_INT128_USES = (("AddrRange", "start"), ("AddrRange", "size"), ("MemoryRegion", "size"))
+_INT128_USES = (("AddrRange", "start"), ("AddrRange", "size"))
 
 _TRANSPARENT = {"DW_TAG_typedef", "DW_TAG_const_type", "DW_TAG_volatile_type",
                 "DW_TAG_restrict_type", "DW_TAG_atomic_type"}
@@ -75,7 +75,7 @@ _DW_OP_ADDR = 0x03
 # An ELF symbol per class: its struct format, where st_value and st_shndx are in it.
 _SYMBOL_ENTRY = {64: ("IBBHQQ", 4, 3), 32: ("IIIBBH", 1, 5)}
 
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2
 
 
 # --- the layout -------------------------------------------------------------
@@ -151,6 +151,13 @@ class QemuLayout:
             )
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"malformed layout: {e!r}") from None
+
+    def __post_init__(self) -> None:
+        # A layout cached by another livedump may lack what this one reads.
+        for struct_name, members in NEEDED.items():
+            fields = self.structs.get(struct_name)
+            if fields is None or not set(members) <= fields.fields.keys():
+                raise ValueError(f"layout lacks members of {struct_name}")
 
 
 def _typed(value: object, kind: object) -> object:

@@ -35,7 +35,7 @@ ELFCLASS32, ELFCLASS64 = 1, 2
 ELFDATA2LSB, ELFDATA2MSB = 1, 2
 PT_LOAD, PT_NOTE = 1, 4
 PN_XNUM = 0xFFFF
-PAGE_SIZE = 4096
+DATA_ALIGN = 4096  # memory starts page-aligned in the file
 
 _SIZES = {
     32: {"half": "H", "word": "I", "addr": "I", "off": "I", "xword": "I"},
@@ -150,7 +150,7 @@ class CoreLayout:
             s.ehdr.size + phnum * s.phdr.size + (s.shdr.size if self.extended else 0), 8
         )
         self.note_size = sum(len(n.encode(s)) for n in notes)
-        self.data_offset = _align(self.note_offset + self.note_size, PAGE_SIZE)
+        self.data_offset = _align(self.note_offset + self.note_size, DATA_ALIGN)
         self.offsets = []
         offset = self.data_offset
         for b in self.blocks:

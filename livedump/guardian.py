@@ -43,9 +43,16 @@ class Guardian:
     def resumed(self) -> None:
         os.write(self._pipe, RESUMED)
 
-    def close(self) -> None:
-        os.close(self._pipe)
-        self._process.wait()
+    def rescue(self) -> bool:
+        """Let the watcher try ``cont`` on its own connection now; whether it worked."""
+        return self.close() == 0
+
+    def close(self) -> int:
+        """End the watcher (which resumes the guest if last told "paused"); its status."""
+        if self._pipe >= 0:
+            os.close(self._pipe)
+            self._pipe = -1
+        return self._process.wait()
 
     def __enter__(self) -> "Guardian":
         return self
@@ -55,15 +62,20 @@ class Guardian:
 
 
 def _watch(monitor_fd: int, pipe_fd: int) -> int:
+    parent = os.getppid()
     state = RESUMED
     while chunk := os.read(pipe_fd, 64):
         state = chunk[-1:]
     if state != PAUSED:
         return 0
     try:
-        return _resume(monitor_fd)
+        status = _resume(monitor_fd)
     except OSError:
         return 1  # The monitor is gone (and QEMU with it, most likely).
+    if status == 0 and os.getppid() != parent:  # Else livedump lives and reports it.
+        print("livedump: died while the guest was paused; its guardian resumed the guest",
+              file=sys.stderr)
+    return status
 
 
 def _resume(monitor_fd: int) -> int:
@@ -77,8 +89,6 @@ def _resume(monitor_fd: int) -> int:
             break
         buffer += data
         if b'"livedump-guardian"' in buffer:
-            print("livedump: died while the guest was paused; its guardian resumed the guest",
-                  file=sys.stderr)
             return 0
     return 1
 

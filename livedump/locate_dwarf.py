@@ -15,6 +15,7 @@ changes.
 import os
 from collections.abc import Sequence
 
+from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
 from .coalesce import GuestRange
@@ -32,12 +33,15 @@ def load_bias(pid: int, layout: QemuLayout, maps: Sequence[Mapping]) -> int:
     if not layout.pie:
         return 0
     exe = f"/proc/{pid}/exe"  # The running binary, even if replaced on disk since.
-    with open(exe, "rb") as f:
-        first = min((s for s in ELFFile(f).iter_segments() if s["p_type"] == "PT_LOAD"),
-                    key=lambda s: s["p_vaddr"])
-        file_start = first["p_offset"] - first["p_offset"] % max(first["p_align"], 1)
-        link_start = first["p_vaddr"] - (first["p_offset"] - file_start)
-    path = os.readlink(exe)
+    try:
+        with open(exe, "rb") as f:
+            first = min((s for s in ELFFile(f).iter_segments() if s["p_type"] == "PT_LOAD"),
+                        key=lambda s: s["p_vaddr"])
+        path = os.readlink(exe)
+    except (OSError, ELFError, ValueError) as e:
+        raise GuestMemoryError(f"cannot read QEMU's executable: {e}") from None
+    file_start = first["p_offset"] - first["p_offset"] % max(first["p_align"], 1)
+    link_start = first["p_vaddr"] - (first["p_offset"] - file_start)
     for m in maps:
         if m.offset == file_start and m.path == path:
             return m.start - link_start

@@ -58,8 +58,11 @@ class Output:
         if self.is_stdout:
             for done in range(0, length, len(_ZEROS)):
                 self.write(_ZEROS[: min(len(_ZEROS), length - done)])
-        else:
+            return
+        try:
             os.lseek(self._fd, length, os.SEEK_CUR)
+        except OSError as e:
+            raise DumpIOError(f"writing {self.path}: {e.strerror}") from None
 
     def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
@@ -120,8 +123,9 @@ def replacing(target: Path, mode: int) -> Iterator[BinaryIO]:
     """A new file that becomes ``target`` in one step if the block succeeds,
     so no reader ever sees half of it."""
     fd, temporary = tempfile.mkstemp(prefix=f"{target.name}.", dir=target.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as out:
+        with open(temporary, "wb") as out:  # Its name is the path, for checks on it.
             yield out
         os.chmod(temporary, mode)
         os.replace(temporary, target)

@@ -15,7 +15,7 @@ from typing import ContextManager, Protocol
 from . import dwarf, locate_dwarf, locate_monitor
 from .attach import Pause, not_paused, paused
 from .coalesce import GuestRange
-from .errors import LivedumpError, MonitorUnavailable, UsageError
+from .errors import Interrupted, LivedumpError, MonitorUnavailable, PermissionDenied, UsageError
 from .freeze import frozen
 from .guardian import Guardian
 from .monitor import Address, Monitor, QMPTransport, describe
@@ -92,6 +92,7 @@ class PtraceSession:
         self.exe = qemu_executable(pid)
         self.layout = dwarf.qemu_layout(f"/proc/{pid}/exe", debug_file)
         self.bias = locate_dwarf.load_bias(pid, self.layout, read_maps(pid))
+        self._frozen = False
 
     def target_arch(self) -> str:
         """From the binary's name: qemu-system-TARGET (qemu-kvm runs the host's)."""
@@ -102,13 +103,18 @@ class PtraceSession:
         return None  # QEMU may change its map until it is frozen.
 
     def hold(self, pause: bool) -> ContextManager[Pause]:
+        self._frozen = pause
         if pause:
             return frozen(self.pid)
         return contextlib.nullcontext(Pause(was_running=True))
 
     def ranges(self, memory: ProcessMemory, prepared: list[GuestRange] | None
                ) -> list[GuestRange]:
-        return locate_dwarf.guest_ranges(memory, self.layout, self.bias)
+        if self._frozen:
+            return locate_dwarf.guest_ranges(memory, self.layout, self.bias)
+        # --no-pause: QEMU runs, but its map must not change under the walk.
+        with frozen(self.pid):
+            return locate_dwarf.guest_ranges(memory, self.layout, self.bias)
 
     def close(self) -> None:
         pass
@@ -133,7 +139,8 @@ def open_session(pid: int | None, qmp: Address | None, via: str, timeout: float,
         return PtraceSession(pid, debug_file, reason)
     except LivedumpError as e:
         # Say both why the monitor could not serve and why ptrace could not.
-        e.args = (f"{reason}; and for ptrace mode: {e}",)
+        if not isinstance(e, Interrupted):
+            e.args = (f"{reason}; and for ptrace mode: {e}",)
         raise
 
 
@@ -156,7 +163,7 @@ def _monitor_session(pid: int | None, qmp: Address | None, timeout: float) -> Mo
             continue
         try:
             transport = QMPTransport(endpoint.address, timeout)
-        except MonitorUnavailable as e:
+        except (MonitorUnavailable, PermissionDenied) as e:
             failures.append(str(e))
             continue
         try:

@@ -8,15 +8,14 @@ all zeros are not written: both become holes in a file (zeros in a pipe).
 """
 
 import queue
-import signal
 import threading
 from collections.abc import Callable, Iterator, Sequence
 
 from .coalesce import Block
 from .elfcore import CoreLayout
 from .output import Output
-from .procmem import Buffer, PageMap, ProcessMemory
-from .signals import TERMINATING
+from . import signals
+from .procmem import PAGE_SIZE, Buffer, PageMap, ProcessMemory
 
 CHUNK = 1 << 20
 BUFFERS = 4
@@ -59,8 +58,6 @@ class Writer:
         self.check()
 
     def _run(self) -> None:
-        # Signals go to the reader (main) thread, whose handlers end the dump.
-        signal.pthread_sigmask(signal.SIG_BLOCK, TERMINATING)
         while (item := self._pending.get()) is not None:
             data, length, buf = item
             try:
@@ -81,7 +78,10 @@ class Writer:
             self.progress(length)
 
     def __enter__(self) -> "Writer":
-        self._thread.start()
+        # Started with the terminating signals blocked, which it keeps for life:
+        # they must reach the main thread, whose handlers end the dump.
+        with signals.deferred():
+            self._thread.start()
         return self
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
@@ -121,6 +121,8 @@ def copy(layout: CoreLayout, private: Sequence[bool], memory: ProcessMemory,
 
 
 def _extents(block: Block, private: bool, pagemap: PageMap) -> Iterator[tuple[int, int, bool]]:
-    if private:
+    # The page map speaks in whole host pages; a block that is not made of
+    # them (64 KiB host pages, say) is read in full.
+    if private and (block.hva | block.size) % PAGE_SIZE == 0:
         return pagemap.extents(block.hva, block.size)
     return iter([(0, block.size, True)])

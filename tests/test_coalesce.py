@@ -3,6 +3,7 @@
 import pytest
 
 from livedump.coalesce import Block, GuestRange, coalesce
+from livedump.errors import GuestMemoryError
 
 A, B = ("pc.ram", 0x7F0000000000), ("pc.bios", 0x7F8000000000)
 
@@ -38,5 +39,5 @@ def test_empty_ranges_are_skipped():
 
 
 def test_overlap_is_refused():
-    with pytest.raises(ValueError, match="overlap"):
+    with pytest.raises(GuestMemoryError, match="overlap"):
         coalesce([r(0, 0x2000, 0x100000000), r(0x1000, 0x1000, 0x100001000)])

@@ -100,7 +100,9 @@ def expected(exe: Path) -> dict:
             int128[key[7:]] = int(numbers[0])
         elif "." in key:
             name, member = key.split(".")
-            structs[name]["fields"][member] = {"offset": int(numbers[0]), "size": int(numbers[1])}
+            if member in dwarf.NEEDED[name]:
+                structs[name]["fields"][member] = {"offset": int(numbers[0]),
+                                                   "size": int(numbers[1])}
         else:
             structs[key] = {"size": int(numbers[0]), "fields": {}}
     return {"structs": structs, "int128": int128}
@@ -281,7 +283,7 @@ def test_gnu_debuglink(exe, tmp_path, where):
         place.parent.mkdir(parents=True)
         debug.rename(place)
     assert find_debug_file(str(exe)) == place
-    assert load_layout(str(exe), place).structs["RAMBlock"]["idstr"].size == 256
+    assert load_layout(str(exe), place).structs["RAMBlock"]["host"].size == 8
 
 
 def test_gnu_debuglink_with_wrong_crc_is_skipped(exe, tmp_path):
@@ -431,8 +433,10 @@ def test_debuginfod_file_of_another_build_is_refused(exe, builds, tmp_path, serv
     serve(tmp_path / "srv", built("int128-scalar", builds), build_id)
     subprocess.run(["objcopy", "--strip-debug", str(exe)], check=True)
     monkeypatch.setenv("DEBUGINFOD_URLS", server.url)
-    with pytest.raises(DebugInfoError, match="refusing"):
+    with pytest.raises(DebugInfoError, match="sent something that is not build-id"):
         find_debug_file(str(exe))
+    # Not kept: the next run asks the server again.
+    assert not (debuginfo.debuginfod_cache_dir() / build_id / "debuginfo").exists()
 
 
 def test_debuginfod_cache_dir_follows_elfutils(tmp_path, monkeypatch):
@@ -457,5 +461,5 @@ def test_real_qemu_7_2_debug_build():
     assert layout.structs["FlatRange"]["mr"].offset == 0
     assert layout.structs["AddressSpace"]["current_map"].offset == 32
     assert layout.int128.scalar
-    assert layout.structs["RAMBlock"]["idstr"].size == 256
+    assert layout.structs["RAMBlock"]["host"].offset == 24
     assert layout.address_space_memory == symbol(REAL_QEMU, "address_space_memory")

@@ -8,7 +8,7 @@ from elftools.elf.elffile import ELFFile
 from livedump.arch import ARCHES, lookup
 from livedump.coalesce import Block
 from livedump.dump import NT_LIVEDUMP_INFO
-from livedump.elfcore import PAGE_SIZE, CoreLayout, Note
+from livedump.elfcore import DATA_ALIGN, CoreLayout, Note
 
 BLOCKS = [Block(0, 0xA0000, 0x7F00_0000_0000), Block(0xC0000, 0x3FF40000, 0x7F00_000C_0000)]
 NOTE = Note("LIVEDUMP", NT_LIVEDUMP_INFO, b"livedump test\n")
@@ -60,7 +60,7 @@ def test_header_per_arch(name):
     ]
     assert all(s["p_flags"] == 0 and s["p_align"] == 0 for s in loads)
     assert loads[0]["p_offset"] == layout.data_offset
-    assert layout.data_offset % PAGE_SIZE == 0
+    assert layout.data_offset % DATA_ALIGN == 0
     assert loads[1]["p_offset"] == loads[0]["p_offset"] + BLOCKS[0].size
     assert layout.size == layout.data_offset + sum(b.size for b in BLOCKS)
 
