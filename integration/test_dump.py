@@ -8,7 +8,7 @@ import pytest
 
 from .conftest import livedump
 from .vm import VM, Marker, kvm_usable
-from .vmcore import first_difference, loads, read_phys
+from .vmcore import first_difference, identity, loads, read_phys
 
 GiB = 1 << 30
 
@@ -27,7 +27,7 @@ HIGH_MARKERS = [
 # RAM is split below and above 4 GiB.
 GUESTS = {
     "pc-1G": ("pc", "1G", MARKERS, []),
-    "q35-5G": ("q35", "5G", MARKERS[:2] + HIGH_MARKERS, []),
+    "q35-5G": ("q35", "5G", MARKERS[:2] + HIGH_MARKERS, ["-smp", "2"]),
     # Every page populated (and zero): zero detection, not the page map, makes holes.
     "pc-1G-prealloc": ("pc", "1G", MARKERS, [
         "-object", "memory-backend-ram,id=ram0,size=1G,prealloc=on",
@@ -58,6 +58,10 @@ def test_paused_vm_equals_qemu_dump(scratch, guest, accel):
         assert vm.status() == "paused"
         vm.own_dump(theirs)
         assert first_difference(ours, theirs) is None
+        # QEMU's class, byte order, machine and CPU notes (NT_PRSTATUS, QEMU) too.
+        assert identity(ours) == identity(theirs)
+        cpus = 2 if guest == "q35-5G" else 1
+        assert identity(ours)[3].count(("CORE", "NT_PRSTATUS")) == cpus
         assert_markers(ours, markers)
         assert stat.S_IMODE(os.stat(ours).st_mode) == 0o600
         assert b"already paused" in r.stderr

@@ -54,3 +54,13 @@ def first_difference(a: Path, b: Path) -> str | None:
                     i = next(i for i in range(n) if ca[i : i + 1] != cb[i : i + 1])
                     return f"memory differs at guest-physical {x.paddr + done + i:#x}"
     return None
+
+
+def identity(path: Path) -> tuple:
+    """ELF class, byte order, machine and the (owner, type) of each note but livedump's own."""
+    with open(path, "rb") as f:
+        elf = ELFFile(f)
+        notes = [(n["n_name"], n["n_type"])
+                 for s in elf.iter_segments() if s["p_type"] == "PT_NOTE"
+                 for n in s.iter_notes() if n["n_name"] != "LIVEDUMP"]
+        return elf.elfclass, elf.little_endian, elf["e_machine"], notes

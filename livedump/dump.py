@@ -19,6 +19,7 @@ from .coalesce import Block, GuestRange, coalesce
 from .elfcore import CoreLayout, Note
 from .errors import GuestMemoryError, Interrupted, LivedumpError, ProcessNotFound
 from .lock import VMLock
+from .notes import QemuNotes
 from .monitor import Address
 from .output import Output
 from .procmem import PageMap, ProcessMemory, alive, check_blocks, read_maps
@@ -67,6 +68,7 @@ class Summary:
     detail: str
     was_running: bool
     paused: bool
+    cpu_notes: str = ""
     blocks: list[Block] = field(default_factory=list)
     file_size: int = 0
     read_bytes: int = 0
@@ -81,10 +83,10 @@ class Summary:
 
 @dataclass
 class _Plan:
-    """The blocks and file layout for one RAM map."""
+    """The blocks of one RAM map, and which of them the page map can thin out."""
 
     ranges: list[GuestRange]
-    layout: CoreLayout
+    blocks: list[Block]
     private: list[bool]
 
 
@@ -105,20 +107,27 @@ def dump(request: Request) -> Summary:
         if progress:
             stack.callback(progress.close)
         try:
-            arch = arches.lookup(request.arch or session.target_arch())
+            wanted = arches.lookup(request.arch) if request.arch else None
+            target = wanted or arches.lookup(session.target_arch())
             out = stack.enter_context(Output(request.output, request.force))
             memory = stack.enter_context(ProcessMemory(pid))
             pagemap = stack.enter_context(PageMap(pid))
             prepared = session.prepare()
-            plan = _plan(prepared, pid, arch) if prepared is not None else None
+            plan = _plan(prepared, pid) if prepared is not None else None
             with Writer(out, progress.update if progress else None) as writer:
                 with session.hold(request.pause) as pause:
                     ranges = session.ranges(memory, prepared)
                     if plan is None or ranges is not plan.ranges:
-                        plan = _plan(ranges, pid, arch)
+                        plan = _plan(ranges, pid)
+                    # QEMU's one-page dump would stop a running guest: not with --no-pause.
+                    cpu = (session.cpu_notes(plan.blocks[0].gpa) if request.pause
+                           else "no CPU registers with --no-pause")
+                    arch, cpu = _arch(wanted, target, cpu)
+                    layout = CoreLayout(arch, plan.blocks, [
+                        *([cpu] if isinstance(cpu, QemuNotes) else []), provenance_note(pid)])
                     if progress:
-                        progress.start(plan.layout.size)
-                    read = copy(plan.layout, plan.private, memory, pagemap, writer)
+                        progress.start(layout.size)
+                    read = copy(layout, plan.private, memory, pagemap, writer)
                 writer.finish()
             out.commit()
         except LivedumpError as e:
@@ -127,22 +136,35 @@ def dump(request: Request) -> Summary:
                 raise ProcessNotFound(f"QEMU (PID {pid}) exited during the dump") from None
             raise
     return Summary(
-        output=request.output, pid=pid, arch=arch.name, elf_class=plan.layout.bits,
+        output=request.output, pid=pid, arch=arch.name, elf_class=layout.bits,
         via=session.via, detail=session.detail, was_running=pause.was_running,
-        paused=request.pause and pause.was_running, blocks=plan.layout.blocks,
-        file_size=plan.layout.size, read_bytes=read, written_bytes=writer.written,
+        paused=request.pause and pause.was_running, blocks=layout.blocks,
+        cpu_notes=cpu if isinstance(cpu, str) else f"CPU state from QEMU "
+        f"({', '.join(sorted(set(cpu.names)))} notes)",
+        file_size=layout.size, read_bytes=read, written_bytes=writer.written,
         wall_seconds=time.monotonic() - started, pause_seconds=pause.seconds,
     )
 
 
-def _plan(ranges: list[GuestRange], pid: int, arch: arches.Arch) -> _Plan:
+def _plan(ranges: list[GuestRange], pid: int) -> _Plan:
     blocks = coalesce(ranges)
     if not blocks:
         raise GuestMemoryError("the VM has no RAM in its memory map")
-    private = check_blocks(blocks, read_maps(pid))
-    return _Plan(ranges, CoreLayout(arch, blocks, [_provenance(pid)]), private)
+    return _Plan(ranges, blocks, check_blocks(blocks, read_maps(pid)))
 
 
-def _provenance(pid: int) -> Note:
+def _arch(wanted: arches.Arch | None, target: arches.Arch, cpu: QemuNotes | str
+          ) -> tuple[arches.Arch, QemuNotes | str]:
+    """The vmcore's architecture: ``--arch``, else QEMU's own judgement (from its
+    notes), else the target's. QEMU's notes go only into a vmcore of their kind."""
+    if not isinstance(cpu, QemuNotes):
+        return wanted or target, cpu
+    if wanted is None or (wanted.machine, wanted.byteorder) == (cpu.arch.machine,
+                                                                 cpu.arch.byteorder):
+        return cpu.arch, cpu  # QEMU's class too: the notes are encoded for it.
+    return wanted, f"QEMU's CPU notes are for {cpu.arch.name}, not --arch {wanted.name}"
+
+
+def provenance_note(pid: int) -> Note:
     text = f"livedump {__version__}\npid {pid}\n"
     return Note("LIVEDUMP", NT_LIVEDUMP_INFO, text.encode())

@@ -25,6 +25,7 @@ Conventions, and why:
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from .arch import Arch
 from .coalesce import Block
@@ -113,6 +114,12 @@ class Note:
         return head + _pad4(name) + _pad4(self.desc)
 
 
+class Notes(Protocol):
+    """Anything that encodes as ELF notes for a class and byte order."""
+
+    def encode(self, structs: ElfStructs) -> bytes: ...
+
+
 def _pad4(data: bytes) -> bytes:
     return data + b"\0" * (-len(data) % 4)
 
@@ -129,7 +136,7 @@ class CoreLayout:
     block ``i`` occupies ``[offsets[i], offsets[i] + blocks[i].size)``.
     """
 
-    def __init__(self, arch: Arch, blocks: Sequence[Block], notes: Sequence[Note]) -> None:
+    def __init__(self, arch: Arch, blocks: Sequence[Block], notes: Sequence[Notes]) -> None:
         self.arch = arch
         self.blocks = list(blocks)
         self.bits = arch.bits
@@ -142,7 +149,7 @@ class CoreLayout:
         self._place(s, notes)
         self.header = self._pack(s, notes)
 
-    def _place(self, s: ElfStructs, notes: Sequence[Note]) -> None:
+    def _place(self, s: ElfStructs, notes: Sequence[Notes]) -> None:
         phnum = 1 + len(self.blocks)
         self.extended = phnum >= PN_XNUM
         self.phnum = phnum
@@ -158,7 +165,7 @@ class CoreLayout:
             offset += b.size
         self.size = offset
 
-    def _pack(self, s: ElfStructs, notes: Sequence[Note]) -> bytes:
+    def _pack(self, s: ElfStructs, notes: Sequence[Notes]) -> bytes:
         phoff = s.ehdr.size
         shoff = phoff + self.phnum * s.phdr.size if self.extended else 0
         ident = b"\x7fELF" + bytes([

@@ -34,6 +34,9 @@ class Transport(Protocol):
                 timeout: float | None = None) -> object:
         """Run one QMP command and return its ``return`` value (``timeout``: not the default)."""
 
+    def send_fd(self, fd: int) -> None:
+        """Pass a file descriptor to QEMU over the connection (SCM_RIGHTS)."""
+
     def close(self) -> None:
         """End the session."""
 
@@ -71,6 +74,12 @@ class QMPTransport:
             sock.close()
             raise
         self._sock = sock
+
+    def send_fd(self, fd: int) -> None:
+        try:
+            self._client.send_fd_scm(fd)
+        except (QMPError, OSError) as e:
+            raise MonitorError(f"{describe(self.address)}: cannot pass a file to QEMU: {e}") from None
 
     def fileno(self) -> int:
         """The connection's file descriptor, for a process that must be able to speak on it."""
@@ -124,7 +133,7 @@ class QMPTransport:
             return self._run(self._client.execute(command, arguments), f"reply to {command!r}",
                              timeout)
         except ExecuteError as e:
-            raise MonitorError(f"QEMU refused {command!r}: {e.error.desc}") from None
+            raise MonitorError(f"QEMU refused {command!r}: {e.error.error.desc}") from None
 
     def close(self) -> None:
         with signals.deferred():
@@ -171,6 +180,11 @@ class Monitor:
         if not isinstance(reply, dict) or not isinstance(reply.get("arch"), str):
             raise MonitorError(f"unexpected 'query-target' reply: {reply!r}")
         return reply["arch"]
+
+    def send_fd(self, fd: int, name: str) -> None:
+        """Hand QEMU a file descriptor, known to it as ``name`` (QMP ``getfd``)."""
+        self.transport.send_fd(fd)
+        self.transport.execute("getfd", {"fdname": name})
 
     def hmp(self, command_line: str) -> str:
         """Run a human monitor command and return its text."""

@@ -12,10 +12,11 @@ import platform
 from collections.abc import Iterator
 from typing import ContextManager, Protocol
 
-from . import dwarf, locate_dwarf, locate_monitor
+from . import dwarf, locate_dwarf, locate_monitor, notes
 from .attach import Pause, not_paused, paused
 from .coalesce import GuestRange
-from .errors import Interrupted, LivedumpError, MonitorUnavailable, PermissionDenied, UsageError
+from .errors import (Interrupted, LivedumpError, MonitorError, MonitorUnavailable,
+                     PermissionDenied, UsageError)
 from .freeze import frozen
 from .guardian import Guardian
 from .monitor import Address, Monitor, QMPTransport, describe
@@ -35,6 +36,7 @@ class Session(Protocol):
     def hold(self, pause: bool) -> ContextManager[Pause]: ...
     def ranges(self, memory: ProcessMemory, prepared: list[GuestRange] | None
                ) -> list[GuestRange]: ...
+    def cpu_notes(self, gpa: int) -> notes.QemuNotes | str: ...
     def close(self) -> None: ...
 
 
@@ -77,6 +79,13 @@ class MonitorSession:
         self._view = view
         return locate_monitor.guest_ranges(self.monitor, view)
 
+    def cpu_notes(self, gpa: int) -> notes.QemuNotes | str:
+        """Inside the pause: QEMU's notes for this instant, or why there are none."""
+        try:
+            return notes.from_qemu(self.monitor, gpa)
+        except MonitorError as e:
+            return f"QEMU gave no CPU state ({e})"
+
     def close(self) -> None:
         self.monitor.close()
 
@@ -115,6 +124,9 @@ class PtraceSession:
         # --no-pause: QEMU runs, but its map must not change under the walk.
         with frozen(self.pid):
             return locate_dwarf.guest_ranges(memory, self.layout, self.bias)
+
+    def cpu_notes(self, gpa: int) -> str:
+        return "no CPU registers in ptrace mode"
 
     def close(self) -> None:
         pass
