@@ -92,6 +92,8 @@ def test_running_vm_is_dumped_and_keeps_running(scratch):
         assert_markers(out, HIGH_MARKERS)
         report = json.loads(r.stdout)
         assert report["was_running"] is True and report["paused"] is True
+        for m in HIGH_MARKERS:  # Nothing livedump prints holds guest memory.
+            assert m.data[:16] not in r.stdout + r.stderr
         assert 0 < report["pause_seconds"] <= report["wall_seconds"]
         assert report["memory_bytes"] == sum(l.memsz for l in loads(out))
         assert report["blocks"][-1] == {"gpa": 0x1_0000_0000, "size": 3 * GiB}
@@ -175,4 +177,6 @@ def test_bad_targets_get_distinct_codes(scratch):
     assert r.returncode == 5 and b"nothing.sock" in r.stderr
     r = livedump(out)
     assert r.returncode == 2
+    r = livedump("--pid", str(os.getpid()), "--arch", "mips", out)
+    assert r.returncode == 2 and b"unknown architecture 'mips'" in r.stderr
     assert not os.listdir(scratch)
