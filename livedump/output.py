@@ -51,7 +51,7 @@ class Output:
 
     @property
     def is_stdout(self) -> bool:
-        return self._temp is None and self.path == STDOUT
+        return self.path == STDOUT
 
     def skip(self, length: int) -> None:
         """Advance over ``length`` zero bytes: a hole in a file, real zeros in a pipe."""

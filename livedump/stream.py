@@ -22,7 +22,7 @@ BUFFERS = 4
 _ZERO_CHUNK = bytes(CHUNK)
 _STOP_TIMEOUT = 10.0
 
-Progress = Callable[[int], None]
+OnWritten = Callable[[int], None]  # told the length of each part written
 # What the writer is handed: bytes to write (None for a hole), their length,
 # and the buffer to give back once written.
 _Item = tuple[bytes | memoryview | None, int, Buffer | None]
@@ -31,7 +31,7 @@ _Item = tuple[bytes | memoryview | None, int, Buffer | None]
 class Writer:
     """A thread that writes queued chunks in order; its first error is raised to the reader."""
 
-    def __init__(self, out: Output, progress: Progress | None = None) -> None:
+    def __init__(self, out: Output, progress: OnWritten | None = None) -> None:
         self.out = out
         self.progress = progress
         self.free: queue.Queue[Buffer] = queue.Queue()
