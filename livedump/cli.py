@@ -14,7 +14,7 @@ from .session import VIAS
 if TYPE_CHECKING:
     import tqdm
 
-from .errors import LivedumpError
+from .errors import Interrupted, LivedumpError
 from .monitor import Address
 from .output import STDOUT
 
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                       progress=None if args.quiet or not sys.stderr.isatty() else ProgressBar())
     try:
         summary = dump(request)
-    except LivedumpError as e:
+    except (LivedumpError, Interrupted) as e:
         print(f"livedump: {e}", file=sys.stderr)
         return e.exit_code
     report = sys.stderr if args.output == STDOUT else sys.stdout

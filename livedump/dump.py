@@ -17,7 +17,7 @@ from . import __version__
 from . import arch as arches
 from .coalesce import Block, GuestRange, coalesce
 from .elfcore import CoreLayout, Note
-from .errors import GuestMemoryError, Interrupted, LivedumpError, ProcessNotFound
+from .errors import GuestMemoryError, LivedumpError, ProcessNotFound
 from .lock import VMLock
 from .notes import QemuNotes
 from .monitor import Address
@@ -130,9 +130,9 @@ def dump(request: Request) -> Summary:
                     read = copy(layout, plan.private, memory, pagemap, writer)
                 writer.finish()
             out.commit()
-        except LivedumpError as e:
-            # Whatever failed, QEMU's exit is the cause to report (but a signal is a signal).
-            if not isinstance(e, Interrupted) and not alive(pid):
+        except LivedumpError:
+            # Whatever failed, QEMU's exit is the cause to report.
+            if not alive(pid):
                 raise ProcessNotFound(f"QEMU (PID {pid}) exited during the dump") from None
             raise
     return Summary(

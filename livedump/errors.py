@@ -84,8 +84,14 @@ class FreezeError(LivedumpError):
     exit_code = 13
 
 
-class Interrupted(LivedumpError):
-    """A signal ended the dump; exits 128 + the signal number, as shells do."""
+class Interrupted(BaseException):
+    """A signal ended the dump; exits 128 + the signal number, as shells do.
+
+    Like KeyboardInterrupt, not an Exception: it can be raised at almost any
+    line of the main thread, also inside libraries, and no ``except
+    Exception`` (nor ``except LivedumpError``) may take it for a failure to
+    work around.
+    """
 
     def __init__(self, signum: int, name: str) -> None:
         super().__init__(f"interrupted by {name}")

@@ -21,7 +21,7 @@ from elftools.elf.elffile import ELFFile
 
 from .arch import Arch, from_elf
 from .elfcore import ElfStructs
-from .errors import LivedumpError, MonitorError
+from .errors import MonitorError, UsageError
 from .monitor import Monitor
 
 _FD_NAME = "livedump-notes"
@@ -59,6 +59,6 @@ def parse(core: bytes) -> QemuNotes:
         data = note.data()
         names = tuple(n["n_name"] for n in note.iter_notes())
         arch = from_elf(elf["e_machine"], elf.elfclass, elf.little_endian)
-    except (ELFError, StopIteration, ValueError, LivedumpError) as e:
+    except (ELFError, StopIteration, ValueError, UsageError) as e:
         raise MonitorError(f"QEMU's dump of one page is not a vmcore livedump can read: {e}")
     return QemuNotes(replace(arch, bits=elf.elfclass), data, names)

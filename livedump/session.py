@@ -15,7 +15,7 @@ from typing import ContextManager, Protocol
 from . import dwarf, locate_dwarf, locate_monitor, notes
 from .attach import Pause, not_paused, paused
 from .coalesce import GuestRange
-from .errors import (Interrupted, LivedumpError, MonitorError, MonitorUnavailable,
+from .errors import (LivedumpError, MonitorError, MonitorUnavailable,
                      PermissionDenied, UsageError)
 from .freeze import frozen
 from .guardian import Guardian
@@ -151,8 +151,7 @@ def open_session(pid: int | None, qmp: Address | None, via: str, timeout: float,
         return PtraceSession(pid, debug_file, reason)
     except LivedumpError as e:
         # Say both why the monitor could not serve and why ptrace could not.
-        if not isinstance(e, Interrupted):
-            e.args = (f"{reason}; and for ptrace mode: {e}",)
+        e.args = (f"{reason}; and for ptrace mode: {e}",)
         raise
 
 

@@ -21,6 +21,7 @@ CHUNK = 1 << 20
 BUFFERS = 4
 _ZERO_CHUNK = bytes(CHUNK)
 _STOP_TIMEOUT = 10.0
+_WAIT_STEP = 0.1
 
 OnWritten = Callable[[int], None]  # told the length of each part written
 # What the writer is handed: bytes to write (None for a hole), their length,
@@ -45,6 +46,19 @@ class Writer:
     def put(self, data: bytes | memoryview | None, length: int, buf: Buffer | None = None) -> None:
         self.check()
         self._pending.put((data, length, buf))
+
+    def take(self) -> Buffer:
+        """A free buffer, once the writer has given one back.
+
+        Waits in short steps: a signal that lands just before a blocking wait
+        would otherwise go unseen until the wait ended, which for a writer
+        stuck on a pipe nobody reads is never.
+        """
+        while True:
+            try:
+                return self.free.get(timeout=_WAIT_STEP)
+            except queue.Empty:
+                self.check()
 
     def check(self) -> None:
         """Raise the writer's error, if it has met one."""
@@ -114,7 +128,7 @@ def copy(layout: CoreLayout, private: Sequence[bool], memory: ProcessMemory,
                 continue
             for done in range(0, length, CHUNK):
                 n = min(CHUNK, length - done)
-                buf = writer.free.get()
+                buf = writer.take()
                 writer.put(memory.read(buf, n, block.hva + offset + done), n, buf)
                 read += n
     return read

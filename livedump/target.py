@@ -8,7 +8,7 @@ libvirt wrote it: ``-qmp unix:PATH,...``, ``-qmp tcp:HOST:PORT,...``, and
 import os
 from dataclasses import dataclass
 
-from .errors import LivedumpError, NotQemu, PermissionDenied, ProcessNotFound
+from .errors import NotQemu, PermissionDenied, ProcessNotFound
 from .monitor import Address, describe
 
 
@@ -44,7 +44,7 @@ def qemu_executable(pid: int) -> str:
 def is_qemu(pid: int) -> bool:
     try:
         qemu_executable(pid)
-    except LivedumpError:
+    except (NotQemu, ProcessNotFound, PermissionDenied):
         return False
     return True
 
