@@ -2,10 +2,12 @@
 through QEMU's debug info (a QEMU built from Debian's source with DWARF by
 integration/build-qemu-debug.sh, which integration/setup --test runs)."""
 
+import contextlib
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -116,24 +118,32 @@ def test_no_debug_info_and_no_monitor_says_how_to_get_it(scratch):
         assert os.listdir(scratch) == []
 
 
+@contextlib.contextmanager
+def frozen_dump(vm: VM) -> Iterator[subprocess.Popen]:
+    """livedump --via ptrace writing into a pipe nobody reads: it stalls with QEMU frozen."""
+    r, w = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "livedump", "--pid", str(vm.pid),
+                             "--via", "ptrace", "-"], stdout=w, stderr=subprocess.PIPE)
+    os.close(w)
+    try:
+        for _ in range(500):
+            if "t" in thread_states(vm.pid):
+                break
+            time.sleep(0.01)
+        assert "t" in thread_states(vm.pid)
+        yield proc
+    finally:
+        os.close(r)
+        proc.kill()
+        proc.wait()
+
+
 def test_signal_while_frozen_thaws_qemu(scratch):
     with VM(qemu=str(DEBUG_QEMU), memory="1G") as vm:
-        r, w = os.pipe()
-        proc = subprocess.Popen([sys.executable, "-m", "livedump", "--pid", str(vm.pid),
-                                 "--via", "ptrace", "-"], stdout=w, stderr=subprocess.PIPE)
-        os.close(w)
-        try:
-            for _ in range(500):  # Until its threads are frozen: it stalls on the full pipe.
-                if "t" in thread_states(vm.pid):
-                    break
-                time.sleep(0.01)
-            assert "t" in thread_states(vm.pid)
+        with frozen_dump(vm) as proc:
             proc.terminate()
             _, err = proc.communicate(timeout=30)
-        finally:
-            os.close(r)
-            proc.kill()
-        assert proc.returncode == 143, err
+            assert proc.returncode == 143, err
         assert "t" not in thread_states(vm.pid)
         assert vm.status() == "running"
 
@@ -141,20 +151,9 @@ def test_signal_while_frozen_thaws_qemu(scratch):
 def test_sigkill_while_frozen_lets_qemu_run(scratch):
     """The kernel detaches a dead tracer's tracees: nothing stays stopped."""
     with VM(qemu=str(DEBUG_QEMU), memory="1G") as vm:
-        r, w = os.pipe()
-        proc = subprocess.Popen([sys.executable, "-m", "livedump", "--pid", str(vm.pid),
-                                 "--via", "ptrace", "-"], stdout=w, stderr=subprocess.DEVNULL)
-        os.close(w)
-        try:
-            for _ in range(500):
-                if "t" in thread_states(vm.pid):
-                    break
-                time.sleep(0.01)
-            assert "t" in thread_states(vm.pid)
+        with frozen_dump(vm) as proc:
             proc.kill()
             proc.wait()
-        finally:
-            os.close(r)
         time.sleep(0.2)
         assert "t" not in thread_states(vm.pid)
         assert vm.status() == "running"
