@@ -29,6 +29,7 @@ class Output:
         self.path = path
         self.force = force
         self._temp: str | None = None
+        self._end = 0  # the furthest byte written by write_at
         if path == STDOUT:
             if os.isatty(1):
                 raise UsageError("refusing to write a vmcore to a terminal; redirect standard output")
@@ -75,12 +76,27 @@ class Output:
                 raise DumpIOError(f"writing {self.path}: {e.strerror}") from None
             view = view[n:]
 
+    def write_at(self, offset: int, data: bytes | memoryview) -> None:
+        """Write ``data`` at ``offset`` of a file (a header patched once the data is known,
+        or pages that arrive out of order), leaving the write position alone."""
+        if self.is_stdout:
+            raise DumpIOError("standard output cannot be written out of order")
+        self._end = max(self._end, offset + len(data))
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.pwrite(self._fd, view, offset)
+            except OSError as e:
+                raise DumpIOError(f"writing {self.path}: {e.strerror}") from None
+            view, offset = view[n:], offset + n
+
     def commit(self) -> None:
         """Put the finished file at its path."""
         if self._temp is None:
             return
         try:
-            os.ftruncate(self._fd, os.lseek(self._fd, 0, os.SEEK_CUR))  # A trailing hole.
+            # A trailing hole, wherever the file was written up to.
+            os.ftruncate(self._fd, max(self._end, os.lseek(self._fd, 0, os.SEEK_CUR)))
             self._close()
             if self.force:
                 os.replace(self._temp, self.path)

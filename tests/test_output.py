@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from livedump.errors import OutputExists, UsageError
+from livedump.errors import DumpIOError, OutputExists, UsageError
 from livedump.output import Output
 
 
@@ -69,3 +69,20 @@ def test_missing_directory(tmp_path):
     with pytest.raises(UsageError, match="does not exist"):
         Output(str(tmp_path / "no" / "a.vmcore"))
 
+
+
+def test_write_at_patches_and_extends_without_moving_the_stream(tmp_path):
+    path = tmp_path / "a.vmcore"
+    with Output(str(path)) as out:
+        out.write(b"headXXXX")
+        out.write_at(4, b"body")       # a patch inside what was streamed
+        out.write_at(16, b"tail")      # past the end: the gap is a hole
+        out.write(b"++")               # the stream goes on where it was
+        out.commit()
+    assert path.read_bytes() == b"headbody++" + bytes(6) + b"tail"
+
+
+def test_write_at_is_refused_on_stdout(monkeypatch):
+    monkeypatch.setattr(os, "isatty", lambda fd: False)  # as when stdout is a pipe
+    with pytest.raises(DumpIOError, match="out of order"):
+        Output("-").write_at(0, b"x")
