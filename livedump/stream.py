@@ -1,12 +1,17 @@
-"""Copy guest memory into the vmcore: read while the previous chunk is written.
+"""Copy guest memory into the vmcore: read side by side, write in order.
 
-The calling thread reads guest memory into a few reused buffers; a writer
-thread writes them out, so reading and writing overlap and the guest can
-be resumed as soon as the last byte is read. Pages QEMU never populated
-(private anonymous RAM only) are not read at all, and chunks that read as
-all zeros are not written: both become holes in a file (zeros in a pipe).
+Reader threads fill a few reused buffers from guest memory, as many at
+once as there are CPUs (up to four): the first read of a guest page costs
+the kernel more than the copy itself, and readers on every core share that
+cost. A writer thread writes the chunks out in order, so reading and
+writing overlap and the guest can be resumed as soon as the last byte is
+read. Pages QEMU never populated (private anonymous RAM only) are not read
+at all, and chunks that read as all zeros are not written: both become
+holes in a file (zeros in a pipe).
 """
 
+import collections
+import os
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -15,18 +20,84 @@ from .coalesce import Block
 from .elfcore import CoreLayout
 from .output import Output
 from . import signals
+from .errors import DumpIOError
 from .procmem import PAGE_SIZE, Buffer, PageMap, ProcessMemory
 
 CHUNK = 1 << 20
-BUFFERS = 4
+READERS = max(1, min(4, os.cpu_count() or 1))
+BUFFERS = 2 * READERS + 2  # enough for every reader to have one ready while one is written
 _ZERO_CHUNK = bytes(CHUNK)
 _STOP_TIMEOUT = 10.0
 _WAIT_STEP = 0.1
 
 OnWritten = Callable[[int], None]  # told the length of each part written
-# What the writer is handed: bytes to write (None for a hole), their length,
-# and the buffer to give back once written.
-_Item = tuple[bytes | memoryview | None, int, Buffer | None]
+
+
+class _Read:
+    """A chunk of guest memory a reader thread is filling."""
+
+    __slots__ = ("buf", "length", "address", "done", "error")
+
+    def __init__(self, buf: Buffer, length: int, address: int) -> None:
+        self.buf, self.length, self.address = buf, length, address
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+
+    def result(self, timeout: float | None = None) -> memoryview | None:
+        """The bytes read (None if not yet read within ``timeout``); raises the reader's error."""
+        if not self.done.wait(timeout):
+            return None
+        if self.error is not None:
+            raise self.error
+        return self.buf.view[: self.length]
+
+
+class Readers:
+    """Threads that read queued chunks of guest memory side by side."""
+
+    def __init__(self, memory: ProcessMemory, count: int = READERS) -> None:
+        self.memory = memory
+        self._jobs: queue.SimpleQueue[_Read | None] = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._run, name=f"livedump-reader-{i}",
+                                          daemon=True) for i in range(count)]
+        self._abandoned = False
+
+    def read(self, buf: Buffer, length: int, address: int) -> _Read:
+        """Start reading ``length`` bytes at ``address`` into ``buf``."""
+        job = _Read(buf, length, address)
+        self._jobs.put(job)
+        return job
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                if self._abandoned:
+                    raise DumpIOError("read abandoned: the dump is ending")
+                self.memory.read(job.buf, job.length, job.address)
+            except BaseException as e:  # Raised where the chunk is waited for.
+                job.error = e
+            job.done.set()
+
+    def __enter__(self) -> "Readers":
+        with signals.deferred():  # Kept for life, as by the writer.
+            for t in self._threads:
+                t.start()
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        # On failure the chunks still queued are not read, but still marked
+        # done, so the writer waiting on them is not left hanging.
+        self._abandoned = exc_type is not None
+        for _ in self._threads:
+            self._jobs.put(None)
+        for t in self._threads:
+            t.join()
+
+
+# What the writer is handed: the bytes to write (None for a hole, a _Read
+# for a chunk still being read), their length, and the buffer to give back
+# once written.
+_Item = tuple[bytes | memoryview | _Read | None, int, Buffer | None]
 
 
 class Writer:
@@ -43,7 +114,8 @@ class Writer:
         self.written = 0  # bytes of data written; the rest of the file is holes
         self._thread = threading.Thread(target=self._run, name="livedump-writer", daemon=True)
 
-    def put(self, data: bytes | memoryview | None, length: int, buf: Buffer | None = None) -> None:
+    def put(self, data: bytes | memoryview | _Read | None, length: int,
+            buf: Buffer | None = None) -> None:
         self.check()
         self._pending.put((data, length, buf))
 
@@ -82,7 +154,10 @@ class Writer:
             if buf is not None:
                 self.free.put(buf)
 
-    def _write(self, data: bytes | memoryview | None, length: int, buf: Buffer | None) -> None:
+    def _write(self, data: bytes | memoryview | _Read | None, length: int,
+               buf: Buffer | None) -> None:
+        if isinstance(data, _Read):
+            data = data.result()
         if data is None or (buf is not None and _is_zero(buf, length)):
             self.out.skip(length)
         else:
@@ -121,16 +196,27 @@ def copy(layout: CoreLayout, private: Sequence[bool], memory: ProcessMemory,
     """
     writer.put(layout.header, len(layout.header))
     read = 0
-    for block, is_private in zip(layout.blocks, private):
-        for offset, length, populated in _extents(block, is_private, pagemap):
-            if not populated:
-                writer.put(None, length)
-                continue
-            for done in range(0, length, CHUNK):
-                n = min(CHUNK, length - done)
-                buf = writer.take()
-                writer.put(memory.read(buf, n, block.hva + offset + done), n, buf)
-                read += n
+    reading: collections.deque[_Read] = collections.deque()
+    with Readers(memory) as readers:
+        for block, is_private in zip(layout.blocks, private):
+            for offset, length, populated in _extents(block, is_private, pagemap):
+                if not populated:
+                    writer.put(None, length)
+                    continue
+                for done in range(0, length, CHUNK):
+                    n = min(CHUNK, length - done)
+                    buf = writer.take()
+                    reading.append(readers.read(buf, n, block.hva + offset + done))
+                    writer.put(reading[-1], n, buf)
+                    read += n
+                    while reading and reading[0].done.is_set():
+                        reading.popleft().result()
+        # The guest may run again only once every byte is read.
+        while reading:
+            if reading[0].result(_WAIT_STEP) is None:
+                writer.check()
+            else:
+                reading.popleft()
     return read
 
 

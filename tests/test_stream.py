@@ -1,0 +1,70 @@
+"""The copy into the vmcore, from this test process's own memory into a real file."""
+
+import ctypes
+import mmap
+import os
+
+import pytest
+
+from livedump.arch import lookup
+from livedump.coalesce import Block
+from livedump.elfcore import CoreLayout
+from livedump.errors import DumpIOError
+from livedump.output import Output
+from livedump.procmem import PageMap, ProcessMemory
+from livedump.stream import CHUNK, READERS, Writer, copy
+
+MiB = 1 << 20
+
+
+def _address(m: mmap.mmap) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(m))
+
+
+def _dump(tmp_path, blocks, private):
+    path = tmp_path / "out.vmcore"
+    layout = CoreLayout(lookup("x86_64"), blocks, [])
+    pid = os.getpid()
+    with Output(str(path)) as out, ProcessMemory(pid) as memory, PageMap(pid) as pagemap:
+        with Writer(out) as writer:
+            read = copy(layout, private, memory, pagemap, writer)
+            writer.finish()
+        out.commit()
+    return path, layout, read
+
+
+def test_chunks_read_side_by_side_land_in_order_and_zeros_become_holes(tmp_path):
+    # More chunks than readers and buffers, each with its own contents, and
+    # every other chunk zero; a block that is not a whole number of chunks.
+    chunks = 4 * READERS + 3
+    m = mmap.mmap(-1, chunks * CHUNK, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    for i in range(0, chunks, 2):
+        m[i * CHUNK:(i + 1) * CHUNK] = bytes([i + 1]) * CHUNK
+    size = chunks * CHUNK - 4096
+    blocks = [Block(0, size, _address(m)), Block(1 << 32, CHUNK, _address(m))]
+    path, layout, read = _dump(tmp_path, blocks, [False, False])
+    data = path.read_bytes()
+    assert data[:len(layout.header)] == layout.header
+    assert data[layout.offsets[0]:layout.offsets[0] + size] == m[:size]
+    assert data[layout.offsets[1]:] == m[:CHUNK]
+    assert read == size + CHUNK
+    written = (chunks + 1) // 2 + 1  # the non-zero chunks, and the header's page
+    assert os.stat(path).st_blocks * 512 <= (written + 1) * CHUNK
+
+
+def test_pages_never_populated_are_not_read(tmp_path):
+    m = mmap.mmap(-1, 8 * MiB, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    m[3 * MiB:3 * MiB + 5] = b"hello"
+    path, layout, read = _dump(tmp_path, [Block(0, 8 * MiB, _address(m))], [True])
+    assert read == mmap.PAGESIZE
+    assert path.read_bytes()[layout.offsets[0]:] == m[:]
+
+
+def test_a_failed_read_fails_the_copy_and_leaves_no_file(tmp_path):
+    m = mmap.mmap(-1, 4 * CHUNK, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    m.write(b"x" * len(m))
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.munmap(ctypes.c_void_p(_address(m) + 2 * CHUNK), CHUNK) == 0
+    with pytest.raises(DumpIOError, match="reading QEMU memory at"):
+        _dump(tmp_path, [Block(0, 4 * CHUNK, _address(m))], [False])
+    assert os.listdir(tmp_path) == []
