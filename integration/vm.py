@@ -1,9 +1,11 @@
 """Throwaway QEMU virtual machines for tests, benchmarks and the demo.
 
-Each VM is a real ``qemu-system-x86_64`` with no disk (the firmware runs and
+Each VM is a real ``qemu-system-*`` with no disk (the firmware runs and
 idles), known bytes placed at known guest-physical addresses with
 ``-device loader``, and two QMP sockets: ``livedump.sock`` for the tool under
 test and ``harness.sock``, held by the harness to steer and check the VM.
+Its :class:`Platform` says which emulator, machine and firmware: an x86 PC
+with SeaBIOS unless told otherwise.
 """
 
 import os
@@ -11,12 +13,40 @@ import shutil
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
+from .firmware import S390X_SPIN, X86_64_LONG_MODE, Firmware, aarch64, ppc64
+
 QEMU = os.environ.get("LIVEDUMP_TEST_QEMU", "qemu-system-x86_64")
+
+
+@dataclass(frozen=True)
+class Platform:
+    """A QEMU emulator and machine, and what a firmware-only guest needs there.
+
+    ``firmware`` is an image of ours and the option that loads it
+    (``-bios``, ``-kernel``); ``ram_base`` is where the machine's RAM starts.
+    """
+
+    qemu: str
+    machine: str
+    args: tuple[str, ...] = ()
+    firmware: tuple[str, Firmware] | None = None
+    ram_base: int = 0
+
+    def command(self) -> list[str]:
+        """The emulator and the options for this platform, with the firmware built."""
+        args = [self.qemu, "-M", self.machine, *self.args]
+        if self.firmware is not None:
+            option, firmware = self.firmware
+            args += [option, str(firmware.build())]
+        return args
+
+
+PC = Platform(QEMU, "pc", ("-vga", "std"))
 
 
 def kvm_usable() -> bool:
@@ -35,13 +65,14 @@ class Marker:
 class VM:
     """A running QEMU; use as a context manager so it is always killed."""
 
-    machine: str = "pc"
+    machine: str | None = None  # None: the platform's
     memory: str = "1G"
     markers: list[Marker] = field(default_factory=list)
     start_paused: bool = False
     accel: str = "tcg"
     extra: list[str] = field(default_factory=list)
-    qemu: str = QEMU
+    platform: Platform = PC
+    qemu: str | None = None  # another build of the platform's emulator
     # False: the harness's socket is the VM's only monitor, as with libvirt.
     livedump_socket: bool = True
 
@@ -49,9 +80,11 @@ class VM:
         self.dir = Path(tempfile.mkdtemp(prefix="livedump-vm-"))
         self.socket = self.dir / "livedump.sock"
         self.harness_socket = self.dir / "harness.sock"
+        platform = replace(self.platform, qemu=self.qemu or self.platform.qemu,
+                           machine=self.machine or self.platform.machine)
         args = [
-            self.qemu, "-M", self.machine, "-m", self.memory, "-display", "none",
-            "-nodefaults", "-no-user-config", "-vga", "std",
+            *platform.command(), "-m", self.memory, "-display", "none",
+            "-nodefaults", "-no-user-config",
             "-qmp", f"unix:{self.harness_socket},server=on,wait=off",
         ]
         if self.livedump_socket:
@@ -70,7 +103,12 @@ class VM:
         try:
             self._wait_for_socket(self.harness_socket)
             self.qmp = QEMUMonitorProtocol(str(self.harness_socket))
-            self.qmp.connect()
+            try:
+                self.qmp.connect()
+            except Exception:
+                self.process.wait(timeout=5)  # QEMU may have given up on its options.
+                self._check_alive()
+                raise
         except BaseException:
             self.__exit__()
             raise
@@ -79,11 +117,14 @@ class VM:
     def _wait_for_socket(self, path: Path) -> None:
         deadline = time.monotonic() + 30
         while not path.exists():
-            if self.process.poll() is not None:
-                raise RuntimeError(f"QEMU exited: {(self.dir / 'qemu.log').read_text()}")
+            self._check_alive()
             if time.monotonic() > deadline:
                 raise TimeoutError("QEMU did not create its QMP socket")
             time.sleep(0.02)
+
+    def _check_alive(self) -> None:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"QEMU exited: {(self.dir / 'qemu.log').read_text()}")
 
     @property
     def pid(self) -> int:
@@ -130,3 +171,23 @@ class VM:
             self.process.wait()
             self.log.close()
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# One platform for each ELF identity QEMU's dump can have (see firmware.py
+# for how each firmware puts the CPU in the state that decides it).
+ARCH_PLATFORMS = {
+    # Long mode: EM_X86_64.
+    "x86_64": Platform(QEMU, "pc", ("-vga", "std"), ("-bios", X86_64_LONG_MODE)),
+    # SeaBIOS idles out of long mode: EM_386. As a ROM it ends at 4 GiB, which
+    # makes QEMU's dump ELF64; as flash (a ROM device, not dumped) it does not.
+    "386-elf64": Platform("qemu-system-i386", "pc"),
+    "386-elf32": Platform("qemu-system-i386", "pc", (
+        "-drive", "if=pflash,format=raw,readonly=on,file=/usr/share/seabios/bios.bin")),
+    "aarch64-le": Platform("qemu-system-aarch64", "virt", ("-cpu", "cortex-a57"),
+                           ("-bios", aarch64(big_endian=False)), ram_base=0x4000_0000),
+    "aarch64-be": Platform("qemu-system-aarch64", "virt", ("-cpu", "cortex-a57"),
+                           ("-bios", aarch64(big_endian=True)), ram_base=0x4000_0000),
+    "ppc64-be": Platform("qemu-system-ppc64", "pseries", (), ("-bios", ppc64(little_endian=False))),
+    "ppc64-le": Platform("qemu-system-ppc64", "powernv9", (), ("-bios", ppc64(little_endian=True))),
+    "s390": Platform("qemu-system-s390x", "s390-ccw-virtio", (), ("-kernel", S390X_SPIN)),
+}

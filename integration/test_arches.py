@@ -1,0 +1,74 @@
+"""Every ELF identity QEMU's dump can have, on Debian's emulators under TCG.
+
+Each platform's firmware (integration/firmware.py) puts the first CPU in
+the state QEMU reads for the class, byte order and machine; the vmcore
+must then agree with QEMU's own dump-guest-memory of the same paused VM
+in all of them, in its notes, its PT_LOAD list and every byte of memory.
+"""
+
+import json
+
+import pytest
+
+from .conftest import livedump
+from .test_dump import assert_markers
+from .vm import ARCH_PLATFORMS, VM, Marker, Platform
+from .vmcore import first_difference, identity
+
+MiB = 1 << 20
+MEMORY = 512 * MiB
+MEMORY_OF = {"ppc64-le": 1024 * MiB}  # powernv refuses less than 1 GiB
+
+# What QEMU's dump header says for each platform: (class, little-endian, e_machine).
+# Written out rather than read from QEMU, so a firmware that fails to reach
+# its state fails the test even though both dumps would agree.
+EXPECTED = {
+    "x86_64": (64, True, "EM_X86_64"),
+    "386-elf64": (64, True, "EM_386"),
+    "386-elf32": (32, True, "EM_386"),
+    "aarch64-le": (64, True, "EM_AARCH64"),
+    "aarch64-be": (64, False, "EM_AARCH64"),
+    "ppc64-le": (64, True, "EM_PPC64"),
+    "ppc64-be": (64, False, "EM_PPC64"),
+    "s390": (64, False, "EM_S390"),
+}
+
+
+def markers(platform: Platform, memory: int) -> list[Marker]:
+    """Marker bytes clear of what the machines put in RAM (device trees at the
+    start of RAM on virt, 16 MiB on powernv, below the top MiB on pseries)."""
+    base = platform.ram_base
+    return [
+        Marker(base + 2 * MiB, b"livedump marker: 2 MiB into RAM"),
+        Marker(base + 128 * MiB, bytes(range(256)) * 256),
+        Marker(base + memory - 4 * MiB, b"livedump marker: 4 MiB below the top of RAM"),
+    ]
+
+
+@pytest.mark.parametrize("name", ARCH_PLATFORMS)
+def test_vmcore_equals_qemus_on_every_arch(scratch, name):
+    platform = ARCH_PLATFORMS[name]
+    memory = MEMORY_OF.get(name, MEMORY)
+    placed = markers(platform, memory)
+    with VM(platform=platform, memory=f"{memory // MiB}M", markers=placed) as vm:
+        vm.wait_running(1)
+        # Running: paused for the dump, and running again after it.
+        running = scratch / "running.vmcore"
+        r = livedump("--pid", str(vm.pid), "--json", str(running))
+        assert r.returncode == 0, r.stderr
+        assert vm.status() == "running"
+        assert_markers(running, placed)
+        assert identity(running)[:3] == EXPECTED[name]
+
+        vm.command("stop")
+        ours, theirs = scratch / "ours.vmcore", scratch / "qemu.vmcore"
+        r = livedump("--pid", str(vm.pid), "--json", str(ours))
+        assert r.returncode == 0, r.stderr
+        vm.own_dump(theirs)
+        assert identity(theirs)[:3] == EXPECTED[name]
+        assert identity(ours) == identity(theirs)  # notes: owners and types, in order
+        assert first_difference(ours, theirs) is None
+        assert_markers(ours, placed)
+        report = json.loads(r.stdout)
+        assert report["arch"] == name.removesuffix("-elf32").removesuffix("-elf64")
+        assert report["elf_class"] == EXPECTED[name][0]
