@@ -10,6 +10,8 @@ import json
 
 import pytest
 
+from livedump.arch import for_target
+
 from .conftest import livedump
 from .test_dump import assert_markers
 from .vm import ARCH_PLATFORMS, VM, Marker, Platform
@@ -60,6 +62,19 @@ def test_vmcore_equals_qemus_on_every_arch(scratch, name):
         assert_markers(running, placed)
         assert identity(running)[:3] == EXPECTED[name]
 
+        # --no-pause: no CPU state from QEMU, so the target's default, said to be one.
+        fuzzy = scratch / "fuzzy.vmcore"
+        r = livedump("--pid", str(vm.pid), "--no-pause", "--json", str(fuzzy))
+        assert r.returncode == 0, r.stderr
+        assert vm.status() == "running"
+        assert_markers(fuzzy, placed)
+        default = for_target(vm.command("query-target")["arch"])
+        report = json.loads(r.stdout)
+        assert (report["arch"], report["arch_from"]) == (default.arch.name, str(default))
+        if not default.assumed:  # The target alone decides: QEMU's identity.
+            assert identity(fuzzy)[:3] == EXPECTED[name]
+        assert identity(fuzzy)[3] == []  # No CPU notes.
+
         vm.command("stop")
         ours, theirs = scratch / "ours.vmcore", scratch / "qemu.vmcore"
         r = livedump("--pid", str(vm.pid), "--json", str(ours))
@@ -72,3 +87,26 @@ def test_vmcore_equals_qemus_on_every_arch(scratch, name):
         report = json.loads(r.stdout)
         assert report["arch"] == name.removesuffix("-elf32").removesuffix("-elf64")
         assert report["elf_class"] == EXPECTED[name][0]
+
+
+def test_arch_overrides_qemus_judgement(scratch):
+    """--arch of QEMU's kind keeps its notes; of another kind it wins, without them."""
+    platform = ARCH_PLATFORMS["aarch64-be"]
+    placed = markers(platform, 256 * MiB)
+    with VM(platform=platform, memory="256M", markers=placed) as vm:
+        vm.wait_running(1)
+        vm.command("stop")
+        theirs = scratch / "qemu.vmcore"
+        vm.own_dump(theirs)
+        same, other = scratch / "same.vmcore", scratch / "other.vmcore"
+        r = livedump("--pid", str(vm.pid), "--arch", "aarch64_be", "--json", str(same))
+        assert r.returncode == 0, r.stderr
+        assert identity(same) == identity(theirs)
+        r = livedump("--pid", str(vm.pid), "--arch", "arm64", "--json", str(other))
+        assert r.returncode == 0, r.stderr
+        report = json.loads(r.stdout)
+        assert (report["arch"], report["arch_from"]) == ("aarch64-le", "--arch")
+        assert report["cpu_notes"] == "QEMU's CPU notes are for aarch64-be, not --arch aarch64-le"
+        assert identity(other) == (64, True, "EM_AARCH64", [])
+        assert first_difference(other, theirs) is None  # The memory is the same bytes.
+        assert vm.status() == "paused"

@@ -67,6 +67,43 @@ def lookup(name: str) -> Arch:
         raise UsageError(f"unknown architecture {name!r} (known: {known})") from None
 
 
+# Without QEMU's notes (--no-pause: its one-page dump would stop the guest)
+# there is no CPU state to judge by; the QEMU target (QMP ``query-target``)
+# then gives the machine, and where the CPU state would decide the rest,
+# what most guests run. The word says what was assumed.
+_TARGET_DEFAULTS = {
+    "x86_64": ("x86_64", "long mode assumed"),
+    "i386": ("386", ""),
+    "aarch64": ("aarch64-le", "little-endian assumed"),
+    "ppc64": ("ppc64-le", "little-endian assumed"),
+    "s390x": ("s390", ""),
+}
+
+
+@dataclass(frozen=True)
+class TargetDefault:
+    """The architecture a QEMU target implies when its CPU state is not known."""
+
+    target: str
+    arch: Arch
+    assumed: str  # "" when the target alone decides
+
+    def __str__(self) -> str:
+        said = f"QEMU target {self.target}"
+        return f"{said}, {self.assumed} (else give --arch)" if self.assumed else said
+
+
+def for_target(target: str) -> TargetDefault:
+    """What QEMU target ``target`` (as ``query-target`` names it) implies."""
+    try:
+        name, assumed = _TARGET_DEFAULTS[target]
+    except KeyError:
+        known = ", ".join(_TARGET_DEFAULTS)
+        raise UsageError(f"QEMU target {target!r} is not one livedump supports ({known})"
+                         ) from None
+    return TargetDefault(target, ARCHES[name], assumed)
+
+
 def from_elf(machine: str, bits: int, little_endian: bool) -> Arch:
     """The architecture of a vmcore's header (pyelftools' e_machine name, class, order).
 

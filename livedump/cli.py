@@ -47,8 +47,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--debug-file", metavar="PATH",
                    help="QEMU's debug info for --via ptrace (default: found by build-id, "
                    ".gnu_debuglink or debuginfod)")
-    p.add_argument("--arch", type=_arch, help="vmcore architecture (default: the QEMU "
-                   "target): " + ", ".join(ARCHES))
+    p.add_argument("--arch", type=_arch, help="vmcore architecture (default: as QEMU "
+                   "judges the CPU state; with --no-pause, what the QEMU target implies): "
+                   + ", ".join(ARCHES))
     p.add_argument("--force", action="store_true", help="replace an existing output file")
     p.add_argument("--qmp-timeout", type=_seconds, default=3.0, metavar="SECONDS",
                    help="how long to wait for a monitor's greeting or reply (default 3)")
@@ -142,12 +143,13 @@ def summary_line(s: Summary) -> str:
     return (f"wrote {s.output}: {len(s.blocks)} blocks, {_size(s.memory_bytes)} of {s.arch} "
             f"guest memory ({_size(s.read_bytes)} read, {_size(s.written_bytes)} written, "
             f"the rest never touched or zero) in {s.wall_seconds:.2f} s, {paused}, "
-            f"{_via(s)}; {s.cpu_notes}")
+            f"{_via(s)}; {s.cpu_notes}; architecture from {s.arch_from}")
 
 
 def as_json(s: Summary) -> dict[str, object]:
     return {
-        "output": s.output, "pid": s.pid, "arch": s.arch, "elf_class": s.elf_class,
+        "output": s.output, "pid": s.pid, "arch": s.arch, "arch_from": s.arch_from,
+        "elf_class": s.elf_class,
         "via": s.via, "detail": s.detail, "was_running": s.was_running,
         "paused": s.paused, "read_bytes": s.read_bytes, "written_bytes": s.written_bytes,
         "cpu_notes": s.cpu_notes,

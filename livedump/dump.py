@@ -63,6 +63,7 @@ class Summary:
     output: str
     pid: int
     arch: str
+    arch_from: str  # QEMU's judgement, --arch, or what the QEMU target implies
     elf_class: int
     via: str
     detail: str
@@ -108,7 +109,7 @@ def dump(request: Request) -> Summary:
             stack.callback(progress.close)
         try:
             wanted = arches.lookup(request.arch) if request.arch else None
-            target = wanted or arches.lookup(session.target_arch())
+            target = arches.for_target(session.target_arch()) if wanted is None else None
             out = stack.enter_context(Output(request.output, request.force))
             memory = stack.enter_context(ProcessMemory(pid))
             pagemap = stack.enter_context(PageMap(pid))
@@ -122,7 +123,7 @@ def dump(request: Request) -> Summary:
                     # QEMU's one-page dump would stop a running guest: not with --no-pause.
                     cpu = (session.cpu_notes(plan.blocks[0].gpa) if request.pause
                            else "no CPU registers with --no-pause")
-                    arch, cpu = _arch(wanted, target, cpu)
+                    arch, arch_from, cpu = _arch(wanted, target, cpu)
                     layout = CoreLayout(arch, plan.blocks, [
                         *([cpu] if isinstance(cpu, QemuNotes) else []), provenance_note(pid)])
                     if progress:
@@ -136,7 +137,8 @@ def dump(request: Request) -> Summary:
                 raise ProcessNotFound(f"QEMU (PID {pid}) exited during the dump") from None
             raise
     return Summary(
-        output=request.output, pid=pid, arch=arch.name, elf_class=layout.bits,
+        output=request.output, pid=pid, arch=arch.name, arch_from=arch_from,
+        elf_class=layout.bits,
         via=session.via, detail=session.detail, was_running=pause.was_running,
         paused=request.pause and pause.was_running, blocks=layout.blocks,
         cpu_notes=cpu if isinstance(cpu, str) else f"CPU state from QEMU "
@@ -153,16 +155,24 @@ def _plan(ranges: list[GuestRange], pid: int) -> _Plan:
     return _Plan(ranges, blocks, check_blocks(blocks, read_maps(pid)))
 
 
-def _arch(wanted: arches.Arch | None, target: arches.Arch, cpu: QemuNotes | str
-          ) -> tuple[arches.Arch, QemuNotes | str]:
-    """The vmcore's architecture: ``--arch``, else QEMU's own judgement (from its
-    notes), else the target's. QEMU's notes go only into a vmcore of their kind."""
-    if not isinstance(cpu, QemuNotes):
-        return wanted or target, cpu
-    if wanted is None or (wanted.machine, wanted.byteorder) == (cpu.arch.machine,
-                                                                 cpu.arch.byteorder):
-        return cpu.arch, cpu  # QEMU's class too: the notes are encoded for it.
-    return wanted, f"QEMU's CPU notes are for {cpu.arch.name}, not --arch {wanted.name}"
+def _arch(wanted: arches.Arch | None, target: arches.TargetDefault | None,
+          cpu: QemuNotes | str) -> tuple[arches.Arch, str, QemuNotes | str]:
+    """The vmcore's architecture, where it comes from, and its CPU notes.
+
+    ``--arch``, else QEMU's own judgement (the identity of its notes), else
+    what the target implies. QEMU's notes go only into a vmcore of their kind.
+    """
+    if isinstance(cpu, QemuNotes):
+        if wanted is None:
+            return cpu.arch, "QEMU (from the CPU state)", cpu
+        if (wanted.machine, wanted.byteorder) == (cpu.arch.machine, cpu.arch.byteorder):
+            return cpu.arch, "--arch", cpu  # QEMU's class too: the notes are encoded for it.
+        return wanted, "--arch", (f"QEMU's CPU notes are for {cpu.arch.name}, "
+                                  f"not --arch {wanted.name}")
+    if wanted is not None:
+        return wanted, "--arch", cpu
+    assert target is not None
+    return target.arch, str(target), cpu
 
 
 def provenance_note(pid: int) -> Note:

@@ -142,8 +142,9 @@ class CoreLayout:
         self.bits = arch.bits
         notes = list(notes)
         if self.bits == 32:
+            # QEMU's rule: ELF64 as soon as guest memory reaches 4 GiB.
             self._place(ElfStructs(32, arch.little_endian), notes)
-            if self.size > 1 << 32 or any(b.end > 1 << 32 for b in self.blocks):
+            if self.size > 1 << 32 or any(b.end >= 1 << 32 for b in self.blocks):
                 self.bits = 64
         s = ElfStructs(self.bits, arch.little_endian)
         self._place(s, notes)

@@ -88,9 +88,13 @@ def test_386_above_4g_becomes_elf64_like_qemu():
     assert [s["p_paddr"] for s in elf.iter_segments()][1:] == [0, 0x1_0000_0000]
 
 
-def test_386_below_4g_stays_elf32_up_to_the_boundary():
-    blocks = [Block(0xFFFC0000, 0x40000, 0)]  # Ends exactly at 4 GiB.
-    assert CoreLayout(lookup("386"), blocks, [NOTE]).bits == 32
+def test_386_reaching_4g_is_elf64_like_qemu():
+    """QEMU's rule: ELF64 once a block's end passes 0xffffffff, as SeaBIOS's
+    ROM at 0xfffc0000-0xffffffff does (integration/test_arches.py, 386-elf64)."""
+    below = [Block(0xFFFC0000, 0x3F000, 0)]
+    assert CoreLayout(lookup("386"), below, [NOTE]).bits == 32
+    reaching = [Block(0xFFFC0000, 0x40000, 0)]
+    assert CoreLayout(lookup("386"), reaching, [NOTE]).bits == 64
 
 
 def test_extended_numbering_past_65534_segments():
