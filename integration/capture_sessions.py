@@ -5,7 +5,7 @@ every monitor exchange livedump's RAM locator makes, plus the PT_LOAD list
 of QEMU's own ``dump-guest-memory`` of the same paused VM. The unit tests
 replay the exchanges and must arrive at QEMU's PT_LOAD list.
 
-    python3 -m integration.capture_sessions tests/data/sessions
+    python3 -m integration.capture_sessions tests/data/sessions [CONFIG...]
 """
 
 import json
@@ -17,7 +17,7 @@ from pathlib import Path
 from livedump import locate_monitor as locate
 from livedump.monitor import Monitor, QMPTransport
 
-from .vm import VM, kvm_usable
+from .vm import ARCH_PLATFORMS, VM, kvm_usable
 from .vmcore import loads
 
 CONFIGS = {
@@ -25,6 +25,12 @@ CONFIGS = {
     "pc-1G-seabios": dict(machine="pc", memory="1G"),
     "q35-5G-seabios": dict(machine="q35", memory="5G"),
     "q35-5G-seabios-kvm": dict(machine="q35", memory="5G", accel="kvm"),
+    # The other machines of integration/test_arches.py, firmware idling.
+    "pc-i386-512M-pflash": dict(platform=ARCH_PLATFORMS["386-elf32"], memory="512M"),
+    "virt-aarch64-512M": dict(platform=ARCH_PLATFORMS["aarch64-be"], memory="512M"),
+    "pseries-512M": dict(platform=ARCH_PLATFORMS["ppc64-be"], memory="512M"),
+    "powernv9-1G": dict(platform=ARCH_PLATFORMS["ppc64-le"], memory="1G"),
+    "s390-ccw-virtio-512M": dict(platform=ARCH_PLATFORMS["s390"], memory="512M"),
 }
 
 
@@ -57,7 +63,7 @@ def capture(name: str, config: dict) -> dict:
             recorder.close()
         core = Path(tmp) / "qemu.vmcore"
         vm.own_dump(core)
-        version = subprocess.run([vm_qemu(), "--version"], capture_output=True, text=True)
+        version = subprocess.run([vm.args[0], "--version"], capture_output=True, text=True)
         return {
             "config": name,
             "qemu": version.stdout.splitlines()[0],
@@ -66,16 +72,11 @@ def capture(name: str, config: dict) -> dict:
         }
 
 
-def vm_qemu() -> str:
-    from .vm import QEMU
-
-    return QEMU
-
-
 def main() -> None:
     out = Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
-    for name, config in CONFIGS.items():
+    for name in sys.argv[2:] or CONFIGS:
+        config = CONFIGS[name]
         if config.get("accel") == "kvm" and not kvm_usable():
             continue
         (out / f"{name}.json").write_text(json.dumps(capture(name, config), indent=1) + "\n")

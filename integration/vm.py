@@ -97,6 +97,7 @@ class VM:
         if self.start_paused:
             args.append("-S")
         args += self.extra
+        self.args = args
         self.log = open(self.dir / "qemu.log", "wb")
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=self.log,
                                         stderr=subprocess.STDOUT)

@@ -24,12 +24,45 @@ def test_blocks_equal_qemu_dump(session):
 
 def test_flatview_of_memory_address_space(session):
     ranges = locate.parse_flatview(mtree_text(session))
-    assert ranges[0].gpa == 0 and ranges[0].name == "pc.ram" and ranges[0].type == "ram"
+    assert ranges
     # Ranges are sorted and do not overlap.
     assert all(a.gpa + a.size <= b.gpa for a, b in zip(ranges, ranges[1:]))
+
+
+@pytest.mark.parametrize("name", ["pc-1G-seabios", "q35-5G-seabios"])
+def test_pc_ram_vga_hole_and_bios_rom(name):
+    ranges = locate.parse_flatview(mtree_text(_load(name)))
+    assert ranges[0].gpa == 0 and ranges[0].name == "pc.ram" and ranges[0].type == "ram"
     by_name = {r.name: r for r in ranges}
     assert by_name["vga-lowmem"].type == "i/o" and not by_name["vga-lowmem"].dumped
     assert by_name["pc.bios"].type == "rom" and by_name["pc.bios"].dumped
+
+
+# The RAM each machine's dump holds: flash (a ROM device, "romd") and the
+# MMIO of interrupt controllers are left out, as QEMU's dump leaves them.
+@pytest.mark.parametrize("name, dumped, not_dumped", [
+    ("pc-i386-512M-pflash", {"pc.ram"}, {"system.flash0"}),
+    ("virt-aarch64-512M", {"mach-virt.ram"}, {"virt.flash0", "virt.flash1"}),
+    ("pseries-512M", {"ppc_spapr.ram"}, {"xive.esb-emulated", "xive.tima"}),
+    ("powernv9-1G", {"pnv.ram"}, {"homer-main-memory", "occ-common-area", "xscom-0"}),
+    ("s390-ccw-virtio-512M", {"s390.ram"}, set()),
+])
+def test_what_each_machine_dumps(name, dumped, not_dumped):
+    ranges = locate.parse_flatview(mtree_text(_load(name)))
+    assert {r.name for r in ranges if r.dumped} == dumped
+    assert not_dumped <= {r.name for r in ranges if not r.dumped}
+
+
+def test_flash_is_a_rom_device():
+    ranges = locate.parse_flatview(mtree_text(_load("virt-aarch64-512M")))
+    assert (ranges[0].gpa, ranges[0].size, ranges[0].type) == (0, 64 << 20, "romd")
+
+
+def test_root_region_that_is_ram_itself():
+    """s390's flat view has no container: its root is the RAM region."""
+    ranges = locate.parse_flatview(mtree_text(_load("s390-ccw-virtio-512M")))
+    assert [(r.gpa, r.size, r.name, r.type) for r in ranges] == [
+        (0, 512 << 20, "s390.ram", "ram")]
 
 
 def test_names_may_hold_spaces():
