@@ -145,33 +145,40 @@ _start:
 """, link=("-Ttext=0",))
 
 
-def ppc64(little_endian: bool) -> Firmware:
-    """Idle, or first set HID0.HILE: what QEMU 7.2 reads for the byte order.
+# POWER: QEMU's dump of a POWER9 CPU is little-endian when the CPU takes
+# interrupts little-endian, and QEMU 7.2 looks for that in HID0.HILE (IBM
+# bit 4), a hypervisor register. powernv starts in hypervisor mode and can
+# set it. A pseries guest cannot: it asks for little-endian interrupts with
+# the H_SET_MODE hypervisor call, as every little-endian Linux does, which
+# sets LPCR.ILE, so QEMU 7.2 dumps a pseries guest big-endian whatever its
+# byte order. The CPU starts big-endian at 0x100 (pseries) or 0x10
+# (powernv); -bios loads the image at 0.
+def _ppc64(name: str, setup: str) -> Firmware:
+    return Firmware(name, "powerpc64le-linux-gnu-", f"""
+    .globl _start
+_start:
+    .org 0x10
+    b entry
+    .org 0x100
+entry:{setup}
+1:  b 1b
+""", link=("-EB", "-Ttext=0"), assemble=("-a64", "-mbig"))
 
-    QEMU's dump of a POWER9 CPU is little-endian when the CPU takes
-    interrupts little-endian, and QEMU 7.2 looks for that in HID0.HILE
-    (IBM bit 4), a hypervisor register: set on ``powernv`` (which starts in
-    hypervisor mode), it cannot be on ``pseries``, whose guests ask for
-    little-endian interrupts with the H_SET_MODE call, which sets LPCR.ILE.
-    So QEMU 7.2 dumps a pseries guest big-endian whatever its byte order.
-    The CPU starts big-endian at 0x100 (pseries) or 0x10 (powernv); -bios
-    loads the image at 0.
-    """
-    set_hile = """
+
+PPC64_HID0_HILE = _ppc64("ppc64-hid0-hile", """
     mfspr 3, 1008           # HID0
     li 4, 1
     sldi 4, 4, 59           # HID0.HILE
     or 3, 3, 4
-    mtspr 1008, 3""" if little_endian else ""
-    return Firmware(f"ppc64-{'le' if little_endian else 'be'}", "powerpc64le-linux-gnu-", f"""
-    .globl _start
-_start:
-    .org 0x10
-    b idle
-    .org 0x100
-idle:{set_hile}
-1:  b 1b
-""", link=("-EB", "-Ttext=0"), assemble=("-a64", "-mbig"))
+    mtspr 1008, 3""")
+
+PPC64_H_SET_MODE_LE = _ppc64("ppc64-h-set-mode-le", """
+    li 3, 0x31c             # H_SET_MODE
+    li 4, 1                 # little-endian
+    li 5, 4                 # resource: interrupt byte order
+    li 6, 0
+    li 7, 0
+    sc 1                    # to the hypervisor: QEMU""")
 
 
 # s390x: a branch to itself. Every s390x vmcore is EM_S390 ELF64

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from .firmware import S390X_SPIN, X86_64_LONG_MODE, Firmware, aarch64, ppc64
+from .firmware import (PPC64_H_SET_MODE_LE, PPC64_HID0_HILE, S390X_SPIN, X86_64_LONG_MODE,
+                       Firmware, aarch64)
 
 QEMU = os.environ.get("LIVEDUMP_TEST_QEMU", "qemu-system-x86_64")
 
@@ -188,7 +189,8 @@ ARCH_PLATFORMS = {
                            ("-bios", aarch64(big_endian=False)), ram_base=0x4000_0000),
     "aarch64-be": Platform("qemu-system-aarch64", "virt", ("-cpu", "cortex-a57"),
                            ("-bios", aarch64(big_endian=True)), ram_base=0x4000_0000),
-    "ppc64-be": Platform("qemu-system-ppc64", "pseries", (), ("-bios", ppc64(little_endian=False))),
-    "ppc64-le": Platform("qemu-system-ppc64", "powernv9", (), ("-bios", ppc64(little_endian=True))),
+    # A little-endian pseries guest, dumped big-endian by QEMU 7.2.
+    "ppc64-be": Platform("qemu-system-ppc64", "pseries", (), ("-bios", PPC64_H_SET_MODE_LE)),
+    "ppc64-le": Platform("qemu-system-ppc64", "powernv9", (), ("-bios", PPC64_HID0_HILE)),
     "s390": Platform("qemu-system-s390x", "s390-ccw-virtio", (), ("-kernel", S390X_SPIN)),
 }
