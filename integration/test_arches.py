@@ -8,6 +8,7 @@ in all of them, in its notes, its PT_LOAD list and every byte of memory.
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -57,6 +58,13 @@ def markers(platform: Platform, memory: int) -> list[Marker]:
     ]
 
 
+def dump(vm: VM, path: Path, *options: str) -> dict:
+    """livedump's report of its dump of ``vm`` into ``path``, which must succeed."""
+    r = livedump("--pid", str(vm.pid), "--json", *options, str(path))
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
 @pytest.mark.parametrize("name", ARCH_PLATFORMS)
 def test_vmcore_equals_qemus_on_every_arch(scratch, name):
     platform = ARCH_PLATFORMS[name]
@@ -66,20 +74,17 @@ def test_vmcore_equals_qemus_on_every_arch(scratch, name):
         vm.wait_running(1)
         # Running: paused for the dump, and running again after it.
         running = scratch / "running.vmcore"
-        r = livedump("--pid", str(vm.pid), "--json", str(running))
-        assert r.returncode == 0, r.stderr
+        dump(vm, running)
         assert vm.status() == "running"
         assert_markers(running, placed)
         assert identity(running)[:3] == EXPECTED[name]
 
         # --no-pause: no CPU state from QEMU, so the target's default, said to be one.
         fuzzy = scratch / "fuzzy.vmcore"
-        r = livedump("--pid", str(vm.pid), "--no-pause", "--json", str(fuzzy))
-        assert r.returncode == 0, r.stderr
+        report = dump(vm, fuzzy, "--no-pause")
         assert vm.status() == "running"
         assert_markers(fuzzy, placed)
         default = for_target(vm.command("query-target")["arch"])
-        report = json.loads(r.stdout)
         assert (report["arch"], report["arch_from"]) == (default.arch.name, str(default))
         if not default.assumed:  # The target alone decides: QEMU's identity.
             assert identity(fuzzy)[:3] == EXPECTED[name]
@@ -87,17 +92,17 @@ def test_vmcore_equals_qemus_on_every_arch(scratch, name):
 
         vm.command("stop")
         ours, theirs = scratch / "ours.vmcore", scratch / "qemu.vmcore"
-        r = livedump("--pid", str(vm.pid), "--json", str(ours))
-        assert r.returncode == 0, r.stderr
+        report = dump(vm, ours)
         vm.own_dump(theirs)
         assert identity(theirs)[:3] == EXPECTED[name]
         if name == "ppc64-be":  # ...though the guest asked for little-endian interrupts.
             assert lpcr(vm) & LPCR_ILE
         assert identity(ours) == identity(theirs)  # notes: owners and types, in order
+        assert ("CORE", "NT_PRSTATUS") in identity(ours)[3]
         assert first_difference(ours, theirs) is None
         assert_markers(ours, placed)
-        report = json.loads(r.stdout)
         assert report["arch"] == name.removesuffix("-elf32").removesuffix("-elf64")
+        assert report["arch_from"] == "QEMU (from the CPU state)"
         assert report["elf_class"] == EXPECTED[name][0]
 
 
@@ -111,12 +116,9 @@ def test_arch_overrides_qemus_judgement(scratch):
         theirs = scratch / "qemu.vmcore"
         vm.own_dump(theirs)
         same, other = scratch / "same.vmcore", scratch / "other.vmcore"
-        r = livedump("--pid", str(vm.pid), "--arch", "aarch64_be", "--json", str(same))
-        assert r.returncode == 0, r.stderr
+        dump(vm, same, "--arch", "aarch64_be")
         assert identity(same) == identity(theirs)
-        r = livedump("--pid", str(vm.pid), "--arch", "arm64", "--json", str(other))
-        assert r.returncode == 0, r.stderr
-        report = json.loads(r.stdout)
+        report = dump(vm, other, "--arch", "arm64")
         assert (report["arch"], report["arch_from"]) == ("aarch64-le", "--arch")
         assert report["cpu_notes"] == "QEMU's CPU notes are for aarch64-be, not --arch aarch64-le"
         assert identity(other) == (64, True, "EM_AARCH64", [])
