@@ -102,7 +102,7 @@ def test_vmcore_equals_qemus_on_every_arch(scratch, name):
         assert first_difference(ours, theirs) is None
         assert_markers(ours, placed)
         assert report["arch"] == name.removesuffix("-elf32").removesuffix("-elf64")
-        assert report["arch_from"] == "QEMU (from the CPU state)"
+        assert report["arch_from"] == "QEMU's, from the CPU state"
         assert report["elf_class"] == EXPECTED[name][0]
 
 

@@ -143,7 +143,7 @@ def summary_line(s: Summary) -> str:
     return (f"wrote {s.output}: {len(s.blocks)} blocks, {_size(s.memory_bytes)} of {s.arch} "
             f"guest memory ({_size(s.read_bytes)} read, {_size(s.written_bytes)} written, "
             f"the rest never touched or zero) in {s.wall_seconds:.2f} s, {paused}, "
-            f"{_via(s)}; {s.cpu_notes}; architecture from {s.arch_from}")
+            f"{_via(s)}; {s.cpu_notes}; architecture: {s.arch_from}")
 
 
 def as_json(s: Summary) -> dict[str, object]:

@@ -164,7 +164,7 @@ def _arch(wanted: arches.Arch | None, target: arches.TargetDefault | None,
     """
     if isinstance(cpu, QemuNotes):
         if wanted is None:
-            return cpu.arch, "QEMU (from the CPU state)", cpu
+            return cpu.arch, "QEMU's, from the CPU state", cpu
         if (wanted.machine, wanted.byteorder) == (cpu.arch.machine, cpu.arch.byteorder):
             return cpu.arch, "--arch", cpu  # QEMU's class too: the notes are encoded for it.
         return wanted, "--arch", (f"QEMU's CPU notes are for {cpu.arch.name}, "

@@ -36,7 +36,7 @@ def test_unsupported_target_is_named():
 
 def test_qemus_judgement_wins_over_the_target():
     arch, source, notes = _arch(None, arches.for_target("x86_64"), QEMU_386)
-    assert (arch.name, arch.bits, source, notes) == ("386", 64, "QEMU (from the CPU state)",
+    assert (arch.name, arch.bits, source, notes) == ("386", 64, "QEMU's, from the CPU state",
                                                      QEMU_386)
 
 
