@@ -3,7 +3,9 @@
 For each VM configuration this starts a real QEMU, pauses it, and records
 every monitor exchange livedump's RAM locator makes, plus the PT_LOAD list
 of QEMU's own ``dump-guest-memory`` of the same paused VM. The unit tests
-replay the exchanges and must arrive at QEMU's PT_LOAD list.
+replay the exchanges and must arrive at QEMU's PT_LOAD list. QEMU's dump of
+the VM's first page is kept too (``NAME-one-page.vmcore``): the notes and
+ELF identity livedump takes from QEMU.
 
     python3 -m integration.capture_sessions tests/data/sessions [CONFIG...]
 """
@@ -50,7 +52,7 @@ class Recorder:
         self.inner.close()
 
 
-def capture(name: str, config: dict) -> dict:
+def capture(name: str, config: dict) -> tuple[dict, bytes]:
     with VM(**config) as vm, tempfile.TemporaryDirectory(dir="/dev/shm") as tmp:
         if vm.status() == "running":
             vm.wait_running(1)
@@ -61,15 +63,17 @@ def capture(name: str, config: dict) -> dict:
             locate.guest_ranges(monitor, locate.flat_view(monitor))
         finally:
             recorder.close()
-        core = Path(tmp) / "qemu.vmcore"
+        core, page = Path(tmp) / "qemu.vmcore", Path(tmp) / "page.vmcore"
         vm.own_dump(core)
+        first = loads(core)[0].paddr
+        vm.own_dump(page, begin=first, length=4096)
         version = subprocess.run([vm.args[0], "--version"], capture_output=True, text=True)
         return {
             "config": name,
             "qemu": version.stdout.splitlines()[0],
             "exchanges": recorder.exchanges,
             "qemu_dump_loads": [[x.paddr, x.memsz] for x in loads(core)],
-        }
+        }, page.read_bytes()
 
 
 def main() -> None:
@@ -79,7 +83,9 @@ def main() -> None:
         config = CONFIGS[name]
         if config.get("accel") == "kvm" and not kvm_usable():
             continue
-        (out / f"{name}.json").write_text(json.dumps(capture(name, config), indent=1) + "\n")
+        session, page = capture(name, config)
+        (out / f"{name}.json").write_text(json.dumps(session, indent=1) + "\n")
+        (out / f"{name}-one-page.vmcore").write_bytes(page)
         print(name)
 
 

@@ -153,9 +153,12 @@ class VM:
         assert self.status() == "running"
         time.sleep(seconds)
 
-    def own_dump(self, path: Path) -> None:
-        """QEMU's own ``dump-guest-memory`` (paging off) into ``path``; waits for it."""
-        self.command("dump-guest-memory", paging=False, protocol=f"file:{path}")
+    def own_dump(self, path: Path, **span: int) -> None:
+        """QEMU's own ``dump-guest-memory`` (paging off) into ``path``; waits for it.
+
+        ``span``: ``begin`` and ``length``, to dump only that guest-physical range.
+        """
+        self.command("dump-guest-memory", paging=False, protocol=f"file:{path}", **span)
         deadline = time.monotonic() + 600
         while self.command("query-dump")["status"] == "active":
             if time.monotonic() > deadline:

@@ -1,7 +1,10 @@
 """QEMU's notes, from one-page dumps QEMU 7.2 wrote (tests/data/*-one-page.vmcore:
 dump-guest-memory of 4 KiB at 1 MiB of a paused firmware-only guest)."""
 
+import io
+
 import pytest
+from elftools.elf.elffile import ELFFile
 
 from livedump.arch import from_elf
 from livedump.coalesce import Block
@@ -39,3 +42,32 @@ def test_garbage_is_a_monitor_error():
 def test_unknown_machine():
     with pytest.raises(UsageError, match="EM_MIPS"):
         from_elf("EM_MIPS", 64, False)
+
+
+# One-page dumps of the machines of integration/test_arches.py
+# (integration/capture_sessions.py): (name, bits, byte order) QEMU judged.
+ARCH_PAGES = {
+    "pc-i386-512M-pflash": ("386", 32, "little"),
+    "virt-aarch64-512M": ("aarch64-be", 64, "big"),
+    "pseries-512M": ("ppc64-be", 64, "big"),
+    "powernv9-1G": ("ppc64-le", 64, "little"),
+    "s390-ccw-virtio-512M": ("s390", 64, "big"),
+}
+
+
+@pytest.mark.parametrize("name", ARCH_PAGES)
+def test_every_arch_notes_go_verbatim_into_a_vmcore_of_their_kind(name):
+    qemu = (DATA / "sessions" / f"{name}-one-page.vmcore").read_bytes()
+    notes = parse(qemu)
+    assert (notes.arch.name, notes.arch.bits, notes.arch.byteorder) == ARCH_PAGES[name]
+    elf = parse_layout(CoreLayout(notes.arch, [Block(0, 0x1000, 0)],
+                                  [notes, provenance_note(1)]))
+    assert elf.elfclass == notes.arch.bits and elf.little_endian == notes.arch.little_endian
+    # Read back in the vmcore's byte order: QEMU's owners and types, then ours.
+    assert note_list(elf)[:-1] == note_list(ELFFile(io.BytesIO(qemu)))
+    assert note_list(elf)[0] == ("CORE", "NT_PRSTATUS")
+
+
+def note_list(elf: ELFFile) -> list[tuple[str, object]]:
+    return [(n["n_name"], n["n_type"]) for n in next(
+        s for s in elf.iter_segments() if s["p_type"] == "PT_NOTE").iter_notes()]
