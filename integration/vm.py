@@ -8,6 +8,7 @@ Its :class:`Platform` says which emulator, machine and firmware: an x86 PC
 with SeaBIOS unless told otherwise.
 """
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -108,7 +109,9 @@ class VM:
             try:
                 self.qmp.connect()
             except Exception:
-                self.process.wait(timeout=5)  # QEMU may have given up on its options.
+                # Refused: QEMU may be giving up on its options; say why if so.
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.process.wait(timeout=5)
                 self._check_alive()
                 raise
         except BaseException:
