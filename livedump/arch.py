@@ -68,9 +68,9 @@ def lookup(name: str) -> Arch:
 
 
 # Without QEMU's notes (--no-pause: its one-page dump would stop the guest)
-# there is no CPU state to judge by; the QEMU target (QMP ``query-target``)
-# then gives the machine, and where the CPU state would decide the rest,
-# what most guests run. The word says what was assumed.
+# there is no CPU state to judge by. The QEMU target (QMP ``query-target``)
+# then gives the machine; where QEMU would read the rest from the CPU
+# state, the default is what most guests run, said to be an assumption.
 _TARGET_DEFAULTS = {
     "x86_64": ("x86_64", "long mode assumed"),
     "i386": ("386", ""),
