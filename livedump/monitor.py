@@ -52,6 +52,7 @@ class QMPTransport:
         self.address = address
         self.timeout = timeout
         self.peer_pid: int | None = None
+        self._connected = False
         self._connect()
 
     def _connect(self) -> None:
@@ -70,10 +71,11 @@ class QMPTransport:
         try:
             self._run(self._client.connect(sock), "greeting")
         except BaseException:
-            self.close()
+            self._runner.close()
             sock.close()
             raise
         self._sock = sock
+        self._connected = True
 
     def send_fd(self, fd: int) -> None:
         try:
@@ -120,6 +122,8 @@ class QMPTransport:
         """Run ``command``; if the session broke (QEMU or a relay dropped it), once more
         on a new session: the monitor takes a new client, and every command livedump
         sends may be repeated."""
+        if not self._connected:  # An earlier attempt to reconnect failed; try again.
+            self._connect()
         try:
             return self._execute(command, arguments, timeout)
         except _SessionBroken:
@@ -136,6 +140,9 @@ class QMPTransport:
             raise MonitorError(f"QEMU refused {command!r}: {e.error.error.desc}") from None
 
     def close(self) -> None:
+        if not self._connected:
+            return
+        self._connected = False
         with signals.deferred():
             goodbye = self._client.disconnect()
             try:
