@@ -17,7 +17,12 @@ from the symbol table; GCC lists no data in .debug_aranges), and a struct
 only declared there (FlatRange outside memory.c) by the references to its
 name string (``DW_FORM_strp``) or the name inline (``DW_FORM_string``),
 in units that also name its rarest members. Only what that finds is parsed,
-and checked, with pyelftools. Other toolchains' forms (clang's
+and checked, with pyelftools.
+
+The vCPUs' registers are found the same way, from QEMU's list of CPUs
+(``cpus``, a tail queue of CPUState) to each X86CPU's ``env``; a QEMU of
+another target, or one whose CPU structures differ, still maps its memory
+(:attr:`QemuLayout.no_cpu_state` says why it has no registers). Other toolchains' forms (clang's
 ``DW_OP_addrx``, ``DW_FORM_strx``) fall back to .debug_aranges and to that
 slow scan, once: the result is cached per build-id.
 """
@@ -55,6 +60,25 @@ NEEDED: dict[str, tuple[str, ...]] = {
     "RAMBlock": ("host",),
 }
 
+# The x86 CPU state: the list of CPUs (renamed in QEMU 8.2), the structure
+# holding a CPUState and its registers (named X86CPU before QEMU 6.0), and
+# the members read, as above. kernelgsbase exists only in qemu-system-x86_64.
+CPU_LISTS = ("cpus", "cpus_queue")
+CPU_STRUCTS = ("ArchCPU", "X86CPU")
+CPU_NEEDED: dict[str, tuple[str, ...]] = {
+    "CPUTailQ": ("tqh_first",),
+    "CPUState": ("node.tqe_next", "cpu_index", "running"),
+    "ArchCPU": ("parent_obj", "env"),
+    "CPUArchState": ("regs", "eip", "eflags", "segs", "ldt", "tr", "gdt", "idt", "cr",
+                     "efer"),
+    "SegmentCache": ("selector", "base", "limit", "flags"),
+}
+CPU_OPTIONAL = {"CPUArchState": ("kernelgsbase",)}
+
+# The flags that say which accelerator runs the vCPUs (kvm_enabled() and
+# tcg_enabled() read them); a QEMU built without one has no flag for it.
+ACCELERATORS = {"tcg": "tcg_allowed", "kvm": "kvm_allowed"}
+
 # How each structure is reached from the variable's type (AddressSpace):
 # (structure, member, the member's structure, through a pointer).
 _PATH = (
@@ -72,10 +96,12 @@ _INT128_USES = (("AddrRange", "start"), ("AddrRange", "size"))
 _TRANSPARENT = {"DW_TAG_typedef", "DW_TAG_const_type", "DW_TAG_volatile_type",
                 "DW_TAG_restrict_type", "DW_TAG_atomic_type"}
 _DW_OP_ADDR = 0x03
-# An ELF symbol per class: its struct format, where st_value and st_shndx are in it.
-_SYMBOL_ENTRY = {64: ("IBBHQQ", 4, 3), 32: ("IIIBBH", 1, 5)}
+# An ELF symbol per class: its struct format, where st_value, st_size, st_info
+# and st_shndx are in it.
+_SYMBOL_ENTRY = {64: ("IBBHQQ", 4, 5, 1, 3), 32: ("IIIBBH", 1, 2, 3, 5)}
+_STB_GLOBAL, _STB_WEAK = 1, 2
 
-_CACHE_FORMAT = 2
+_CACHE_FORMAT = 3
 
 
 # --- the layout -------------------------------------------------------------
@@ -86,6 +112,14 @@ class Field:
     """Where a member is in its structure, in bytes."""
 
     offset: int
+    size: int
+
+
+@dataclass(frozen=True)
+class Symbol:
+    """A global variable: link-time address and size."""
+
+    address: int
     size: int
 
 
@@ -116,6 +150,8 @@ class QemuLayout:
     ``pie`` binary add the load bias, the start of the executable's mapping
     at file offset 0 in ``/proc/PID/maps``.
     ``byteorder`` is ``"little"`` or ``"big"``, as ``int.from_bytes`` takes it.
+    ``cpu_list`` is the address of QEMU's list of CPUs, with the structures of
+    CPU_NEEDED in ``structs``; or None, and ``no_cpu_state`` says why.
     """
 
     build_id: str | None
@@ -125,6 +161,9 @@ class QemuLayout:
     byteorder: str
     int128: Int128Layout
     structs: dict[str, StructLayout]
+    cpu_list: int | None
+    no_cpu_state: str
+    accelerators: dict[str, Symbol]
 
     def to_json(self) -> str:
         return json.dumps({"format": _CACHE_FORMAT, **asdict(self)}, indent=1)
@@ -148,13 +187,18 @@ class QemuLayout:
                 structs={name: StructLayout(_count(s["size"]), {
                     m: Field(_count(f["offset"]), _count(f["size"]))
                     for m, f in s["fields"].items()}) for name, s in d["structs"].items()},
+                cpu_list=None if d["cpu_list"] is None else _count(d["cpu_list"]),
+                no_cpu_state=_typed(d["no_cpu_state"], str),
+                accelerators={name: Symbol(_count(a["address"]), _count(a["size"]))
+                              for name, a in d["accelerators"].items()},
             )
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"malformed layout: {e!r}") from None
 
     def __post_init__(self) -> None:
         # A layout cached by another livedump may lack what this one reads.
-        for struct_name, members in NEEDED.items():
+        needed = NEEDED | (CPU_NEEDED if self.cpu_list is not None else {})
+        for struct_name, members in needed.items():
             fields = self.structs.get(struct_name)
             if fields is None or not set(members) <= fields.fields.keys():
                 raise ValueError(f"layout lacks members of {struct_name}")
@@ -235,26 +279,35 @@ def _write_cache(layout: QemuLayout) -> None:
 
 def _read_layout(exe: str, debug_file: Path, build_id: str | None) -> QemuLayout:
     check_build_id(debug_file, build_id)
+    names = (VARIABLE, *CPU_LISTS, *ACCELERATORS.values())
     with open_elf(debug_file) as elf:
-        address = _symbol(elf, VARIABLE)
+        symbols = _symbols(elf, names)
         info = elf.get_dwarf_info(follow_links=False)
         supplementary = supplementary_file(elf, debug_file)
     with open_elf(exe) as elf:
         pie = elf["e_type"] == "ET_DYN"
         pointer_size = elf.elfclass // 8
         byteorder = "little" if elf.little_endian else "big"
-        if address is None:
-            address = _symbol(elf, VARIABLE)
-    if address is None:
+        symbols = _symbols(elf, names) | symbols
+    if VARIABLE not in symbols:
         raise DebugInfoError(f"no symbol {VARIABLE} in {debug_file}: is this qemu-system-*?")
+    address = symbols[VARIABLE].address
     try:
         walk = _Walk(_dwarfs(info, supplementary, byteorder), debug_file)
-        structs, int128 = walk.structs(walk.variable(address, pointer_size))
+        structs, int128 = walk.structs(walk.variable(address, pointer_size, VARIABLE))
+        cpu_list, no_cpu_state = None, ""
+        try:
+            cpu_list, cpu_structs = walk.cpus(symbols, pointer_size)
+            structs |= cpu_structs
+        except DebugInfoError as e:
+            no_cpu_state = str(e)
     except (ELFError, DWARFError) as e:
         raise DebugInfoError(f"cannot read the DWARF in {debug_file}: {e}") from None
     return QemuLayout(build_id=build_id, address_space_memory=address, pie=pie,
                       pointer_size=pointer_size, byteorder=byteorder, int128=int128,
-                      structs=structs)
+                      structs=structs, cpu_list=cpu_list, no_cpu_state=no_cpu_state,
+                      accelerators={accel: symbols[flag] for accel, flag in ACCELERATORS.items()
+                                    if flag in symbols})
 
 
 def _dwarfs(info: DWARFInfo, supplementary: Path | None, byteorder: str) -> list["_Dwarf"]:
@@ -267,22 +320,26 @@ def _dwarfs(info: DWARFInfo, supplementary: Path | None, byteorder: str) -> list
     return [_Dwarf(info, byteorder, alien_strings=common.strings), common]
 
 
-def _symbol(elf: ELFFile, name: str) -> int | None:
-    """The value of a defined symbol, from .symtab (else .dynsym).
+def _symbols(elf: ELFFile, names: Iterable[str]) -> dict[str, Symbol]:
+    """The defined global symbols of ``names`` there are, from .symtab (else .dynsym).
 
     Read with ``struct``: pyelftools takes seconds over QEMU's 45,000 symbols.
     """
-    layout, value_at, section_at = _SYMBOL_ENTRY[elf.elfclass]
+    layout, value_at, size_at, info_at, section_at = _SYMBOL_ENTRY[elf.elfclass]
     fmt = ("<" if elf.little_endian else ">") + layout
+    found: dict[str, Symbol] = {}
     for table in (elf.get_section_by_name(".symtab"), elf.get_section_by_name(".dynsym")):
         if table is None or table["sh_type"] == "SHT_NOBITS":
             continue
-        names = elf.get_section(table["sh_link"]).data()
-        wanted = set(_find_all(names, name.encode() + b"\0"))
+        strings = elf.get_section(table["sh_link"]).data()
+        wanted = {at: name for name in names if name not in found
+                  for at in _find_all(strings, name.encode() + b"\0")}
         for entry in struct.iter_unpack(fmt, table.data()):
-            if entry[0] in wanted and entry[section_at] != 0:
-                return entry[value_at]
-    return None
+            name = wanted.get(entry[0])
+            if (name is not None and name not in found and entry[section_at] != 0
+                    and entry[info_at] >> 4 in (_STB_GLOBAL, _STB_WEAK)):
+                found[name] = Symbol(entry[value_at], entry[size_at])
+    return found
 
 
 def _find_all(haystack: bytes, needle: bytes) -> Iterator[int]:
@@ -387,13 +444,14 @@ def _uleb_starts(data: bytes, end: int, floor: int) -> Iterator[int]:
 
 
 class _Walk:
-    """Follows the types from address_space_memory to every structure in NEEDED."""
+    """Follows the types from address_space_memory to every structure in NEEDED,
+    and from QEMU's list of CPUs to every structure in CPU_NEEDED."""
 
     def __init__(self, dwarfs: list[_Dwarf], path: Path) -> None:
         self.dwarfs = dwarfs  # the debug file's, then its dwz common file's
         self.path = path
 
-    def variable(self, address: int, pointer_size: int) -> DIE:
+    def variable(self, address: int, pointer_size: int, name: str) -> DIE:
         """The DIE that defines the variable at ``address`` (DW_OP_addr in its location)."""
         info = self.dwarfs[0].info
         for unit in _variable_units(self.dwarfs[0], address, pointer_size):
@@ -403,30 +461,35 @@ class _Walk:
                 return die
         die = _scan(info, lambda d: _is_variable_at(d, address))  # other toolchains
         if die is None:
-            raise DebugInfoError(f"{self.path} has no DWARF for {VARIABLE}")
+            raise DebugInfoError(f"{self.path} has no DWARF for {name}")
         return die
 
     def definition(self, die: DIE, role: str, members: tuple[str, ...]) -> DIE:
         """The complete struct behind ``die``, which may be a declaration
         only (as FlatRange is outside QEMU's memory.c)."""
         struct_die = _strip(die)
-        if struct_die.tag != "DW_TAG_structure_type":
+        if struct_die.tag not in ("DW_TAG_structure_type", "DW_TAG_union_type"):
             raise DebugInfoError(f"{role} is a {struct_die.tag} in {self.path}, not a struct")
         if "DW_AT_declaration" not in struct_die.attributes:
             return struct_die
-        name = struct_die.attributes["DW_AT_name"].value.decode()
-        for dwarf in self.dwarfs:
-            units = dwarf.units_naming(members)
-            for hit in dwarf.name_refs(name):
-                if dwarf.unit_at(hit) in units:
-                    found = dwarf.struct_named_at(hit, name)
-                    if found is not None and _has_members(found, members):
-                        return found
+        return self.named((struct_die.attributes["DW_AT_name"].value.decode(),), members)
+
+    def named(self, names: tuple[str, ...], members: tuple[str, ...]) -> DIE:
+        """The complete struct called one of ``names`` (tried in order) with ``members``."""
+        heads = tuple(dict.fromkeys(m.partition(".")[0] for m in members))
+        for name in names:
+            for dwarf in self.dwarfs:
+                units = dwarf.units_naming(heads)
+                for hit in dwarf.name_refs(name):
+                    if dwarf.unit_at(hit) in units:
+                        found = dwarf.struct_named_at(hit, name)
+                        if found is not None and _has_members(found, heads):
+                            return found
         for dwarf in self.dwarfs:  # names in forms the byte search misses
-            found = _scan(dwarf.info, lambda d: _is_definition(d, name, members))
+            found = _scan(dwarf.info, lambda d: any(_is_definition(d, n, heads) for n in names))
             if found is not None:
                 return found
-        raise DebugInfoError(f"{self.path} has no definition of struct {name}")
+        raise DebugInfoError(f"{self.path} has no definition of struct {' or '.join(names)}")
 
     def structs(self, variable: DIE) -> tuple[dict[str, StructLayout], Int128Layout]:
         """The needed structures' layouts and Int128's, from the variable's DIE."""
@@ -441,10 +504,31 @@ class _Walk:
         kinds = {self.int128(_type(members[r][m][1])) for r, m in _INT128_USES}
         if len(kinds) != 1:
             raise DebugInfoError(f"Int128 is stored in different ways in {self.path}")
-        layouts = {role: StructLayout(_byte_size(dies[role]), {
-            name: Field(offset, _byte_size(_type(die)))
-            for name, (offset, die) in members[role].items()}) for role in NEEDED}
-        return layouts, kinds.pop()
+        return _layouts(dies, members), kinds.pop()
+
+    def cpus(self, symbols: dict[str, Symbol], pointer_size: int
+             ) -> tuple[int, dict[str, StructLayout]]:
+        """The address of QEMU's list of CPUs and the layouts of CPU_NEEDED:
+        from the list to its CPUState, then the X86CPU around it and its ``env``."""
+        name = next((n for n in CPU_LISTS if n in symbols), None)
+        if name is None:
+            raise DebugInfoError(f"no symbol {' or '.join(CPU_LISTS)} in {self.path}")
+        address = symbols[name].address
+        dies = {"CPUTailQ": self.definition(_type(self.variable(address, pointer_size, name)),
+                                            "CPUTailQ", CPU_NEEDED["CPUTailQ"])}
+        head = _members(dies["CPUTailQ"], "CPUTailQ", CPU_NEEDED["CPUTailQ"])
+        dies["CPUState"] = self.definition(_pointee(_type(head["tqh_first"][1]), name),
+                                           "CPUState", CPU_NEEDED["CPUState"])
+        dies["ArchCPU"] = self.named(CPU_STRUCTS, CPU_NEEDED["ArchCPU"])
+        cpu = _members(dies["ArchCPU"], "ArchCPU", CPU_NEEDED["ArchCPU"])
+        dies["CPUArchState"] = self.definition(_type(cpu["env"][1]), "CPUArchState",
+                                               CPU_NEEDED["CPUArchState"])
+        state = _members(dies["CPUArchState"], "CPUArchState", CPU_NEEDED["CPUArchState"])
+        dies["SegmentCache"] = self.definition(_element(_type(state["segs"][1])),
+                                               "SegmentCache", CPU_NEEDED["SegmentCache"])
+        members = {role: _members(dies[role], role, CPU_NEEDED[role], CPU_OPTIONAL.get(role, ()))
+                   for role in CPU_NEEDED}
+        return address, _layouts(dies, members)
 
     def int128(self, die: DIE) -> Int128Layout:
         found = _strip(die)
@@ -457,6 +541,13 @@ class _Walk:
                 return Int128Layout(scalar=False, lo=halves["lo"][0], hi=halves["hi"][0])
         raise DebugInfoError(f"Int128 in {self.path} is neither a 16-byte integer "
                              "nor a struct of two 64-bit halves")
+
+
+def _layouts(dies: dict[str, DIE], members: dict[str, dict[str, tuple[int, DIE]]]
+             ) -> dict[str, StructLayout]:
+    return {role: StructLayout(_byte_size(dies[role]), {
+        name: Field(offset, _byte_size(_type(die))) for name, (offset, die) in found.items()})
+        for role, found in members.items()}
 
 
 def _variable_units(dwarf: _Dwarf, address: int, pointer_size: int) -> Iterator[int]:
@@ -503,7 +594,7 @@ def _is_variable_at(die: DIE, address: int) -> bool:
 
 def _is_definition(die: DIE, name: str, members: tuple[str, ...]) -> bool:
     attrs = die.attributes
-    return (die.tag == "DW_TAG_structure_type" and "DW_AT_declaration" not in attrs
+    return (die.tag in ("DW_TAG_structure_type", "DW_TAG_union_type") and "DW_AT_declaration" not in attrs
             and "DW_AT_name" in attrs and attrs["DW_AT_name"].value == name.encode()
             and _has_members(die, members))
 
@@ -524,22 +615,31 @@ def _iter_members(die: DIE, base: int) -> Iterator[tuple[str, int, DIE]]:
             yield from _iter_members(_strip(_type(child)), offset)
 
 
-def _members(die: DIE, role: str,
-             names: tuple[str, ...] | None = None) -> dict[str, tuple[int, DIE]]:
-    """Offset and DIE of each needed member of the struct ``die``."""
+def _members(die: DIE, role: str, names: tuple[str, ...] | None = None,
+             optional: tuple[str, ...] = ()) -> dict[str, tuple[int, DIE]]:
+    """Offset and DIE of each needed member of the struct ``die`` (``a.b``:
+    member ``b`` of member ``a``), and of those ``optional`` members it has."""
     names = names or NEEDED[role]
-    found: dict[str, tuple[int, DIE]] = {}
-    for name, offset, member in _iter_members(die, 0):
-        if name in names and name not in found:
-            if any(a in member.attributes for a in
-                   ("DW_AT_bit_size", "DW_AT_data_bit_offset", "DW_AT_bit_offset")):
-                raise DebugInfoError(f"{role}.{name} is a bit-field: not supported")
-            found[name] = (offset, member)
-    missing = [n for n in names if n not in found]
+    found = {name: _member(die, role, name) for name in (*names, *optional)}
+    missing = [n for n in names if found[n] is None]
     if missing:
         raise DebugInfoError(f"QEMU's {role} has no member {', '.join(missing)}: "
                              "a QEMU version livedump does not know")
-    return {n: found[n] for n in names}
+    return {n: where for n, where in found.items() if where is not None}
+
+
+def _member(die: DIE, role: str, path: str) -> tuple[int, DIE] | None:
+    head, _, rest = path.partition(".")
+    for name, offset, member in _iter_members(die, 0):
+        if name == head:
+            if any(a in member.attributes for a in
+                   ("DW_AT_bit_size", "DW_AT_data_bit_offset", "DW_AT_bit_offset")):
+                raise DebugInfoError(f"{role}.{name} is a bit-field: not supported")
+            if not rest:
+                return offset, member
+            inner = _member(_strip(_type(member)), role, rest)
+            return None if inner is None else (offset + inner[0], inner[1])
+    return None
 
 
 def _member_offset(member: DIE) -> int:
@@ -568,6 +668,14 @@ def _strip(die: DIE) -> DIE:
     while die.tag in _TRANSPARENT:
         die = _type(die)
     return die
+
+
+def _element(die: DIE) -> DIE:
+    """The element type of an array type."""
+    array = _strip(die)
+    if array.tag != "DW_TAG_array_type":
+        raise DebugInfoError(f"the type at {array.offset:#x} is not an array")
+    return _type(array)
 
 
 def _pointee(die: DIE, what: str) -> DIE:

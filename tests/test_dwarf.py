@@ -99,8 +99,9 @@ def expected(exe: Path) -> dict:
         elif key.startswith("Int128."):
             int128[key[7:]] = int(numbers[0])
         elif "." in key:
-            name, member = key.split(".")
-            if member in dwarf.NEEDED[name]:
+            name, member = key.split(".", 1)
+            needed = dwarf.NEEDED | dwarf.CPU_NEEDED
+            if member in needed[name] + dwarf.CPU_OPTIONAL.get(name, ()):
                 structs[name]["fields"][member] = {"offset": int(numbers[0]),
                                                    "size": int(numbers[1])}
         else:
@@ -137,6 +138,9 @@ def test_layout_is_what_the_compiler_laid_out(variant, builds, monkeypatch):
     got = dataclasses.asdict(layout)
     assert {"structs": got["structs"], "int128": got["int128"]} == expected(exe)
     assert layout.address_space_memory == symbol(exe, "address_space_memory")
+    assert (layout.cpu_list, layout.no_cpu_state) == (symbol(exe, "cpus"), "")
+    assert list(layout.accelerators) == ["tcg"]  # built without KVM: no kvm_allowed
+    assert layout.accelerators["tcg"].address == symbol(exe, "tcg_allowed")
     assert layout.build_id == debuginfo.read_build_id(exe) and len(layout.build_id) == 40
     assert (layout.pie, layout.pointer_size, layout.byteorder) == (True, 8, "little")
 
