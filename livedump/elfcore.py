@@ -38,9 +38,10 @@ PT_LOAD, PT_NOTE = 1, 4
 PN_XNUM = 0xFFFF
 DATA_ALIGN = 4096  # memory starts page-aligned in the file
 
+# "long" is C's long of the target, for records other than ELF's own (notes).
 _SIZES = {
-    32: {"half": "H", "word": "I", "addr": "I", "off": "I", "xword": "I"},
-    64: {"half": "H", "word": "I", "addr": "Q", "off": "Q", "xword": "Q"},
+    32: {"half": "H", "word": "I", "addr": "I", "off": "I", "xword": "I", "long": "I"},
+    64: {"half": "H", "word": "I", "addr": "Q", "off": "Q", "xword": "Q", "long": "Q"},
 }
 
 _EHDR = (
@@ -86,6 +87,9 @@ class Record:
         if unknown:
             raise TypeError(f"unknown fields {sorted(unknown)}")
         return self._struct.pack(*(values.get(name, 0) for name in self.names))
+
+    def unpack(self, data: bytes) -> dict[str, int | bytes]:
+        return dict(zip(self.names, self._struct.unpack_from(data)))
 
 
 class ElfStructs:

@@ -29,11 +29,13 @@ _FD_NAME = "livedump-notes"
 
 @dataclass(frozen=True)
 class QemuNotes:
-    """QEMU's notes as encoded bytes, and the ELF identity they were encoded for."""
+    """QEMU's notes as encoded bytes, the ELF identity they were encoded for,
+    and where the registers in them came from (for the report)."""
 
     arch: Arch
     data: bytes
-    names: tuple[str, ...]  # e.g. ("CORE", "QEMU", "CORE", "QEMU") for two CPUs
+    names: tuple[str, ...]  # e.g. ("CORE", "CORE", "QEMU", "QEMU") for two CPUs
+    source: str = "QEMU's dump-guest-memory"
 
     def encode(self, structs: ElfStructs) -> bytes:
         return self.data  # Already in the class and byte order of self.arch.
