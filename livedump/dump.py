@@ -120,9 +120,7 @@ def dump(request: Request) -> Summary:
                     ranges = session.ranges(memory, prepared)
                     if plan is None or ranges is not plan.ranges:
                         plan = _plan(ranges, pid)
-                    # QEMU's one-page dump would stop a running guest: not with --no-pause.
-                    cpu = (session.cpu_notes(plan.blocks[0].gpa) if request.pause
-                           else "no CPU registers with --no-pause")
+                    cpu = session.cpu_notes(memory, plan.blocks)
                     arch, arch_from, cpu = _arch(wanted, target, cpu)
                     layout = CoreLayout(arch, plan.blocks, [
                         *([cpu] if isinstance(cpu, QemuNotes) else []), provenance_note(pid)])
@@ -141,8 +139,8 @@ def dump(request: Request) -> Summary:
         elf_class=layout.bits,
         via=session.via, detail=session.detail, was_running=pause.was_running,
         paused=request.pause and pause.was_running, blocks=layout.blocks,
-        cpu_notes=cpu if isinstance(cpu, str) else f"CPU state from QEMU "
-        f"({', '.join(sorted(set(cpu.names)))} notes)",
+        cpu_notes=cpu if isinstance(cpu, str) else
+        f"{', '.join(sorted(set(cpu.names)))} notes from {cpu.source}",
         file_size=layout.size, read_bytes=read, written_bytes=writer.written,
         wall_seconds=time.monotonic() - started, pause_seconds=pause.seconds,
     )

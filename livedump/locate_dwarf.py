@@ -19,7 +19,7 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
 from .coalesce import GuestRange
-from .dwarf import QemuLayout
+from .dwarf import Field, QemuLayout
 from .errors import GuestMemoryError
 from .procmem import PAGE_SIZE, Buffer, Mapping, ProcessMemory
 
@@ -48,7 +48,7 @@ def load_bias(pid: int, layout: QemuLayout, maps: Sequence[Mapping]) -> int:
     raise GuestMemoryError(f"cannot find where {path} is mapped in QEMU")
 
 
-class _Reader:
+class Reader:
     """Typed reads of QEMU's memory in QEMU's byte order and pointer size."""
 
     def __init__(self, memory: ProcessMemory, layout: QemuLayout) -> None:
@@ -62,6 +62,10 @@ class _Reader:
 
     def number(self, data: bytes, offset: int, size: int) -> int:
         return int.from_bytes(data[offset : offset + size], self.layout.byteorder)
+
+    def field(self, data: bytes, member: Field, at: int = 0) -> int:
+        """The integer ``member`` of the structure at ``data[at:]``."""
+        return self.number(data, at + member.offset, member.size)
 
     def int128(self, data: bytes, offset: int) -> int:
         i = self.layout.int128
@@ -82,14 +86,12 @@ class _Reader:
 
 def guest_ranges(memory: ProcessMemory, layout: QemuLayout, bias: int) -> list[GuestRange]:
     """The RAM ranges ``dump-guest-memory`` would dump, read from QEMU's memory."""
-    r = _Reader(memory, layout)
+    r = Reader(memory, layout)
     s = layout.structs
     AS, FV, FR, AR, MR, RB = (s[n] for n in ("AddressSpace", "FlatView", "FlatRange",
                                               "AddrRange", "MemoryRegion", "RAMBlock"))
     ptr = layout.pointer_size
-
-    def field(data: bytes, struct_field) -> int:
-        return r.number(data, struct_field.offset, struct_field.size)
+    field = r.field
 
     space = r.read(layout.address_space_memory + bias, AS.size)
     view = r.read(field(space, AS["current_map"]), FV.size)

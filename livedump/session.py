@@ -1,9 +1,10 @@
 """How livedump gets hold of a VM: through its QMP monitor, or with ptrace.
 
-Both kinds of session answer the same three questions for the pipeline:
-what target the VM is (:meth:`target_arch`), how to hold it still
-(:meth:`hold`), and where its RAM is (:meth:`prepare` before the pause,
-:meth:`ranges` inside it). :func:`open_session` picks one as ``--via`` says.
+Both kinds of session answer the same questions for the pipeline: what
+target the VM is (:meth:`target_arch`), how to hold it still (:meth:`hold`),
+where its RAM is (:meth:`prepare` before the pause, :meth:`ranges` inside
+it), and what its vCPUs' registers are (:meth:`cpu_notes`, inside the
+pause). :func:`open_session` picks one as ``--via`` says.
 """
 
 import contextlib
@@ -12,10 +13,10 @@ import platform
 from collections.abc import Iterator
 from typing import ContextManager, Protocol
 
-from . import dwarf, locate_dwarf, locate_monitor, notes
+from . import cpu_state, dwarf, locate_dwarf, locate_monitor, notes, x86_notes
 from .attach import Pause, not_paused, paused
-from .coalesce import GuestRange
-from .errors import (LivedumpError, MonitorError, MonitorUnavailable,
+from .coalesce import Block, GuestRange
+from .errors import (GuestMemoryError, LivedumpError, MonitorError, MonitorUnavailable,
                      PermissionDenied, UsageError)
 from .freeze import frozen
 from .guardian import Guardian
@@ -36,7 +37,8 @@ class Session(Protocol):
     def hold(self, pause: bool) -> ContextManager[Pause]: ...
     def ranges(self, memory: ProcessMemory, prepared: list[GuestRange] | None
                ) -> list[GuestRange]: ...
-    def cpu_notes(self, gpa: int) -> notes.QemuNotes | str: ...
+    def cpu_notes(self, memory: ProcessMemory, blocks: list[Block]
+                  ) -> notes.QemuNotes | str: ...
     def close(self) -> None: ...
 
 
@@ -50,6 +52,7 @@ class MonitorSession:
         self.pid = pid
         self.detail = str(endpoint)
         self._view: list[locate_monitor.FlatRange] = []
+        self._paused = False
 
     def target_arch(self) -> str:
         return self.monitor.target_arch()
@@ -61,6 +64,7 @@ class MonitorSession:
 
     @contextlib.contextmanager
     def hold(self, pause: bool) -> Iterator[Pause]:
+        self._paused = pause
         if not pause:
             with not_paused(self.monitor) as p:
                 yield p
@@ -79,10 +83,12 @@ class MonitorSession:
         self._view = view
         return locate_monitor.guest_ranges(self.monitor, view)
 
-    def cpu_notes(self, gpa: int) -> notes.QemuNotes | str:
+    def cpu_notes(self, memory: ProcessMemory, blocks: list[Block]) -> notes.QemuNotes | str:
         """Inside the pause: QEMU's notes for this instant, or why there are none."""
+        if not self._paused:  # QEMU's one-page dump would stop the guest.
+            return "no CPU registers with --no-pause"
         try:
-            return notes.from_qemu(self.monitor, gpa)
+            return notes.from_qemu(self.monitor, blocks[0].gpa)
         except MonitorError as e:
             return f"QEMU gave no CPU state ({e})"
 
@@ -104,9 +110,18 @@ class PtraceSession:
         self._frozen = False
 
     def target_arch(self) -> str:
-        """From the binary's name: qemu-system-TARGET (qemu-kvm runs the host's)."""
+        """From the binary's name: qemu-system-TARGET (qemu-kvm runs the host's);
+        else from its debug info, if that holds x86 CPU state. The guest's own
+        mode may refine it (:meth:`cpu_notes`)."""
         name = os.path.basename(self.exe.removesuffix(" (deleted)"))
-        return name.removeprefix("qemu-system-") if name != "qemu-kvm" else platform.machine()
+        if name == "qemu-kvm":
+            return platform.machine()
+        if name.startswith("qemu-system-"):
+            return name.removeprefix("qemu-system-")
+        if self.layout.cpu_list is not None:
+            regs, word = (self.layout.structs["CPUArchState"][m].size for m in ("regs", "eip"))
+            return "x86_64" if regs // word == 16 else "i386"
+        raise UsageError(f"cannot tell which architecture {self.exe} emulates: give --arch")
 
     def prepare(self) -> None:
         return None  # QEMU may change its map until it is frozen.
@@ -119,17 +134,43 @@ class PtraceSession:
 
     def ranges(self, memory: ProcessMemory, prepared: list[GuestRange] | None
                ) -> list[GuestRange]:
-        if self._frozen:
-            return locate_dwarf.guest_ranges(memory, self.layout, self.bias)
-        # --no-pause: QEMU runs, but its map must not change under the walk.
-        with frozen(self.pid):
+        with self._still():
             return locate_dwarf.guest_ranges(memory, self.layout, self.bias)
 
-    def cpu_notes(self, gpa: int) -> str:
-        return "no CPU registers in ptrace mode"
+    def cpu_notes(self, memory: ProcessMemory, blocks: list[Block]) -> notes.QemuNotes | str:
+        """The vCPUs' registers from QEMU's memory (TCG only), as QEMU's notes;
+        or why there are none."""
+        if self.layout.cpu_list is None:
+            return f"no CPU registers ({self.layout.no_cpu_state})"
+        try:
+            with self._still():
+                accel = cpu_state.accelerator(memory, self.layout, self.bias)
+                if accel != "tcg":
+                    return _NO_REGISTERS.get(accel, _NO_REGISTERS[None])
+                cpus = cpu_state.read_cpus(memory, self.layout, self.bias)
+        except GuestMemoryError as e:
+            return f"no CPU registers ({e})"
+        source = "QEMU's memory (TCG's vCPU state, through its DWARF"
+        running = sum(c.running for c in cpus)
+        if running:
+            source += (f"; {running} of {len(cpus)} vCPUs were executing guest code: "
+                       "their rip and flags may be those of an earlier instruction")
+        return x86_notes.qemu_notes([c.state for c in cpus], blocks, source + ")")
+
+    def _still(self) -> ContextManager[Pause]:
+        """Frozen for a walk of QEMU's structures: already, or (--no-pause) just for it."""
+        return contextlib.nullcontext(Pause(was_running=True)) if self._frozen \
+            else frozen(self.pid)
 
     def close(self) -> None:
         pass
+
+
+_NO_REGISTERS = {
+    "kvm": "no CPU registers: under KVM the kernel holds them and QEMU's copy may be "
+           "stale (QMP mode has QEMU fetch them)",
+    None: "no CPU registers: QEMU runs its vCPUs under neither TCG nor KVM",
+}
 
 
 def open_session(pid: int | None, qmp: Address | None, via: str, timeout: float,
