@@ -1,7 +1,9 @@
 """--via ptrace end to end, in seconds: a C program with QEMU's structures
-(tests/fixtures/qemu_like.c "serve") plants a flat view and idles; livedump
-freezes it, maps it through its DWARF and dumps exactly the planted RAM."""
+(tests/fixtures/qemu_like.c "serve") plants a flat view and two vCPUs and
+idles; livedump freezes it, maps it through its DWARF and dumps exactly the
+planted RAM, with the planted registers in QEMU's notes."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -10,11 +12,12 @@ import sys
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from livedump import locate_dwarf
+from livedump import cpu_state, locate_dwarf
 from livedump.coalesce import coalesce
 from livedump.dwarf import qemu_layout
 from livedump.freeze import frozen
 from livedump.procmem import ProcessMemory, read_maps
+from livedump.x86_notes import Segment, X86State, qemu_notes
 
 from .test_dwarf import built
 
@@ -50,18 +53,50 @@ def test_ranges_found_through_dwarf(fake_qemu):
     assert [(b.gpa, b.size, b.hva) for b in coalesce(ranges)] == [p[:3] for p in planted]
 
 
+def planted_cpu(c: int) -> X86State:
+    """The registers qemu_like.c's plant_cpu(c) sets."""
+    def segment(k: int) -> Segment:
+        return Segment(8 * k + c, 0xFFFFF00000000000 + 0x100000 * k + c, 0xFFFF0 + k,
+                       0xC09300 + 0x10 * k + c)
+    return X86State(
+        index=c, regs=tuple(0x0101010101010101 * (c + 1) + i for i in range(16)),
+        rip=0xFFFFFFFF81000000 + c, rflags=0x246 + c, segs=tuple(map(segment, range(6))),
+        ldt=segment(6), tr=segment(7), gdt=segment(8), idt=segment(9),
+        cr=tuple(0x1000 * (i + 1) + c for i in range(5)), efer=0xD01,
+        kernel_gs_base=0xFFFF888000000000 + c)
+
+
+def test_cpus_found_through_dwarf(fake_qemu):
+    proc, _ = fake_qemu
+    layout = qemu_layout(f"/proc/{proc.pid}/exe")
+    bias = locate_dwarf.load_bias(proc.pid, layout, read_maps(proc.pid))
+    with ProcessMemory(proc.pid) as memory, frozen(proc.pid):
+        assert cpu_state.accelerator(memory, layout, bias) == "tcg"
+        cpus = cpu_state.read_cpus(memory, layout, bias)
+    assert [c.state for c in cpus] == [planted_cpu(0), planted_cpu(1)]
+    assert [c.running for c in cpus] == [False, True]
+
+
 def test_livedump_dumps_the_planted_bytes(fake_qemu, tmp_path):
     proc, planted = fake_qemu
     out = tmp_path / "fake.vmcore"
     r = subprocess.run([sys.executable, "-m", "livedump", "--pid", str(proc.pid), "--via",
-                        "ptrace", "--arch", "x86_64", "--json", str(out)],
-                       capture_output=True, timeout=60)
+                        "ptrace", "--json", str(out)], capture_output=True, timeout=60)
     assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["arch"] == "x86_64"  # the first vCPU is in long mode
+    assert "from QEMU's memory" in report["cpu_notes"]
+    assert "1 of 2 vCPUs were executing guest code" in report["cpu_notes"]
     with open(out, "rb") as f:
-        loads = [s for s in ELFFile(f).iter_segments() if s["p_type"] == "PT_LOAD"]
+        elf = ELFFile(f)
+        segments = list(elf.iter_segments())
+        loads = [s for s in segments if s["p_type"] == "PT_LOAD"]
         assert [(s["p_paddr"], s["p_filesz"]) for s in loads] == [p[:2] for p in planted]
         for s, (_, size, _, fill) in zip(loads, planted):
             assert s.data() == bytes([fill]) * size
+        expected = qemu_notes([planted_cpu(0), planted_cpu(1)], [], "").data
+        assert segments[0].data().startswith(expected)
+        assert (elf.elfclass, elf["e_machine"]) == (64, "EM_X86_64")
     # Running again, no thread left stopped.
     with open(f"/proc/{proc.pid}/stat") as f:
         assert f.read().rpartition(")")[2].split()[0] in ("S", "R")
