@@ -1,0 +1,92 @@
+"""--via ptrace: the vCPUs' registers read from QEMU's memory through its DWARF.
+
+For a paused TCG guest, livedump's CPU notes must be QEMU's own, byte for
+byte: QEMU's dump-guest-memory of one page (through the harness's monitor)
+carries exactly the notes of its full dump. Under KVM the registers are
+the kernel's, and livedump must say it has none.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from livedump.notes import QemuNotes, parse
+
+from .conftest import livedump
+from .linux_guest import LinuxVM
+from .test_ptrace import DEBUG_QEMU, thread_states
+from .vm import VM, kvm_usable
+from .vmcore import identity
+
+pytestmark = [pytest.mark.qemu, pytest.mark.skipif(
+    not DEBUG_QEMU.exists(), reason="no debug-info QEMU: run integration/build-qemu-debug.sh")]
+
+
+def qemu_notes(vm: VM, path: Path) -> QemuNotes:
+    """The notes of QEMU's own dump of the paused guest (one page of it)."""
+    vm.command("dump-guest-memory", paging=False, protocol=f"file:{path}",
+               begin=0, length=4096)
+    assert vm.command("query-dump")["status"] == "completed"
+    return parse(path.read_bytes())
+
+
+def ptrace_dump(vm: VM, scratch: Path) -> tuple[QemuNotes, dict]:
+    """livedump --via ptrace of the paused guest: its notes and its report."""
+    ours = scratch / "ours.vmcore"
+    r = livedump("--pid", str(vm.pid), "--via", "ptrace", "--json", str(ours))
+    assert r.returncode == 0, r.stderr
+    assert vm.status() == "paused" and "t" not in thread_states(vm.pid)
+    with open(ours, "rb") as f:
+        notes = parse(f.read(1 << 20))
+    ours.unlink()
+    return notes, json.loads(r.stdout)
+
+
+def assert_same_notes(ours: QemuNotes, theirs: QemuNotes) -> None:
+    assert ours.arch == theirs.arch
+    assert ours.names == (*theirs.names, "LIVEDUMP")
+    assert ours.data[:len(theirs.data)] == theirs.data
+
+
+def test_firmware_guest_registers_equal_qemus(scratch):
+    """SeaBIOS with nothing to boot idles in real mode: i386 notes, ELF64 as the
+    BIOS ROM ends at 4 GiB."""
+    with VM(qemu=str(DEBUG_QEMU), memory="1G", extra=["-smp", "2"]) as vm:
+        vm.wait_running(1)
+        vm.command("stop")
+        ours, report = ptrace_dump(vm, scratch)
+        theirs = qemu_notes(vm, scratch / "qemu.vmcore")
+    assert (theirs.arch.name, theirs.arch.bits) == ("386", 64)
+    assert theirs.names == ("CORE", "CORE", "QEMU", "QEMU")
+    assert_same_notes(ours, theirs)
+    assert report["arch"] == "386" and report["elf_class"] == 64
+    assert report["cpu_notes"].startswith("CORE, QEMU notes from QEMU's memory (TCG")
+
+
+@pytest.mark.linux
+def test_long_mode_guest_registers_equal_qemus(scratch):
+    """A 64-bit Linux kernel on two vCPUs: x86_64 notes with its CR3, IDT, GDT."""
+    with LinuxVM(qemu=str(DEBUG_QEMU), memory="1G", smp=2) as vm:
+        vm.wait_ready(timeout=300)
+        vm.command("stop")
+        ours, report = ptrace_dump(vm, scratch)
+        theirs = qemu_notes(vm, scratch / "qemu.vmcore")
+    assert (theirs.arch.name, theirs.arch.bits) == ("x86_64", 64)
+    assert_same_notes(ours, theirs)
+    assert report["arch"] == "x86_64"
+
+
+@pytest.mark.skipif(not kvm_usable(), reason="no usable /dev/kvm")
+def test_kvm_guest_has_no_registers_and_says_why(scratch):
+    with VM(qemu=str(DEBUG_QEMU), memory="1G", accel="kvm") as vm:
+        vm.wait_running(1)
+        vm.command("stop")
+        ours = scratch / "ours.vmcore"
+        r = livedump("--pid", str(vm.pid), "--via", "ptrace", "--json", str(ours))
+        assert r.returncode == 0, r.stderr
+        report = json.loads(r.stdout)
+        assert report["cpu_notes"].startswith("no CPU registers: under KVM")
+        assert report["arch"] == "x86_64"  # from the binary's name: the guest's mode is unknown
+        assert identity(ours)[3] == []  # no CORE or QEMU notes
+        assert vm.status() == "paused"
