@@ -153,8 +153,9 @@ class PtraceSession:
         source = "QEMU's memory (TCG's vCPU state, through its DWARF"
         running = sum(c.running for c in cpus)
         if running:
-            source += (f"; {running} of {len(cpus)} vCPUs were executing guest code: "
-                       "their rip and flags may be those of an earlier instruction")
+            source += (f"; {running} of {len(cpus)} vCPUs were executing guest code: their "
+                       "rip may be an earlier instruction's, their rflags lack the "
+                       "arithmetic flags")
         return x86_notes.qemu_notes([c.state for c in cpus], blocks, source + ")")
 
     def _still(self) -> ContextManager[Pause]:
