@@ -13,6 +13,7 @@ import platform
 from collections.abc import Iterator
 from typing import ContextManager, Protocol
 
+from . import arch as arches
 from . import cpu_state, dwarf, locate_dwarf, locate_monitor, notes, x86_notes
 from .attach import Pause, not_paused, paused
 from .coalesce import Block, GuestRange
@@ -114,14 +115,13 @@ class PtraceSession:
         else from its debug info, if that holds x86 CPU state. The guest's own
         mode may refine it (:meth:`cpu_notes`)."""
         name = os.path.basename(self.exe.removesuffix(" (deleted)"))
-        if name == "qemu-kvm":
-            return platform.machine()
-        if name.startswith("qemu-system-"):
-            return name.removeprefix("qemu-system-")
+        target = platform.machine() if name == "qemu-kvm" else name.removeprefix("qemu-system-")
+        with contextlib.suppress(UsageError):
+            return arches.lookup(target).name
         if self.layout.cpu_list is not None:
             regs, word = (self.layout.structs["CPUArchState"][m].size for m in ("regs", "eip"))
-            return "x86_64" if regs // word == 16 else "i386"
-        raise UsageError(f"cannot tell which architecture {self.exe} emulates: give --arch")
+            return "x86_64" if regs // word == 16 else "386"
+        raise UsageError(f"cannot tell which architecture {name} emulates: give --arch")
 
     def prepare(self) -> None:
         return None  # QEMU may change its map until it is frozen.

@@ -3,20 +3,26 @@
 idles; livedump freezes it, maps it through its DWARF and dumps exactly the
 planted RAM, with the planted registers in QEMU's notes."""
 
+import contextlib
+import dataclasses
 import json
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from elftools.elf.elffile import ELFFile
 
 from livedump import cpu_state, locate_dwarf
 from livedump.coalesce import coalesce
+from livedump.errors import UsageError
 from livedump.dwarf import qemu_layout
 from livedump.freeze import frozen
 from livedump.procmem import ProcessMemory, read_maps
+from livedump.session import PtraceSession
 from livedump.x86_notes import Segment, X86State, qemu_notes
 
 from .test_dwarf import built
@@ -24,21 +30,30 @@ from .test_dwarf import built
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
 
 
+@contextlib.contextmanager
+def serving(exe: Path) -> Iterator[tuple[subprocess.Popen, list[tuple[int, ...]]]]:
+    """The fake QEMU ``exe``, serving; and the RAM it planted."""
+    proc = subprocess.Popen([str(exe), "serve"], stdout=subprocess.PIPE, text=True)
+    try:
+        planted = []
+        for line in proc.stdout:
+            if line.strip() == "READY":
+                break
+            _, gpa, size, host, fill = line.split()
+            planted.append((int(gpa, 16), int(size, 16), int(host, 16), int(fill)))
+        yield proc, planted
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.fixture(params=["int128-struct", "int128-scalar"])
 def fake_qemu(request, tmp_path_factory, tmp_path):
     # Named as livedump expects a QEMU to be; its DWARF is in the binary itself.
     exe = tmp_path / "qemu-system-x86_64"
     shutil.copy(built(request.param, tmp_path_factory.mktemp("builds")), exe)
-    proc = subprocess.Popen([str(exe), "serve"], stdout=subprocess.PIPE, text=True)
-    planted = []
-    for line in proc.stdout:
-        if line.strip() == "READY":
-            break
-        _, gpa, size, host, fill = line.split()
-        planted.append((int(gpa, 16), int(size, 16), int(host, 16), int(fill)))
-    yield proc, planted
-    proc.kill()
-    proc.wait()
+    with serving(exe) as served:
+        yield served
 
 
 def test_ranges_found_through_dwarf(fake_qemu):
@@ -101,3 +116,16 @@ def test_livedump_dumps_the_planted_bytes(fake_qemu, tmp_path):
     with open(f"/proc/{proc.pid}/stat") as f:
         assert f.read().rpartition(")")[2].split()[0] in ("S", "R")
     assert os.path.exists(f"/proc/{proc.pid}")
+
+
+def test_target_of_a_qemu_of_unknown_name_comes_from_its_dwarf(tmp_path, tmp_path_factory):
+    exe = tmp_path / "qemu-system-custom"
+    shutil.copy(built("int128-struct", tmp_path_factory.mktemp("builds")), exe)
+    with serving(exe) as (proc, _):
+        session = PtraceSession(proc.pid, None, "test")
+        assert session.target_arch() == "x86_64"  # 16 registers in its CPUArchState
+        # Without x86 CPU state in its DWARF, nothing says: --arch is asked for.
+        session.layout = dataclasses.replace(session.layout, cpu_list=None)
+        with pytest.raises(UsageError, match="^cannot tell which architecture "
+                                             "qemu-system-custom emulates: give --arch$"):
+            session.target_arch()
