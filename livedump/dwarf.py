@@ -17,14 +17,14 @@ from the symbol table; GCC lists no data in .debug_aranges), and a struct
 only declared there (FlatRange outside memory.c) by the references to its
 name string (``DW_FORM_strp``) or the name inline (``DW_FORM_string``),
 in units that also name its rarest members. Only what that finds is parsed,
-and checked, with pyelftools.
+and checked, with pyelftools. Other toolchains' forms (clang's
+``DW_OP_addrx``, ``DW_FORM_strx``) fall back to .debug_aranges and to that
+slow scan, once: the result is cached per build-id.
 
 The vCPUs' registers are found the same way, from QEMU's list of CPUs
 (``cpus``, a tail queue of CPUState) to each X86CPU's ``env``; a QEMU of
 another target, or one whose CPU structures differ, still maps its memory
-(:attr:`QemuLayout.no_cpu_state` says why it has no registers). Other toolchains' forms (clang's
-``DW_OP_addrx``, ``DW_FORM_strx``) fall back to .debug_aranges and to that
-slow scan, once: the result is cached per build-id.
+(:attr:`QemuLayout.no_cpu_state` says why it has no registers).
 """
 
 import bisect
@@ -288,7 +288,7 @@ def _read_layout(exe: str, debug_file: Path, build_id: str | None) -> QemuLayout
         pie = elf["e_type"] == "ET_DYN"
         pointer_size = elf.elfclass // 8
         byteorder = "little" if elf.little_endian else "big"
-        symbols = _symbols(elf, names) | symbols
+        symbols |= _symbols(elf, [n for n in names if n not in symbols])
     if VARIABLE not in symbols:
         raise DebugInfoError(f"no symbol {VARIABLE} in {debug_file}: is this qemu-system-*?")
     address = symbols[VARIABLE].address

@@ -146,7 +146,7 @@ class PtraceSession:
             with self._still():
                 accel = cpu_state.accelerator(memory, self.layout, self.bias)
                 if accel != "tcg":
-                    return _NO_REGISTERS.get(accel, _NO_REGISTERS[None])
+                    return _NO_REGISTERS[accel]
                 cpus = cpu_state.read_cpus(memory, self.layout, self.bias)
         except GuestMemoryError as e:
             return f"no CPU registers ({e})"
