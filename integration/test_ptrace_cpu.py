@@ -7,12 +7,15 @@ the kernel's, and livedump must say it has none.
 """
 
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from livedump.notes import QemuNotes, parse
 
+from . import linux_guest
 from .conftest import livedump
 from .linux_guest import LinuxVM
 from .test_ptrace import DEBUG_QEMU, thread_states
@@ -75,6 +78,31 @@ def test_long_mode_guest_registers_equal_qemus(scratch):
     assert (theirs.arch.name, theirs.arch.bits) == ("x86_64", 64)
     assert_same_notes(ours, theirs)
     assert report["arch"] == "x86_64"
+
+
+# The guest kernel's debug info, where the VMCOREINFO/crash tests fetch it.
+VMLINUX = next(iter(sorted(linux_guest.cache_dir().glob("debug/vmlinux-*"))), None)
+
+
+@pytest.mark.linux
+@pytest.mark.skipif(VMLINUX is None or shutil.which("crash") is None,
+                    reason="needs crash and the guest kernel's vmlinux")
+def test_crash_finds_the_kernel_of_a_running_guest_through_the_notes(scratch):
+    """No VMCOREINFO: crash finds the KASLR offset from the QEMU notes' CR3 and
+    IDT, and unwinds both vCPUs from their NT_PRSTATUS registers."""
+    with LinuxVM(qemu=str(DEBUG_QEMU), memory="1G", smp=2) as vm:
+        vm.wait_ready(timeout=300)
+        vmcore = scratch / "live.vmcore"
+        r = livedump("--pid", str(vm.pid), "--via", "ptrace", str(vmcore))
+        assert r.returncode == 0, r.stderr
+        assert vm.status() == "running"
+    r = subprocess.run(["crash", "-s", str(VMLINUX), str(vmcore)], input="sys\nbt -a\nquit\n",
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert f"RELEASE: {linux_guest.kernel_release()}" in r.stdout, r.stdout
+    for cpu in (0, 1):  # each vCPU's task, unwound from its registers
+        assert f"CPU: {cpu}    COMMAND: " in r.stdout, r.stdout
+    assert r.stdout.count(" #0 [ffff") == 2, r.stdout
 
 
 @pytest.mark.skipif(not kvm_usable(), reason="no usable /dev/kvm")
