@@ -521,8 +521,11 @@ class _Walk:
                                            "CPUState", CPU_NEEDED["CPUState"])
         dies["ArchCPU"] = self.named(CPU_STRUCTS, CPU_NEEDED["ArchCPU"])
         cpu = _members(dies["ArchCPU"], "ArchCPU", CPU_NEEDED["ArchCPU"])
-        dies["CPUArchState"] = self.definition(_type(cpu["env"][1]), "CPUArchState",
-                                               CPU_NEEDED["CPUArchState"])
+        env = _strip(_type(cpu["env"][1]))
+        if not _has_members(env, ("eip",)):
+            raise DebugInfoError("QEMU's CPUs are not x86 ones "
+                                 "(ptrace mode reads x86 registers only)")
+        dies["CPUArchState"] = self.definition(env, "CPUArchState", CPU_NEEDED["CPUArchState"])
         state = _members(dies["CPUArchState"], "CPUArchState", CPU_NEEDED["CPUArchState"])
         dies["SegmentCache"] = self.definition(_element(_type(state["segs"][1])),
                                                "SegmentCache", CPU_NEEDED["SegmentCache"])

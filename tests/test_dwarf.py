@@ -220,6 +220,14 @@ def test_member_missing_from_this_qemu_is_named(exe, monkeypatch):
         layout_of(exe)
 
 
+def test_qemu_of_another_target_maps_memory_without_registers(tmp_path):
+    layout = layout_of(build(tmp_path, "-DOTHER_TARGET"))
+    assert (layout.cpu_list, layout.no_cpu_state) == (
+        None, "QEMU's CPUs are not x86 ones (ptrace mode reads x86 registers only)")
+    assert set(dwarf.NEEDED) <= set(layout.structs)
+    assert QemuLayout.from_json(layout.to_json()) == layout
+
+
 def test_program_that_is_not_qemu(tmp_path):
     (tmp_path / "true.c").write_text("int main(void) { return 0; }\n")
     subprocess.run(["gcc", "-g", "-o", str(tmp_path / "true"), str(tmp_path / "true.c")],
