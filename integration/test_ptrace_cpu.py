@@ -106,8 +106,8 @@ def test_crash_finds_the_kernel_of_a_running_guest_through_the_notes(scratch):
 
 
 @pytest.mark.skipif(not kvm_usable(), reason="no usable /dev/kvm")
-def test_kvm_guest_has_no_registers_and_says_why(scratch):
-    with VM(qemu=str(DEBUG_QEMU), memory="1G", accel="kvm") as vm:
+def test_kvm_guest_has_registers_only_once_qemu_fetched_them(scratch):
+    with VM(qemu=str(DEBUG_QEMU), memory="1G", accel="kvm", extra=["-smp", "2"]) as vm:
         vm.wait_running(1)
         vm.command("stop")
         ours = scratch / "ours.vmcore"
@@ -118,3 +118,11 @@ def test_kvm_guest_has_no_registers_and_says_why(scratch):
         assert report["arch"] == "x86_64"  # from the binary's name: the guest's mode is unknown
         assert identity(ours)[3] == []  # no CORE or QEMU notes
         assert vm.status() == "paused"
+        ours.unlink()
+
+        # "info registers -a" has QEMU fetch every vCPU's registers from KVM.
+        vm.command("human-monitor-command", **{"command-line": "info registers -a"})
+        ours, report = ptrace_dump(vm, scratch)
+        theirs = qemu_notes(vm, scratch / "qemu.vmcore")
+    assert_same_notes(ours, theirs)
+    assert report["cpu_notes"].startswith("CORE, QEMU notes from QEMU's memory (KVM's")

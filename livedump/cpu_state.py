@@ -11,7 +11,9 @@ stores them back only when it leaves the block, and keeps the arithmetic
 flags apart meanwhile.
 
 Under KVM the registers live in the kernel, and QEMU's copy is refreshed
-only when something asks for it; it cannot be trusted, so none is read.
+only when something asks for it (``info registers``, a dump, an internal
+error QEMU reports); ``vcpu_dirty`` says it was, and stays set until the
+vCPU runs again. Otherwise QEMU's copy is stale.
 """
 
 from dataclasses import dataclass
@@ -29,7 +31,8 @@ _MAX_CPUS = 1 << 16
 @dataclass(frozen=True)
 class VCpu:
     state: X86State
-    running: bool  # executing guest code: rip and flags may lag
+    running: bool  # executing guest code (TCG): rip and flags may lag
+    synced: bool  # KVM: QEMU fetched the registers from the kernel since it last ran
 
 
 def accelerator(memory: ProcessMemory, layout: QemuLayout, bias: int) -> str | None:
@@ -58,9 +61,11 @@ def read_cpus(memory: ProcessMemory, layout: QemuLayout, bias: int) -> list[VCpu
         seen.add(cpu)
         data = r.read(cpu, cpu_state.size)
         registers = r.read(cpu - x86cpu["parent_obj"].offset + x86cpu["env"].offset, env.size)
+        dirty = cpu_state.fields.get("vcpu_dirty")
         found.append(VCpu(_x86_state(r, layout, r.field(data, cpu_state["cpu_index"]),
                                      registers),
-                          bool(r.field(data, cpu_state["running"]))))
+                          running=bool(r.field(data, cpu_state["running"])),
+                          synced=bool(dirty and r.field(data, dirty))))
         cpu = r.field(data, cpu_state["node.tqe_next"])
     if not found:
         raise GuestMemoryError("QEMU's list of CPUs is empty")

@@ -62,7 +62,8 @@ NEEDED: dict[str, tuple[str, ...]] = {
 
 # The x86 CPU state: the list of CPUs (renamed in QEMU 8.2), the structure
 # holding a CPUState and its registers (named X86CPU before QEMU 6.0), and
-# the members read, as above. kernelgsbase exists only in qemu-system-x86_64.
+# the members read, as above. kernelgsbase exists only in qemu-system-x86_64;
+# vcpu_dirty (QEMU's copy of a KVM vCPU's registers is current) in QEMU >= 2.0.
 CPU_LISTS = ("cpus", "cpus_queue")
 CPU_STRUCTS = ("ArchCPU", "X86CPU")
 CPU_NEEDED: dict[str, tuple[str, ...]] = {
@@ -73,7 +74,7 @@ CPU_NEEDED: dict[str, tuple[str, ...]] = {
                      "efer"),
     "SegmentCache": ("selector", "base", "limit", "flags"),
 }
-CPU_OPTIONAL = {"CPUArchState": ("kernelgsbase",)}
+CPU_OPTIONAL = {"CPUState": ("vcpu_dirty",), "CPUArchState": ("kernelgsbase",)}
 
 # The flags that say which accelerator runs the vCPUs (kvm_enabled() and
 # tcg_enabled() read them); a QEMU built without one has no flag for it.

@@ -145,17 +145,23 @@ class PtraceSession:
         try:
             with self._still():
                 accel = cpu_state.accelerator(memory, self.layout, self.bias)
-                if accel != "tcg":
-                    return _NO_REGISTERS[accel]
+                if accel is None:
+                    return "no CPU registers: QEMU runs its vCPUs under neither TCG nor KVM"
                 cpus = cpu_state.read_cpus(memory, self.layout, self.bias)
         except GuestMemoryError as e:
             return f"no CPU registers ({e})"
-        source = "QEMU's memory (TCG's vCPU state, through its DWARF"
-        running = sum(c.running for c in cpus)
-        if running:
-            source += (f"; {running} of {len(cpus)} vCPUs were executing guest code: their "
-                       "rip may be an earlier instruction's, their rflags lack the "
-                       "arithmetic flags")
+        if accel == "kvm":
+            if not all(c.synced for c in cpus):
+                return ("no CPU registers: under KVM the kernel holds them and QEMU's copy "
+                        "is stale (QMP mode has QEMU fetch them)")
+            source = "QEMU's memory (KVM's registers, which QEMU had fetched"
+        else:
+            source = "QEMU's memory (TCG's vCPU state"
+            running = sum(c.running for c in cpus)
+            if running:
+                source += (f"; {running} of {len(cpus)} vCPUs were executing guest code: "
+                           "their rip may be an earlier instruction's, their rflags lack "
+                           "the arithmetic flags")
         return x86_notes.qemu_notes([c.state for c in cpus], blocks, source + ")")
 
     def _still(self) -> ContextManager[Pause]:
@@ -165,13 +171,6 @@ class PtraceSession:
 
     def close(self) -> None:
         pass
-
-
-_NO_REGISTERS = {
-    "kvm": "no CPU registers: under KVM the kernel holds them and QEMU's copy may be "
-           "stale (QMP mode has QEMU fetch them)",
-    None: "no CPU registers: QEMU runs its vCPUs under neither TCG nor KVM",
-}
 
 
 def open_session(pid: int | None, qmp: Address | None, via: str, timeout: float,

@@ -90,6 +90,7 @@ def test_cpus_found_through_dwarf(fake_qemu):
         cpus = cpu_state.read_cpus(memory, layout, bias)
     assert [c.state for c in cpus] == [planted_cpu(0), planted_cpu(1)]
     assert [c.running for c in cpus] == [False, True]
+    assert [c.synced for c in cpus] == [False, False]
 
 
 def test_livedump_dumps_the_planted_bytes(fake_qemu, tmp_path):
