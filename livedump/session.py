@@ -111,16 +111,16 @@ class PtraceSession:
         self._frozen = False
 
     def target_arch(self) -> str:
-        """From the binary's name: qemu-system-TARGET (qemu-kvm runs the host's);
-        else from its debug info, if that holds x86 CPU state. The guest's own
-        mode may refine it (:meth:`cpu_notes`)."""
+        """The QEMU target, as ``query-target`` names it: from the binary's name
+        (qemu-system-TARGET; qemu-kvm runs the host's), else x86 if its debug
+        info holds x86 CPU state. The vCPUs' state may refine it (:meth:`cpu_notes`)."""
         name = os.path.basename(self.exe.removesuffix(" (deleted)"))
         target = platform.machine() if name == "qemu-kvm" else name.removeprefix("qemu-system-")
         with contextlib.suppress(UsageError):
-            return arches.lookup(target).name
+            return arches.for_target(target).target
         if self.layout.cpu_list is not None:
             regs, word = (self.layout.structs["CPUArchState"][m].size for m in ("regs", "eip"))
-            return "x86_64" if regs // word == 16 else "386"
+            return "x86_64" if regs // word == 16 else "i386"
         raise UsageError(f"cannot tell which architecture {name} emulates: give --arch")
 
     def prepare(self) -> None:
