@@ -1,6 +1,6 @@
-"""How livedump gets hold of a VM: through its QMP monitor, or with ptrace.
+"""How livedump gets hold of a VM: through its QMP monitor, through libvirt, or with ptrace.
 
-Both kinds of session answer the same three questions for the pipeline:
+Every kind of session answers the same three questions for the pipeline:
 what target the VM is (:meth:`target_arch`), how to hold it still
 (:meth:`hold`), and where its RAM is (:meth:`prepare` before the pause,
 :meth:`ranges` inside it). :func:`open_session` picks one as ``--via`` says.
@@ -10,10 +10,10 @@ import contextlib
 import os
 import platform
 from collections.abc import Iterator
-from typing import ContextManager, Protocol
+from typing import TYPE_CHECKING, ContextManager, Protocol
 
 from . import dwarf, locate_dwarf, locate_monitor, notes
-from .attach import Pause, not_paused, paused
+from .attach import Control, Pause, not_paused, paused
 from .coalesce import GuestRange
 from .errors import (LivedumpError, MonitorError, MonitorUnavailable,
                      PermissionDenied, UsageError)
@@ -23,13 +23,16 @@ from .monitor import Address, Monitor, QMPTransport, describe
 from .procmem import ProcessMemory, read_maps
 from .target import QmpEndpoint, is_qemu, qemu_executable, qmp_endpoints
 
+if TYPE_CHECKING:
+    from .domain import Domain
+
 VIAS = ("auto", "qmp", "ptrace")
 
 
 class Session(Protocol):
     pid: int
     via: str
-    detail: str  # For the report: which monitor, or why ptrace.
+    detail: str  # For the report: which monitor or domain, or why ptrace.
 
     def target_arch(self) -> str: ...
     def prepare(self) -> list[GuestRange] | None: ...
@@ -45,10 +48,10 @@ class MonitorSession:
 
     via = "qmp"
 
-    def __init__(self, monitor: Monitor, endpoint: QmpEndpoint, pid: int) -> None:
+    def __init__(self, monitor: Monitor, pid: int, detail: str) -> None:
         self.monitor = monitor
         self.pid = pid
-        self.detail = str(endpoint)
+        self.detail = detail
         self._view: list[locate_monitor.FlatRange] = []
 
     def target_arch(self) -> str:
@@ -62,13 +65,23 @@ class MonitorSession:
     @contextlib.contextmanager
     def hold(self, pause: bool) -> Iterator[Pause]:
         if not pause:
-            with not_paused(self.monitor) as p:
+            with not_paused(self.control()) as p:
                 yield p
             return
         # The guardian outlives the pause: it resumes the guest if we die in it.
-        with Guardian(self.monitor.transport.fileno()) as guardian:
-            with paused(self.monitor, guardian) as p:
+        with self.guardian() as guardian:
+            with paused(self.control(), guardian) as p:
                 yield p
+
+    def control(self) -> Control:
+        """What pauses and resumes the guest."""
+        return self.monitor
+
+    def guardian(self) -> Guardian:
+        """A guardian that can resume the guest without us."""
+        transport = self.monitor.transport
+        assert isinstance(transport, QMPTransport)
+        return Guardian.over_qmp(transport.fileno())
 
     def ranges(self, memory: ProcessMemory, prepared: list[GuestRange] | None
                ) -> list[GuestRange]:
@@ -82,12 +95,45 @@ class MonitorSession:
     def cpu_notes(self, gpa: int) -> notes.QemuNotes | str:
         """Inside the pause: QEMU's notes for this instant, or why there are none."""
         try:
-            return notes.from_qemu(self.monitor, gpa)
+            return self.qemu_notes(gpa)
         except MonitorError as e:
             return f"QEMU gave no CPU state ({e})"
 
+    def qemu_notes(self, gpa: int) -> notes.QemuNotes:
+        return notes.from_qemu(self.monitor, gpa)
+
     def close(self) -> None:
         self.monitor.close()
+
+
+class LibvirtSession(MonitorSession):
+    """A libvirt domain: paused by libvirt, mapped through libvirt's monitor pass-through.
+
+    libvirt holds QEMU's only monitor, so the monitor commands go through
+    libvirt (which marks the domain "tainted: custom-monitor"), and libvirt
+    suspends and resumes the guest, so its view of the domain stays true.
+    """
+
+    via = "libvirt"
+
+    def __init__(self, domain: "Domain") -> None:
+        from .domain import PassThrough
+
+        super().__init__(Monitor(PassThrough(domain)), domain.pid,
+                         f"domain {domain.name} at {domain.uri}, monitor pass-through "
+                         "(libvirt now marks the domain tainted: custom-monitor)")
+        self.domain = domain
+
+    def control(self) -> Control:
+        return self.domain
+
+    def guardian(self) -> Guardian:
+        return Guardian.over_libvirt(self.domain.uri, self.domain.uuid)
+
+    def qemu_notes(self, gpa: int) -> notes.QemuNotes:
+        # Never QEMU's dump-guest-memory through the pass-through: libvirtd 9.0
+        # crashes on its completion event. libvirt's own dump, cut after the notes.
+        return notes.from_pipe(self.domain.dump_memory_only)
 
 
 class PtraceSession:
@@ -133,10 +179,17 @@ class PtraceSession:
 
 
 def open_session(pid: int | None, qmp: Address | None, via: str, timeout: float,
-                 debug_file: str | None) -> Session:
-    """A session on the VM, by ``via``: ``qmp``, ``ptrace``, or ``auto`` (QMP if one answers)."""
+                 debug_file: str | None, domain: str | None = None,
+                 uri: str | None = None) -> Session:
+    """A session on the VM, by ``via``: ``qmp``, ``ptrace``, or ``auto`` (QMP if one answers).
+
+    A libvirt ``domain`` is reached through libvirt, unless ``via`` is ``ptrace``:
+    then libvirt only says which process runs it.
+    """
+    if domain is not None:
+        return _libvirt_session(domain, uri, via, debug_file)
     if pid is None and qmp is None:
-        raise UsageError("name the VM with --pid or --qmp")
+        raise UsageError("name the VM with --pid, --qmp or --domain")
     if via == "ptrace":
         if pid is None:
             raise UsageError("--via ptrace needs --pid")
@@ -153,6 +206,18 @@ def open_session(pid: int | None, qmp: Address | None, via: str, timeout: float,
         # Say both why the monitor could not serve and why ptrace could not.
         e.args = (f"{reason}; and for ptrace mode: {e}",)
         raise
+
+
+def _libvirt_session(name: str, uri: str | None, via: str, debug_file: str | None
+                     ) -> Session:
+    from .domain import Domain, default_uri
+
+    domain = Domain(name, uri or default_uri())
+    if via != "ptrace":
+        return LibvirtSession(domain)
+    domain.close()
+    return PtraceSession(domain.pid, debug_file, f"--via ptrace; domain {name}'s QEMU PID "
+                         "from libvirt, which is not involved otherwise")
 
 
 def _monitor_session(pid: int | None, qmp: Address | None, timeout: float) -> MonitorSession:
@@ -178,7 +243,7 @@ def _monitor_session(pid: int | None, qmp: Address | None, timeout: float) -> Mo
             failures.append(str(e))
             continue
         try:
-            return MonitorSession(Monitor(transport), endpoint, _check_peer(pid, transport))
+            return MonitorSession(Monitor(transport), _check_peer(pid, transport), str(endpoint))
         except BaseException:
             transport.close()
             raise
