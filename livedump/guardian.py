@@ -8,8 +8,8 @@ it was paused: ``cont`` on the QMP connection it inherited (which stays open
 as long as the watcher holds it, so QEMU never even sees livedump go), or
 libvirt's resume for a libvirt domain.
 
-    python -m livedump.guardian PIPE_FD qmp MONITOR_FD
-    python -m livedump.guardian PIPE_FD libvirt URI UUID
+    python -m livedump.guardian LIVEDUMP_PID PIPE_FD qmp MONITOR_FD
+    python -m livedump.guardian LIVEDUMP_PID PIPE_FD libvirt URI UUID
 """
 
 import json
@@ -31,7 +31,8 @@ class Guardian:
         read_end, self._pipe = os.pipe()
         try:
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "livedump.guardian", str(read_end), *how],
+                [sys.executable, "-m", "livedump.guardian", str(os.getpid()), str(read_end),
+                 *how],
                 pass_fds=(read_end, *pass_fds), start_new_session=True,
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             )
@@ -73,8 +74,7 @@ class Guardian:
         self.close()
 
 
-def _watch(pipe_fd: int, how: list[str]) -> int:
-    parent = os.getppid()
+def _watch(parent: int, pipe_fd: int, how: list[str]) -> int:
     state = RESUMED
     while chunk := os.read(pipe_fd, 64):
         state = chunk[-1:]
@@ -111,4 +111,4 @@ def _cont(monitor_fd: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_watch(int(sys.argv[1]), sys.argv[2:]))
+    sys.exit(_watch(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]))
