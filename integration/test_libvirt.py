@@ -6,12 +6,14 @@ back running, with libvirtd alive; ``--via ptrace`` must leave libvirt's view
 of the domain exactly as it was.
 """
 
+import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -128,22 +130,47 @@ def test_via_ptrace_leaves_libvirt_untouched(libvirtd, files, scratch, debug_emu
         assert libvirtd.alive()
 
 
+def test_hung_qemu_falls_back_to_ptrace(libvirtd, files, scratch, debug_emulator):
+    """A QEMU whose monitor never answers (here: SIGSTOP) is dumped with ptrace."""
+    with Domain(files, MARKERS, emulator=str(debug_emulator)) as dom:
+        dom.wait_for("running")
+        before = domstate(dom.name)
+        out = scratch / "hung.vmcore"
+        os.kill(dom.pid, signal.SIGSTOP)
+        try:
+            r = livedump("--domain", dom.name, "--json", str(out))
+        finally:
+            os.kill(dom.pid, signal.SIGCONT)
+        assert r.returncode == 0, r.stderr
+        report = json.loads(r.stdout)
+        assert report["via"] == "ptrace"
+        assert "could not pass a command to the monitor" in report["detail"]
+        assert_markers(out)
+        assert domstate(dom.name) == before
+        assert libvirtd.alive()
+
+
+@contextlib.contextmanager
+def blocked_dump(dom: Domain) -> Iterator[subprocess.Popen]:
+    """livedump writing into a pipe nobody reads: blocked mid-dump, the domain paused."""
+    r, w = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "livedump", "--domain", dom.name, "-"],
+                            stdout=w, stderr=subprocess.PIPE)
+    os.close(w)
+    try:
+        dom.wait_for("paused")
+        yield proc
+    finally:
+        os.close(r)
+        proc.kill()
+
+
 def test_sigkill_mid_dump_the_guardian_resumes_through_libvirt(libvirtd, files):
     with Domain(files, MARKERS) as dom:
-        dom.wait_for("running")
-        # livedump writes into a pipe nobody reads: it blocks mid-dump, domain paused.
-        r, w = os.pipe()
-        proc = subprocess.Popen([sys.executable, "-m", "livedump", "--domain", dom.name, "-"],
-                                stdout=w, stderr=subprocess.PIPE)
-        os.close(w)
-        try:
-            dom.wait_for("paused")
+        with blocked_dump(dom) as proc:
             proc.kill()
             proc.wait()
             dom.wait_for("running")
-        finally:
-            os.close(r)
-            proc.kill()
         err = proc.stderr.read()
         assert b"its guardian resumed the guest" in err, err
         assert libvirtd.alive()
@@ -151,18 +178,9 @@ def test_sigkill_mid_dump_the_guardian_resumes_through_libvirt(libvirtd, files):
 
 def test_sigterm_mid_dump_resumes_through_libvirt(libvirtd, files):
     with Domain(files, MARKERS) as dom:
-        dom.wait_for("running")
-        r, w = os.pipe()
-        proc = subprocess.Popen([sys.executable, "-m", "livedump", "--domain", dom.name, "-"],
-                                stdout=w, stderr=subprocess.PIPE)
-        os.close(w)
-        try:
-            dom.wait_for("paused")
+        with blocked_dump(dom) as proc:
             proc.send_signal(signal.SIGTERM)
             _, err = proc.communicate(timeout=30)
-        finally:
-            os.close(r)
-            proc.kill()
         assert (proc.returncode, err) == (143, b"livedump: interrupted by SIGTERM\n")
         assert domstate(dom.name) == "running (unpaused)"
 
@@ -172,7 +190,7 @@ def test_errors_are_one_line_with_their_own_exit_code(libvirtd, files, scratch):
     cases = [
         (["--domain", "livedump-no-such-domain"], 3, "no domain 'livedump-no-such-domain'"),
         (["--domain", "x", "--connect", "qemu+unix:///system?socket=/nonexistent"], 5,
-         "cannot reach libvirt at qemu+unix:///system?socket=/nonexistent"),
+         "libvirt could not connect to qemu+unix:///system?socket=/nonexistent"),
         (["--domain", "x", "--pid", "1"], 2, "--domain names the VM"),
     ]
     with Domain(files, running=False) as dom:

@@ -13,18 +13,22 @@ libvirt's Python binding is an optional dependency (``livedump[libvirt]``),
 imported only when a domain is named.
 """
 
+import contextlib
 import json
 import os
+import threading
 from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import TypeVar
 
 from . import signals
-from .errors import (DomainNotRunning, MonitorError, MonitorUnavailable, PermissionDenied,
-                     ProcessNotFound)
+from .errors import (DomainNotRunning, LivedumpError, MonitorError, MonitorUnavailable,
+                     PermissionDenied, ProcessNotFound)
+from .monitor import RESUME_TIMEOUT
 from .target import is_qemu
 
 DEFAULT_URI = "qemu:///system"
+CONNECT_TIMEOUT = 60.0  # A libvirtd that has just started probes every QEMU first.
 
 T = TypeVar("T")
 
@@ -53,16 +57,23 @@ class Domain:
     ``running``/``stop``/``cont`` are what :func:`livedump.attach.paused`
     asks of anything that can pause a VM; here they are libvirt's domain
     state, ``suspend`` and ``resume``.
+
+    libvirt's calls have no deadline of their own (a command to a hung QEMU
+    waits for ever), so each runs in a thread for at most ``timeout`` seconds
+    (longer for the connection and the resume), while signals wait in the
+    main thread: none is torn in half, none blocks livedump for ever.
     """
 
-    def __init__(self, name: str, uri: str) -> None:
+    def __init__(self, name: str, uri: str, timeout: float) -> None:
         self.libvirt = _binding()
         self.name = name
         self.uri = uri
-        self._conn = _connect(self.libvirt, uri)
+        self.timeout = timeout
+        self._conn = self._call(f"connect to {uri}", self.libvirt.open, uri,
+                                timeout=CONNECT_TIMEOUT)
         try:
             self._dom = self._lookup()
-            if not self._call("read the domain's state", self._dom.isActive):
+            if not self._call(f"read the state of domain {name}", self._dom.isActive):
                 raise DomainNotRunning(f"domain {name!r} at {uri} is not running: there is "
                                        "no QEMU process to dump")
             self.uuid: str = self._dom.UUIDString()
@@ -72,55 +83,79 @@ class Domain:
             raise
 
     def _lookup(self) -> object:
-        with signals.deferred():
-            try:
-                return self._conn.lookupByName(self.name)
-            except self.libvirt.libvirtError as e:
-                if e.get_error_code() != self.libvirt.VIR_ERR_NO_DOMAIN:
-                    raise _error(self.libvirt, e, f"libvirt could not look up domain "
-                                 f"{self.name!r} at {self.uri}: {_message(e)}") from None
-        raise ProcessNotFound(f"no domain {self.name!r} at {self.uri}")
+        try:
+            return self._call(f"look up domain {self.name} at {self.uri}",
+                              self._conn.lookupByName, self.name, timeout=CONNECT_TIMEOUT)
+        except ProcessNotFound:
+            raise ProcessNotFound(f"no domain {self.name!r} at {self.uri}") from None
 
     def running(self) -> bool:
         """Whether the guest's vCPUs run, as libvirt sees it (paused, crashed: not)."""
-        state, _reason = self._call("read the domain's state", self._dom.state)
+        state, _reason = self._call(f"read the state of domain {self.name}", self._dom.state)
         return state in (self.libvirt.VIR_DOMAIN_RUNNING, self.libvirt.VIR_DOMAIN_BLOCKED,
                          self.libvirt.VIR_DOMAIN_SHUTDOWN)
 
     def stop(self) -> None:
-        self._call("suspend the domain", self._dom.suspend)
+        self._call(f"suspend domain {self.name}", self._dom.suspend)
 
     def cont(self) -> None:
-        self._call("resume the domain", self._dom.resume)
+        self._call(f"resume domain {self.name}", self._dom.resume, timeout=RESUME_TIMEOUT)
 
     def dump_memory_only(self, path: str) -> None:
-        """libvirt's own memory-only dump (``virsh dump --memory-only``) into ``path``."""
-        self._call("dump the domain", self._dom.coreDumpWithFormat, path,
-                   self.libvirt.VIR_DOMAIN_CORE_DUMP_FORMAT_RAW, self.libvirt.VIR_DUMP_MEMORY_ONLY)
+        """libvirt's own memory-only dump (``virsh dump --memory-only``) into ``path``,
+        which had better be a pipe: the dump lasts as long as its reader lets it."""
+        self._call(f"dump domain {self.name}", self._dom.coreDumpWithFormat, path,
+                   self.libvirt.VIR_DOMAIN_CORE_DUMP_FORMAT_RAW,
+                   self.libvirt.VIR_DUMP_MEMORY_ONLY, timeout=CONNECT_TIMEOUT)
 
     def monitor_command(self, command: str) -> str:
         """Send one QMP command (JSON) through libvirt's pass-through; QEMU's JSON reply."""
         import libvirt_qemu
 
-        return self._call("pass a command to QEMU's monitor", libvirt_qemu.qemuMonitorCommand,
-                          self._dom, command, 0)
+        return self._call(f"pass a command to the monitor of domain {self.name}",
+                          libvirt_qemu.qemuMonitorCommand, self._dom, command, 0)
 
-    def _call(self, what: str, function: Callable[..., T], *args: object) -> T:
-        """Call libvirt, with signals held off so no call is torn in half; its errors
-        become livedump's."""
-        with signals.deferred():
-            try:
-                return function(*args)
-            except self.libvirt.libvirtError as e:
-                raise _error(self.libvirt, e, f"libvirt could not {what} "
-                             f"({self.name} at {self.uri}): {_message(e)}") from None
+    def _call(self, what: str, function: Callable[..., T], *args: object,
+              timeout: float | None = None) -> T:
+        """``function(*args)`` within ``timeout`` (default: the domain's); libvirt's
+        errors become livedump's."""
+        timeout = timeout or self.timeout
+        try:
+            with signals.deferred():
+                return _within(timeout, function, *args)
+        except self.libvirt.libvirtError as e:
+            raise _error(self.libvirt, e, f"libvirt could not {what}: {_message(e)}") from None
+        except TimeoutError:
+            raise MonitorUnavailable(f"libvirt could not {what}: no answer within {timeout:g} s"
+                                     ) from None
 
     def close(self) -> None:
-        with signals.deferred():
-            try:
-                self._conn.close()
-            except self.libvirt.libvirtError:
-                pass  # libvirtd went away: the connection is gone anyway.
+        if hasattr(self, "_conn"):
+            with contextlib.suppress(LivedumpError):
+                # libvirtd gone or hung: the connection goes with this process anyway.
+                self._call("close its connection", self._conn.close)
+
+
+def _within(timeout: float, function: Callable[..., T], *args: object) -> T:
+    """``function(*args)``, run in a thread; TimeoutError if it has not returned in time
+    (the thread is left to finish or to end with the process)."""
+    outcome: list[tuple[bool, object]] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, function(*args)))
+        except BaseException as e:
+            outcome.append((False, e))
+
+    worker = threading.Thread(target=run, name="livedump-libvirt", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if not outcome:
+        raise TimeoutError
+    ok, value = outcome[0]
+    if not ok:
+        raise value  # type: ignore[misc]
+    return value  # type: ignore[return-value]
 
 
 class PassThrough:
@@ -198,17 +233,11 @@ def resume_if_paused(uri: str, uuid: str) -> bool:
         return False
 
 
-def _connect(libvirt: ModuleType, uri: str) -> object:
-    with signals.deferred():
-        try:
-            return libvirt.open(uri)
-        except libvirt.libvirtError as e:
-            raise _error(libvirt, e, f"cannot reach libvirt at {uri}: {_message(e)}") from None
-
-
 def _error(libvirt: ModuleType, e: Exception, message: str) -> Exception:
     """The livedump error for a libvirt one: which exit code it deserves."""
     code = e.get_error_code()  # type: ignore[attr-defined]
+    if code == libvirt.VIR_ERR_NO_DOMAIN:
+        return ProcessNotFound(message)
     if code in (libvirt.VIR_ERR_AUTH_FAILED, libvirt.VIR_ERR_AUTH_CANCELLED,
                 libvirt.VIR_ERR_ACCESS_DENIED) or "Permission denied" in message:
         return PermissionDenied(message)

@@ -7,9 +7,10 @@ what target the VM is (:meth:`target_arch`), how to hold it still
 """
 
 import contextlib
+import functools
 import os
 import platform
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, ContextManager, Protocol
 
 from . import dwarf, locate_dwarf, locate_monitor, notes
@@ -123,6 +124,15 @@ class LibvirtSession(MonitorSession):
                          f"domain {domain.name} at {domain.uri}, monitor pass-through "
                          "(libvirt now marks the domain tainted: custom-monitor)")
         self.domain = domain
+        try:
+            # The first command: does the monitor answer (a hung QEMU's does not)?
+            self._arch = self.monitor.target_arch()
+        except BaseException:
+            self.close()
+            raise
+
+    def target_arch(self) -> str:
+        return self._arch
 
     def control(self) -> Control:
         return self.domain
@@ -183,19 +193,29 @@ def open_session(pid: int | None, qmp: Address | None, via: str, timeout: float,
                  uri: str | None = None) -> Session:
     """A session on the VM, by ``via``: ``qmp``, ``ptrace``, or ``auto`` (QMP if one answers).
 
-    A libvirt ``domain`` is reached through libvirt, unless ``via`` is ``ptrace``:
-    then libvirt only says which process runs it.
+    A libvirt ``domain`` is reached through libvirt's pass-through to its
+    monitor, unless ``via`` is ``ptrace``: then libvirt only says which
+    process runs it.
     """
+    connect: Callable[[], Session]
     if domain is not None:
-        return _libvirt_session(domain, uri, via, debug_file)
-    if pid is None and qmp is None:
+        from .domain import Domain, default_uri
+
+        found = Domain(domain, uri or default_uri(), timeout)
+        pid = found.pid
+        if via == "ptrace":
+            found.close()  # Not involved any further.
+        connect = functools.partial(LibvirtSession, found)
+    elif pid is None and qmp is None:
         raise UsageError("name the VM with --pid, --qmp or --domain")
+    else:
+        connect = functools.partial(_monitor_session, pid, qmp, timeout)
     if via == "ptrace":
         if pid is None:
-            raise UsageError("--via ptrace needs --pid")
+            raise UsageError("--via ptrace needs --pid or --domain")
         return PtraceSession(pid, debug_file, "--via ptrace")
     try:
-        return _monitor_session(pid, qmp, timeout)
+        return connect()
     except MonitorUnavailable as e:
         if via == "qmp" or pid is None:
             raise
@@ -206,18 +226,6 @@ def open_session(pid: int | None, qmp: Address | None, via: str, timeout: float,
         # Say both why the monitor could not serve and why ptrace could not.
         e.args = (f"{reason}; and for ptrace mode: {e}",)
         raise
-
-
-def _libvirt_session(name: str, uri: str | None, via: str, debug_file: str | None
-                     ) -> Session:
-    from .domain import Domain, default_uri
-
-    domain = Domain(name, uri or default_uri())
-    if via != "ptrace":
-        return LibvirtSession(domain)
-    domain.close()
-    return PtraceSession(domain.pid, debug_file, f"--via ptrace; domain {name}'s QEMU PID "
-                         "from libvirt, which is not involved otherwise")
 
 
 def _monitor_session(pid: int | None, qmp: Address | None, timeout: float) -> MonitorSession:
