@@ -192,6 +192,7 @@ def test_errors_are_one_line_with_their_own_exit_code(libvirtd, files, scratch):
         (["--domain", "x", "--connect", "qemu+unix:///system?socket=/nonexistent"], 5,
          "libvirt could not connect to qemu+unix:///system?socket=/nonexistent"),
         (["--domain", "x", "--pid", "1"], 2, "--domain names the VM"),
+        (["--pid", "1", "--connect", "qemu:///system"], 2, "--connect needs --domain"),
     ]
     with Domain(files, running=False) as dom:
         cases.append((["--domain", dom.name], 14, f"domain '{dom.name}' at qemu:///system "
