@@ -9,6 +9,7 @@ to a directory that libvirt's unprivileged QEMU user can read, since
 root's home is closed to it: nothing in the system's configuration changes.
 """
 
+import hashlib
 import os
 import shutil
 import signal
@@ -25,6 +26,7 @@ from .vm import Marker
 URI = "qemu:///system"
 SOCKETS = {"virtlogd": "/run/libvirt/virtlogd-sock", "libvirtd": "/run/libvirt/libvirt-sock"}
 PID_FILES = {"virtlogd": "/run/virtlogd.pid", "libvirtd": "/run/libvirtd.pid"}
+CAPABILITIES_CACHE = "/var/cache/libvirt/qemu/capabilities"
 # The first connection waits for libvirt to probe every QEMU on the host (about 40 s).
 READY_TIMEOUT = 180
 
@@ -126,7 +128,8 @@ class Domain:
 
     def _xml(self, qemu_args: list[str]) -> str:
         args = "".join(f"<qemu:arg value={quoteattr(a)}/>" for a in qemu_args)
-        return f"""<domain type='{self.kind}' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
+        return f"""\
+<domain type='{self.kind}' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>{self.name}</name>
   <memory unit='MiB'>{self.memory_mib}</memory>
   <vcpu>1</vcpu>
@@ -178,3 +181,10 @@ def readable_copy(binary: Path, where: Path) -> Path:
     shutil.copy2(binary, copy)
     copy.chmod(0o755)
     return copy
+
+
+def forget_emulator(binary: Path) -> None:
+    """Drop libvirt's cached probe of a QEMU binary that is going away (the cache
+    file is named after the SHA-256 of the binary's path)."""
+    digest = hashlib.sha256(str(binary).encode()).hexdigest()
+    Path(f"{CAPABILITIES_CACHE}/{digest}.xml").unlink(missing_ok=True)

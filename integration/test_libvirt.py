@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from .conftest import livedump
-from .libvirt_harness import Domain, Libvirtd, domstate, readable_copy, readable_dir, virsh
+from .libvirt_harness import (Domain, Libvirtd, domstate, forget_emulator, readable_copy,
+                              readable_dir, virsh)
 from .test_ptrace import DEBUG_QEMU
 from .vm import Marker, kvm_usable
 from .vmcore import first_difference, identity, read_phys
@@ -57,7 +58,9 @@ def files():
 def debug_emulator(files):
     if not DEBUG_QEMU.exists():
         pytest.skip("no debug-info QEMU: run integration/build-qemu-debug.sh")
-    return readable_copy(DEBUG_QEMU, files)
+    copy = readable_copy(DEBUG_QEMU, files)
+    yield copy
+    forget_emulator(copy)
 
 
 def assert_markers(vmcore: Path) -> None:
