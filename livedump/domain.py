@@ -70,7 +70,7 @@ class Domain:
         self.uri = uri
         self.timeout = timeout
         self._conn = self._call(f"connect to {uri}", self.libvirt.open, uri,
-                                timeout=CONNECT_TIMEOUT)
+                                timeout=CONNECT_TIMEOUT, failure=MonitorUnavailable)
         try:
             self._dom = self._lookup()
             if not self._call(f"read the state of domain {name}", self._dom.isActive):
@@ -116,15 +116,17 @@ class Domain:
                           libvirt_qemu.qemuMonitorCommand, self._dom, command, 0)
 
     def _call(self, what: str, function: Callable[..., T], *args: object,
-              timeout: float | None = None) -> T:
+              timeout: float | None = None,
+              failure: type[LivedumpError] = MonitorError) -> T:
         """``function(*args)`` within ``timeout`` (default: the domain's); libvirt's
-        errors become livedump's."""
+        errors become livedump's (``failure`` where no other fits)."""
         timeout = timeout or self.timeout
         try:
             with signals.deferred():
                 return _within(timeout, function, *args)
         except self.libvirt.libvirtError as e:
-            raise _error(self.libvirt, e, f"libvirt could not {what}: {_message(e)}") from None
+            raise _error(self.libvirt, e, f"libvirt could not {what}: {_message(e)}",
+                         failure) from None
         except TimeoutError:
             raise MonitorUnavailable(f"libvirt could not {what}: no answer within {timeout:g} s"
                                      ) from None
@@ -170,6 +172,9 @@ class PassThrough:
 
     def execute(self, command: str, arguments: Mapping[str, object] | None = None,
                 timeout: float | None = None) -> object:
+        if _dumps(command, arguments):
+            raise MonitorError("QEMU's dump-guest-memory is never sent through libvirt: "
+                               "libvirt 9.0's daemon crashes when a dump it did not start ends")
         request: dict[str, object] = {"execute": command}
         if arguments:
             request["arguments"] = dict(arguments)
@@ -190,6 +195,13 @@ class PassThrough:
 
     def close(self) -> None:
         self.domain.close()
+
+
+def _dumps(command: str, arguments: Mapping[str, object] | None) -> bool:
+    """Whether a command would start a QEMU dump (QMP, or HMP through QMP)."""
+    if command == "human-monitor-command":
+        command = str((arguments or {}).get("command-line", ""))
+    return command.split(maxsplit=1)[:1] == ["dump-guest-memory"]
 
 
 def qemu_pid(uuid: str, name: str) -> int:
@@ -233,18 +245,20 @@ def resume_if_paused(uri: str, uuid: str) -> bool:
         return False
 
 
-def _error(libvirt: ModuleType, e: Exception, message: str) -> Exception:
+def _error(libvirt: ModuleType, e: Exception, message: str,
+           failure: type[LivedumpError]) -> LivedumpError:
     """The livedump error for a libvirt one: which exit code it deserves."""
     code = e.get_error_code()  # type: ignore[attr-defined]
     if code == libvirt.VIR_ERR_NO_DOMAIN:
         return ProcessNotFound(message)
     if code in (libvirt.VIR_ERR_AUTH_FAILED, libvirt.VIR_ERR_AUTH_CANCELLED,
-                libvirt.VIR_ERR_ACCESS_DENIED) or "Permission denied" in message:
+                libvirt.VIR_ERR_AUTH_UNAVAILABLE, libvirt.VIR_ERR_ACCESS_DENIED
+                ) or "Permission denied" in message:
         return PermissionDenied(message)
     if code in (libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_SYSTEM_ERROR,
                 libvirt.VIR_ERR_OPERATION_TIMEOUT, libvirt.VIR_ERR_RPC):
         return MonitorUnavailable(message)
-    return MonitorError(message)
+    return failure(message)
 
 
 def _message(e: Exception) -> str:

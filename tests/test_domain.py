@@ -6,8 +6,8 @@ import uuid
 
 import pytest
 
-from livedump.domain import qemu_pid
-from livedump.errors import ProcessNotFound
+from livedump.domain import PassThrough, qemu_pid
+from livedump.errors import MonitorError, ProcessNotFound
 
 
 def test_a_process_that_is_not_qemu_is_not_the_domain():
@@ -22,3 +22,14 @@ def test_a_process_that_is_not_qemu_is_not_the_domain():
     finally:
         impostor.kill()
         impostor.wait()
+
+
+@pytest.mark.parametrize("command, arguments", [
+    ("dump-guest-memory", {"paging": False, "protocol": "fd:x"}),
+    ("human-monitor-command", {"command-line": "dump-guest-memory /tmp/x 0 4096"}),
+    ("human-monitor-command", {"command-line": "  dump-guest-memory -z /tmp/x"}),
+])
+def test_no_dump_is_ever_sent_through_libvirt(command, arguments):
+    # Refused before libvirt is asked: the domain is not even looked at.
+    with pytest.raises(MonitorError, match="never sent through libvirt"):
+        PassThrough(domain=None).execute(command, arguments)  # type: ignore[arg-type]
