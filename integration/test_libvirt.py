@@ -116,6 +116,17 @@ def test_running_domain_is_paused_and_resumed_by_libvirt(libvirtd, files, scratc
         assert domstate(dom.name) == "running (unpaused)"
 
 
+def test_no_pause_leaves_the_domain_state_as_it_was(libvirtd, files, scratch):
+    with Domain(files, MARKERS) as dom:
+        dom.wait_for("running")
+        out = scratch / "fuzzy.vmcore"
+        r = livedump("--domain", dom.name, "--no-pause", "--json", str(out))
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["paused"] is False
+        assert_markers(out)
+        assert domstate(dom.name) == "running (booted)"
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_via_ptrace_leaves_libvirt_untouched(libvirtd, files, scratch, debug_emulator, kind):
     with Domain(files, MARKERS, kind, emulator=str(debug_emulator)) as dom:
