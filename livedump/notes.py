@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
+from . import signals
 from .arch import Arch, from_elf
 from .elfcore import ElfStructs
 from .errors import MonitorError, UsageError
@@ -79,7 +80,8 @@ def from_pipe(dump_into: Callable[[str], object], timeout: float = 10.0) -> Qemu
 
         worker = threading.Thread(target=dump, name="livedump-notes", daemon=True)
         try:
-            worker.start()
+            with signals.deferred():  # Signals are for the main thread, as ever.
+                worker.start()
             core = _read_notes(fd, worker, time.monotonic() + timeout)
         finally:
             os.close(fd)  # The dump fails at its next write.
