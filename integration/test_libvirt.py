@@ -13,13 +13,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from .conftest import livedump
+from .conftest import livedump, sigterm_after
 from .libvirt_harness import (Domain, Libvirtd, domstate, forget_emulator, readable_copy,
                               readable_dir, virsh)
 from .test_ptrace import DEBUG_QEMU
@@ -204,18 +203,8 @@ def test_signal_at_any_moment_leaves_the_domain_running(libvirtd, files):
     """SIGTERM at a spread of moments, from start-up through libvirt's calls to mid-copy."""
     with Domain(files, MARKERS) as dom:
         for delay in (0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.5, 2.0):
-            r, w = os.pipe()
-            proc = subprocess.Popen([sys.executable, "-m", "livedump", "--domain", dom.name,
-                                     "-"], stdout=w, stderr=subprocess.DEVNULL)
-            os.close(w)
-            try:
-                time.sleep(delay)
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(timeout=60)
-            finally:
-                os.close(r)
-                proc.kill()
-            assert proc.returncode in (-signal.SIGTERM, 128 + signal.SIGTERM), delay
+            assert sigterm_after(delay, "--domain", dom.name) in (-signal.SIGTERM,
+                                                                  128 + signal.SIGTERM), delay
             assert domstate(dom.name).startswith("running"), f"paused by a signal at {delay} s"
         assert libvirtd.alive()
 
