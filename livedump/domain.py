@@ -43,8 +43,9 @@ def _binding() -> ModuleType:
         import libvirt
     except ImportError:
         raise MonitorUnavailable(
-            "--domain needs libvirt's Python binding: pip install 'livedump[libvirt]' "
-            "(it builds against libvirt-dev, with pkg-config, gcc and python3-dev)"
+            "--domain needs libvirt's Python binding, livedump's [libvirt] extra: pip "
+            "install libvirt-python (it builds against libvirt-dev, with pkg-config, gcc "
+            "and python3-dev)"
         ) from None
     # By default libvirt also prints every error to standard error; we report our own.
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
