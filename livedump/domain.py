@@ -133,10 +133,11 @@ class Domain:
                                      ) from None
 
     def close(self) -> None:
-        if hasattr(self, "_conn"):
+        conn, self._conn = getattr(self, "_conn", None), None
+        if conn is not None:
             with contextlib.suppress(LivedumpError):
                 # libvirtd gone or hung: the connection goes with this process anyway.
-                self._call("close its connection", self._conn.close)
+                self._call("close its connection", conn.close)
 
 
 def _within(timeout: float, function: Callable[..., T], *args: object) -> T:
@@ -165,7 +166,8 @@ class PassThrough:
     """A :class:`~livedump.monitor.Transport` through libvirt's QEMU monitor pass-through.
 
     libvirt marks the domain "tainted: custom-monitor" on the first command.
-    No file descriptor can be passed this way; the timeout is libvirt's own.
+    No file descriptor can be passed this way, and each command waits as long
+    as the domain's calls do (``timeout`` is not used).
     """
 
     def __init__(self, domain: Domain) -> None:
