@@ -1,8 +1,10 @@
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -22,3 +24,19 @@ def livedump(*args: str, timeout: float = 600, **kwargs) -> subprocess.Completed
     kwargs.setdefault("stdout", subprocess.PIPE)
     return subprocess.run([sys.executable, "-m", "livedump", *args], stderr=subprocess.PIPE,
                           timeout=timeout, **kwargs)
+
+
+def sigterm_after(delay: float, *args: str) -> int:
+    """Run livedump with ``args``, writing to a pipe nobody reads (so it stalls
+    mid-dump, the guest paused), send it SIGTERM after ``delay`` s; its status."""
+    r, w = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "livedump", *args, "-"],
+                            stdout=w, stderr=subprocess.DEVNULL)
+    os.close(w)
+    try:
+        time.sleep(delay)
+        proc.send_signal(signal.SIGTERM)
+        return proc.wait(timeout=60)
+    finally:
+        os.close(r)
+        proc.kill()

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from .conftest import sigterm_after
 from .qmp_proxy import QMPProxy
 from .vm import VM
 
@@ -56,19 +57,9 @@ def test_signal_at_any_moment_leaves_the_vm_running(scratch):
     """Signals sent at a spread of moments, from start-up to mid-copy."""
     with VM(memory="1G") as vm:
         for delay in (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.6, 0.8):
-            r, w = os.pipe()
-            proc = subprocess.Popen([sys.executable, "-m", "livedump", "--pid", str(vm.pid), "-"],
-                                    stdout=w, stderr=subprocess.DEVNULL)
-            os.close(w)
-            try:
-                time.sleep(delay)
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(timeout=30)
-            finally:
-                os.close(r)
-                proc.kill()
             # Before livedump installs its handlers the default action ends it (-15).
-            assert proc.returncode in (-signal.SIGTERM, 128 + signal.SIGTERM), delay
+            assert sigterm_after(delay, "--pid", str(vm.pid)) in (-signal.SIGTERM,
+                                                                  128 + signal.SIGTERM), delay
             assert vm.status() == "running", f"VM left paused by a signal after {delay} s"
 
 

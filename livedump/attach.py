@@ -2,17 +2,28 @@
 
 Only a VM that was running is stopped, and only what we stopped is resumed:
 a VM that was paused (by its operator, a debugger, or a panic) stays paused.
+The VM is paused by whoever controls it: its QMP monitor (``stop``/``cont``),
+or libvirt (``suspend``/``resume``).
 """
 
 import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 from . import signals
 from .errors import LivedumpError, MonitorError
 from .guardian import Guardian
-from .monitor import Monitor
+
+
+class Control(Protocol):
+    """What can pause a VM: a :class:`~livedump.monitor.Monitor`, a libvirt
+    :class:`~livedump.domain.Domain`."""
+
+    def running(self) -> bool: ...
+    def stop(self) -> None: ...
+    def cont(self) -> None: ...
 
 
 @dataclass
@@ -29,7 +40,7 @@ class Pause:
 
 
 @contextlib.contextmanager
-def paused(monitor: Monitor, guardian: Guardian | None = None) -> Iterator[Pause]:
+def paused(monitor: Control, guardian: Guardian | None = None) -> Iterator[Pause]:
     """Keep the guest's vCPUs stopped for the duration of the block.
 
     ``guardian`` is told before the stop and after the resume, so that it
@@ -62,18 +73,18 @@ def paused(monitor: Monitor, guardian: Guardian | None = None) -> Iterator[Pause
                         guardian.resumed()
 
 
-def _resume(monitor: Monitor, pause: Pause) -> None:
+def _resume(monitor: Control, pause: Pause) -> None:
     try:
         monitor.cont()
     except LivedumpError as e:
         raise MonitorError(
             f"could not resume the VM, which livedump paused ({e}); "
-            "resume it with the QMP command 'cont' (or 'virsh resume')"
+            "resume it with 'virsh resume DOMAIN' or the QMP command 'cont'"
         ) from None
     pause.resumed_at = time.monotonic()
 
 
 @contextlib.contextmanager
-def not_paused(monitor: Monitor) -> Iterator[Pause]:
+def not_paused(monitor: Control) -> Iterator[Pause]:
     """Leave the guest as it is (``--no-pause``): the dump may be inconsistent."""
     yield Pause(was_running=monitor.running())

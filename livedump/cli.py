@@ -23,7 +23,7 @@ exit codes: 0 done, 1 internal error, 2 usage, 3 no such process, 4 not QEMU,
 5 no QMP monitor reachable, 6 permission denied, 7 output exists, 8 I/O error,
 9 monitor refused or garbled, 10 RAM map unusable, 11 no usable debug info,
 12 another livedump is dumping this VM, 13 a QEMU thread would not freeze,
-128+N killed by signal N
+14 the libvirt domain is not running, 128+N killed by signal N
 """
 
 
@@ -40,6 +40,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "found on its command line")
     p.add_argument("--qmp", metavar="SOCKET", type=_qmp_address,
                    help="QMP monitor to use: a UNIX socket path, or tcp:HOST:PORT")
+    p.add_argument("--domain", metavar="NAME", help="the libvirt domain: paused and "
+                   "mapped through libvirt (which then marks it tainted: custom-monitor), "
+                   "or with --via ptrace only located by libvirt")
+    p.add_argument("--connect", metavar="URI", help="libvirt URI for --domain (default: "
+                   "$LIBVIRT_DEFAULT_URI, else qemu:///system)")
     p.add_argument("--via", choices=VIAS, default="auto",
                    help="qmp: pause and map the VM through its monitor; ptrace: freeze "
                    "QEMU's threads and map its RAM from its debug info (no monitor needed); "
@@ -60,7 +65,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("-q", "--quiet", action="store_true",
                    help="no progress bar and no summary line (errors are still reported)")
     p.add_argument("--version", action="version", version=f"livedump {__version__}")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.domain is not None and (args.pid is not None or args.qmp is not None):
+        p.error("--domain names the VM: not with --pid or --qmp")
+    if args.connect is not None and args.domain is None:
+        p.error("--connect needs --domain")
+    return args
 
 
 def _arch(text: str) -> str:
@@ -89,7 +99,8 @@ def _qmp_address(text: str) -> Address:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signals.install()
-    request = Request(output=args.output, pid=args.pid, qmp=args.qmp, via=args.via,
+    request = Request(output=args.output, pid=args.pid, qmp=args.qmp, domain=args.domain,
+                      connect=args.connect, via=args.via,
                       debug_file=args.debug_file, arch=args.arch,
                       force=args.force, qmp_timeout=args.qmp_timeout, pause=args.pause,
                       progress=None if args.quiet or not sys.stderr.isatty() else ProgressBar())
@@ -136,8 +147,8 @@ def summary_line(s: Summary) -> str:
     if not s.was_running:
         paused = "guest was already paused"
     elif s.paused:
-        paused = (f"guest paused {s.pause_seconds:.3f} s" if s.via == "qmp"
-                  else f"QEMU frozen {s.pause_seconds:.3f} s")
+        paused = (f"QEMU frozen {s.pause_seconds:.3f} s" if s.via == "ptrace"
+                  else f"guest paused {s.pause_seconds:.3f} s")
     else:
         paused = "guest NOT paused (--no-pause): memory may be inconsistent"
     return (f"wrote {s.output}: {len(s.blocks)} blocks, {_size(s.memory_bytes)} of {s.arch} "
@@ -162,6 +173,8 @@ def as_json(s: Summary) -> dict[str, object]:
 def _via(s: Summary) -> str:
     if s.via == "qmp":
         return f"via QMP {s.detail}"
+    if s.via == "libvirt":
+        return f"via libvirt: {s.detail}"
     return f"via ptrace and QEMU's debug info ({s.detail})"
 
 

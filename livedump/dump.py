@@ -48,6 +48,8 @@ class Request:
     output: str
     pid: int | None = None
     qmp: Address | None = None
+    domain: str | None = None
+    connect: str | None = None  # libvirt URI
     via: str = "auto"
     debug_file: str | None = None
     arch: str | None = None
@@ -101,7 +103,7 @@ def dump(request: Request) -> Summary:
         if request.pid is not None:
             stack.enter_context(VMLock(request.pid))
         session = open_session(request.pid, request.qmp, request.via, request.qmp_timeout,
-                               request.debug_file)
+                               request.debug_file, request.domain, request.connect)
         stack.callback(session.close)
         pid = session.pid
         if request.pid is None:

@@ -84,6 +84,12 @@ class FreezeError(LivedumpError):
     exit_code = 13
 
 
+class DomainNotRunning(LivedumpError):
+    """The libvirt domain exists but is not running: no QEMU process holds its memory."""
+
+    exit_code = 14
+
+
 class Interrupted(BaseException):
     """A signal ended the dump; exits 128 + the signal number, as shells do.
 

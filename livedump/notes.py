@@ -10,15 +10,27 @@ the vmcoreinfo device), and its ELF header says which class, byte order
 and machine QEMU judges the guest to be (an x86 guest out of long mode is
 EM_386). The page itself is dropped. It goes through a memfd passed over
 the monitor socket, so no file is shared with QEMU.
+
+Where that cannot be done (libvirt's monitor pass-through passes no file
+descriptors, and libvirt 9.0's daemon crashes on the completion event of a
+dump it did not start), libvirt's own memory-only dump is pointed at a pipe,
+which livedump closes as soon as the notes have come through: the dump then
+fails, having written no guest memory anywhere.
 """
 
 import io
 import os
+import select
+import tempfile
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
+from . import signals
 from .arch import Arch, from_elf
 from .elfcore import ElfStructs
 from .errors import MonitorError, UsageError
@@ -51,6 +63,60 @@ def from_qemu(monitor: Monitor, gpa: int) -> QemuNotes:
         return parse(os.pread(fd, 1 << 24, 0))
     finally:
         os.close(fd)
+
+
+def from_pipe(dump_into: Callable[[str], object], timeout: float = 10.0) -> QemuNotes:
+    """QEMU's notes from the start of a dump that ``dump_into(path)`` writes into a pipe."""
+    with tempfile.TemporaryDirectory(prefix="livedump-") as tmp:
+        path = os.path.join(tmp, "notes")
+        os.mkfifo(path, 0o600)
+        # Open before the writer: no end-of-file until it has come and gone.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        failure: list[BaseException] = []
+
+        def dump() -> None:
+            try:
+                dump_into(path)
+            except Exception as e:  # Expected once the pipe is closed; else the reason.
+                failure.append(e)
+
+        worker = threading.Thread(target=dump, name="livedump-notes", daemon=True)
+        try:
+            with signals.deferred():  # Signals are for the main thread, as ever.
+                worker.start()
+            core = _read_notes(fd, worker, time.monotonic() + timeout)
+        finally:
+            os.close(fd)  # The dump fails at its next write.
+            worker.join(timeout)
+    if core is None:
+        raise MonitorError(f"no dump came through the pipe{f' ({failure[0]})' if failure else ''}")
+    return parse(core)
+
+
+def _read_notes(fd: int, worker: threading.Thread, deadline: float) -> bytes | None:
+    """The dump's first bytes, up to the end of its PT_NOTE (None if it never wrote)."""
+    core = b""
+    while (end := _notes_end(core)) is None or len(core) < end:
+        left = deadline - time.monotonic()
+        if left <= 0 or not (worker.is_alive() or select.select([fd], [], [], 0)[0]):
+            return None
+        if select.select([fd], [], [], min(left, 0.1))[0]:
+            if not (chunk := os.read(fd, 1 << 16)):
+                return None
+            core += chunk
+    return core
+
+
+def _notes_end(core: bytes) -> int | None:
+    """Where the PT_NOTE of a partial vmcore ends, once its program headers are in."""
+    try:
+        elf = ELFFile(io.BytesIO(core))
+        if len(core) < elf["e_phoff"] + elf["e_phnum"] * elf["e_phentsize"]:
+            return None
+        note = next(s for s in elf.iter_segments() if s["p_type"] == "PT_NOTE")
+    except (ELFError, StopIteration, ValueError, EOFError):
+        return None if len(core) < 1 << 16 else 0  # Not a vmcore: let parse() say so.
+    return note["p_offset"] + note["p_filesz"]
 
 
 def parse(core: bytes) -> QemuNotes:

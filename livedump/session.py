@@ -1,6 +1,6 @@
-"""How livedump gets hold of a VM: through its QMP monitor, or with ptrace.
+"""How livedump gets hold of a VM: through its QMP monitor, through libvirt, or with ptrace.
 
-Both kinds of session answer the same questions for the pipeline: what
+Every kind of session answers the same questions for the pipeline: what
 target the VM is (:meth:`target_arch`), how to hold it still (:meth:`hold`),
 where its RAM is (:meth:`prepare` before the pause, :meth:`ranges` inside
 it), and what its vCPUs' registers are (:meth:`cpu_notes`, inside the
@@ -8,14 +8,15 @@ pause). :func:`open_session` picks one as ``--via`` says.
 """
 
 import contextlib
+import functools
 import os
 import platform
-from collections.abc import Iterator
-from typing import ContextManager, Protocol
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, ContextManager, Protocol
 
 from . import arch as arches
 from . import cpu_state, dwarf, locate_dwarf, locate_monitor, notes, x86_notes
-from .attach import Pause, not_paused, paused
+from .attach import Control, Pause, not_paused, paused
 from .coalesce import Block, GuestRange
 from .errors import (GuestMemoryError, LivedumpError, MonitorError, MonitorUnavailable,
                      PermissionDenied, UsageError)
@@ -25,13 +26,16 @@ from .monitor import Address, Monitor, QMPTransport, describe
 from .procmem import ProcessMemory, read_maps
 from .target import QmpEndpoint, is_qemu, qemu_executable, qmp_endpoints
 
+if TYPE_CHECKING:
+    from .domain import Domain
+
 VIAS = ("auto", "qmp", "ptrace")
 
 
 class Session(Protocol):
     pid: int
     via: str
-    detail: str  # For the report: which monitor, or why ptrace.
+    detail: str  # For the report: which monitor or domain, or why ptrace.
 
     def target_arch(self) -> str: ...
     def prepare(self) -> list[GuestRange] | None: ...
@@ -48,10 +52,10 @@ class MonitorSession:
 
     via = "qmp"
 
-    def __init__(self, monitor: Monitor, endpoint: QmpEndpoint, pid: int) -> None:
+    def __init__(self, monitor: Monitor, pid: int, detail: str) -> None:
         self.monitor = monitor
         self.pid = pid
-        self.detail = str(endpoint)
+        self.detail = detail
         self._view: list[locate_monitor.FlatRange] = []
         self._paused = False
 
@@ -67,13 +71,23 @@ class MonitorSession:
     def hold(self, pause: bool) -> Iterator[Pause]:
         self._paused = pause
         if not pause:
-            with not_paused(self.monitor) as p:
+            with not_paused(self.control()) as p:
                 yield p
             return
         # The guardian outlives the pause: it resumes the guest if we die in it.
-        with Guardian(self.monitor.transport.fileno()) as guardian:
-            with paused(self.monitor, guardian) as p:
+        with self.guardian() as guardian:
+            with paused(self.control(), guardian) as p:
                 yield p
+
+    def control(self) -> Control:
+        """What pauses and resumes the guest."""
+        return self.monitor
+
+    def guardian(self) -> Guardian:
+        """A guardian that can resume the guest without us."""
+        transport = self.monitor.transport
+        assert isinstance(transport, QMPTransport)
+        return Guardian.over_qmp(transport.fileno())
 
     def ranges(self, memory: ProcessMemory, prepared: list[GuestRange] | None
                ) -> list[GuestRange]:
@@ -89,12 +103,54 @@ class MonitorSession:
         if not self._paused:  # QEMU's one-page dump would stop the guest.
             return "no CPU registers with --no-pause"
         try:
-            return notes.from_qemu(self.monitor, blocks[0].gpa)
+            return self.qemu_notes(blocks[0].gpa)
         except MonitorError as e:
             return f"QEMU gave no CPU state ({e})"
 
+    def qemu_notes(self, gpa: int) -> notes.QemuNotes:
+        return notes.from_qemu(self.monitor, gpa)
+
     def close(self) -> None:
         self.monitor.close()
+
+
+class LibvirtSession(MonitorSession):
+    """A libvirt domain: paused by libvirt, mapped through libvirt's monitor pass-through.
+
+    libvirt holds QEMU's only monitor, so the monitor commands go through
+    libvirt (which marks the domain "tainted: custom-monitor"), and libvirt
+    suspends and resumes the guest, so its view of the domain stays true.
+    """
+
+    via = "libvirt"
+
+    def __init__(self, domain: "Domain") -> None:
+        from .domain import PassThrough
+
+        super().__init__(Monitor(PassThrough(domain)), domain.pid,
+                         f"domain {domain.name} at {domain.uri}, monitor pass-through "
+                         "(libvirt now marks the domain tainted: custom-monitor)")
+        self.domain = domain
+        try:
+            # The first command: does the monitor answer (a hung QEMU's does not)?
+            self._arch = self.monitor.target_arch()
+        except BaseException:
+            self.close()
+            raise
+
+    def target_arch(self) -> str:
+        return self._arch
+
+    def control(self) -> Control:
+        return self.domain
+
+    def guardian(self) -> Guardian:
+        return Guardian.over_libvirt(self.domain.uri, self.domain.uuid)
+
+    def qemu_notes(self, gpa: int) -> notes.QemuNotes:
+        # Never QEMU's dump-guest-memory through the pass-through: libvirtd 9.0
+        # crashes on its completion event. libvirt's own dump, cut after the notes.
+        return notes.from_pipe(self.domain.dump_memory_only)
 
 
 class PtraceSession:
@@ -174,16 +230,33 @@ class PtraceSession:
 
 
 def open_session(pid: int | None, qmp: Address | None, via: str, timeout: float,
-                 debug_file: str | None) -> Session:
-    """A session on the VM, by ``via``: ``qmp``, ``ptrace``, or ``auto`` (QMP if one answers)."""
-    if pid is None and qmp is None:
-        raise UsageError("name the VM with --pid or --qmp")
+                 debug_file: str | None, domain: str | None = None,
+                 uri: str | None = None) -> Session:
+    """A session on the VM, by ``via``: ``qmp``, ``ptrace``, or ``auto`` (QMP if one answers).
+
+    A libvirt ``domain`` is reached through libvirt's pass-through to its
+    monitor, unless ``via`` is ``ptrace``: then libvirt only says which
+    process runs it.
+    """
+    connect: Callable[[], Session]
+    if domain is not None:
+        from .domain import Domain, default_uri
+
+        found = Domain(domain, uri or default_uri(), timeout)
+        pid = found.pid
+        if via == "ptrace":
+            found.close()  # Not involved any further.
+        connect = functools.partial(LibvirtSession, found)
+    elif pid is None and qmp is None:
+        raise UsageError("name the VM with --pid, --qmp or --domain")
+    else:
+        connect = functools.partial(_monitor_session, pid, qmp, timeout)
     if via == "ptrace":
         if pid is None:
-            raise UsageError("--via ptrace needs --pid")
+            raise UsageError("--via ptrace needs --pid or --domain")
         return PtraceSession(pid, debug_file, "--via ptrace")
     try:
-        return _monitor_session(pid, qmp, timeout)
+        return connect()
     except MonitorUnavailable as e:
         if via == "qmp" or pid is None:
             raise
@@ -219,7 +292,7 @@ def _monitor_session(pid: int | None, qmp: Address | None, timeout: float) -> Mo
             failures.append(str(e))
             continue
         try:
-            return MonitorSession(Monitor(transport), endpoint, _check_peer(pid, transport))
+            return MonitorSession(Monitor(transport), _check_peer(pid, transport), str(endpoint))
         except BaseException:
             transport.close()
             raise

@@ -11,7 +11,7 @@ from livedump.coalesce import Block
 from livedump.dump import provenance_note
 from livedump.elfcore import CoreLayout
 from livedump.errors import MonitorError, UsageError
-from livedump.notes import parse
+from livedump.notes import from_pipe, parse
 
 from .conftest import DATA
 from .test_elfcore import parse as parse_layout
@@ -71,3 +71,46 @@ def test_every_arch_notes_go_verbatim_into_a_vmcore_of_their_kind(name):
 def note_list(elf: ELFFile) -> list[tuple[str, object]]:
     return [(n["n_name"], n["n_type"]) for n in next(
         s for s in elf.iter_segments() if s["p_type"] == "PT_NOTE").iter_notes()]
+
+
+class DumpIntoPipe:
+    """A stand-in for libvirt's memory-only dump: a vmcore QEMU wrote, then memory
+    without end, written into the path it is given until the reader goes away."""
+
+    def __init__(self, core: bytes) -> None:
+        self.core = core
+        self.written = 0
+        self.broken = False
+
+    def __call__(self, path: str) -> None:
+        with open(path, "wb", buffering=0) as f:
+            try:
+                for i in range(0, len(self.core), 100):  # Header, notes in small writes.
+                    self.written += f.write(self.core[i:i + 100])
+                while True:
+                    self.written += f.write(bytes(4096))
+            except BrokenPipeError:
+                self.broken = True
+                raise
+
+
+@pytest.mark.parametrize("name", ["pc-1G", "q35-5G-smp2"])
+def test_notes_from_a_dump_cut_short(name):
+    core = (DATA / f"qemu-7.2-{name}-one-page.vmcore").read_bytes()
+    writer = DumpIntoPipe(core)
+    assert from_pipe(writer) == parse(core)
+    # The dump ended at a write after the notes: little more than a pipe's worth.
+    assert writer.broken and writer.written < len(core) + (1 << 20)
+
+
+def test_a_dump_that_never_starts_says_why():
+    def refuse(path: str) -> None:
+        raise MonitorError("libvirt could not dump domain x: no space")
+
+    with pytest.raises(MonitorError, match="no dump came through the pipe .*no space"):
+        from_pipe(refuse)
+
+
+def test_a_pipe_of_garbage_is_a_monitor_error():
+    with pytest.raises(MonitorError, match="not a vmcore livedump can read"):
+        from_pipe(DumpIntoPipe(b"not an ELF file at all" * 100))
