@@ -8,6 +8,7 @@ pause). :func:`open_session` picks one as ``--via`` says.
 """
 
 import contextlib
+import dataclasses
 import functools
 import os
 import platform
@@ -150,7 +151,8 @@ class LibvirtSession(MonitorSession):
     def qemu_notes(self, gpa: int) -> notes.QemuNotes:
         # Never QEMU's dump-guest-memory through the pass-through: libvirtd 9.0
         # crashes on its completion event. libvirt's own dump, cut after the notes.
-        return notes.from_pipe(self.domain.dump_memory_only)
+        return dataclasses.replace(notes.from_pipe(self.domain.dump_memory_only),
+                                   source="libvirt's memory-only dump")
 
 
 class PtraceSession:
