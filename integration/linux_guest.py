@@ -70,6 +70,8 @@ REQUIRED_KERNEL_CONFIG = (
     "TMPFS",                # /dev/shm
     "SHMEM",
     "MAGIC_SYSRQ",          # livedump.panic=1 via /proc/sysrq-trigger
+    "CRASH_CORE",           # VMCOREINFO, and /sys/kernel/vmcoreinfo
+    "KALLSYMS",             # /proc/kallsyms: where KASLR put _text
 )
 
 BASE_CMDLINE = "console=ttyS0 panic=0 quiet"
@@ -81,6 +83,10 @@ PANIC = "LIVEDUMP-GUEST-PANIC"
 FAILURE = r"LIVEDUMP-GUEST-ERROR.*|Kernel panic - not syncing.*"
 
 _MARKER_LINE = re.compile(r"^LIVEDUMP-MARKER gpa=(0x[0-9a-f]+) text=(\S+)\s*$", re.M)
+_VMCOREINFO_LINE = re.compile(r"^LIVEDUMP-VMCOREINFO (?:0x)?([0-9a-f]+) ([0-9a-f]+)\s*$", re.M)
+_KERNEL_TEXT_LINE = re.compile(r"^LIVEDUMP-KERNEL-TEXT ([0-9a-f]+)\s*$", re.M)
+# x86_64: where _text is linked, and so KASLR's offset is counted from.
+START_KERNEL = 0xFFFFFFFF81000000
 _KERNEL_OFFSET_LINE = re.compile(r"Kernel Offset: (0x[0-9a-f]+) from 0x[0-9a-f]+")
 _TOUCH_LINE = re.compile(
     r"^LIVEDUMP-TOUCH mib=(\d+) seconds=([\d.]+) mib_per_s=([\d.]+)\s*$", re.M)
@@ -202,27 +208,55 @@ def _kernel_dir(root: Path) -> Path:
             # the 400 MB of modules that ``dpkg-deb -x`` would extract.
             staged = work / "kernel"
             staged.mkdir()
-            wanted = {f"./boot/vmlinuz-{release}": "vmlinuz",
-                      f"./boot/config-{release}": "config"}
-            with subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)],
-                                  stdout=subprocess.PIPE) as dpkg:
-                with tarfile.open(fileobj=dpkg.stdout, mode="r|") as tar:
-                    for member in tar:
-                        if member.name in wanted and member.isfile():
-                            src = tar.extractfile(member)
-                            assert src is not None
-                            (staged / wanted[member.name]).write_bytes(src.read())
-            if dpkg.returncode != 0:
-                raise RuntimeError(f"dpkg-deb --fsys-tarfile {deb} failed")
-            for name in wanted.values():
-                if not (staged / name).exists():
-                    raise RuntimeError(f"{deb.name} has no boot/{name}-{release}")
+            _extract(deb, {f"./boot/vmlinuz-{release}": staged / "vmlinuz",
+                           f"./boot/config-{release}": staged / "config"})
             _check_kernel_config((staged / "config").read_text())
             # Written last: its presence marks a complete directory.
             (staged / "kernel-release").write_text(release + "\n")
             if final.exists():  # incomplete, from an unknown past
                 shutil.rmtree(final)
             staged.rename(final)
+    return final
+
+
+def _extract(deb: Path, wanted: dict[str, Path]) -> None:
+    """Extract the members ``wanted`` names (``./path`` in the package) to the paths
+    it gives. Streaming the data tarball avoids writing what is not wanted
+    (the 400 MB of modules that ``dpkg-deb -x`` would extract, say)."""
+    with subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)],
+                          stdout=subprocess.PIPE) as dpkg:
+        with tarfile.open(fileobj=dpkg.stdout, mode="r|") as tar:
+            for member in tar:
+                if member.name in wanted and member.isfile():
+                    src = tar.extractfile(member)
+                    assert src is not None
+                    with open(wanted[member.name], "wb") as out:
+                        shutil.copyfileobj(src, out, 1 << 20)
+    if dpkg.returncode != 0:
+        raise RuntimeError(f"dpkg-deb --fsys-tarfile {deb} failed")
+    for name, path in wanted.items():
+        if not path.exists():
+            raise RuntimeError(f"{deb.name} has no {name}")
+
+
+def debug_vmlinux(cache: Path | None = None) -> Path:
+    """The guest kernel's ``vmlinux`` with debug info, for crash and drgn: from
+    Debian's ``linux-image-<release>-dbg`` (an 858 MB download, of which only
+    vmlinux is kept, in ``<cache>/debug/``)."""
+    root = cache_dir(cache)
+    release = kernel_release(cache)
+    final = root / "debug" / f"vmlinux-{release}"
+    if final.exists():
+        return final
+    with _Locked(root):
+        if final.exists():
+            return final
+        final.parent.mkdir(exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".build-debug-", dir=root) as tmp:
+            work = Path(tmp)
+            deb = _apt_get_download(f"linux-image-{release}-dbg", work)
+            _extract(deb, {f"./usr/lib/debug/boot/vmlinux-{release}": work / "vmlinux"})
+            (work / "vmlinux").rename(final)
     return final
 
 
@@ -413,6 +447,25 @@ def parse_markers(text: str) -> list[GuestMarker]:
     return [GuestMarker(int(gpa, 16), t) for gpa, t in _MARKER_LINE.findall(text)]
 
 
+@dataclass(frozen=True)
+class KernelFacts:
+    """What the guest says of its kernel: where its VMCOREINFO note is
+    (``/sys/kernel/vmcoreinfo``) and how far KASLR moved it."""
+
+    vmcoreinfo_paddr: int
+    vmcoreinfo_size: int
+    kaslr_offset: int
+
+
+def parse_kernel_facts(text: str) -> KernelFacts | None:
+    """The ``LIVEDUMP-VMCOREINFO`` and ``LIVEDUMP-KERNEL-TEXT`` lines of ``text``."""
+    note, kernel = _VMCOREINFO_LINE.search(text), _KERNEL_TEXT_LINE.search(text)
+    if not (note and kernel):
+        return None
+    return KernelFacts(int(note.group(1), 16), int(note.group(2), 16),
+                       int(kernel.group(1), 16) - START_KERNEL)
+
+
 def parse_kernel_offset(text: str) -> int | None:
     """The KASLR offset a panic message reports ("Kernel Offset: 0x... from
     0xffffffff81000000"), e.g. after ``livedump.panic=1``; None if absent."""
@@ -486,6 +539,9 @@ class LinuxVM(VM):
 
     def touch_report(self) -> TouchReport | None:
         return parse_touch(self.console_text())
+
+    def kernel_facts(self) -> KernelFacts | None:
+        return parse_kernel_facts(self.console_text())
 
     def __exit__(self, *exc: object) -> None:
         try:

@@ -11,6 +11,9 @@
 #
 # Lines for the host (see linux_guest.py), all on the serial console:
 #   LIVEDUMP-GUEST-READY uptime=S    filesystems mounted, about to set up
+#   LIVEDUMP-VMCOREINFO PADDR SIZE   /sys/kernel/vmcoreinfo: where the kernel's
+#                                    VMCOREINFO note is (hex)
+#   LIVEDUMP-KERNEL-TEXT ADDR        the address of _text (KASLR moves it)
 #   LIVEDUMP-TOUCH ... / LIVEDUMP-MARKER ...   from livedump-guest
 #   LIVEDUMP-GUEST-PANIC             about to crash the kernel
 #   LIVEDUMP-GUEST-IDLE uptime=S     all done; the guest idles from now on
@@ -45,6 +48,10 @@ switch() {
 }
 
 echo "LIVEDUMP-GUEST-READY uptime=$(seconds_up)"
+echo "LIVEDUMP-VMCOREINFO $(cat /sys/kernel/vmcoreinfo)"
+while read -r address _ name; do
+    if [ "$name" = _text ]; then echo "LIVEDUMP-KERNEL-TEXT $address"; break; fi
+done </proc/kallsyms
 
 touch_mib=$(switch touch)
 if [ -n "$touch_mib" ] && [ "$touch_mib" != 0 ]; then

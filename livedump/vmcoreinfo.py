@@ -1,0 +1,275 @@
+"""VMCOREINFO: the Linux guest's description of itself, which crash and drgn need.
+
+A Linux kernel keeps, from boot, a page of ``KEY=VALUE`` lines
+(``OSRELEASE=``, ``PAGESIZE=``, ``SYMBOL(init_uts_ns)=``, ``KERNELOFFSET=``...)
+that tells a dump reader its release, KASLR offset and struct layouts. QEMU
+carries it in a ``VMCOREINFO`` note only when the VM has ``-device
+vmcoreinfo`` and the guest loaded ``qemu_fw_cfg``; without it drgn refuses
+the vmcore. So when QEMU's notes lack it, livedump finds the page itself, in
+the memory it streams anyway: no second pass over guest memory.
+
+The header, notes included, is written before memory, and readers want the
+notes before the first byte of memory. So a fixed slot at the end of PT_NOTE
+is reserved, holding a filler note of livedump's own (owner ``LIVEDUMP``,
+type "LVDF") that readers skip; once memory is written, the slot of a file
+is rewritten with the ``VMCOREINFO`` note and a smaller filler. Standard
+output cannot be rewritten: no slot, no search, and the report says why.
+
+A match is trusted only after strict checks, since a wrong VMCOREINFO makes
+crash and drgn misread everything: the page holds nothing but well-formed
+lines and zeros, has the keys readers rely on, and, where the architecture
+says how kernel addresses map to physical ones, ``SYMBOL(init_uts_ns)``
+must hold the very release ``OSRELEASE`` names (read back from the written
+vmcore). A page left by an earlier kernel points at memory that no longer
+holds its release. Several different pages that pass: none is written.
+"""
+
+import bisect
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .arch import EM_AARCH64, EM_PPC64, EM_X86_64, Arch
+from .elfcore import CoreLayout, Note
+from .notes import QemuNotes
+from .output import Output
+from .stream import Inspect
+
+NAME = "VMCOREINFO"
+NT_VMCOREINFO = 0  # the type the kernel gives its own VMCOREINFO note
+# Filler under livedump's owner; "LVDF" in ASCII, far from the small CORE
+# types that crash and gdb read whatever the owner.
+NT_LIVEDUMP_FILLER = 0x4C564446
+_FILLER_OWNER = "LIVEDUMP"
+
+# Pages are looked for at this alignment: the smallest page of any target,
+# so a 64 KiB-page kernel's page (64 KiB-aligned) is found too.
+SCAN_ALIGN = 4096
+_MAGIC = b"OSRELEASE="
+# The text fills at most one guest page: room for the largest page a target
+# may use, so the slot never turns a valid find away.
+_LARGEST_PAGE = {EM_AARCH64: 65536, EM_PPC64: 65536}
+_REQUIRED = ("OSRELEASE", "PAGESIZE", "SYMBOL(init_uts_ns)")
+_LINE = re.compile(rb"[A-Z][A-Z0-9_-]*(?:\([A-Za-z0-9_.]+\))?=[\x21-\x7e]+")
+# A guest may hold many look-alikes: keep this many, and refuse if there are more.
+_MAX_CANDIDATES = 16
+_NEW_UTS_LEN = 65  # struct new_utsname: sysname, nodename, release... of 65 bytes
+_RELEASE_OFFSET = 2 * _NEW_UTS_LEN
+_START_KERNEL_MAP = 0xFFFFFFFF80000000  # x86_64: kernel text mapping base
+_PPC64_PAGE_OFFSET = 0xC000000000000000  # ppc64: the linear map, which holds the kernel
+
+ReadPhys = Callable[[int, int], bytes | None]  # guest-physical address, length
+
+
+class Invalid(ValueError):
+    """A candidate page that is not a usable VMCOREINFO."""
+
+
+@dataclass(frozen=True)
+class Result:
+    """Where the vmcore's VMCOREINFO came from, for the report."""
+
+    source: str  # "qemu" (its vmcoreinfo device), "guest" (found in memory) or "none"
+    detail: str  # one phrase for the report line
+    gpa: int | None = None
+    release: str | None = None
+
+    def as_json(self) -> dict[str, object]:
+        return {"source": self.source, "gpa": self.gpa, "release": self.release,
+                "detail": self.detail}
+
+
+def parse(text: bytes) -> dict[str, str]:
+    """The entries of VMCOREINFO ``text`` (without its trailing NULs); Invalid if it is
+    not made only of well-formed ``KEY=VALUE`` lines with the keys readers need."""
+    if not text.endswith(b"\n"):
+        raise Invalid("does not end with a newline")
+    entries: dict[str, str] = {}
+    for line in text[:-1].split(b"\n"):
+        if not _LINE.fullmatch(line):
+            raise Invalid(f"malformed line {line[:40]!r}")
+        key, _, value = line.decode().partition("=")
+        entries[key] = value  # a repeated key (CRASHTIME) counts as its last value
+    missing = [k for k in _REQUIRED if k not in entries]
+    if missing:
+        raise Invalid(f"lacks {', '.join(missing)}")
+    if not text.startswith(_MAGIC):
+        raise Invalid("does not begin with OSRELEASE")
+    page = _number(entries["PAGESIZE"], "PAGESIZE")
+    if page < SCAN_ALIGN or page & (page - 1):
+        raise Invalid(f"PAGESIZE {page} is not a page size")
+    if len(text) >= page:
+        raise Invalid("longer than its page")
+    return entries
+
+
+def kernel_phys(entries: dict[str, str], arch: Arch, va: int) -> int | None:
+    """The physical address of kernel-image address ``va``, by the rule VMCOREINFO
+    itself gives for ``arch``; None where there is no such rule (i386, s390)."""
+    if arch.machine == EM_X86_64:
+        return va - _START_KERNEL_MAP + _number(entries.get("NUMBER(phys_base)"), "phys_base")
+    if arch.machine == EM_AARCH64:
+        return va - _number(entries.get("NUMBER(kimage_voffset)"), "kimage_voffset")
+    if arch.machine == EM_PPC64 and arch.bits == 64:
+        return va - _PPC64_PAGE_OFFSET
+    return None
+
+
+def check_release(entries: dict[str, str], arch: Arch, read_at: ReadPhys) -> bool:
+    """Check that ``init_uts_ns`` holds the release OSRELEASE names: a page left
+    by an earlier kernel fails. ``read_at(gpa, n)`` reads the vmcore (None where
+    it holds no memory). False if ``arch`` gives no way to check."""
+    va = _number(entries["SYMBOL(init_uts_ns)"], "SYMBOL(init_uts_ns)", base=16)
+    pa = kernel_phys(entries, arch, va)
+    if pa is None:
+        return False
+    name = _number(entries.get("OFFSET(uts_namespace.name)"), "OFFSET(uts_namespace.name)")
+    found = read_at(pa + name + _RELEASE_OFFSET, _NEW_UTS_LEN)
+    if found is None:
+        raise Invalid(f"init_uts_ns (physical {pa:#x}) is not in the dump")
+    if found.split(b"\0", 1)[0].decode(errors="replace") != entries["OSRELEASE"]:
+        raise Invalid(f"init_uts_ns (physical {pa:#x}) does not hold release "
+                      f"{entries['OSRELEASE']}: a stale page")
+    return True
+
+
+def _number(text: str | None, what: str, base: int = 10) -> int:
+    """A VMCOREINFO number: decimal (``%ld``), or hex with 0x; SYMBOL()s are bare hex."""
+    if text is None:
+        raise Invalid(f"lacks {what}")
+    try:
+        return int(text, 16) if text.lower().startswith(("0x", "-0x")) else int(text, base)
+    except ValueError:
+        raise Invalid(f"{what}={text} is not a number") from None
+
+
+def filler(size: int) -> Note:
+    """A note of livedump's that readers skip, taking exactly ``size`` bytes."""
+    return Note(_FILLER_OWNER, NT_LIVEDUMP_FILLER, bytes(size - _note_size(_FILLER_OWNER, 0)))
+
+
+def _note_size(owner: str, desc: int) -> int:
+    """Bytes a note takes: the same in ELF32 and ELF64 (three words, 4-byte padding)."""
+    return 12 + _pad4(len(owner) + 1) + _pad4(desc)
+
+
+def _pad4(n: int) -> int:
+    return n + (-n % 4)
+
+
+class Search:
+    """VMCOREINFO for one dump: QEMU's note, or one found while memory is written.
+
+    Used in three steps: ``notes`` go into the layout (the reserved slot, or
+    nothing); ``inspector(layout)`` is the writer's hook, which sees every
+    chunk written; ``finish(out)``, once memory is written, validates what
+    was seen, writes the note into the slot and says what was done.
+    """
+
+    def __init__(self, arch: Arch, cpu: QemuNotes | str, to_stdout: bool) -> None:
+        self.arch = arch
+        self.result: Result | None = None
+        if isinstance(cpu, QemuNotes) and NAME in cpu.names:
+            self.result = Result("qemu", "VMCOREINFO from QEMU's vmcoreinfo device")
+        elif to_stdout:
+            self.result = Result("none", "no VMCOREINFO: its place in the notes precedes "
+                                 "memory, which standard output cannot go back to (write "
+                                 "to a file, or give the VM -device vmcoreinfo)")
+        self.capacity = _LARGEST_PAGE.get(arch.machine, SCAN_ALIGN)
+        # The largest note, and the smallest filler after it.
+        self._slot_size = _note_size(NAME, self.capacity) + _note_size(_FILLER_OWNER, 0)
+        self._candidates: dict[bytes, int] = {}  # text -> the first GPA it was seen at
+        self._rejected: list[str] = []  # why each candidate failed, for the report
+        self._overflow = False
+        self._layout: CoreLayout | None = None
+
+    @property
+    def notes(self) -> list[Note]:
+        return [] if self.result else [filler(self._slot_size)]
+
+    def inspector(self, layout: CoreLayout) -> Inspect | None:
+        """The writer's hook for a dump of ``layout``, or None if there is nothing to find."""
+        if self.result:
+            return None
+        self._layout = layout
+        return self._inspect
+
+    def _inspect(self, offset: int, data: bytes | bytearray, length: int) -> None:
+        """Look for pages starting with OSRELEASE= in the ``length`` bytes of ``data``
+        written at file ``offset``. At C speed: one ``find`` per occurrence."""
+        layout = self._layout
+        i = bisect.bisect_right(layout.offsets, offset) - 1
+        if i < 0 or offset + length > layout.offsets[i] + layout.blocks[i].size:
+            return  # the header, or (never, as chunks lie within blocks) a straddler
+        gpa = layout.blocks[i].gpa + offset - layout.offsets[i]
+        at = data.find(_MAGIC, 0, length)
+        while at >= 0:
+            if (gpa + at) % SCAN_ALIGN == 0:
+                self._consider(gpa + at, data, at, length)
+            at = data.find(_MAGIC, at + 1, length)
+
+    def _consider(self, gpa: int, data: bytes | bytearray, at: int, length: int) -> None:
+        try:
+            end = data.find(b"\0", at, min(at + self.capacity, length))
+            if end < 0:
+                raise Invalid(f"no end within {self.capacity} bytes")
+            text = bytes(data[at:end])
+            page = _number(parse(text)["PAGESIZE"], "PAGESIZE")
+            if gpa % page or at + page > length:
+                raise Invalid(f"not aligned to its {page}-byte page")
+            if data.count(0, end, at + page) != at + page - end:
+                raise Invalid("not followed by zeros to the end of its page")
+        except Invalid as e:
+            self._reject(gpa, e)
+            return
+        if len(self._candidates) < _MAX_CANDIDATES:
+            self._candidates.setdefault(text, gpa)
+        else:
+            self._overflow = True
+
+    def _reject(self, gpa: int, why: Invalid) -> None:
+        if len(self._rejected) < _MAX_CANDIDATES:
+            self._rejected.append(f"{gpa:#x}: {why}")
+
+    def finish(self, out: Output) -> Result:
+        """Validate the candidates against the written vmcore; write the one that
+        passes into the slot. Never raises for what the guest's memory holds."""
+        if self.result:
+            return self.result
+        layout = self._layout
+        valid: dict[bytes, tuple[int, dict[str, str], bool]] = {}
+        for text, gpa in self._candidates.items():
+            entries = parse(text)
+            try:
+                checked = check_release(entries, self.arch, self._reader(layout, out))
+            except Invalid as e:
+                self._reject(gpa, e)
+                continue
+            valid[text] = (gpa, entries, checked)
+        if len(valid) > 1 or self._overflow:
+            where = ", ".join(f"{g:#x}" for g, _, _ in valid.values())
+            return Result("none", f"no VMCOREINFO: {len(valid)} different valid-looking "
+                          f"pages in guest memory (GPA {where}); none was trusted")
+        if not valid:
+            why = f" (rejected: {'; '.join(self._rejected[:3])})" if self._rejected else ""
+            return Result("none", "no VMCOREINFO: none found in guest memory (not a "
+                          f"booted Linux guest?){why}")
+        (text, (gpa, entries, checked)), = valid.items()
+        note = Note(NAME, NT_VMCOREINFO, text)
+        s = layout.structs
+        encoded = note.encode(s)
+        slot = layout.note_offsets[-1]
+        out.write_at(slot, encoded + filler(self._slot_size - len(encoded)).encode(s))
+        release = entries["OSRELEASE"]
+        unchecked = "" if checked else f", not cross-checked on {self.arch.name}"
+        return Result("guest", f"VMCOREINFO of Linux {release} found in guest memory at "
+                      f"GPA {gpa:#x}{unchecked}", gpa, release)
+
+    @staticmethod
+    def _reader(layout: CoreLayout, out: Output) -> ReadPhys:
+        def read_at(gpa: int, n: int) -> bytes | None:
+            for block, offset in zip(layout.blocks, layout.offsets):
+                if block.gpa <= gpa and gpa + n <= block.end:
+                    return out.read_at(offset + gpa - block.gpa, n)
+            return None
+        return read_at
