@@ -5,11 +5,14 @@ Slow (about half a minute under TCG); deselect with ``-m "not linux"``.
 The first run also downloads Debian's kernel and busybox with apt-get.
 """
 
+import json
+import struct
+
 import pytest
 
 from .conftest import livedump
 from .linux_guest import LinuxVM
-from .vmcore import first_difference, read_phys
+from .vmcore import first_difference, notes, read_phys
 
 pytestmark = [pytest.mark.qemu, pytest.mark.linux]
 
@@ -30,13 +33,14 @@ def test_linux_guest_dump_has_markers_and_equals_qemu_dump(scratch):
 
         # The running guest: paused for the dump, running again after it.
         live = scratch / "live.vmcore"
-        r = livedump("--pid", str(vm.pid), str(live))
+        r = livedump("--pid", str(vm.pid), "--json", str(live))
         assert r.returncode == 0, r.stderr
         assert vm.status() == "running"
         for m in markers:
             assert m.gpa % 4096 == 0
             # The page holds the text repeated; the first copy is enough.
             assert read_phys(live, m.gpa, len(m.text)) == m.text.encode(), hex(m.gpa)
+        check_vmcoreinfo(live, vm, json.loads(r.stdout)["vmcoreinfo"])
         live.unlink()
 
         # The paused guest: livedump's vmcore equals QEMU's own, byte for byte.
@@ -45,3 +49,20 @@ def test_linux_guest_dump_has_markers_and_equals_qemu_dump(scratch):
         assert livedump("--pid", str(vm.pid), str(ours)).returncode == 0
         vm.own_dump(theirs)
         assert first_difference(ours, theirs) is None
+
+
+def check_vmcoreinfo(vmcore, vm, report):
+    """The VMCOREINFO livedump found (no vmcoreinfo device here) is the kernel's
+    own: the text of the note at the physical address /sys/kernel/vmcoreinfo
+    gives, read from the same dump, with the KASLR offset the guest reports."""
+    facts = vm.kernel_facts()
+    assert facts is not None, vm.console_text()
+    head = read_phys(vmcore, facts.vmcoreinfo_paddr, 24)
+    namesz, descsz, _ = struct.unpack("<3I", head[:12])
+    assert (namesz, head[12:24]) == (11, b"VMCOREINFO\0\0")
+    kernels = read_phys(vmcore, facts.vmcoreinfo_paddr + 24, descsz)
+    [ours] = [desc for name, _, desc in notes(vmcore) if name == "VMCOREINFO"]
+    assert ours == kernels
+    entries = dict(line.split("=", 1) for line in ours.decode().splitlines())
+    assert int(entries["KERNELOFFSET"], 16) == facts.kaslr_offset != 0
+    assert report["source"] == "guest" and report["release"] == entries["OSRELEASE"]
