@@ -51,8 +51,10 @@ _MAGIC = b"OSRELEASE="
 _LARGEST_PAGE = {EM_AARCH64: 65536, EM_PPC64: 65536}
 _REQUIRED = ("OSRELEASE", "PAGESIZE", "SYMBOL(init_uts_ns)")
 _LINE = re.compile(rb"[A-Z][A-Z0-9_-]*(?:\([A-Za-z0-9_.]+\))?=[\x21-\x7e]+")
-# A guest may hold many look-alikes: keep this many, and refuse if there are more.
-_MAX_CANDIDATES = 16
+# Pages starting with OSRELEASE= looked at before giving up (a real guest has
+# one, or a few after kexec), and reasons kept for the report.
+_MAX_LOOKS = 64
+_MAX_REASONS = 3
 _NEW_UTS_LEN = 65  # struct new_utsname: sysname, nodename, release... of 65 bytes
 _RELEASE_OFFSET = 2 * _NEW_UTS_LEN
 _START_KERNEL_MAP = 0xFFFFFFFF80000000  # x86_64: kernel text mapping base
@@ -180,7 +182,8 @@ class Search:
         self._slot_size = _note_size(NAME, self.capacity) + _note_size(_FILLER_OWNER, 0)
         self._candidates: dict[bytes, int] = {}  # text -> the first GPA it was seen at
         self._rejected: list[str] = []  # why each candidate failed, for the report
-        self._overflow = False
+        self._looks = 0
+        self._overflow = False  # more than _MAX_LOOKS: nothing is trusted
         self._layout: CoreLayout | None = None
 
     @property
@@ -196,19 +199,28 @@ class Search:
 
     def _inspect(self, offset: int, data: bytes | bytearray, length: int) -> None:
         """Look for pages starting with OSRELEASE= in the ``length`` bytes of ``data``
-        written at file ``offset``. At C speed: one ``find`` per occurrence."""
+        written at file ``offset``. Only page starts can match, so their first bytes
+        are gathered by one strided slice (C speed, 256 bytes a MiB) and only those
+        starting with "O" are compared further: about 2 us a MiB, whatever it holds."""
         layout = self._layout
         i = bisect.bisect_right(layout.offsets, offset) - 1
-        if i < 0 or offset + length > layout.offsets[i] + layout.blocks[i].size:
-            return  # the header, or (never, as chunks lie within blocks) a straddler
+        if i < 0 or self._overflow or offset + length > layout.offsets[i] + layout.blocks[i].size:
+            return  # the header; too many look-alikes; (never: chunks lie within blocks)
         gpa = layout.blocks[i].gpa + offset - layout.offsets[i]
-        at = data.find(_MAGIC, 0, length)
-        while at >= 0:
-            if (gpa + at) % SCAN_ALIGN == 0:
+        first = -gpa % SCAN_ALIGN
+        starts = data[first:length:SCAN_ALIGN]
+        page = starts.find(_MAGIC[0])
+        while page >= 0:
+            at = first + page * SCAN_ALIGN
+            if data.startswith(_MAGIC, at):
                 self._consider(gpa + at, data, at, length)
-            at = data.find(_MAGIC, at + 1, length)
+            page = starts.find(_MAGIC[0], page + 1)
 
     def _consider(self, gpa: int, data: bytes | bytearray, at: int, length: int) -> None:
+        self._looks += 1
+        if self._looks > _MAX_LOOKS:
+            self._overflow = True  # A guest that fills pages with look-alikes: give up.
+            return
         try:
             end = data.find(b"\0", at, min(at + self.capacity, length))
             if end < 0:
@@ -222,13 +234,10 @@ class Search:
         except Invalid as e:
             self._reject(gpa, e)
             return
-        if len(self._candidates) < _MAX_CANDIDATES:
-            self._candidates.setdefault(text, gpa)
-        else:
-            self._overflow = True
+        self._candidates.setdefault(text, gpa)
 
     def _reject(self, gpa: int, why: Invalid) -> None:
-        if len(self._rejected) < _MAX_CANDIDATES:
+        if len(self._rejected) < _MAX_REASONS:
             self._rejected.append(f"{gpa:#x}: {why}")
 
     def finish(self, out: Output) -> Result:
@@ -246,12 +255,15 @@ class Search:
                 self._reject(gpa, e)
                 continue
             valid[text] = (gpa, entries, checked)
-        if len(valid) > 1 or self._overflow:
+        if self._overflow:
+            return Result("none", f"no VMCOREINFO: more than {_MAX_LOOKS} pages in guest "
+                          "memory start like it; none was trusted")
+        if len(valid) > 1:
             where = ", ".join(f"{g:#x}" for g, _, _ in valid.values())
             return Result("none", f"no VMCOREINFO: {len(valid)} different valid-looking "
                           f"pages in guest memory (GPA {where}); none was trusted")
         if not valid:
-            why = f" (rejected: {'; '.join(self._rejected[:3])})" if self._rejected else ""
+            why = f" (rejected: {'; '.join(self._rejected)})" if self._rejected else ""
             return Result("none", "no VMCOREINFO: none found in guest memory (not a "
                           f"booted Linux guest?){why}")
         (text, (gpa, entries, checked)), = valid.items()

@@ -175,3 +175,16 @@ def test_standard_output_gets_no_slot_and_says_why():
     assert search.notes == []
     result = search.finish(None)
     assert result.source == "none" and "standard output" in result.detail
+
+
+def test_look_alikes_at_every_other_offset_hide_nothing(tmp_path):
+    # A MiB where OSRELEASE= begins every 10 bytes but at no page start.
+    spam = (b"y" + b"OSRELEASE=" * 409 + b"zzzzz") * 255
+    result = dump(tmp_path / "core", {0x1000000: spam} | real_guest())
+    assert (result.source, result.gpa) == ("guest", GPA)
+
+
+def test_a_guest_full_of_look_alikes_gets_no_vmcoreinfo(tmp_path):
+    fakes = {GPA + 0x1000 * (i + 1): b"OSRELEASE=fake\n" for i in range(64)}
+    result = dump(tmp_path / "core", real_guest() | fakes)
+    assert result.source == "none" and "more than 64 pages" in result.detail
