@@ -1,8 +1,9 @@
 """A real Linux guest for tests and benchmarks: Debian's kernel, a tiny initramfs.
 
 ``guest_files()`` builds (once, into a cache directory) a bootable kernel and
-an initramfs holding a static busybox, ``/init`` (``guest/init.sh``) and a
-small static helper (``guest/toucher.c``).  The guest needs no disk and no
+an initramfs holding a static busybox, ``/init`` (``guest/init.sh``), a
+small static helper (``guest/toucher.c``) and the kernel's ``qemu_fw_cfg``
+module (loaded at boot, so ``-device vmcoreinfo`` gets the guest's VMCOREINFO).  The guest needs no disk and no
 network; it is steered by switches on its kernel command line and reports on
 its serial console:
 
@@ -260,10 +261,32 @@ def debug_vmlinux(cache: Path | None = None) -> Path:
     return final
 
 
+def _fw_cfg_module(root: Path) -> Path:
+    """``root/kernel/qemu_fw_cfg.ko``, the module through which the guest hands its
+    VMCOREINFO to QEMU's vmcoreinfo device. The kernel's package is fetched again
+    for it: the kernel directory was first built with ./boot only."""
+    kernel = _kernel_dir(root)
+    final = kernel / "qemu_fw_cfg.ko"
+    if final.exists():
+        return final
+    with _Locked(root):
+        if final.exists():
+            return final
+        release = kernel_release(root)
+        with tempfile.TemporaryDirectory(prefix=".build-module-", dir=root) as tmp:
+            work = Path(tmp)
+            deb = _apt_get_download(f"linux-image-{release}", work)
+            _extract(deb, {f"./lib/modules/{release}/kernel/drivers/firmware/qemu_fw_cfg.ko":
+                           work / "qemu_fw_cfg.ko"})
+            (work / "qemu_fw_cfg.ko").rename(final)
+    return final
+
+
 def _initramfs(root: Path) -> Path:
     """``root/initramfs-<hash>.cpio.gz``, keyed by the sources that go into it."""
+    module = _fw_cfg_module(root)
     digest = hashlib.sha256(f"format {INITRAMFS_FORMAT}\n".encode())
-    for source in (INIT_SCRIPT, HELPER_SOURCE):
+    for source in (INIT_SCRIPT, HELPER_SOURCE, module):
         digest.update(source.read_bytes())
     final = root / f"initramfs-{digest.hexdigest()[:16]}.cpio.gz"
     if final.exists():
@@ -280,7 +303,7 @@ def _initramfs(root: Path) -> Path:
             _run(["gcc", "-static", "-O2", "-Wall", "-Wextra", "-o", str(helper),
                   str(HELPER_SOURCE)])
             staged = work / "initramfs.cpio.gz"
-            staged.write_bytes(_build_cpio(busybox, helper))
+            staged.write_bytes(_build_cpio(busybox, helper, module))
             os.replace(staged, final)
         # Older initramfs builds (from older sources) are of no further use.
         for old in root.glob("initramfs-*.cpio.gz"):
@@ -327,17 +350,19 @@ class _Cpio:
         return self.out.getvalue()
 
 
-def _build_cpio(busybox: Path, helper: Path) -> bytes:
-    """The gzipped initramfs: /init, busybox with its applet links, the helper."""
+def _build_cpio(busybox: Path, helper: Path, module: Path) -> bytes:
+    """The gzipped initramfs: /init, busybox with its applet links, the helper,
+    the fw_cfg module."""
     cpio = _Cpio()
     for d in ("bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp",
-              "root"):
+              "root", "lib"):
         cpio.directory(d)
     # The kernel opens /dev/console for init's stdio before /init mounts devtmpfs.
     cpio.char_device("dev/console", 5, 1)
     cpio.file("init", INIT_SCRIPT.read_bytes(), 0o755)
     cpio.file("bin/busybox", busybox.read_bytes(), 0o755)
     cpio.file("bin/livedump-guest", helper.read_bytes(), 0o755)
+    cpio.file("lib/qemu_fw_cfg.ko", module.read_bytes())
     # Busybox is static, so the host can ask it where its applets belong.
     applets = _run([str(busybox), "--list-full"]).split()
     for path in sorted(set(applets) - {"bin/busybox"}):

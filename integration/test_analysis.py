@@ -82,6 +82,11 @@ def test_crash_and_drgn_open_a_running_guest_where_drgn_refuses_qemus_dump(scrat
     r = drgn(vmlinux, theirs)
     assert r.returncode != 0 and "unrecognized QEMU memory dump" in r.stderr
 
+    # gdb reads the notes too (the filler left in livedump's slot included).
+    r = subprocess.run(["gdb", "-batch", "-c", str(ours), "-ex", "info registers rip"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "rip" in r.stdout, r.stdout + r.stderr
+
     out = crash(vmlinux, ours, "sys", "bt -a", "log")
     assert f"RELEASE: {release}" in out["sys"]
     assert out["bt -a"].count("PID: ") == 2 and "bt: " not in out["bt -a"], out["bt -a"]

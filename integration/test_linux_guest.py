@@ -51,18 +51,41 @@ def test_linux_guest_dump_has_markers_and_equals_qemu_dump(scratch):
         assert first_difference(ours, theirs) is None
 
 
+def test_qemus_vmcoreinfo_is_carried_not_found_again(scratch):
+    # With the vmcoreinfo device (and qemu_fw_cfg loaded, as /init does), QEMU's
+    # notes hold VMCOREINFO: livedump carries it, once, as QEMU's own dump does.
+    with LinuxVM(machine="q35", memory="1G", extra=["-device", "vmcoreinfo"]) as vm:
+        vm.wait_idle(timeout=300)
+        ours, theirs = scratch / "ours.vmcore", scratch / "qemu.vmcore"
+        r = livedump("--pid", str(vm.pid), "--json", str(ours))
+        assert r.returncode == 0, r.stderr
+        vm.command("stop")
+        vm.own_dump(theirs)
+        facts = vm.kernel_facts()
+    assert json.loads(r.stdout)["vmcoreinfo"]["source"] == "qemu"
+    [carried] = [desc for name, _, desc in notes(ours) if name == "VMCOREINFO"]
+    [qemus] = [desc for name, _, desc in notes(theirs) if name == "VMCOREINFO"]
+    assert carried == qemus == kernel_vmcoreinfo(ours, facts)
+    assert [name for name, _, _ in notes(ours) if name == "LIVEDUMP"] == ["LIVEDUMP"]
+
+
+def kernel_vmcoreinfo(vmcore, facts):
+    """The text of the kernel's own VMCOREINFO note, at the physical address
+    /sys/kernel/vmcoreinfo gave, as ``vmcore`` holds it."""
+    head = read_phys(vmcore, facts.vmcoreinfo_paddr, 24)
+    namesz, descsz, _ = struct.unpack("<3I", head[:12])
+    assert (namesz, head[12:24]) == (11, b"VMCOREINFO\0\0")
+    return read_phys(vmcore, facts.vmcoreinfo_paddr + 24, descsz)
+
+
 def check_vmcoreinfo(vmcore, vm, report):
     """The VMCOREINFO livedump found (no vmcoreinfo device here) is the kernel's
     own: the text of the note at the physical address /sys/kernel/vmcoreinfo
     gives, read from the same dump, with the KASLR offset the guest reports."""
     facts = vm.kernel_facts()
     assert facts is not None, vm.console_text()
-    head = read_phys(vmcore, facts.vmcoreinfo_paddr, 24)
-    namesz, descsz, _ = struct.unpack("<3I", head[:12])
-    assert (namesz, head[12:24]) == (11, b"VMCOREINFO\0\0")
-    kernels = read_phys(vmcore, facts.vmcoreinfo_paddr + 24, descsz)
     [ours] = [desc for name, _, desc in notes(vmcore) if name == "VMCOREINFO"]
-    assert ours == kernels
+    assert ours == kernel_vmcoreinfo(vmcore, facts)
     entries = dict(line.split("=", 1) for line in ours.decode().splitlines())
     assert int(entries["KERNELOFFSET"], 16) == facts.kaslr_offset != 0
     assert report["source"] == "guest" and report["release"] == entries["OSRELEASE"]

@@ -34,6 +34,11 @@ exec </dev/console >/dev/console 2>&1
 
 seconds_up() { read -r up _ </proc/uptime; echo "$up"; }
 
+# Hand VMCOREINFO to QEMU, where the VM has -device vmcoreinfo (elsewhere the
+# module finds no such device and does nothing): as a user would, for QEMU's
+# own dump to carry it.
+insmod /lib/qemu_fw_cfg.ko || echo "LIVEDUMP-GUEST-ERROR insmod qemu_fw_cfg failed"
+
 # Keep the pages the markers live in where they are: no migration of mlocked
 # pages by compaction (see livedump-guest).
 echo 0 >/proc/sys/vm/compact_unevictable_allowed 2>/dev/null
