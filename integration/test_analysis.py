@@ -70,6 +70,10 @@ def test_crash_and_drgn_open_a_running_guest_where_drgn_refuses_qemus_dump(scrat
         assert report["vmcoreinfo"]["source"] == "guest"
         vm.command("stop")
         vm.own_dump(theirs)
+        # Without QEMU's CPU notes (as in ptrace mode), crash finds the kernel
+        # through VMCOREINFO alone.
+        bare = scratch / "no-cpu-notes.vmcore"
+        assert livedump("--pid", str(vm.pid), "--no-pause", str(bare)).returncode == 0
     for m in markers:
         assert read_phys(ours, m.gpa, len(m.text)) == m.text.encode()
 
@@ -91,6 +95,7 @@ def test_crash_and_drgn_open_a_running_guest_where_drgn_refuses_qemus_dump(scrat
     assert f"RELEASE: {release}" in out["sys"]
     assert out["bt -a"].count("PID: ") == 2 and "bt: " not in out["bt -a"], out["bt -a"]
     assert f"Linux version {release}" in out["log"]
+    assert f"RELEASE: {release}" in crash(vmlinux, bare, "sys")["sys"]
 
 
 def test_crash_shows_the_panic_of_a_panicked_guest(scratch, vmlinux):
