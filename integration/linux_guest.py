@@ -483,12 +483,13 @@ class KernelFacts:
 
 
 def parse_kernel_facts(text: str) -> KernelFacts | None:
-    """The ``LIVEDUMP-VMCOREINFO`` and ``LIVEDUMP-KERNEL-TEXT`` lines of ``text``."""
-    note, kernel = _VMCOREINFO_LINE.search(text), _KERNEL_TEXT_LINE.search(text)
-    if not (note and kernel):
+    """The ``LIVEDUMP-VMCOREINFO`` and ``LIVEDUMP-KERNEL-TEXT`` lines of ``text``;
+    after a reboot, the last ones (the running kernel's)."""
+    notes, kernels = _VMCOREINFO_LINE.findall(text), _KERNEL_TEXT_LINE.findall(text)
+    if not (notes and kernels):
         return None
-    return KernelFacts(int(note.group(1), 16), int(note.group(2), 16),
-                       int(kernel.group(1), 16) - START_KERNEL)
+    (paddr, size), address = notes[-1], kernels[-1]
+    return KernelFacts(int(paddr, 16), int(size, 16), int(address, 16) - START_KERNEL)
 
 
 def parse_kernel_offset(text: str) -> int | None:

@@ -7,11 +7,12 @@ The first run also downloads Debian's kernel and busybox with apt-get.
 
 import json
 import struct
+import time
 
 import pytest
 
 from .conftest import livedump
-from .linux_guest import LinuxVM
+from .linux_guest import IDLE, LinuxVM
 from .vmcore import first_difference, notes, read_phys
 
 pytestmark = [pytest.mark.qemu, pytest.mark.linux]
@@ -67,6 +68,30 @@ def test_qemus_vmcoreinfo_is_carried_not_found_again(scratch):
     [qemus] = [desc for name, _, desc in notes(theirs) if name == "VMCOREINFO"]
     assert carried == qemus == kernel_vmcoreinfo(ours, facts)
     assert [name for name, _, _ in notes(ours) if name == "LIVEDUMP"] == ["LIVEDUMP"]
+
+
+def test_after_a_reboot_the_running_kernels_vmcoreinfo_is_chosen(scratch):
+    # A warm reset leaves RAM as it was: the first kernel's VMCOREINFO page and
+    # image survive, and pass every check on their own. The vCPUs' page tables
+    # say which kernel runs.
+    with LinuxVM(machine="q35", memory="1G", extra=["-action", "reboot=reset"]) as vm:
+        vm.wait_idle(timeout=300)
+        before = vm.kernel_facts()
+        vm.command("system_reset")
+        deadline = time.monotonic() + 300
+        while vm.console_text().count(IDLE) < 2:
+            assert time.monotonic() < deadline, vm.console_text()
+            time.sleep(0.2)
+        after = vm.kernel_facts()
+        vmcore = scratch / "rebooted.vmcore"
+        r = livedump("--pid", str(vm.pid), "--json", str(vmcore))
+        assert r.returncode == 0, r.stderr
+    assert before.kaslr_offset != after.kaslr_offset
+    report = json.loads(r.stdout)["vmcoreinfo"]
+    assert report["source"] == "guest" and "earlier kernel's" in report["detail"], report
+    [ours] = [desc for name, _, desc in notes(vmcore) if name == "VMCOREINFO"]
+    assert ours == kernel_vmcoreinfo(vmcore, after)
+    assert f"KERNELOFFSET={after.kaslr_offset:x}\n".encode() in ours
 
 
 def kernel_vmcoreinfo(vmcore, facts):

@@ -87,6 +87,9 @@ class Record:
             raise TypeError(f"unknown fields {sorted(unknown)}")
         return self._struct.pack(*(values.get(name, 0) for name in self.names))
 
+    def unpack(self, data: bytes) -> dict[str, int | bytes]:
+        return dict(zip(self.names, self._struct.unpack_from(data)))
+
 
 class ElfStructs:
     """The records of one ELF class and byte order."""

@@ -19,12 +19,27 @@ from dataclasses import dataclass, replace
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
-from .arch import Arch, from_elf
-from .elfcore import ElfStructs
+from .arch import EM_386, EM_X86_64, Arch, from_elf
+from .elfcore import ElfStructs, Record
 from .errors import MonitorError, UsageError
 from .monitor import Monitor
 
 _FD_NAME = "livedump-notes"
+
+# QEMU's record of an x86 vCPU, its "QEMU" note (QEMUCPUState, version 1, in
+# target/i386/arch_dump.c): the same in both ELF classes, little-endian.
+_X86_SEGMENTS = ("cs", "ds", "es", "fs", "gs", "ss", "ldt", "tr", "gdt", "idt")
+X86_CPU_STATE = Record((
+    ("version", "word"), ("size", "word"),
+    *((name, "Q") for name in ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8",
+                               "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip",
+                               "rflags")),
+    *((f"{seg}.{part}", kind) for seg in _X86_SEGMENTS
+      for part, kind in (("selector", "word"), ("limit", "word"), ("flags", "word"),
+                         ("pad", "word"), ("base", "Q"))),
+    *((f"cr{i}", "Q") for i in range(5)),
+    ("kernel_gs_base", "Q"),
+), 64, True)
 
 
 @dataclass(frozen=True)
@@ -62,3 +77,20 @@ def parse(core: bytes) -> QemuNotes:
     except (ELFError, StopIteration, ValueError, UsageError) as e:
         raise MonitorError(f"QEMU's dump of one page is not a vmcore livedump can read: {e}")
     return QemuNotes(replace(arch, bits=elf.elfclass), data, names)
+
+
+def x86_page_tables(notes: QemuNotes) -> list[int]:
+    """Each x86 vCPU's CR3 (the root of the page tables it runs on) from its
+    ``QEMU`` note; none for other targets."""
+    if notes.arch.machine not in (EM_X86_64, EM_386):
+        return []
+    nhdr = ElfStructs(notes.arch.bits, notes.arch.little_endian).nhdr
+    roots, at, data = [], 0, notes.data
+    while at + nhdr.size <= len(data):
+        head = nhdr.unpack(data[at:])
+        desc = at + nhdr.size + (head["n_namesz"] + 3) // 4 * 4
+        name = data[at + nhdr.size : at + nhdr.size + head["n_namesz"]].rstrip(b"\0")
+        if name == b"QEMU" and head["n_descsz"] >= X86_CPU_STATE.size:
+            roots.append(X86_CPU_STATE.unpack(data[desc:])["cr3"])
+        at = desc + (head["n_descsz"] + 3) // 4 * 4
+    return roots

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from .arch import EM_AARCH64, EM_PPC64, EM_X86_64, Arch
 from .elfcore import CoreLayout, Note
-from .notes import QemuNotes
+from .notes import QemuNotes, x86_page_tables
 from .output import Output
 from .stream import Inspect
 
@@ -59,6 +59,11 @@ _NEW_UTS_LEN = 65  # struct new_utsname: sysname, nodename, release... of 65 byt
 _RELEASE_OFFSET = 2 * _NEW_UTS_LEN
 _START_KERNEL_MAP = 0xFFFFFFFF80000000  # x86_64: kernel text mapping base
 _PPC64_PAGE_OFFSET = 0xC000000000000000  # ppc64: the linear map, which holds the kernel
+_PTE_PRESENT, _PTE_HUGE = 1, 1 << 7
+_PTE_ADDRESS = 0x000F_FFFF_FFFF_F000
+# With page-table isolation CR3 may point at the user half of an 8 KiB pair;
+# the kernel's tables are the 4 KiB below.
+_PTI_USER_BIT = 1 << 12
 
 ReadPhys = Callable[[int, int], bytes | None]  # guest-physical address, length
 
@@ -135,6 +140,24 @@ def check_release(entries: dict[str, str], arch: Arch, read_at: ReadPhys) -> boo
     return True
 
 
+def x86_64_translate(root: int, va: int, levels: int, read_at: ReadPhys) -> int | None:
+    """The physical address the x86_64 page tables at ``root`` (CR3) map ``va`` to,
+    through 4 or 5 ``levels``; None if unmapped or the tables are not in the dump."""
+    table = root & _PTE_ADDRESS
+    for level in range(levels - 1, -1, -1):
+        shift = 12 + 9 * level
+        raw = read_at(table + (va >> shift & 511) * 8, 8)
+        if raw is None:
+            return None
+        entry = int.from_bytes(raw, "little")
+        if not entry & _PTE_PRESENT:
+            return None
+        if level == 0 or (level <= 2 and entry & _PTE_HUGE):  # 4 KiB, 2 MiB, 1 GiB
+            return (entry & _PTE_ADDRESS & -(1 << shift)) | (va & ((1 << shift) - 1))
+        table = entry & _PTE_ADDRESS
+    return None
+
+
 def _number(text: str | None, what: str, base: int = 10) -> int:
     """A VMCOREINFO number: decimal (``%ld``), or hex with 0x; SYMBOL()s are bare hex."""
     if text is None:
@@ -171,6 +194,10 @@ class Search:
     def __init__(self, arch: Arch, cpu: QemuNotes | str, to_stdout: bool) -> None:
         self.arch = arch
         self.result: Result | None = None
+        # The page tables the vCPUs run on, to tell the running kernel's page
+        # from an earlier kernel's that survived a reboot intact.
+        self._roots = (x86_page_tables(cpu) if isinstance(cpu, QemuNotes)
+                       and arch.machine == EM_X86_64 else [])
         if isinstance(cpu, QemuNotes) and NAME in cpu.names:
             self.result = Result("qemu", "VMCOREINFO from QEMU's vmcoreinfo device")
         elif to_stdout:
@@ -258,6 +285,15 @@ class Search:
         if self._overflow:
             return Result("none", f"no VMCOREINFO: more than {_MAX_LOOKS} pages in guest "
                           "memory start like it; none was trusted")
+        earlier = ""
+        if len(valid) > 1:
+            running = {t: v for t, v in valid.items()
+                       if self._running(v[1], self._reader(layout, out))}
+            if len(running) == 1:
+                earlier = "; " + ", ".join(
+                    f"GPA {g:#x} is an earlier kernel's (not mapped by the running one)"
+                    for t, (g, _, _) in valid.items() if t not in running)
+                valid = running
         if len(valid) > 1:
             where = ", ".join(f"{g:#x}" for g, _, _ in valid.values())
             return Result("none", f"no VMCOREINFO: {len(valid)} different valid-looking "
@@ -275,7 +311,16 @@ class Search:
         release = entries["OSRELEASE"]
         unchecked = "" if checked else f", not cross-checked on {self.arch.name}"
         return Result("guest", f"VMCOREINFO of Linux {release} found in guest memory at "
-                      f"GPA {gpa:#x}{unchecked}", gpa, release)
+                      f"GPA {gpa:#x}{unchecked}{earlier}", gpa, release)
+
+    def _running(self, entries: dict[str, str], read_at: ReadPhys) -> bool:
+        """Whether the page tables some vCPU runs on map this VMCOREINFO's
+        init_uts_ns where it says: only the running kernel's do."""
+        va = _number(entries["SYMBOL(init_uts_ns)"], "SYMBOL(init_uts_ns)", base=16)
+        pa = kernel_phys(entries, self.arch, va)
+        levels = 5 if entries.get("NUMBER(pgtable_l5_enabled)") == "1" else 4
+        return any(x86_64_translate(root, va, levels, read_at) == pa
+                   for cr3 in self._roots for root in (cr3, cr3 & ~_PTI_USER_BIT))
 
     @staticmethod
     def _reader(layout: CoreLayout, out: Output) -> ReadPhys:

@@ -11,12 +11,13 @@ from elftools.elf.elffile import ELFFile
 
 from livedump.arch import lookup
 from livedump.coalesce import Block
-from livedump.elfcore import CoreLayout
-from livedump.notes import QemuNotes
+from livedump.elfcore import CoreLayout, ElfStructs, Note
+from livedump.notes import X86_CPU_STATE, QemuNotes
 from livedump.output import Output
 from livedump.procmem import Buffer, PageMap, ProcessMemory
 from livedump.stream import Writer, copy
-from livedump.vmcoreinfo import NT_LIVEDUMP_FILLER, Invalid, Result, Search, parse
+from livedump.vmcoreinfo import (NT_LIVEDUMP_FILLER, Invalid, Result, Search, parse,
+                                 x86_64_translate)
 
 from .conftest import DATA
 
@@ -46,10 +47,10 @@ def guest_memory(contents: dict[int, bytes]) -> tuple[list[Block], list[Buffer]]
     return blocks, [buffers[b.gpa] for b in blocks]
 
 
-def dump(path: Path, contents: dict[int, bytes], arch=X86_64) -> Result:
+def dump(path: Path, contents: dict[int, bytes], arch=X86_64, cpu="no CPU notes") -> Result:
     """Stream a vmcore of ``contents`` to ``path`` as dump.py does; what was found."""
     blocks, _buffers = guest_memory(contents)
-    search = Search(arch, "no CPU notes", to_stdout=False)
+    search = Search(arch, cpu, to_stdout=False)
     with Output(str(path)) as out, Writer(out) as writer:
         layout = CoreLayout(arch, blocks, search.notes)
         writer.inspect = search.inspector(layout)
@@ -188,3 +189,43 @@ def test_a_guest_full_of_look_alikes_gets_no_vmcoreinfo(tmp_path):
     fakes = {GPA + 0x1000 * (i + 1): b"OSRELEASE=fake\n" for i in range(64)}
     result = dump(tmp_path / "core", real_guest() | fakes)
     assert result.source == "none" and "more than 64 pages" in result.detail
+
+
+INIT_UTS_NS = 0xFFFFFFFF941FB000  # SYMBOL(init_uts_ns) of the real page
+TABLES = 0x3000000  # where the crafted page tables go
+
+
+def page_tables(va: int, pa: int) -> dict[int, bytes]:
+    """4-level x86_64 tables at TABLES that map the 2 MiB page of ``va`` to ``pa``'s."""
+    def entry(address: int, huge: bool = False) -> bytes:
+        return (address | 1 | (1 << 7 if huge else 0)).to_bytes(8, "little")
+    return {TABLES + (va >> 39 & 511) * 8: entry(TABLES + 0x1000),
+            TABLES + 0x1000 + (va >> 30 & 511) * 8: entry(TABLES + 0x2000),
+            TABLES + 0x2000 + (va >> 21 & 511) * 8: entry(pa & -(2 << 20), huge=True)}
+
+
+def qemu_notes(cr3: int) -> QemuNotes:
+    state = X86_CPU_STATE.pack(version=1, size=X86_CPU_STATE.size, cr3=cr3)
+    data = Note("QEMU", 0, state).encode(ElfStructs(64, True))
+    return QemuNotes(X86_64, data, ("QEMU",))
+
+
+def test_x86_64_translate_walks_to_a_2mib_page():
+    memory = page_tables(INIT_UTS_NS, UTS_RELEASE - 130)
+
+    def read_at(gpa, n):
+        return memory.get(gpa, bytes(8))
+    assert x86_64_translate(TABLES, INIT_UTS_NS + 130, 4, read_at) == UTS_RELEASE
+    assert x86_64_translate(TABLES, INIT_UTS_NS + (4 << 20), 4, read_at) is None
+
+
+def test_of_two_valid_pages_the_one_the_vcpus_page_tables_map_is_chosen(tmp_path):
+    # An earlier kernel's page, 16 MiB further in both spaces, with its release in place.
+    earlier = TEXT.replace(b"SYMBOL(init_uts_ns)=ffffffff941fb000",
+                           b"SYMBOL(init_uts_ns)=ffffffff951fb000")
+    contents = (real_guest() | page_tables(INIT_UTS_NS, UTS_RELEASE - 130)
+                | {GPA + 0x3000: earlier, UTS_RELEASE + (16 << 20): RELEASE.encode()})
+    # CR3 as with page-table isolation, in user mode: the user half of the pair.
+    result = dump(tmp_path / "core", contents, cpu=qemu_notes(TABLES | 1 << 12))
+    assert (result.source, result.gpa) == ("guest", GPA), result
+    assert f"GPA {GPA + 0x3000:#x} is an earlier kernel's" in result.detail
