@@ -20,8 +20,13 @@ crash and drgn misread everything: the page holds nothing but well-formed
 lines and zeros, has the keys readers rely on, and, where the architecture
 says how kernel addresses map to physical ones, ``SYMBOL(init_uts_ns)``
 must hold the very release ``OSRELEASE`` names (read back from the written
-vmcore). A page left by an earlier kernel points at memory that no longer
-holds its release. Several different pages that pass: none is written.
+vmcore). A page left by an earlier kernel usually points at memory that no
+longer holds its release; but a warm reboot leaves all of RAM as it was,
+the earlier kernel's image included, and then both pages pass. The page
+tables the vCPUs run on (CR3, from QEMU's x86 notes) then tell them apart:
+only the running kernel's map its ``init_uts_ns`` where its page says.
+Several different pages that pass still (no CPU notes, other targets):
+none is written, and the report says so.
 """
 
 import bisect
