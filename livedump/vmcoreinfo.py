@@ -13,7 +13,9 @@ notes before the first byte of memory. So a fixed slot at the end of PT_NOTE
 is reserved, holding a filler note of livedump's own (owner ``LIVEDUMP``,
 type "LVDF") that readers skip; once memory is written, the slot of a file
 is rewritten with the ``VMCOREINFO`` note and a smaller filler. Standard
-output cannot be rewritten: no slot, no search, and the report says why.
+output cannot be rewritten: its slot stays a filler (so a pipe carries the
+bytes a file would without a find), nothing is looked for, and the report
+says why. QEMU's own note needs no slot.
 
 A match is trusted only after strict checks, since a wrong VMCOREINFO makes
 crash and drgn misread everything: the page holds nothing but well-formed
@@ -199,13 +201,15 @@ class Search:
     def __init__(self, arch: Arch, cpu: QemuNotes | str, to_stdout: bool) -> None:
         self.arch = arch
         self.result: Result | None = None
+        self._slot = True
         # The page tables the vCPUs run on, to tell the running kernel's page
         # from an earlier kernel's that survived a reboot intact.
         self._roots = (x86_page_tables(cpu) if isinstance(cpu, QemuNotes)
                        and arch.machine == EM_X86_64 else [])
         if isinstance(cpu, QemuNotes) and NAME in cpu.names:
             self.result = Result("qemu", "VMCOREINFO from QEMU's vmcoreinfo device")
-        elif to_stdout:
+            self._slot = False
+        elif to_stdout:  # The slot stays, a filler: the same bytes as a file would hold.
             self.result = Result("none", "no VMCOREINFO: its place in the notes precedes "
                                  "memory, which standard output cannot go back to (write "
                                  "to a file, or give the VM -device vmcoreinfo)")
@@ -220,7 +224,7 @@ class Search:
 
     @property
     def notes(self) -> list[Note]:
-        return [] if self.result else [filler(self._slot_size)]
+        return [filler(self._slot_size)] if self._slot else []
 
     def inspector(self, layout: CoreLayout) -> Inspect | None:
         """The writer's hook for a dump of ``layout``, or None if there is nothing to find."""

@@ -171,9 +171,11 @@ def test_qemus_notes_without_it_get_a_slot():
     assert len(Search(X86_64, qemu, to_stdout=False).notes) == 1
 
 
-def test_standard_output_gets_no_slot_and_says_why():
+def test_standard_output_keeps_the_filler_and_says_why():
     search = Search(X86_64, "no CPU notes", to_stdout=True)
-    assert search.notes == []
+    [slot] = search.notes
+    assert slot.type == NT_LIVEDUMP_FILLER
+    assert search.inspector(CoreLayout(X86_64, [Block(0, MIB, 0)], search.notes)) is None
     result = search.finish(None)
     assert result.source == "none" and "standard output" in result.detail
 
