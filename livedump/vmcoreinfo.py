@@ -315,7 +315,7 @@ class Search:
         note = Note(NAME, NT_VMCOREINFO, text)
         s = layout.structs
         encoded = note.encode(s)
-        slot = layout.note_offsets[-1]
+        slot = layout.note_offsets[-1]  # dump.py puts the slot last
         out.write_at(slot, encoded + filler(self._slot_size - len(encoded)).encode(s))
         release = entries["OSRELEASE"]
         unchecked = "" if checked else f", not cross-checked on {self.arch.name}"
