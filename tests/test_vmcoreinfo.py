@@ -12,7 +12,8 @@ from elftools.elf.elffile import ELFFile
 from livedump.arch import lookup
 from livedump.coalesce import Block
 from livedump.elfcore import CoreLayout, ElfStructs, Note
-from livedump.notes import X86_CPU_STATE, QemuNotes
+from livedump.notes import X86_CPU_STATE, QemuNotes, x86_page_tables
+from livedump.notes import parse as parse_qemu
 from livedump.output import Output
 from livedump.procmem import Buffer, PageMap, ProcessMemory
 from livedump.stream import Writer, copy
@@ -231,3 +232,13 @@ def test_of_two_valid_pages_the_one_the_vcpus_page_tables_map_is_chosen(tmp_path
     result = dump(tmp_path / "core", contents, cpu=qemu_notes(TABLES | 1 << 12))
     assert (result.source, result.gpa) == ("guest", GPA), result
     assert f"GPA {GPA + 0x3000:#x} is an earlier kernel's" in result.detail
+
+
+@pytest.mark.parametrize("capture", sorted(DATA.glob("*one-page*.vmcore")), ids=lambda p: p.stem)
+def test_page_table_roots_are_read_from_qemus_captured_notes(capture):
+    notes = parse_qemu(capture.read_bytes())
+    roots = x86_page_tables(notes)
+    if notes.arch.machine in (X86_64.machine, lookup("386").machine):
+        assert len(roots) == notes.names.count("QEMU") >= 1
+    else:
+        assert roots == []
