@@ -9,6 +9,18 @@ from pathlib import Path
 
 import pytest
 
+OPT_IN = {"analysis": "needs an 858 MB download; run with -m analysis"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests of an opt-in tier run only when ``-m`` names it."""
+    chosen = config.getoption("markexpr") or ""
+    for name, why in OPT_IN.items():
+        if name not in chosen:
+            for item in items:
+                if name in item.keywords:
+                    item.add_marker(pytest.mark.skip(reason=why))
+
 
 @pytest.fixture
 def scratch():

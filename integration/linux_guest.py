@@ -1,8 +1,9 @@
 """A real Linux guest for tests and benchmarks: Debian's kernel, a tiny initramfs.
 
 ``guest_files()`` builds (once, into a cache directory) a bootable kernel and
-an initramfs holding a static busybox, ``/init`` (``guest/init.sh``) and a
-small static helper (``guest/toucher.c``).  The guest needs no disk and no
+an initramfs holding a static busybox, ``/init`` (``guest/init.sh``), a
+small static helper (``guest/toucher.c``) and the kernel's ``qemu_fw_cfg``
+module (loaded at boot, so ``-device vmcoreinfo`` gets the guest's VMCOREINFO).  The guest needs no disk and no
 network; it is steered by switches on its kernel command line and reports on
 its serial console:
 
@@ -70,6 +71,8 @@ REQUIRED_KERNEL_CONFIG = (
     "TMPFS",                # /dev/shm
     "SHMEM",
     "MAGIC_SYSRQ",          # livedump.panic=1 via /proc/sysrq-trigger
+    "CRASH_CORE",           # VMCOREINFO, and /sys/kernel/vmcoreinfo
+    "KALLSYMS",             # /proc/kallsyms: where KASLR put _text
 )
 
 BASE_CMDLINE = "console=ttyS0 panic=0 quiet"
@@ -81,6 +84,10 @@ PANIC = "LIVEDUMP-GUEST-PANIC"
 FAILURE = r"LIVEDUMP-GUEST-ERROR.*|Kernel panic - not syncing.*"
 
 _MARKER_LINE = re.compile(r"^LIVEDUMP-MARKER gpa=(0x[0-9a-f]+) text=(\S+)\s*$", re.M)
+_VMCOREINFO_LINE = re.compile(r"^LIVEDUMP-VMCOREINFO (?:0x)?([0-9a-f]+) ([0-9a-f]+)\s*$", re.M)
+_KERNEL_TEXT_LINE = re.compile(r"^LIVEDUMP-KERNEL-TEXT ([0-9a-f]+)\s*$", re.M)
+# x86_64: where _text is linked, and so KASLR's offset is counted from.
+START_KERNEL = 0xFFFFFFFF81000000
 _KERNEL_OFFSET_LINE = re.compile(r"Kernel Offset: (0x[0-9a-f]+) from 0x[0-9a-f]+")
 _TOUCH_LINE = re.compile(
     r"^LIVEDUMP-TOUCH mib=(\d+) seconds=([\d.]+) mib_per_s=([\d.]+)\s*$", re.M)
@@ -202,21 +209,8 @@ def _kernel_dir(root: Path) -> Path:
             # the 400 MB of modules that ``dpkg-deb -x`` would extract.
             staged = work / "kernel"
             staged.mkdir()
-            wanted = {f"./boot/vmlinuz-{release}": "vmlinuz",
-                      f"./boot/config-{release}": "config"}
-            with subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)],
-                                  stdout=subprocess.PIPE) as dpkg:
-                with tarfile.open(fileobj=dpkg.stdout, mode="r|") as tar:
-                    for member in tar:
-                        if member.name in wanted and member.isfile():
-                            src = tar.extractfile(member)
-                            assert src is not None
-                            (staged / wanted[member.name]).write_bytes(src.read())
-            if dpkg.returncode != 0:
-                raise RuntimeError(f"dpkg-deb --fsys-tarfile {deb} failed")
-            for name in wanted.values():
-                if not (staged / name).exists():
-                    raise RuntimeError(f"{deb.name} has no boot/{name}-{release}")
+            _extract(deb, {f"./boot/vmlinuz-{release}": staged / "vmlinuz",
+                           f"./boot/config-{release}": staged / "config"})
             _check_kernel_config((staged / "config").read_text())
             # Written last: its presence marks a complete directory.
             (staged / "kernel-release").write_text(release + "\n")
@@ -226,10 +220,73 @@ def _kernel_dir(root: Path) -> Path:
     return final
 
 
+def _extract(deb: Path, wanted: dict[str, Path]) -> None:
+    """Extract the members ``wanted`` names (``./path`` in the package) to the paths
+    it gives. Streaming the data tarball avoids writing what is not wanted
+    (the 400 MB of modules that ``dpkg-deb -x`` would extract, say)."""
+    with subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)],
+                          stdout=subprocess.PIPE) as dpkg:
+        with tarfile.open(fileobj=dpkg.stdout, mode="r|") as tar:
+            for member in tar:
+                if member.name in wanted and member.isfile():
+                    src = tar.extractfile(member)
+                    assert src is not None
+                    with open(wanted[member.name], "wb") as out:
+                        shutil.copyfileobj(src, out, 1 << 20)
+    if dpkg.returncode != 0:
+        raise RuntimeError(f"dpkg-deb --fsys-tarfile {deb} failed")
+    for name, path in wanted.items():
+        if not path.exists():
+            raise RuntimeError(f"{deb.name} has no {name}")
+
+
+def debug_vmlinux(cache: Path | None = None) -> Path:
+    """The guest kernel's ``vmlinux`` with debug info, for crash and drgn: from
+    Debian's ``linux-image-<release>-dbg`` (an 858 MB download, of which only
+    vmlinux is kept, in ``<cache>/debug/``)."""
+    root = cache_dir(cache)
+    release = kernel_release(cache)
+    final = root / "debug" / f"vmlinux-{release}"
+    if final.exists():
+        return final
+    with _Locked(root):
+        if final.exists():
+            return final
+        final.parent.mkdir(exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".build-debug-", dir=root) as tmp:
+            work = Path(tmp)
+            deb = _apt_get_download(f"linux-image-{release}-dbg", work)
+            _extract(deb, {f"./usr/lib/debug/boot/vmlinux-{release}": work / "vmlinux"})
+            (work / "vmlinux").rename(final)
+    return final
+
+
+def _fw_cfg_module(root: Path) -> Path:
+    """``root/kernel/qemu_fw_cfg.ko``, the module through which the guest hands its
+    VMCOREINFO to QEMU's vmcoreinfo device. The kernel's package is fetched again
+    for it: the kernel directory was first built with ./boot only."""
+    kernel = _kernel_dir(root)
+    final = kernel / "qemu_fw_cfg.ko"
+    if final.exists():
+        return final
+    with _Locked(root):
+        if final.exists():
+            return final
+        release = kernel_release(root)
+        with tempfile.TemporaryDirectory(prefix=".build-module-", dir=root) as tmp:
+            work = Path(tmp)
+            deb = _apt_get_download(f"linux-image-{release}", work)
+            _extract(deb, {f"./lib/modules/{release}/kernel/drivers/firmware/qemu_fw_cfg.ko":
+                           work / "qemu_fw_cfg.ko"})
+            (work / "qemu_fw_cfg.ko").rename(final)
+    return final
+
+
 def _initramfs(root: Path) -> Path:
     """``root/initramfs-<hash>.cpio.gz``, keyed by the sources that go into it."""
+    module = _fw_cfg_module(root)
     digest = hashlib.sha256(f"format {INITRAMFS_FORMAT}\n".encode())
-    for source in (INIT_SCRIPT, HELPER_SOURCE):
+    for source in (INIT_SCRIPT, HELPER_SOURCE, module):
         digest.update(source.read_bytes())
     final = root / f"initramfs-{digest.hexdigest()[:16]}.cpio.gz"
     if final.exists():
@@ -246,7 +303,7 @@ def _initramfs(root: Path) -> Path:
             _run(["gcc", "-static", "-O2", "-Wall", "-Wextra", "-o", str(helper),
                   str(HELPER_SOURCE)])
             staged = work / "initramfs.cpio.gz"
-            staged.write_bytes(_build_cpio(busybox, helper))
+            staged.write_bytes(_build_cpio(busybox, helper, module))
             os.replace(staged, final)
         # Older initramfs builds (from older sources) are of no further use.
         for old in root.glob("initramfs-*.cpio.gz"):
@@ -293,17 +350,19 @@ class _Cpio:
         return self.out.getvalue()
 
 
-def _build_cpio(busybox: Path, helper: Path) -> bytes:
-    """The gzipped initramfs: /init, busybox with its applet links, the helper."""
+def _build_cpio(busybox: Path, helper: Path, module: Path) -> bytes:
+    """The gzipped initramfs: /init, busybox with its applet links, the helper,
+    the fw_cfg module."""
     cpio = _Cpio()
     for d in ("bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp",
-              "root"):
+              "root", "lib"):
         cpio.directory(d)
     # The kernel opens /dev/console for init's stdio before /init mounts devtmpfs.
     cpio.char_device("dev/console", 5, 1)
     cpio.file("init", INIT_SCRIPT.read_bytes(), 0o755)
     cpio.file("bin/busybox", busybox.read_bytes(), 0o755)
     cpio.file("bin/livedump-guest", helper.read_bytes(), 0o755)
+    cpio.file("lib/qemu_fw_cfg.ko", module.read_bytes())
     # Busybox is static, so the host can ask it where its applets belong.
     applets = _run([str(busybox), "--list-full"]).split()
     for path in sorted(set(applets) - {"bin/busybox"}):
@@ -413,6 +472,26 @@ def parse_markers(text: str) -> list[GuestMarker]:
     return [GuestMarker(int(gpa, 16), t) for gpa, t in _MARKER_LINE.findall(text)]
 
 
+@dataclass(frozen=True)
+class KernelFacts:
+    """What the guest says of its kernel: where its VMCOREINFO note is
+    (``/sys/kernel/vmcoreinfo``) and how far KASLR moved it."""
+
+    vmcoreinfo_paddr: int
+    vmcoreinfo_size: int
+    kaslr_offset: int
+
+
+def parse_kernel_facts(text: str) -> KernelFacts | None:
+    """The ``LIVEDUMP-VMCOREINFO`` and ``LIVEDUMP-KERNEL-TEXT`` lines of ``text``;
+    after a reboot, the last ones (the running kernel's)."""
+    notes, kernels = _VMCOREINFO_LINE.findall(text), _KERNEL_TEXT_LINE.findall(text)
+    if not (notes and kernels):
+        return None
+    (paddr, size), address = notes[-1], kernels[-1]
+    return KernelFacts(int(paddr, 16), int(size, 16), int(address, 16) - START_KERNEL)
+
+
 def parse_kernel_offset(text: str) -> int | None:
     """The KASLR offset a panic message reports ("Kernel Offset: 0x... from
     0xffffffff81000000"), e.g. after ``livedump.panic=1``; None if absent."""
@@ -486,6 +565,9 @@ class LinuxVM(VM):
 
     def touch_report(self) -> TouchReport | None:
         return parse_touch(self.console_text())
+
+    def kernel_facts(self) -> KernelFacts | None:
+        return parse_kernel_facts(self.console_text())
 
     def __exit__(self, *exc: object) -> None:
         try:

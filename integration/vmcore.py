@@ -56,11 +56,18 @@ def first_difference(a: Path, b: Path) -> str | None:
     return None
 
 
+def notes(path: Path) -> list[tuple[str, int, bytes]]:
+    """Owner, type and descriptor of every note, in file order."""
+    with open(path, "rb") as f:
+        elf = ELFFile(f)
+        return [(n["n_name"], n["n_type"], n["n_descdata"])
+                for s in elf.iter_segments() if s["p_type"] == "PT_NOTE"
+                for n in s.iter_notes()]
+
+
 def identity(path: Path) -> tuple:
     """ELF class, byte order, machine and the (owner, type) of each note but livedump's own."""
     with open(path, "rb") as f:
         elf = ELFFile(f)
-        notes = [(n["n_name"], n["n_type"])
-                 for s in elf.iter_segments() if s["p_type"] == "PT_NOTE"
-                 for n in s.iter_notes() if n["n_name"] != "LIVEDUMP"]
-        return elf.elfclass, elf.little_endian, elf["e_machine"], notes
+        header = elf.elfclass, elf.little_endian, elf["e_machine"]
+    return (*header, [(name, type_) for name, type_, _ in notes(path) if name != "LIVEDUMP"])

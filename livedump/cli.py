@@ -154,7 +154,8 @@ def summary_line(s: Summary) -> str:
     return (f"wrote {s.output}: {len(s.blocks)} blocks, {_size(s.memory_bytes)} of {s.arch} "
             f"guest memory ({_size(s.read_bytes)} read, {_size(s.written_bytes)} written, "
             f"the rest never touched or zero) in {s.wall_seconds:.2f} s, {paused}, "
-            f"{_via(s)}; {s.cpu_notes}; architecture: {s.arch_from}")
+            f"{_via(s)}; {s.cpu_notes}; architecture: {s.arch_from}; "
+            f"{s.vmcoreinfo.detail}")
 
 
 def as_json(s: Summary) -> dict[str, object]:
@@ -163,7 +164,7 @@ def as_json(s: Summary) -> dict[str, object]:
         "elf_class": s.elf_class,
         "via": s.via, "detail": s.detail, "was_running": s.was_running,
         "paused": s.paused, "read_bytes": s.read_bytes, "written_bytes": s.written_bytes,
-        "cpu_notes": s.cpu_notes,
+        "cpu_notes": s.cpu_notes, "vmcoreinfo": s.vmcoreinfo.as_json(),
         "blocks": [{"gpa": b.gpa, "size": b.size} for b in s.blocks],
         "memory_bytes": s.memory_bytes, "file_bytes": s.file_size,
         "wall_seconds": round(s.wall_seconds, 6), "pause_seconds": round(s.pause_seconds, 6),

@@ -26,6 +26,8 @@ from .output import Output
 from .procmem import PageMap, ProcessMemory, alive, check_blocks, read_maps
 from .session import open_session
 from .stream import Writer, copy
+from .vmcoreinfo import Result as VmcoreinfoResult
+from .vmcoreinfo import Search as VmcoreinfoSearch
 
 # Our own note under the "LIVEDUMP" owner: text lines saying who made the dump.
 # The type is "LVDP" in ASCII, far from the small numbers that gdb and crash
@@ -72,6 +74,7 @@ class Summary:
     detail: str
     was_running: bool
     paused: bool
+    vmcoreinfo: VmcoreinfoResult
     cpu_notes: str = ""
     blocks: list[Block] = field(default_factory=list)
     file_size: int = 0
@@ -125,12 +128,16 @@ def dump(request: Request) -> Summary:
                         plan = _plan(ranges, pid)
                     cpu = session.cpu_notes(memory, plan.blocks)
                     arch, arch_from, cpu = _arch(wanted, target, cpu)
+                    search = VmcoreinfoSearch(arch, cpu, out.is_stdout)
                     layout = CoreLayout(arch, plan.blocks, [
-                        *([cpu] if isinstance(cpu, QemuNotes) else []), provenance_note(pid)])
+                        *([cpu] if isinstance(cpu, QemuNotes) else []), provenance_note(pid),
+                        *search.notes])
+                    writer.inspect = search.inspector(layout)
                     if progress:
                         progress.start(layout.size)
                     read = copy(layout, plan.private, memory, pagemap, writer)
                 writer.finish()
+            vmcoreinfo = search.finish(out)
             out.commit()
         except LivedumpError:
             # Whatever failed, QEMU's exit is the cause to report.
@@ -144,6 +151,7 @@ def dump(request: Request) -> Summary:
         paused=request.pause and pause.was_running, blocks=layout.blocks,
         cpu_notes=cpu if isinstance(cpu, str) else
         f"{', '.join(sorted(set(cpu.names)))} notes from {cpu.source}",
+        vmcoreinfo=vmcoreinfo,
         file_size=layout.size, read_bytes=read, written_bytes=writer.written,
         wall_seconds=time.monotonic() - started, pause_seconds=pause.seconds,
     )

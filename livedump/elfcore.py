@@ -137,7 +137,9 @@ class CoreLayout:
 
     ``header`` holds everything before ``data_offset`` (ELF header, program
     headers, the extended-numbering section header, notes, padding);
-    block ``i`` occupies ``[offsets[i], offsets[i] + blocks[i].size)``.
+    block ``i`` occupies ``[offsets[i], offsets[i] + blocks[i].size)``;
+    ``notes[j]`` starts at ``note_offsets[j]`` (a note rewritten once memory is
+    written, in ``structs``, must keep its size).
     """
 
     def __init__(self, arch: Arch, blocks: Sequence[Block], notes: Sequence[Notes]) -> None:
@@ -150,7 +152,7 @@ class CoreLayout:
             self._place(ElfStructs(32, arch.little_endian), notes)
             if self.size > 1 << 32 or any(b.end >= 1 << 32 for b in self.blocks):
                 self.bits = 64
-        s = ElfStructs(self.bits, arch.little_endian)
+        s = self.structs = ElfStructs(self.bits, arch.little_endian)
         self._place(s, notes)
         self.header = self._pack(s, notes)
 
@@ -161,7 +163,9 @@ class CoreLayout:
         self.note_offset = _align(
             s.ehdr.size + phnum * s.phdr.size + (s.shdr.size if self.extended else 0), 8
         )
-        self.note_size = sum(len(n.encode(s)) for n in notes)
+        sizes = [len(n.encode(s)) for n in notes]
+        self.note_offsets = [self.note_offset + sum(sizes[:j]) for j in range(len(sizes))]
+        self.note_size = sum(sizes)
         self.data_offset = _align(self.note_offset + self.note_size, DATA_ALIGN)
         self.offsets = []
         offset = self.data_offset

@@ -38,7 +38,6 @@ from .monitor import Monitor
 
 _FD_NAME = "livedump-notes"
 
-
 @dataclass(frozen=True)
 class QemuNotes:
     """QEMU's notes as encoded bytes, the ELF identity they were encoded for,

@@ -41,7 +41,8 @@ class Output:
         if not os.path.isdir(directory):
             raise UsageError(f"output directory {directory} does not exist")
         self._temp = os.path.join(directory, f".{name}.{secrets.token_hex(4)}.partial")
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        # Read too: what was written is checked before it is trusted (see read_at).
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
             self._fd = os.open(self._temp, flags, 0o600)
             os.fchmod(self._fd, stat.S_IRUSR | stat.S_IWUSR)
@@ -89,6 +90,16 @@ class Output:
             except OSError as e:
                 raise DumpIOError(f"writing {self.path}: {e.strerror}") from None
             view, offset = view[n:], offset + n
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        """Read back ``length`` bytes of the file at ``offset`` (holes read as zeros):
+        guest memory, once written, for checks that must not hold the guest."""
+        if self.is_stdout:
+            raise DumpIOError("standard output cannot be read back")
+        try:
+            return os.pread(self._fd, length, offset)
+        except OSError as e:
+            raise DumpIOError(f"reading back {self.path}: {e.strerror}") from None
 
     def commit(self) -> None:
         """Put the finished file at its path."""

@@ -31,6 +31,10 @@ _STOP_TIMEOUT = 10.0
 _WAIT_STEP = 0.1
 
 OnWritten = Callable[[int], None]  # told the length of each part written
+# Shown each part written that is not a hole: its file offset, and the first
+# ``length`` bytes of a buffer. Runs in the writer thread, so it costs the
+# guest no pause while reading is the bottleneck; it must be quick all the same.
+Inspect = Callable[[int, bytes | bytearray, int], None]
 
 
 class _Read:
@@ -112,6 +116,8 @@ class Writer:
         self._pending: queue.Queue[_Item | None] = queue.Queue()
         self._error: BaseException | None = None
         self.written = 0  # bytes of data written; the rest of the file is holes
+        self.inspect: Inspect | None = None  # set before the first put
+        self._offset = 0
         self._thread = threading.Thread(target=self._run, name="livedump-writer", daemon=True)
 
     def put(self, data: bytes | memoryview | _Read | None, length: int,
@@ -163,6 +169,9 @@ class Writer:
         else:
             self.out.write(data)
             self.written += length
+            if self.inspect:
+                self.inspect(self._offset, buf.data if buf is not None else data, length)
+        self._offset += length
         if self.progress:
             self.progress(length)
 

@@ -97,7 +97,7 @@ _I386_REGS = (
 
 # QEMU's QEMUCPUState (version 1), the same in every ELF class.
 _STATE_SEGMENTS = ("cs", "ds", "es", "fs", "gs", "ss", "ldt", "tr", "gdt", "idt")
-_QEMU_CPU_STATE = (
+_QEMU_CPU_STATE_FIELDS = (
     ("version", "word"), ("size", "word"),
     *((name, "Q") for name in ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
                                *GPRS[8:], "rip", "rflags")),
@@ -112,7 +112,7 @@ _X86_64_USER = Record(_X86_64_REGS, 64, True)
 _I386_USER = Record(_I386_REGS, 32, True)
 _PRSTATUS = {64: Record(_prstatus(_X86_64_USER.size), 64, True),
              32: Record(_prstatus(_I386_USER.size), 32, True)}
-_QEMU_STATE = Record(_QEMU_CPU_STATE, 64, True)
+QEMU_CPU_STATE = Record(_QEMU_CPU_STATE_FIELDS, 64, True)
 
 
 def qemu_notes(cpus: Sequence[X86State], blocks: Sequence[Block], source: str) -> QemuNotes:
@@ -136,8 +136,8 @@ def qemu_cpu_state(cpu: X86State) -> bytes:
                 "ldt": cpu.ldt, "tr": cpu.tr, "gdt": cpu.gdt, "idt": cpu.idt}
     values = {f"{name}.{part}": getattr(seg, part) for name, seg in segments.items()
               for part in ("selector", "limit", "flags", "base")}
-    return _QEMU_STATE.pack(
-        version=QEMU_CPU_STATE_VERSION, size=_QEMU_STATE.size, **cpu.gprs(),
+    return QEMU_CPU_STATE.pack(
+        version=QEMU_CPU_STATE_VERSION, size=QEMU_CPU_STATE.size, **cpu.gprs(),
         rip=cpu.rip, rflags=cpu.rflags, **values,
         **{f"cr{i}": value for i, value in enumerate(cpu.cr)},
         kernel_gs_base=cpu.kernel_gs_base)
@@ -163,3 +163,20 @@ def _i386_prstatus(cpu: X86State) -> bytes:
 def _pack_prstatus(bits: int, cpu: X86State, regs: bytes) -> bytes:
     data = _PRSTATUS[bits].pack(pr_pid=cpu.index + 1, pr_reg=regs)
     return data + bytes(-len(data) % (bits // 8))  # C pads the struct to a long
+
+
+def x86_page_tables(notes: QemuNotes) -> list[int]:
+    """Each x86 vCPU's CR3 (the root of the page tables it runs on) from its
+    ``QEMU`` note; none for other targets."""
+    if notes.arch.machine not in (arches.EM_X86_64, arches.EM_386):
+        return []
+    nhdr = ElfStructs(notes.arch.bits, notes.arch.little_endian).nhdr
+    roots, at, data = [], 0, notes.data
+    while at + nhdr.size <= len(data):
+        head = nhdr.unpack(data[at:])
+        desc = at + nhdr.size + (head["n_namesz"] + 3) // 4 * 4
+        name = data[at + nhdr.size : at + nhdr.size + head["n_namesz"]].rstrip(b"\0")
+        if name == b"QEMU" and head["n_descsz"] >= QEMU_CPU_STATE.size:
+            roots.append(QEMU_CPU_STATE.unpack(data[desc:])["cr3"])
+        at = desc + (head["n_descsz"] + 3) // 4 * 4
+    return roots

@@ -15,7 +15,7 @@ from elftools.elf.elffile import ELFFile
 from livedump.coalesce import Block
 from livedump.elfcore import CoreLayout
 from livedump.notes import QemuNotes, parse
-from livedump.x86_notes import (_QEMU_STATE, EFER_LMA, GPRS, SEGMENTS, Segment, X86State,
+from livedump.x86_notes import (QEMU_CPU_STATE, EFER_LMA, GPRS, SEGMENTS, Segment, X86State,
                                 qemu_notes)
 
 from .conftest import DATA
@@ -29,7 +29,7 @@ def qemu_states(core: bytes) -> list[X86State]:
     notes = next(s for s in elf.iter_segments() if s["p_type"] == "PT_NOTE").iter_notes()
     states = []
     for index, note in enumerate(n for n in notes if n["n_name"] == "QEMU"):
-        v = _QEMU_STATE.unpack(note["n_descdata"])
+        v = QEMU_CPU_STATE.unpack(note["n_descdata"])
         assert (v["version"], v["size"]) == (1, len(note["n_descdata"]))
 
         def seg(name: str) -> Segment:

@@ -11,6 +11,9 @@
 #
 # Lines for the host (see linux_guest.py), all on the serial console:
 #   LIVEDUMP-GUEST-READY uptime=S    filesystems mounted, about to set up
+#   LIVEDUMP-VMCOREINFO PADDR SIZE   /sys/kernel/vmcoreinfo: where the kernel's
+#                                    VMCOREINFO note is (hex)
+#   LIVEDUMP-KERNEL-TEXT ADDR        the address of _text (KASLR moves it)
 #   LIVEDUMP-TOUCH ... / LIVEDUMP-MARKER ...   from livedump-guest
 #   LIVEDUMP-GUEST-PANIC             about to crash the kernel
 #   LIVEDUMP-GUEST-IDLE uptime=S     all done; the guest idles from now on
@@ -31,6 +34,11 @@ exec </dev/console >/dev/console 2>&1
 
 seconds_up() { read -r up _ </proc/uptime; echo "$up"; }
 
+# Hand VMCOREINFO to QEMU, where the VM has -device vmcoreinfo (elsewhere the
+# module finds no such device and does nothing): as a user would, for QEMU's
+# own dump to carry it.
+insmod /lib/qemu_fw_cfg.ko || echo "LIVEDUMP-GUEST-ERROR insmod qemu_fw_cfg failed"
+
 # Keep the pages the markers live in where they are: no migration of mlocked
 # pages by compaction (see livedump-guest).
 echo 0 >/proc/sys/vm/compact_unevictable_allowed 2>/dev/null
@@ -45,6 +53,10 @@ switch() {
 }
 
 echo "LIVEDUMP-GUEST-READY uptime=$(seconds_up)"
+echo "LIVEDUMP-VMCOREINFO $(cat /sys/kernel/vmcoreinfo)"
+while read -r address _ name; do
+    if [ "$name" = _text ]; then echo "LIVEDUMP-KERNEL-TEXT $address"; break; fi
+done </proc/kallsyms
 
 touch_mib=$(switch touch)
 if [ -n "$touch_mib" ] && [ "$touch_mib" != 0 ]; then
