@@ -180,7 +180,6 @@ class Monitor:
         # Resuming is what matters most: a slow monitor gets longer to answer.
         self.transport.execute("cont", timeout=RESUME_TIMEOUT)
 
-
     def target_arch(self) -> str:
         """The QEMU target, as ``query-target`` names it (``x86_64``, ``ppc64``...)."""
         reply = self.transport.execute("query-target")
@@ -192,6 +191,55 @@ class Monitor:
         """Hand QEMU a file descriptor, known to it as ``name`` (QMP ``getfd``)."""
         self.transport.send_fd(fd)
         self.transport.execute("getfd", {"fdname": name})
+
+    def version(self) -> tuple[int, int, int]:
+        """QEMU's version, (major, minor, micro)."""
+        reply = self.transport.execute("query-version")
+        try:
+            v = reply["qemu"]  # type: ignore[index]
+            return int(v["major"]), int(v["minor"]), int(v["micro"])
+        except (TypeError, KeyError, ValueError):
+            raise MonitorError(f"unexpected 'query-version' reply: {reply!r}") from None
+
+    def migration_status(self) -> str:
+        """The state of the last migration (``none`` if there was none)."""
+        reply = self.transport.execute("query-migrate")
+        if not isinstance(reply, dict):
+            raise MonitorError(f"unexpected 'query-migrate' reply: {reply!r}")
+        status = reply.get("status", "none")
+        if status == "failed" and reply.get("error-desc"):
+            status += f" ({reply['error-desc']})"
+        return str(status)
+
+    def migration_capabilities(self) -> dict[str, bool]:
+        reply = self.transport.execute("query-migrate-capabilities")
+        try:
+            return {str(c["capability"]): bool(c["state"]) for c in reply}  # type: ignore
+        except (TypeError, KeyError):
+            raise MonitorError(f"unexpected 'query-migrate-capabilities' reply: {reply!r}") from None
+
+    def set_migration_capabilities(self, states: Mapping[str, bool]) -> None:
+        self.transport.execute("migrate-set-capabilities", {"capabilities": [
+            {"capability": name, "state": state} for name, state in states.items()]})
+
+    def migration_parameters(self) -> dict[str, object]:
+        reply = self.transport.execute("query-migrate-parameters")
+        if not isinstance(reply, dict):
+            raise MonitorError(f"unexpected 'query-migrate-parameters' reply: {reply!r}")
+        return reply
+
+    def set_migration_parameters(self, values: Mapping[str, object]) -> None:
+        self.transport.execute("migrate-set-parameters", values)
+
+    def migrate(self, uri: str) -> None:
+        self.transport.execute("migrate", {"uri": uri})
+
+    def migrate_cancel(self) -> None:
+        self.transport.execute("migrate_cancel")
+
+    def close_fd(self, name: str) -> None:
+        """Have QEMU close a file descriptor passed with :meth:`send_fd` and not used."""
+        self.transport.execute("closefd", {"fdname": name})
 
     def hmp(self, command_line: str) -> str:
         """Run a human monitor command and return its text."""

@@ -22,6 +22,7 @@ from .errors import (GuestMemoryError, LivedumpError, MonitorError, MonitorUnava
                      PermissionDenied, UsageError)
 from .freeze import frozen
 from .guardian import Guardian
+from .live import LiveSnapshot
 from .monitor import Address, Monitor, QMPTransport, describe
 from .procmem import ProcessMemory, read_maps
 from .target import QmpEndpoint, is_qemu, qemu_executable, qmp_endpoints
@@ -44,6 +45,7 @@ class Session(Protocol):
                ) -> list[GuestRange]: ...
     def cpu_notes(self, memory: ProcessMemory, blocks: list[Block]
                   ) -> notes.QemuNotes | str: ...
+    def live(self, target: str) -> LiveSnapshot: ...
     def close(self) -> None: ...
 
 
@@ -110,6 +112,10 @@ class MonitorSession:
     def qemu_notes(self, gpa: int) -> notes.QemuNotes:
         return notes.from_qemu(self.monitor, gpa)
 
+    def live(self, target: str) -> LiveSnapshot:
+        """A background snapshot, mapped by the flat view the vmcore's layout comes from."""
+        return LiveSnapshot(self.monitor, target, lambda: self._view)
+
     def close(self) -> None:
         self.monitor.close()
 
@@ -151,6 +157,10 @@ class LibvirtSession(MonitorSession):
         # Never QEMU's dump-guest-memory through the pass-through: libvirtd 9.0
         # crashes on its completion event. libvirt's own dump, cut after the notes.
         return notes.from_pipe(self.domain.dump_memory_only)
+
+    def live(self, target: str) -> LiveSnapshot:
+        raise UsageError("--live is not available for a libvirt domain: the snapshot's pipe "
+                         "cannot be passed through libvirt's monitor pass-through")
 
 
 class PtraceSession:
@@ -224,6 +234,9 @@ class PtraceSession:
         """Frozen for a walk of QEMU's structures: already, or (--no-pause) just for it."""
         return contextlib.nullcontext(Pause(was_running=True)) if self._frozen \
             else frozen(self.pid)
+
+    def live(self, target: str) -> LiveSnapshot:
+        raise UsageError("--live needs the VM's QMP monitor (it asks QEMU for a snapshot)")
 
     def close(self) -> None:
         pass

@@ -1,0 +1,319 @@
+"""``--live``: a vmcore of one instant, the guest paused for milliseconds.
+
+QEMU (6.0 on) can take a *background snapshot*: a migration that saves the
+devices with the guest stopped, write-protects guest RAM with userfaultfd,
+lets the guest run again, and then streams RAM as it was at that instant
+(a page the guest is about to write is sent first). livedump pauses the
+guest itself, takes QEMU's CPU notes as in the normal mode, and starts
+such a migration into a pipe passed over the monitor; once QEMU has taken
+the snapshot point the guest runs again, and the pages are placed into
+the vmcore by their guest-physical address while it runs.
+
+Every migration capability and parameter livedump changes is put back,
+whatever happens; a migration it started is cancelled if the dump fails.
+"""
+
+import bisect
+import fcntl
+import itertools
+import os
+import re
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+from .elfcore import CoreLayout
+from .errors import LivedumpError, MonitorError, SnapshotError
+from .locate_monitor import FlatRange
+from .migration import MigrationStream, Page, RamBlock
+from .monitor import Monitor
+from .output import Output
+
+BACKGROUND_SNAPSHOT = "background-snapshot"
+# Capabilities left as they are: they do not change what the stream holds.
+# Every other one is turned off for the snapshot (and back on afterwards),
+# as each either conflicts with a background snapshot or changes the stream.
+_NEUTRAL_CAPABILITIES = {"events"}
+# Migration states in which no migration is under way.
+_IDLE = {"none", "completed", "failed", "cancelled"}
+_FD_NAME = "livedump-snapshot"
+_PIPE_SIZE = 1 << 20
+_SETTLE_TIMEOUT = 30.0
+_POLL = 0.01
+_MIN_VERSION = (6, 0)
+# "                  pc.ram    4 KiB  0x0000000000000000 0x0000000040000000 0x0000000040000000"
+# (name, page size, offset, used, total; QEMU 8.0 adds the host address).
+_RAMBLOCK = re.compile(r"^\s*(?P<name>.+?)\s+\d+(?:\.\d+)? [KMGTPE]?i?B(?:\s+0x[0-9a-f]+){3,4}$")
+
+
+@dataclass(frozen=True)
+class _Segment:
+    """Block offsets [start, end) of one RAM block, and where each of its copies
+    in guest-physical space lies in the file: file offset = block offset + delta."""
+
+    start: int
+    end: int
+    deltas: tuple[int, ...]
+
+
+class Placement:
+    """Where each page of each RAM block of the stream goes in the vmcore.
+
+    The map is the normal mode's: the flat view's RAM ranges, each named
+    after the memory region it shows at an offset into it, coalesced into
+    the layout's blocks. A region is the RAM block of the same name (QEMU
+    prefixes a device's blocks with its path: ``0000:00:02.0/vga.vram``).
+    A block may show at several addresses (``pc.bios`` at the top of 4 GiB
+    and below 1 MiB); each copy is written.
+    """
+
+    def __init__(self, layout: CoreLayout, view: Sequence[FlatRange],
+                 blocks: Sequence[RamBlock]) -> None:
+        extents: dict[int, list[tuple[int, int, int]]] = {}
+        for fr in view:
+            if not fr.dumped:
+                continue
+            index = block_of(fr.name, [b.name for b in blocks])
+            if fr.offset + fr.size > blocks[index].size:
+                raise SnapshotError(f"region {fr.name!r} at {fr.gpa:#x} reaches past the end "
+                                    f"of RAM block {blocks[index].name!r}")
+            file_offset = _file_offset(layout, fr.gpa)
+            extents.setdefault(index, []).append(
+                (fr.offset, fr.offset + fr.size, file_offset - fr.offset))
+        self._starts: list[list[int]] = [[] for _ in blocks]
+        self._segments: list[list[_Segment]] = [[] for _ in blocks]
+        for index, runs in extents.items():
+            for segment in _disjoint(runs):
+                self._starts[index].append(segment.start)
+                self._segments[index].append(segment)
+
+    def place(self, out: Output, page: Page, page_size: int) -> int:
+        """Write one page where it belongs (nowhere if no guest address shows it);
+        return the bytes written. A page of zeros is a hole and not written."""
+        block, offset, data = page
+        if isinstance(data, int):
+            if data == 0:
+                return 0
+            data = memoryview(bytes([data]) * page_size)
+        written = 0
+        segments = self._segments[block]
+        i = bisect.bisect_right(self._starts[block], offset) - 1
+        end = offset + page_size
+        for segment in segments[max(i, 0):]:
+            if segment.start >= end:
+                break
+            lo, hi = max(offset, segment.start), min(end, segment.end)
+            if lo >= hi:
+                continue
+            for delta in segment.deltas:
+                out.write_at(lo + delta, data[lo - offset:hi - offset])
+                written += hi - lo
+        return written
+
+
+def block_of(region: str, names: Sequence[str]) -> int:
+    """The index of the RAM block backing memory region ``region``: the block of
+    that name, or the one device's block ending in ``/region``."""
+    if region in names:
+        return names.index(region)
+    found = [i for i, name in enumerate(names) if name.endswith("/" + region)]
+    if len(found) != 1:
+        which = "no RAM block" if not found else f"RAM blocks {[names[i] for i in found]}"
+        raise SnapshotError(f"{which} in the migration for memory region {region!r}")
+    return found[0]
+
+
+def _file_offset(layout: CoreLayout, gpa: int) -> int:
+    for block, offset in zip(layout.blocks, layout.offsets):
+        if block.gpa <= gpa < block.end:
+            return offset + gpa - block.gpa
+    raise SnapshotError(f"guest-physical {gpa:#x} is in no block of the vmcore")
+
+
+def _disjoint(runs: list[tuple[int, int, int]]) -> Iterator[_Segment]:
+    """Split overlapping (start, end, delta) runs into disjoint segments."""
+    bounds = sorted({b for start, end, _ in runs for b in (start, end)})
+    for start, end in zip(bounds, bounds[1:]):
+        deltas = tuple(d for s, e, d in runs if s <= start and end <= e)
+        if deltas:
+            yield _Segment(start, end, deltas)
+
+
+def parse_ramblocks(text: str) -> list[str]:
+    """The block names in ``info ramblock`` output."""
+    names = []
+    for line in text.splitlines()[1:]:
+        m = _RAMBLOCK.match(line)
+        if not m:
+            raise MonitorError(f"unexpected line in 'info ramblock': {line.strip()!r}")
+        names.append(m["name"])
+    return names
+
+
+class LiveSnapshot:
+    """A background snapshot of a VM through its monitor.
+
+    Entered before the pause: checks that QEMU can take one and sets the
+    capabilities up. :meth:`start`, inside the pause, starts it and returns
+    once QEMU has taken the snapshot point; :meth:`write`, after the guest
+    runs again, fills the vmcore from the stream. Leaving puts back what
+    was changed and cancels a snapshot that did not finish.
+    """
+
+    def __init__(self, monitor: Monitor, target: str,
+                 view: Callable[[], Sequence[FlatRange]]) -> None:
+        self.monitor = monitor
+        self.target = target
+        self._view = view
+        self._capabilities: dict[str, bool] = {}  # what was changed, with its old value
+        self._parameters: dict[str, object] = {}
+        self.ready = False  # set up for a snapshot (not if the guest was paused)
+        self._fd = -1
+        self._fd_passed = False
+        self._active = False
+        self._stream: MigrationStream | None = None
+        self._pages: Iterator[Page] | None = None
+        self._first: Page | None = None
+        self._placement: Placement | None = None
+
+    def __enter__(self) -> "LiveSnapshot":
+        m = self.monitor
+        if not m.running():
+            return self  # A paused guest cannot change: the normal way serves.
+        version = m.version()
+        if version[:2] < _MIN_VERSION:
+            raise SnapshotError(f"--live needs QEMU 6.0 or newer (this is QEMU "
+                                f"{'.'.join(map(str, version))})")
+        status = m.migration_status()
+        if status.split()[0] not in _IDLE:
+            raise SnapshotError(f"a migration is under way on this VM ({status}); --live "
+                                "would need to start one")
+        try:
+            self._setup()
+            # Checked now, while nothing is paused: every dumped region has its block.
+            names = parse_ramblocks(m.hmp("info ramblock"))
+            for fr in self._view():
+                if fr.dumped:
+                    block_of(fr.name, names)
+        except BaseException:
+            self._restore()
+            raise
+        self.ready = True
+        return self
+
+    def _setup(self) -> None:
+        m = self.monitor
+        capabilities = m.migration_capabilities()
+        if BACKGROUND_SNAPSHOT not in capabilities:
+            raise SnapshotError("this QEMU has no background snapshots (--live needs 6.0 "
+                                "or newer)")
+        wanted = {name: name == BACKGROUND_SNAPSHOT for name in capabilities
+                  if name not in _NEUTRAL_CAPABILITIES}
+        changes = {name: state for name, state in wanted.items() if capabilities[name] != state}
+        parameters = m.migration_parameters()
+        if parameters.get("tls-creds"):  # The snapshot goes to livedump, unencrypted.
+            self._parameters = {"tls-creds": parameters["tls-creds"]}
+            m.set_migration_parameters({"tls-creds": ""})
+        try:
+            m.set_migration_capabilities(changes)
+        except MonitorError as e:
+            raise SnapshotError(f"QEMU cannot take a background snapshot of this VM: "
+                                f"{str(e).split(': ', 1)[-1]}") from None
+        self._capabilities = {name: capabilities[name] for name in changes}
+
+    def start(self, layout: CoreLayout) -> None:
+        """Inside the pause: start the snapshot; return once QEMU has taken it."""
+        try:
+            read_end, write_end = os.pipe2(os.O_CLOEXEC)
+            self._fd = read_end
+            try:
+                try:
+                    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+                except OSError:
+                    pass  # A smaller pipe only means more wake-ups.
+                self.monitor.send_fd(write_end, _FD_NAME)
+                self._fd_passed = True
+            finally:
+                os.close(write_end)  # QEMU's copy is the only writer: EOF when it is done.
+            self.monitor.migrate(f"fd:{_FD_NAME}")
+            self._fd_passed = False  # The migration owns it now.
+            self._active = True
+            self._stream = MigrationStream(read_end, self.target)
+            blocks = self._stream.read_setup()
+            self._placement = Placement(layout, self._view(), blocks)
+            self._pages = self._stream.pages()
+            self._first = next(self._pages)  # Once QEMU has saved the devices.
+        except BaseException:
+            # Before the guest runs again, so QEMU cannot stop it after our 'cont'.
+            self._abort()
+            raise
+
+    def write(self, out: Output, layout: CoreLayout, progress: Callable[[int], None] | None
+              ) -> tuple[int, int]:
+        """Write the vmcore from the stream: (bytes of pages received, bytes written)."""
+        assert self._stream and self._pages and self._placement and self._first
+        out.write_at(0, layout.header)
+        out.skip(layout.size)  # The file's length; what no page fills stays a hole.
+        if progress:
+            progress(len(layout.header))
+        page_size = self._stream.page_size
+        place = self._placement.place
+        received = written = 0
+        reported = 0
+        try:
+            for page in itertools.chain([self._first], self._pages):
+                if not isinstance(page[2], int):
+                    received += page_size
+                written += place(out, page, page_size)
+                reported += page_size
+                if progress and reported >= 1 << 20:
+                    progress(reported)
+                    reported = 0
+        except SnapshotError as e:
+            raise SnapshotError(f"{e}; migration {self._settle()}") from None
+        status = self._settle()
+        if status != "completed":
+            raise SnapshotError(f"the snapshot did not complete: migration {status}")
+        self._active = False
+        if progress and reported:
+            progress(reported)
+        return received, written
+
+    def _settle(self) -> str:
+        """Wait until QEMU's migration has ended; its final state."""
+        deadline = time.monotonic() + _SETTLE_TIMEOUT
+        while (status := self.monitor.migration_status()).split()[0] not in _IDLE:
+            if time.monotonic() > deadline:
+                raise SnapshotError(f"QEMU's migration did not end within "
+                                    f"{_SETTLE_TIMEOUT:g} s (still {status})")
+            time.sleep(_POLL)
+        return status
+
+    def _abort(self) -> None:
+        """Stop a snapshot under way: QEMU's writes fail once the pipe is closed."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        try:
+            if self._fd_passed:
+                self.monitor.close_fd(_FD_NAME)
+                self._fd_passed = False
+            if self._active:
+                self.monitor.migrate_cancel()
+                self._settle()
+                self._active = False
+        except LivedumpError:
+            pass  # The resume and the restore that follow say what is wrong.
+
+    def _restore(self) -> None:
+        m = self.monitor
+        if self._capabilities:
+            m.set_migration_capabilities(self._capabilities)
+            self._capabilities = {}
+        if self._parameters:
+            m.set_migration_parameters(self._parameters)
+            self._parameters = {}
+
+    def __exit__(self, *exc: object) -> None:
+        self._abort()
+        self._restore()
