@@ -251,6 +251,8 @@ class MigrationStream:
             if flags & (FLAG_PAGE | FLAG_ZERO) and not setup:
                 if not flags & FLAG_CONTINUE:
                     self._block = self._block_named(r.name())
+                elif self._block < 0:
+                    raise SnapshotError("the migration stream's first page names no RAM block")
                 block = self._block
                 if offset + page_size > self.blocks[block].size:
                     raise SnapshotError(f"page at {offset:#x} beyond the end of RAM block "
