@@ -243,6 +243,8 @@ class LiveSnapshot:
             self._placement = Placement(layout, self._view(), blocks)
             self._pages = self._stream.pages()
             self._first = next(self._pages)  # Once QEMU has saved the devices.
+        except SnapshotError as e:
+            raise SnapshotError(f"{e}; migration {self._abort()}") from None
         except BaseException:
             # Before the guest runs again, so QEMU cannot stop it after our 'cont'.
             self._abort()
@@ -270,7 +272,7 @@ class LiveSnapshot:
                     progress(reported)
                     reported = 0
         except SnapshotError as e:
-            raise SnapshotError(f"{e}; migration {self._settle()}") from None
+            raise SnapshotError(f"{e}; migration {self._abort()}") from None
         status = self._settle()
         if status != "completed":
             raise SnapshotError(f"the snapshot did not complete: migration {status}")
@@ -289,8 +291,9 @@ class LiveSnapshot:
             time.sleep(_POLL)
         return status
 
-    def _abort(self) -> None:
-        """Stop a snapshot under way: QEMU's writes fail once the pipe is closed."""
+    def _abort(self) -> str:
+        """Stop a snapshot under way (QEMU's writes fail once the pipe is closed);
+        the migration's final state."""
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -300,10 +303,11 @@ class LiveSnapshot:
                 self._fd_passed = False
             if self._active:
                 self.monitor.migrate_cancel()
-                self._settle()
                 self._active = False
-        except LivedumpError:
-            pass  # The resume and the restore that follow say what is wrong.
+                return self._settle()
+        except LivedumpError as e:
+            return f"state unknown ({e})"  # The resume and restore that follow say more.
+        return "not started"
 
     def _restore(self) -> None:
         m = self.monitor
