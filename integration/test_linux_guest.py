@@ -39,6 +39,15 @@ def test_linux_guest_dump_has_markers_and_equals_qemu_dump(scratch):
             assert read_phys(live, m.gpa, len(m.text)) == m.text.encode(), hex(m.gpa)
         live.unlink()
 
+        # --live: the same markers, from QEMU's background snapshot.
+        r = livedump("--pid", str(vm.pid), "--live", str(live))
+        assert r.returncode == 0, r.stderr
+        assert b"(live: " in r.stderr
+        assert vm.status() == "running"
+        for m in markers:
+            assert read_phys(live, m.gpa, len(m.text)) == m.text.encode(), hex(m.gpa)
+        live.unlink()
+
         # The paused guest: livedump's vmcore equals QEMU's own, byte for byte.
         vm.command("stop")
         ours, theirs = scratch / "ours.vmcore", scratch / "qemu.vmcore"
