@@ -15,7 +15,6 @@ whatever happens; a migration it started is cancelled if the dump fails.
 
 import bisect
 import fcntl
-import itertools
 import os
 import re
 import time
@@ -41,6 +40,7 @@ _PIPE_SIZE = 1 << 20
 _SETTLE_TIMEOUT = 30.0
 _POLL = 0.01
 _MIN_VERSION = (6, 0)
+_PROGRESS_STEP = 64 << 20
 # "                  pc.ram    4 KiB  0x0000000000000000 0x0000000040000000 0x0000000040000000"
 # (name, page size, offset, used, total; QEMU 8.0 adds the host address).
 _RAMBLOCK = re.compile(r"^\s*(?P<name>.+?)\s+\d+(?:\.\d+)? [KMGTPE]?i?B(?:\s+0x[0-9a-f]+){3,4}$")
@@ -89,11 +89,9 @@ class Placement:
 
     def place(self, out: Output, page: Page, page_size: int) -> int:
         """Write one page where it belongs (nowhere if no guest address shows it);
-        return the bytes written. A page of zeros is a hole and not written."""
+        return the bytes written."""
         block, offset, data = page
         if isinstance(data, int):
-            if data == 0:
-                return 0
             data = memoryview(bytes([data]) * page_size)
         written = 0
         segments = self._segments[block]
@@ -109,6 +107,12 @@ class Placement:
                 out.write_at(lo + delta, data[lo - offset:hi - offset])
                 written += hi - lo
         return written
+
+
+def _progress(sent: int, layout: CoreLayout) -> int:
+    """How far along the vmcore ``sent`` bytes of the stream's RAM are, roughly
+    (the stream holds RAM that no PT_LOAD shows, and shows some twice)."""
+    return min(len(layout.header) + sent, layout.size)
 
 
 def block_of(region: str, names: Sequence[str]) -> int:
@@ -172,8 +176,6 @@ class LiveSnapshot:
         self._fd_passed = False
         self._active = False
         self._stream: MigrationStream | None = None
-        self._pages: Iterator[Page] | None = None
-        self._first: Page | None = None
         self._placement: Placement | None = None
 
     def __enter__(self) -> "LiveSnapshot":
@@ -246,8 +248,7 @@ class LiveSnapshot:
             self._stream = MigrationStream(self._fd, self.target)
             blocks = self._stream.read_setup()
             self._placement = Placement(layout, self._view(), blocks)
-            self._pages = self._stream.pages()
-            self._first = next(self._pages)  # Once QEMU has saved the devices.
+            self._stream.wait_snapshot()
         except SnapshotError as e:
             raise SnapshotError(f"{e}; migration {self._abort()}") from None
         except BaseException:
@@ -258,32 +259,28 @@ class LiveSnapshot:
     def write(self, out: Output, layout: CoreLayout, progress: Callable[[int], None] | None
               ) -> tuple[int, int]:
         """Write the vmcore from the stream: (bytes of pages received, bytes written)."""
-        assert self._stream and self._pages and self._placement and self._first
+        stream, placement = self._stream, self._placement
+        assert stream is not None and placement is not None
         out.write_at(0, layout.header)
         out.skip(layout.size)  # The file's length; what no page fills stays a hole.
-        if progress:
-            progress(len(layout.header))
-        page_size = self._stream.page_size
-        place = self._placement.place
-        received = written = 0
-        reported = 0
+        page_size = stream.page_size
+        received = written = reported = 0
         try:
-            for page in itertools.chain([self._first], self._pages):
+            for page in stream.pages():
                 if not isinstance(page[2], int):
                     received += page_size
-                written += place(out, page, page_size)
-                reported += page_size
-                if progress and reported >= 1 << 20:
-                    progress(reported)
-                    reported = 0
+                written += placement.place(out, page, page_size)
+                if progress and stream.done - reported >= _PROGRESS_STEP:
+                    progress(_progress(stream.done, layout) - _progress(reported, layout))
+                    reported = stream.done
         except SnapshotError as e:
             raise SnapshotError(f"{e}; migration {self._abort()}") from None
         status = self._settle()
         if status != "completed":
             raise SnapshotError(f"the snapshot did not complete: migration {status}")
         self._active = False
-        if progress and reported:
-            progress(reported)
+        if progress:
+            progress(layout.size - _progress(reported, layout))
         return received, written
 
     def _settle(self) -> str:

@@ -22,7 +22,7 @@ bounded and no Python code runs per byte of guest memory.
 
 import os
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .errors import SnapshotError
@@ -52,6 +52,7 @@ _FILE_HEADER = struct.Struct(">II")  # magic, version
 _BE32 = struct.Struct(">I")  # section id, lengths, counts
 _SECTION_START = struct.Struct(">II")  # after the name: instance id, version id
 _BE64 = struct.Struct(">Q")  # a RAM record's offset and flags; a block's length
+_ZERO_RECORD = struct.Struct(">QB")  # a zero page's offset and flags (CONTINUE), fill byte
 
 RAM_SECTION = "ram"
 # Without the configuration's "target-page-bits" subsection a stream's pages
@@ -77,7 +78,8 @@ class RamBlock:
 
 
 # A page as handed out: block index, offset in the block, and the page's bytes
-# (valid until the next page is asked for) or the byte a ZERO record fills it with.
+# (valid until the next page is asked for) or the non-zero byte a ZERO record
+# fills it with. Pages of zeros are not handed out.
 Page = tuple[int, int, memoryview | int]
 
 
@@ -119,6 +121,10 @@ class Reader:
     def byte(self) -> int:
         return self.take(1)[0]
 
+    def buffered(self) -> memoryview:
+        """What is read and not yet taken (valid until the next read)."""
+        return self._view[self._pos:self._end]
+
     def peek(self) -> int:
         if self._end == self._pos:
             self._fill(1)
@@ -139,7 +145,8 @@ class Reader:
 
 
 class MigrationStream:
-    """The RAM of one migration stream: :meth:`read_setup`, then :meth:`pages`."""
+    """The RAM of one migration stream: :meth:`read_setup`, :meth:`wait_snapshot`,
+    then :meth:`pages`."""
 
     def __init__(self, fd: int, target: str) -> None:
         self.reader = Reader(fd)
@@ -148,6 +155,7 @@ class MigrationStream:
         self._section_id: int | None = None
         self._block = -1  # the block of the last record, for CONTINUE
         self._seen: list[bytearray] = []  # per block, 1 for each page sent
+        self.done = 0  # bytes of RAM sent so far
 
     @property
     def page_size(self) -> int:
@@ -214,56 +222,63 @@ class MigrationStream:
                 raise SnapshotError(f"section footer for section {section_id} "
                                     f"in section {self._section_id}")
 
-    def pages(self, on_first: Callable[[], None] | None = None) -> Iterator[Page]:
-        """Every page of the snapshot, as it arrives; then the rest of the stream is
-        read and dropped, and every page is checked to have come.
+    def wait_snapshot(self) -> None:
+        """Read up to the first ``ram`` part. QEMU writes it once it has taken the
+        snapshot point: saved the devices and write-protected guest RAM."""
+        if not self._next_part():
+            raise SnapshotError("the migration stream holds no RAM")
 
-        ``on_first`` is called when the first ``ram`` part begins: QEMU has then
-        taken the snapshot point (saved the devices, write-protected RAM).
-        """
-        r = self.reader
+    def pages(self) -> Iterator[Page]:
+        """After :meth:`wait_snapshot`: every page that is not all zeros, as it
+        arrives; then the rest of the stream is read and dropped, and every page
+        is checked to have come."""
         while True:
-            kind = r.byte()
-            if kind not in (SECTION_PART, SECTION_END):
-                break  # The device state: RAM is complete.
-            (section_id,) = r.unpack(_BE32)
-            if section_id != self._section_id:
-                raise SnapshotError(f"the migration stream has parts of section {section_id}, "
-                                    "which livedump does not read")
-            if on_first is not None:
-                on_first()
-                on_first = None
             yield from self._ram_records(setup=False)
             self._footer()
-        if kind not in (SECTION_FULL, EOF):
-            raise SnapshotError(f"unexpected element {kind:#x} in the migration stream")
-        r.drain()
+            if not self._next_part():
+                break
+        self.reader.drain()
         self._check_complete()
+
+    def _next_part(self) -> bool:
+        """Read the next section's header: True for a ``ram`` part, False where
+        the device state (or the end) begins."""
+        r = self.reader
+        kind = r.byte()
+        if kind in (SECTION_FULL, EOF):
+            return False
+        if kind not in (SECTION_PART, SECTION_END):
+            raise SnapshotError(f"unexpected element {kind:#x} in the migration stream")
+        (section_id,) = r.unpack(_BE32)
+        if section_id != self._section_id:
+            raise SnapshotError(f"the migration stream has parts of section {section_id}, "
+                                "which livedump does not read")
+        return True
 
     def _ram_records(self, setup: bool) -> Iterator[Page]:
         r = self.reader
         page_size = self.page_size
         mask = page_size - 1
-        be64 = _BE64
         while True:
-            (word,) = r.unpack(be64)
-            flags, offset = word & mask, word & ~mask
+            (word,) = r.unpack(_BE64)
+            flags = word & mask
+            offset = word ^ flags
             if flags & (FLAG_PAGE | FLAG_ZERO) and not setup:
                 if not flags & FLAG_CONTINUE:
                     self._block = self._block_named(r.name())
                 elif self._block < 0:
                     raise SnapshotError("the migration stream's first page names no RAM block")
                 block = self._block
-                if offset + page_size > self.blocks[block].size:
-                    raise SnapshotError(f"page at {offset:#x} beyond the end of RAM block "
-                                        f"{self.blocks[block].name!r}")
-                self._seen[block][offset >> self.page_bits] = 1
-                if flags & ~FLAG_CONTINUE == FLAG_PAGE:
+                self._mark(block, offset)
+                kind = flags & ~FLAG_CONTINUE
+                if kind == FLAG_PAGE:
                     yield block, offset, r.take(page_size)
-                elif flags & ~FLAG_CONTINUE == FLAG_ZERO:
-                    yield block, offset, r.byte()
-                else:
+                elif kind != FLAG_ZERO:
                     raise SnapshotError(f"unsupported RAM record flags {flags:#x}")
+                elif fill := r.byte():
+                    yield block, offset, fill
+                else:
+                    self._zero_run(block)
             elif flags == FLAG_EOS:
                 return
             elif flags == FLAG_MEM_SIZE and setup and not self.blocks:
@@ -271,6 +286,33 @@ class MigrationStream:
             else:
                 raise SnapshotError(f"unsupported RAM record flags {flags:#x} in the migration "
                                     "stream (compression, XBZRLE or multifd on?)")
+
+    def _mark(self, block: int, offset: int) -> None:
+        if offset + self.page_size > self.blocks[block].size:
+            raise SnapshotError(f"page at {offset:#x} beyond the end of RAM block "
+                                f"{self.blocks[block].name!r}")
+        self._seen[block][offset >> self.page_bits] = 1
+        self.done += self.page_size
+
+    def _zero_run(self, block: int) -> None:
+        """Take the zero-page records of ``block`` that follow in the buffer, at C
+        speed for the record layout: most of an idle guest's stream is these."""
+        r = self.reader
+        buffered = r.buffered()
+        seen = self._seen[block]
+        end = self.blocks[block].size - self.page_size
+        zero = FLAG_ZERO | FLAG_CONTINUE
+        mask = self.page_size - 1
+        bits = self.page_bits
+        n = 0
+        size = _ZERO_RECORD.size
+        for word, fill in _ZERO_RECORD.iter_unpack(buffered[:len(buffered) // size * size]):
+            if word & mask != zero or fill or word ^ zero > end:
+                break  # Anything else, bounds errors included, goes the general way.
+            seen[word >> bits] = 1
+            n += 1
+        r.take(n * size)
+        self.done += n << bits
 
     def _block_list(self, total: int) -> None:
         r = self.reader

@@ -32,6 +32,8 @@ VIEW = parse_flatview((DATA / "mtree.txt").read_text())
 MiB = 1 << 20
 HALT = X86_HALT.build().read_bytes()[0xFFF0:0xFFF4]  # at the reset vector: cli; hlt; jmp
 SETUP_END = 255  # where the stream's first "ram" part begins
+FIRST_RECORD_END = SETUP_END + 5 + 16  # after the part's header: offset+flags, "pc.ram", 0
+EOS = struct.pack(">Q", 0x10)
 
 
 @contextmanager
@@ -43,9 +45,9 @@ def stream_of(data: bytes) -> Iterator[MigrationStream]:
         yield MigrationStream(os.dup(f.fileno()), "x86_64")
 
 
-def all_pages(stream: MigrationStream, on_first=None) -> dict[tuple[int, int], bytes | int]:
-    return {(b, off): d if isinstance(d, int) else bytes(d)
-            for b, off, d in stream.pages(on_first)}
+def all_pages(stream: MigrationStream) -> dict[tuple[int, int], bytes | int]:
+    stream.wait_snapshot()
+    return {(b, off): d if isinstance(d, int) else bytes(d) for b, off, d in stream.pages()}
 
 
 def test_block_list_is_qemus():
@@ -56,21 +58,20 @@ def test_block_list_is_qemus():
     assert s.page_size == 4096
 
 
-def test_every_page_once_with_the_markers_and_the_firmware():
+def test_pages_with_the_markers_and_the_firmware():
     with stream_of(STREAM) as s:
         blocks = s.read_setup()
-        first = []
-        pages = all_pages(s, lambda: first.append(True))
-    assert first == [True]
-    for i, b in enumerate(blocks):
-        assert sorted(off for blk, off in pages if blk == i) == list(range(0, b.size, 4096))
+        pages = all_pages(s)
     ram, bios = 0, [b.name for b in blocks].index("pc.bios")
     for m in markers():
         page = pages[ram, m.gpa & ~4095]
         assert page[m.gpa % 4096:][:len(m.data)] == m.data
     assert pages[bios, 0xF000][0xFF0:0xFF4] == HALT
-    # Zero pages come as markers, not as 4 KiB of zeros.
-    assert pages[ram, 0] == 0
+    # Zero pages come as markers (and are not handed out), the rest in full:
+    # and every page came, or pages() would have raised.
+    assert all(len(data) == 4096 and any(data) for data in pages.values())
+    assert (ram, 0) not in pages
+    assert s.reader.consumed == len(STREAM)
 
 
 def test_placed_into_a_vmcore_at_guest_physical_addresses(tmp_path):
@@ -83,6 +84,7 @@ def test_placed_into_a_vmcore_at_guest_physical_addresses(tmp_path):
         placement = Placement(layout, VIEW, s.read_setup())
         out.write_at(0, layout.header)
         out.skip(layout.size)
+        s.wait_snapshot()
         for page in s.pages():
             placement.place(out, page, s.page_size)
         out.commit()
@@ -116,7 +118,12 @@ def test_missing_pages_are_an_error():
     # The setup, then straight to the end of the stream: no page was sent.
     with stream_of(STREAM[:SETUP_END] + b"\x00") as s:
         s.read_setup()
-        with pytest.raises(SnapshotError, match="without 8192 pages of RAM block 'pc.ram'"):
+        with pytest.raises(SnapshotError, match="holds no RAM"):
+            s.wait_snapshot()
+    # The first part's first record (page 0 of pc.ram, zeros), then the end.
+    with stream_of(STREAM[:FIRST_RECORD_END] + EOS + b"\x00") as s:
+        s.read_setup()
+        with pytest.raises(SnapshotError, match="without 8191 pages of RAM block 'pc.ram'"):
             all_pages(s)
 
 
