@@ -2,7 +2,8 @@
 
 Starts a 32 MiB QEMU guest that halts at once (so its memory is known:
 the firmware and the markers below), takes a background snapshot of it
-into a file, and keeps the monitor's flat view of its memory beside it.
+into a file, and keeps the monitor's flat view of its memory and its list
+of RAM blocks beside it.
 
     python3 -m integration.capture_stream tests/data/live
 """
@@ -34,8 +35,9 @@ def capture(directory: Path) -> None:
     stream = directory / "stream.qevm"
     with VM(memory=MEMORY, platform=HALTING, markers=markers()) as vm:
         vm.wait_running(0.5)
-        (directory / "mtree.txt").write_text(
-            vm.command("human-monitor-command", **{"command-line": "info mtree -f"}))
+        for command, name in (("info mtree -f", "mtree.txt"), ("info ramblock", "ramblock.txt")):
+            (directory / name).write_text(
+                vm.command("human-monitor-command", **{"command-line": command}))
         vm.command("migrate-set-capabilities", capabilities=[
             {"capability": "background-snapshot", "state": True}])
         vm.command("migrate", uri=f"exec:cat > {stream}")

@@ -43,7 +43,8 @@ _MIN_VERSION = (6, 0)
 _PROGRESS_STEP = 64 << 20
 # "                  pc.ram    4 KiB  0x0000000000000000 0x0000000040000000 0x0000000040000000"
 # (name, page size, offset, used, total; QEMU 8.0 adds the host address).
-_RAMBLOCK = re.compile(r"^\s*(?P<name>.+?)\s+\d+(?:\.\d+)? [KMGTPE]?i?B(?:\s+0x[0-9a-f]+){3,4}$")
+_RAMBLOCK = re.compile(r"^\s*(?P<name>.+?)\s+\d+(?:\.\d+)? [KMGTPE]?i?B\s+0x[0-9a-f]+"
+                       r"\s+0x(?P<used>[0-9a-f]+)\s+0x[0-9a-f]+(?:\s+0x[0-9a-f]+)?$")
 
 
 @dataclass(frozen=True)
@@ -143,15 +144,15 @@ def _disjoint(runs: list[tuple[int, int, int]]) -> Iterator[_Segment]:
             yield _Segment(start, end, deltas)
 
 
-def parse_ramblocks(text: str) -> list[str]:
-    """The block names in ``info ramblock`` output."""
-    names = []
+def parse_ramblocks(text: str) -> list[RamBlock]:
+    """The blocks (name, used length) in ``info ramblock`` output."""
+    blocks = []
     for line in text.splitlines()[1:]:
         m = _RAMBLOCK.match(line)
         if not m:
             raise MonitorError(f"unexpected line in 'info ramblock': {line.strip()!r}")
-        names.append(m["name"])
-    return names
+        blocks.append(RamBlock(m["name"], int(m["used"], 16)))
+    return blocks
 
 
 class LiveSnapshot:
@@ -175,6 +176,7 @@ class LiveSnapshot:
         self._fd = -1
         self._fd_passed = False
         self._active = False
+        self._known: list[RamBlock] = []  # the RAM blocks, as the monitor lists them
         self._stream: MigrationStream | None = None
         self._placement: Placement | None = None
 
@@ -193,7 +195,8 @@ class LiveSnapshot:
         try:
             self._setup()
             # Checked now, while nothing is paused: every dumped region has its block.
-            names = parse_ramblocks(m.hmp("info ramblock"))
+            self._known = parse_ramblocks(m.hmp("info ramblock"))
+            names = [b.name for b in self._known]
             for fr in self._view():
                 if fr.dumped:
                     block_of(fr.name, names)
@@ -245,7 +248,7 @@ class LiveSnapshot:
             self.monitor.migrate(f"fd:{_FD_NAME}")
             self._fd_passed = False  # The migration owns it now.
             self._active = True
-            self._stream = MigrationStream(self._fd, self.target)
+            self._stream = MigrationStream(self._fd, self.target, self._known)
             blocks = self._stream.read_setup()
             self._placement = Placement(layout, self._view(), blocks)
             self._stream.wait_snapshot()

@@ -22,7 +22,7 @@ bounded and no Python code runs per byte of guest memory.
 
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from .errors import SnapshotError
@@ -148,8 +148,11 @@ class MigrationStream:
     """The RAM of one migration stream: :meth:`read_setup`, :meth:`wait_snapshot`,
     then :meth:`pages`."""
 
-    def __init__(self, fd: int, target: str) -> None:
+    def __init__(self, fd: int, target: str, known: Sequence[RamBlock]) -> None:
+        """``known``: the VM's RAM blocks as its monitor lists them; the stream may
+        list only those (so what it says cannot make livedump allocate more)."""
         self.reader = Reader(fd)
+        self.known = set(known)
         self.page_bits = min_page_bits(target)
         self.blocks: list[RamBlock] = []
         self._section_id: int | None = None
@@ -318,10 +321,12 @@ class MigrationStream:
         r = self.reader
         listed = 0
         while listed < total:
-            name = r.name()
-            (size,) = r.unpack(_BE64)
-            self.blocks.append(RamBlock(name, size))
-            listed += size
+            block = RamBlock(r.name(), *r.unpack(_BE64))
+            if block not in self.known or block in self.blocks:
+                raise SnapshotError(f"the migration stream lists RAM block {block.name!r} of "
+                                    f"{block.size:#x} bytes, which the monitor does not")
+            self.blocks.append(block)
+            listed += block.size
         if listed != total:
             raise SnapshotError(f"the RAM blocks in the migration stream add up to {listed:#x} "
                                 f"bytes, not {total:#x}")

@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from elftools.elf.elffile import ELFFile
 
 from integration.firmware import X86_HALT
@@ -29,6 +31,7 @@ from livedump.output import Output
 DATA = Path(__file__).parent / "data" / "live"
 STREAM = (DATA / "stream.qevm").read_bytes()
 VIEW = parse_flatview((DATA / "mtree.txt").read_text())
+KNOWN = parse_ramblocks((DATA / "ramblock.txt").read_text())
 MiB = 1 << 20
 HALT = X86_HALT.build().read_bytes()[0xFFF0:0xFFF4]  # at the reset vector: cli; hlt; jmp
 SETUP_END = 255  # where the stream's first "ram" part begins
@@ -42,7 +45,7 @@ def stream_of(data: bytes) -> Iterator[MigrationStream]:
     with tempfile.TemporaryFile() as f:
         f.write(data)
         f.seek(0)
-        yield MigrationStream(os.dup(f.fileno()), "x86_64")
+        yield MigrationStream(os.dup(f.fileno()), "x86_64", KNOWN)
 
 
 def all_pages(stream: MigrationStream) -> dict[tuple[int, int], bytes | int]:
@@ -170,4 +173,28 @@ def test_ramblock_listing():
         "   0000:00:02.0/vga.vram    2 MiB  0x0000000002080000 0x0000000001000000 0x0000000001000000"
         " 0x00007f1234500000\n"
     )
-    assert parse_ramblocks(text) == ["pc.ram", "0000:00:02.0/vga.vram"]
+    assert parse_ramblocks(text) == [RamBlock("pc.ram", 32 * MiB),
+                                     RamBlock("0000:00:02.0/vga.vram", 16 * MiB)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, len(STREAM) - 1), st.integers(0, 255)),
+                min_size=1, max_size=4))
+def test_altered_stream_is_read_or_refused(changes):
+    """Bytes changed anywhere (the setup, a record, a page): our own error, or pages
+    that lie within their blocks."""
+    data = bytearray(STREAM)
+    for at, value in changes:
+        data[at] = value
+    with stream_of(bytes(data)) as s:
+        try:
+            blocks = s.read_setup()
+            for block, offset, page in all_pages_iter(s):
+                assert offset + s.page_size <= blocks[block].size
+        except SnapshotError as e:
+            assert "\n" not in str(e)
+
+
+def all_pages_iter(s: MigrationStream):
+    s.wait_snapshot()
+    yield from s.pages()
