@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+from . import signals
 from .elfcore import CoreLayout
 from .errors import LivedumpError, MonitorError, SnapshotError
 from .locate_monitor import FlatRange
@@ -96,15 +97,16 @@ class Placement:
             data = memoryview(bytes([data]) * page_size)
         written = 0
         segments = self._segments[block]
-        i = bisect.bisect_right(self._starts[block], offset) - 1
         end = offset + page_size
-        for segment in segments[max(i, 0):]:
+        # From the segment the page starts in (or the first after it), while they
+        # overlap the page: one, unless the page straddles a boundary.
+        for i in range(max(bisect.bisect_right(self._starts[block], offset) - 1, 0),
+                       len(segments)):
+            segment = segments[i]
             if segment.start >= end:
                 break
             lo, hi = max(offset, segment.start), min(end, segment.end)
-            if lo >= hi:
-                continue
-            for delta in segment.deltas:
+            for delta in segment.deltas if lo < hi else ():
                 out.write_at(lo + delta, data[lo - offset:hi - offset])
                 written += hi - lo
         return written
@@ -188,8 +190,8 @@ class LiveSnapshot:
         if version[:2] < _MIN_VERSION:
             raise SnapshotError(f"--live needs QEMU 6.0 or newer (this is QEMU "
                                 f"{'.'.join(map(str, version))})")
-        status = m.migration_status()
-        if status.split()[0] not in _IDLE:
+        status, _ = m.migration_status()
+        if status not in _IDLE:
             raise SnapshotError(f"a migration is under way on this VM ({status}); --live "
                                 "would need to start one")
         try:
@@ -202,8 +204,7 @@ class LiveSnapshot:
                     block_of(fr.name, names)
             self._pass_pipe()
         except BaseException:
-            self._abort()
-            self._restore()
+            self.__exit__()
             raise
         self.ready = True
         return self
@@ -287,14 +288,14 @@ class LiveSnapshot:
         return received, written
 
     def _settle(self) -> str:
-        """Wait until QEMU's migration has ended; its final state."""
+        """Wait until QEMU's migration has ended; its final state, and why it failed."""
         deadline = time.monotonic() + _SETTLE_TIMEOUT
-        while (status := self.monitor.migration_status()).split()[0] not in _IDLE:
+        while (status := self.monitor.migration_status())[0] not in _IDLE:
             if time.monotonic() > deadline:
                 raise SnapshotError(f"QEMU's migration did not end within "
-                                    f"{_SETTLE_TIMEOUT:g} s (still {status})")
+                                    f"{_SETTLE_TIMEOUT:g} s (still {status[0]})")
             time.sleep(_POLL)
-        return status
+        return f"{status[0]} ({status[1]})" if status[1] else status[0]
 
     def _abort(self) -> str:
         """Stop a snapshot under way (QEMU's writes fail once the pipe is closed);
@@ -324,5 +325,7 @@ class LiveSnapshot:
             self._parameters = {}
 
     def __exit__(self, *exc: object) -> None:
-        self._abort()
-        self._restore()
+        # No signal may leave QEMU's settings half put back.
+        with signals.deferred():
+            self._abort()
+            self._restore()

@@ -201,15 +201,13 @@ class Monitor:
         except (TypeError, KeyError, ValueError):
             raise MonitorError(f"unexpected 'query-version' reply: {reply!r}") from None
 
-    def migration_status(self) -> str:
-        """The state of the last migration (``none`` if there was none)."""
+    def migration_status(self) -> tuple[str, str]:
+        """The state of the last migration (``none`` if there was none), and why
+        it failed if it did (else "")."""
         reply = self.transport.execute("query-migrate")
         if not isinstance(reply, dict):
             raise MonitorError(f"unexpected 'query-migrate' reply: {reply!r}")
-        status = reply.get("status", "none")
-        if status == "failed" and reply.get("error-desc"):
-            status += f" ({reply['error-desc']})"
-        return str(status)
+        return str(reply.get("status", "none")), str(reply.get("error-desc", ""))
 
     def migration_capabilities(self) -> dict[str, bool]:
         reply = self.transport.execute("query-migrate-capabilities")
