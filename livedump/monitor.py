@@ -214,7 +214,8 @@ class Monitor:
         try:
             return {str(c["capability"]): bool(c["state"]) for c in reply}  # type: ignore
         except (TypeError, KeyError):
-            raise MonitorError(f"unexpected 'query-migrate-capabilities' reply: {reply!r}") from None
+            raise MonitorError(
+                f"unexpected 'query-migrate-capabilities' reply: {reply!r}") from None
 
     def set_migration_capabilities(self, states: Mapping[str, bool]) -> None:
         self.transport.execute("migrate-set-capabilities", {"capabilities": [

@@ -104,7 +104,8 @@ def test_placed_into_a_vmcore_at_guest_physical_addresses(tmp_path):
 def read_phys(path: Path, gpa: int, size: int) -> bytes:
     with open(path, "rb") as f:
         for seg in ELFFile(f).iter_segments():
-            if seg["p_type"] == "PT_LOAD" and seg["p_paddr"] <= gpa < seg["p_paddr"] + seg["p_filesz"]:
+            start = seg["p_paddr"]
+            if seg["p_type"] == "PT_LOAD" and start <= gpa < start + seg["p_filesz"]:
                 f.seek(seg["p_offset"] + gpa - seg["p_paddr"])
                 return f.read(size)
     raise AssertionError(f"{gpa:#x} in no PT_LOAD")
