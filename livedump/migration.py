@@ -260,10 +260,11 @@ class MigrationStream:
 
     def _ram_records(self, setup: bool) -> Iterator[Page]:
         r = self.reader
-        page_size = self.page_size
+        page_size, bits = self.page_size, self.page_bits
         mask = page_size - 1
+        take, unpack = r.take, _BE64.unpack  # The loop runs once a page: kept lean.
         while True:
-            (word,) = r.unpack(_BE64)
+            (word,) = unpack(take(_BE64.size))
             flags = word & mask
             offset = word ^ flags
             if flags & (FLAG_PAGE | FLAG_ZERO) and not setup:
@@ -272,10 +273,14 @@ class MigrationStream:
                 elif self._block < 0:
                     raise SnapshotError("the migration stream's first page names no RAM block")
                 block = self._block
-                self._mark(block, offset)
+                if offset + page_size > self.blocks[block].size:
+                    raise SnapshotError(f"page at {offset:#x} beyond the end of RAM block "
+                                        f"{self.blocks[block].name!r}")
+                self._seen[block][offset >> bits] = 1
+                self.done += page_size
                 kind = flags & ~FLAG_CONTINUE
                 if kind == FLAG_PAGE:
-                    yield block, offset, r.take(page_size)
+                    yield block, offset, take(page_size)
                 elif kind != FLAG_ZERO:
                     raise SnapshotError(f"unsupported RAM record flags {flags:#x}")
                 elif fill := r.byte():
@@ -289,13 +294,6 @@ class MigrationStream:
             else:
                 raise SnapshotError(f"unsupported RAM record flags {flags:#x} in the migration "
                                     "stream (compression, XBZRLE or multifd on?)")
-
-    def _mark(self, block: int, offset: int) -> None:
-        if offset + self.page_size > self.blocks[block].size:
-            raise SnapshotError(f"page at {offset:#x} beyond the end of RAM block "
-                                f"{self.blocks[block].name!r}")
-        self._seen[block][offset >> self.page_bits] = 1
-        self.done += self.page_size
 
     def _zero_run(self, block: int) -> None:
         """Take the zero-page records of ``block`` that follow in the buffer, at C
