@@ -60,6 +60,7 @@ RAM_SECTION = "ram"
 # every other target livedump writes vmcores for.
 _MIN_PAGE_BITS = {"aarch64": 10, "arm": 10}
 _DEFAULT_PAGE_BITS = 12
+_PAGE_BITS = (10, 16)  # what QEMU's targets use (1 KiB to 64 KiB)
 
 BUFFER_SIZE = 4 << 20
 
@@ -96,6 +97,8 @@ class Reader:
 
     def _fill(self, n: int) -> None:
         """Make ``n`` bytes available at the read position."""
+        if n > len(self._buf):
+            raise SnapshotError(f"a record of {n} bytes in the migration stream")
         if self._pos + n > len(self._buf):
             remaining = self._end - self._pos
             self._view[:remaining] = self._view[self._pos:self._end]
@@ -196,6 +199,9 @@ class MigrationStream:
             r.unpack(_BE32)  # its version
             if name == "configuration/target-page-bits":
                 (self.page_bits,) = r.unpack(_BE32)
+                if not _PAGE_BITS[0] <= self.page_bits <= _PAGE_BITS[1]:
+                    raise SnapshotError(f"target pages of 2**{self.page_bits} bytes "
+                                        "in the migration stream")
             elif name == "configuration/capabilities":
                 (count,) = r.unpack(_BE32)
                 for _ in range(count):
