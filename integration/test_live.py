@@ -212,3 +212,21 @@ def test_interrupted_mid_stream(scratch, sig):
         assert vm.command("query-migrate")["status"] in ("cancelled", "failed")
         assert settings(vm) == before
     assert not os.listdir(scratch)
+
+
+def test_sigkill_mid_stream_the_guardian_puts_settings_back(scratch):
+    """SIGKILL gives livedump no chance to clean up; its guardian ends the
+    migration and puts QEMU's migration settings back."""
+    with VM(**BIG) as vm:
+        before = set_user_capabilities(vm)
+        out = scratch / "k.vmcore"
+        proc = start_live(vm, out)
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 30
+        while settings(vm) != before:
+            assert time.monotonic() < deadline, "the guardian did not put the settings back"
+            time.sleep(0.05)
+        assert vm.command("query-migrate")["status"] in ("cancelled", "failed")
+        assert vm.status() == "running"
+        assert not out.exists()

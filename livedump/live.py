@@ -26,7 +26,8 @@ from .elfcore import CoreLayout
 from .errors import LivedumpError, MonitorError, SnapshotError
 from .locate_monitor import FlatRange
 from .migration import MigrationStream, Page, RamBlock
-from .monitor import Monitor
+from .guardian import MIGRATION_IDLE, Guardian
+from .monitor import Command, Monitor, capabilities_command
 from .output import Output
 
 BACKGROUND_SNAPSHOT = "background-snapshot"
@@ -34,8 +35,6 @@ BACKGROUND_SNAPSHOT = "background-snapshot"
 # Every other one is turned off for the snapshot (and back on afterwards),
 # as each either conflicts with a background snapshot or changes the stream.
 _NEUTRAL_CAPABILITIES = {"events"}
-# Migration states in which no migration is under way.
-_IDLE = {"none", "completed", "failed", "cancelled"}
 _FD_NAME = "livedump-snapshot"
 _PIPE_SIZE = 1 << 20
 _SETTLE_TIMEOUT = 30.0
@@ -168,8 +167,9 @@ class LiveSnapshot:
     """
 
     def __init__(self, monitor: Monitor, target: str,
-                 view: Callable[[], Sequence[FlatRange]]) -> None:
+                 view: Callable[[], Sequence[FlatRange]], guardian: Guardian) -> None:
         self.monitor = monitor
+        self.guardian = guardian
         self.target = target
         self._view = view
         self._capabilities: dict[str, bool] = {}  # what was changed, with its old value
@@ -191,7 +191,7 @@ class LiveSnapshot:
             raise SnapshotError(f"--live needs QEMU 6.0 or newer (this is QEMU "
                                 f"{'.'.join(map(str, version))})")
         status, _ = m.migration_status()
-        if status not in _IDLE:
+        if status not in MIGRATION_IDLE:
             raise SnapshotError(f"a migration is under way on this VM ({status}); --live "
                                 "would need to start one")
         try:
@@ -219,15 +219,18 @@ class LiveSnapshot:
                   if name not in _NEUTRAL_CAPABILITIES}
         changes = {name: state for name, state in wanted.items() if capabilities[name] != state}
         parameters = m.migration_parameters()
+        self._capabilities = {name: capabilities[name] for name in changes}
         if parameters.get("tls-creds"):  # The snapshot goes to livedump, unencrypted.
             self._parameters = {"tls-creds": parameters["tls-creds"]}
+        # Told first: if livedump dies from here on, the guardian puts them back.
+        self.guardian.restore_on_death(self._restoring())
+        if self._parameters:
             m.set_migration_parameters({"tls-creds": ""})
         try:
             m.set_migration_capabilities(changes)
         except MonitorError as e:
             raise SnapshotError(f"QEMU cannot take a background snapshot of this VM: "
                                 f"{str(e).split(': ', 1)[-1]}") from None
-        self._capabilities = {name: capabilities[name] for name in changes}
 
     def _pass_pipe(self) -> None:
         """Give QEMU the pipe's write end, before the pause: one round trip less in it."""
@@ -290,7 +293,7 @@ class LiveSnapshot:
     def _settle(self) -> str:
         """Wait until QEMU's migration has ended; its final state, and why it failed."""
         deadline = time.monotonic() + _SETTLE_TIMEOUT
-        while (status := self.monitor.migration_status())[0] not in _IDLE:
+        while (status := self.monitor.migration_status())[0] not in MIGRATION_IDLE:
             if time.monotonic() > deadline:
                 raise SnapshotError(f"QEMU's migration did not end within "
                                     f"{_SETTLE_TIMEOUT:g} s (still {status[0]})")
@@ -315,14 +318,16 @@ class LiveSnapshot:
             return f"state unknown ({e})"  # The resume and restore that follow say more.
         return "not started"
 
+    def _restoring(self) -> list[Command]:
+        """The commands that put back what was changed."""
+        return ([capabilities_command(self._capabilities)] if self._capabilities else []) + (
+            [("migrate-set-parameters", self._parameters)] if self._parameters else [])
+
     def _restore(self) -> None:
-        m = self.monitor
-        if self._capabilities:
-            m.set_migration_capabilities(self._capabilities)
-            self._capabilities = {}
-        if self._parameters:
-            m.set_migration_parameters(self._parameters)
-            self._parameters = {}
+        for command, arguments in self._restoring():
+            self.monitor.transport.execute(command, arguments)
+        self._capabilities, self._parameters = {}, {}
+        self.guardian.restored()
 
     def __exit__(self, *exc: object) -> None:
         # No signal may leave QEMU's settings half put back.

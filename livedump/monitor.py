@@ -160,6 +160,15 @@ def describe(address: Address) -> str:
     return f"tcp:{address[0]}:{address[1]}"
 
 
+Command = tuple[str, dict[str, object]]  # a QMP command and its arguments
+
+
+def capabilities_command(states: Mapping[str, bool]) -> Command:
+    """The command that sets migration capabilities to ``states``."""
+    return "migrate-set-capabilities", {"capabilities": [
+        {"capability": name, "state": state} for name, state in states.items()]}
+
+
 class Monitor:
     """The monitor commands livedump uses."""
 
@@ -218,8 +227,7 @@ class Monitor:
                 f"unexpected 'query-migrate-capabilities' reply: {reply!r}") from None
 
     def set_migration_capabilities(self, states: Mapping[str, bool]) -> None:
-        self.transport.execute("migrate-set-capabilities", {"capabilities": [
-            {"capability": name, "state": state} for name, state in states.items()]})
+        self.transport.execute(*capabilities_command(states))
 
     def migration_parameters(self) -> dict[str, object]:
         reply = self.transport.execute("query-migrate-parameters")

@@ -60,6 +60,7 @@ class MonitorSession:
         self.detail = detail
         self._view: list[locate_monitor.FlatRange] = []
         self._paused = False
+        self._guardian: Guardian | None = None
 
     def target_arch(self) -> str:
         return self.monitor.target_arch()
@@ -76,10 +77,15 @@ class MonitorSession:
             with not_paused(self.control()) as p:
                 yield p
             return
-        # The guardian outlives the pause: it resumes the guest if we die in it.
-        with self.guardian() as guardian:
-            with paused(self.control(), guardian) as p:
-                yield p
+        with paused(self.control(), self.watcher()) as p:
+            yield p
+
+    def watcher(self) -> Guardian:
+        """The session's guardian, started on first need: it resumes the guest,
+        and puts QEMU's migration settings back, if livedump dies."""
+        if self._guardian is None:
+            self._guardian = self.guardian()
+        return self._guardian
 
     def control(self) -> Control:
         """What pauses and resumes the guest."""
@@ -114,10 +120,14 @@ class MonitorSession:
 
     def live(self, target: str) -> LiveSnapshot:
         """A background snapshot, mapped by the flat view the vmcore's layout comes from."""
-        return LiveSnapshot(self.monitor, target, lambda: self._view)
+        return LiveSnapshot(self.monitor, target, lambda: self._view, self.watcher())
 
     def close(self) -> None:
-        self.monitor.close()
+        try:
+            if self._guardian is not None:
+                self._guardian.close()
+        finally:
+            self.monitor.close()
 
 
 class LibvirtSession(MonitorSession):
