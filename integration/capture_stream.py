@@ -11,14 +11,11 @@ of RAM blocks beside it.
 import random
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
-from .firmware import X86_HALT
-from .vm import PC, VM, Marker
+from .vm import HALTING_PC, VM, Marker
 
 MEMORY = "32M"
-HALTING = replace(PC, firmware=("-bios", X86_HALT))  # a PC whose CPU halts at once
 
 
 def markers() -> list[Marker]:
@@ -33,7 +30,7 @@ def markers() -> list[Marker]:
 def capture(directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     stream = directory / "stream.qevm"
-    with VM(memory=MEMORY, platform=HALTING, markers=markers()) as vm:
+    with VM(memory=MEMORY, platform=HALTING_PC, markers=markers()) as vm:
         vm.wait_running(0.5)
         for command, name in (("info mtree -f", "mtree.txt"), ("info ramblock", "ramblock.txt")):
             (directory / name).write_text(

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from . import firmware
+from .firmware import COUNTER_FIRST, COUNTER_SECOND
 from .conftest import livedump
-from .vm import VM, Marker, kvm_usable
+from .vm import COUNTING_PC, HALTING_PC, VM, Marker, kvm_usable
 from .vmcore import first_difference, identity, read_phys
 
 ACCELS = ["tcg"] + (["kvm"] if kvm_usable() else [])
@@ -48,13 +48,13 @@ def set_user_capabilities(vm: VM) -> tuple[dict, dict]:
 
 def counters(vmcore: Path) -> tuple[int, int]:
     """The counting firmware's two copies of its count, first written first."""
-    return (struct.unpack("<I", read_phys(vmcore, firmware.COUNTER_FIRST, 4))[0],
-            struct.unpack("<I", read_phys(vmcore, firmware.COUNTER_SECOND, 4))[0])
+    return (struct.unpack("<I", read_phys(vmcore, COUNTER_FIRST, 4))[0],
+            struct.unpack("<I", read_phys(vmcore, COUNTER_SECOND, 4))[0])
 
 
 @pytest.mark.parametrize("accel", ACCELS)
 def test_live_vmcore_equals_qemu_dump(scratch, accel):
-    with VM(**SPLIT, markers=MARKERS, accel=accel, bios=firmware.halting()) as vm:
+    with VM(**SPLIT, markers=MARKERS, accel=accel, platform=HALTING_PC) as vm:
         vm.wait_running(0.5)
         before = set_user_capabilities(vm)
         vm.events()
@@ -79,7 +79,7 @@ def test_live_vmcore_equals_qemu_dump(scratch, accel):
 
 
 def test_live_on_a_paused_vm_takes_the_normal_way(scratch):
-    with VM(memory="256M", markers=MARKERS[:1], bios=firmware.halting()) as vm:
+    with VM(memory="256M", markers=MARKERS[:1], platform=HALTING_PC) as vm:
         vm.command("stop")
         before = settings(vm)
         out = scratch / "p.vmcore"
@@ -94,7 +94,7 @@ def test_live_on_a_paused_vm_takes_the_normal_way(scratch):
 
 @pytest.mark.parametrize("accel", ACCELS)
 def test_live_is_one_instant_and_no_pause_is_not(scratch, accel):
-    with VM(memory="128M", accel=accel, bios=firmware.counting()) as vm:
+    with VM(memory="128M", accel=accel, platform=COUNTING_PC) as vm:
         vm.wait_running(0.5)
         out = scratch / "c.vmcore"
         for _ in range(2):
@@ -118,7 +118,7 @@ def test_live_is_one_instant_and_no_pause_is_not(scratch, accel):
 
 def test_live_refusals_leave_the_vm_as_it_was(scratch):
     out = scratch / "n.vmcore"
-    with VM(memory="128M", bios=firmware.halting()) as vm:
+    with VM(memory="128M", platform=HALTING_PC) as vm:
         r = livedump("--pid", str(vm.pid), "--live", "-", stdout=subprocess.DEVNULL)
         assert r.returncode == 2 and b"--live" in r.stderr
         r = livedump("--pid", str(vm.pid), "--live", "--no-pause", str(out))
@@ -133,7 +133,7 @@ def test_live_refusals_leave_the_vm_as_it_was(scratch):
             vm.command("getfd", fdname="elsewhere")
             vm.command("migrate", uri="fd:elsewhere")
             r = livedump("--pid", str(vm.pid), "--live", str(out))
-            assert r.returncode == 14
+            assert r.returncode == 15
             assert b"a migration is under way on this VM (active)" in r.stderr
             assert vm.command("query-migrate")["status"] == "active"
             assert settings(vm) == before
@@ -148,12 +148,12 @@ def test_memory_userfaultfd_cannot_protect_is_refused(scratch, tmp_path_factory)
     # Guest RAM in a file on a disk filesystem (not tmpfs, not hugetlbfs).
     backing = Path("/var/tmp") / f"livedump-ram-{os.getpid()}"
     try:
-        with VM(memory="128M", bios=firmware.halting(), extra=[
+        with VM(memory="128M", platform=HALTING_PC, extra=[
                 "-object", f"memory-backend-file,id=ram0,size=128M,mem-path={backing},share=on",
                 "-machine", "memory-backend=ram0"]) as vm:
             before = set_user_capabilities(vm)
             r = livedump("--pid", str(vm.pid), "--live", str(scratch / "n.vmcore"))
-            assert r.returncode == 14
+            assert r.returncode == 15
             assert r.stderr.startswith(b"livedump: QEMU cannot take a background snapshot")
             assert vm.status() == "running"
             assert settings(vm) == before
@@ -177,7 +177,7 @@ def start_live(vm: VM, out: Path) -> subprocess.Popen:
 
 
 # Large enough (4 GiB of zero pages) that the stream lasts a few seconds.
-BIG = dict(machine="q35,max-ram-below-4g=2G", memory="4G", bios=firmware.halting())
+BIG = dict(machine="q35,max-ram-below-4g=2G", memory="4G", platform=HALTING_PC)
 
 
 def test_cancelled_snapshot_fails_cleanly(scratch):
@@ -189,7 +189,7 @@ def test_cancelled_snapshot_fails_cleanly(scratch):
             _, err = proc.communicate(timeout=60)
         finally:
             proc.kill()
-        assert proc.returncode == 14, err
+        assert proc.returncode == 15, err
         assert b"migration stream ended early" in err and b"cancelled" in err
         assert vm.status() == "running"
         assert settings(vm) == before
