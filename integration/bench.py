@@ -7,6 +7,8 @@ Scenarios (each guest started here, running while it is dumped):
   b  idle 8 GiB guest: only what the firmware touched
   c  4 GiB guest running Linux, 1 GiB touched by a process (needs the Linux
      guest files of integration/linux_guest.py; built on first use)
+  live  the guest of (a), livedump with --live: the guest is paused only
+     until QEMU has taken its background snapshot
 
 For each, the two tools run alternately (QEMU first on even runs, livedump
 first on odd ones), each on a freshly started guest, and the table shows
@@ -73,12 +75,12 @@ def qemu_dump(vm: VM, out: Path) -> Run:
     return run
 
 
-def livedump(vm: VM, out: Path) -> Run:
+def livedump(vm: VM, out: Path, *options: str) -> Run:
     vm.event_log()
     start = time.monotonic()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "livedump", "--pid", str(vm.pid), "--quiet", "--json", str(out)],
-        stdout=subprocess.PIPE)
+        [sys.executable, "-m", "livedump", "--pid", str(vm.pid), "--quiet", "--json", *options,
+         str(out)], stdout=subprocess.PIPE)
     report = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.monotonic() - start
@@ -145,7 +147,7 @@ def read_ceiling(pid: int, mappings: list[tuple[int, int]], syscall: bool) -> fl
 
 
 def scenario_vm(name: str, workdir: Path) -> VM:
-    if name == "a":
+    if name in ("a", "live"):
         return VM(machine="pc", memory="1G", extra=[
             "-object", "memory-backend-ram,id=ram0,size=1G,prealloc=on",
             "-machine", "memory-backend=ram0"])
@@ -174,7 +176,9 @@ SCENARIOS = {
     "a'": "(a') 1 GiB, all RAM random bytes",
     "b": "(b) idle 8 GiB",
     "c": "(c) 4 GiB Linux, 1 GiB touched",
+    "live": "(live) 1 GiB populated, --live",
 }
+OPTIONS = {"live": ("--live",)}  # livedump's options per scenario
 
 
 def fmt_bytes(n: int | None) -> str:
@@ -201,7 +205,8 @@ def measure(name: str, runs: int, workdir: Path) -> tuple[list[Run], list[Run], 
     qemu_runs: list[Run] = []
     ours: list[Run] = []
     for i in range(runs):
-        pair = [(qemu_runs, qemu_dump), (ours, livedump)]
+        pair = [(qemu_runs, qemu_dump),
+                (ours, lambda vm, out: livedump(vm, out, *OPTIONS.get(name, ())))]
         for results, tool in pair if i % 2 == 0 else list(reversed(pair)):
             vm = started(name, workdir)
             try:
@@ -228,7 +233,7 @@ def measure(name: str, runs: int, workdir: Path) -> tuple[list[Run], list[Run], 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--scenarios", default="a,a',b,c")
+    p.add_argument("--scenarios", default="a,a',b,c,live")
     p.add_argument("--dir", type=Path, default=Path("/dev/shm"))
     args = p.parse_args()
     print(f"{'scenario':36} {'tool':9} {'wall s':>7} {'pause s':>8} {'allocated':>10} "

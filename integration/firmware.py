@@ -190,3 +190,44 @@ S390X_SPIN = Firmware("s390x-spin", "s390x-linux-gnu-", """
 _start:
     j _start
 """, link=("-Ttext=0x8000", "-e", "_start"), raw=False)
+
+
+# x86, for --live: a CPU that stops at once, so guest memory never changes
+# and QEMU's own dump of it is the reference whenever it is taken.
+X86_HALT = Firmware("x86-halt", "x86_64-linux-gnu-", r"""
+    .code16
+    .globl _start
+_start:
+    .org 0xfff0                         # the reset vector
+1:  cli
+    hlt
+    jmp 1b
+    .org 0x10000
+""", link=("-Ttext=0xffff0000",))
+
+# x86, for --live: a counter stored forever, first at COUNTER_FIRST, then
+# at COUNTER_SECOND, 1 MiB apart (in different PT_LOADs). At any instant
+# the first equals the second or is one more; memory read while the guest
+# runs shows the second ahead. Real mode: the 64 KiB ROM also shows at
+# 0xf0000 (so F000:0000 is its start), and A20 is on at reset.
+COUNTER_FIRST = 0x0000_1000
+COUNTER_SECOND = 0x0010_1000
+X86_COUNTER = Firmware("x86-counter", "x86_64-linux-gnu-", rf"""
+    .code16
+    .globl _start
+_start:
+    cli
+    xorl %eax, %eax
+1:  incl %eax
+    movw ${COUNTER_FIRST >> 4:#x}, %bx
+    movw %bx, %ds
+    movl %eax, 0                        # COUNTER_FIRST
+    movw $0xffff, %bx
+    movw %bx, %ds
+    movl %eax, {COUNTER_SECOND - 0xffff0:#x}  # COUNTER_SECOND
+    jmp 1b
+
+    .org 0xfff0                         # the reset vector
+    ljmp $0xf000, $0                    # to _start, through the ROM below 1 MiB
+    .org 0x10000
+""", link=("-Ttext=0xffff0000",))

@@ -45,6 +45,17 @@ def test_linux_guest_dump_has_markers_and_equals_qemu_dump(scratch):
         check_vmcoreinfo(live, vm, json.loads(r.stdout)["vmcoreinfo"])
         live.unlink()
 
+        # --live: the same markers, from QEMU's background snapshot.
+        r = livedump("--pid", str(vm.pid), "--live", "--json", str(live))
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["live"]
+        assert vm.status() == "running"
+        for m in markers:
+            assert read_phys(live, m.gpa, len(m.text)) == m.text.encode(), hex(m.gpa)
+        # VMCOREINFO is found among the pages of the stream too.
+        check_vmcoreinfo(live, vm, json.loads(r.stdout)["vmcoreinfo"])
+        live.unlink()
+
         # The paused guest: livedump's vmcore equals QEMU's own, byte for byte.
         vm.command("stop")
         ours, theirs = scratch / "ours.vmcore", scratch / "qemu.vmcore"

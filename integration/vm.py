@@ -20,7 +20,7 @@ from pathlib import Path
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from .firmware import (PPC64_H_SET_MODE_LE, PPC64_HID0_HILE, S390X_SPIN, X86_64_LONG_MODE,
-                       Firmware, aarch64)
+                       X86_COUNTER, X86_HALT, Firmware, aarch64)
 
 QEMU = os.environ.get("LIVEDUMP_TEST_QEMU", "qemu-system-x86_64")
 
@@ -49,6 +49,9 @@ class Platform:
 
 
 PC = Platform(QEMU, "pc", ("-vga", "std"))
+# PCs running a firmware of ours that halts, or counts (integration/firmware.py).
+HALTING_PC = replace(PC, firmware=("-bios", X86_HALT))
+COUNTING_PC = replace(PC, firmware=("-bios", X86_COUNTER))
 
 
 def kvm_usable() -> bool:

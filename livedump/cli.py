@@ -23,7 +23,8 @@ exit codes: 0 done, 1 internal error, 2 usage, 3 no such process, 4 not QEMU,
 5 no QMP monitor reachable, 6 permission denied, 7 output exists, 8 I/O error,
 9 monitor refused or garbled, 10 RAM map unusable, 11 no usable debug info,
 12 another livedump is dumping this VM, 13 a QEMU thread would not freeze,
-14 the libvirt domain is not running, 128+N killed by signal N
+14 the libvirt domain is not running, 15 --live: QEMU cannot take the background
+snapshot, or it failed, 128+N killed by signal N
 """
 
 
@@ -58,9 +59,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true", help="replace an existing output file")
     p.add_argument("--qmp-timeout", type=_seconds, default=3.0, metavar="SECONDS",
                    help="how long to wait for a monitor's greeting or reply (default 3)")
-    p.add_argument("--no-pause", dest="pause", action="store_false",
-                   help="do not pause the guest: faster for it, but the vmcore is fuzzy "
-                   "(memory changes while it is read)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--live", action="store_true",
+                      help="consistent vmcore with the guest paused only for milliseconds: "
+                      "QEMU (6.0 or newer) takes a background snapshot and livedump reads "
+                      "it while the guest runs (needs the QMP monitor and an output file)")
+    mode.add_argument("--no-pause", dest="pause", action="store_false",
+                      help="do not pause the guest: faster for it, but the vmcore is fuzzy "
+                      "(memory changes while it is read)")
     p.add_argument("--json", action="store_true", help="report as JSON")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="no progress bar and no summary line (errors are still reported)")
@@ -103,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                       connect=args.connect, via=args.via,
                       debug_file=args.debug_file, arch=args.arch,
                       force=args.force, qmp_timeout=args.qmp_timeout, pause=args.pause,
+                      live=args.live,
                       progress=None if args.quiet or not sys.stderr.isatty() else ProgressBar())
     try:
         summary = dump(request)
@@ -146,6 +153,9 @@ class ProgressBar:
 def summary_line(s: Summary) -> str:
     if not s.was_running:
         paused = "guest was already paused"
+    elif s.live:
+        paused = (f"guest paused {s.pause_seconds:.3f} s (live: memory from QEMU's "
+                  "background snapshot, read while the guest ran)")
     elif s.paused:
         paused = (f"QEMU frozen {s.pause_seconds:.3f} s" if s.via == "ptrace"
                   else f"guest paused {s.pause_seconds:.3f} s")
@@ -163,7 +173,8 @@ def as_json(s: Summary) -> dict[str, object]:
         "output": s.output, "pid": s.pid, "arch": s.arch, "arch_from": s.arch_from,
         "elf_class": s.elf_class,
         "via": s.via, "detail": s.detail, "was_running": s.was_running,
-        "paused": s.paused, "read_bytes": s.read_bytes, "written_bytes": s.written_bytes,
+        "paused": s.paused, "live": s.live, "read_bytes": s.read_bytes,
+        "written_bytes": s.written_bytes,
         "cpu_notes": s.cpu_notes, "vmcoreinfo": s.vmcoreinfo.as_json(),
         "blocks": [{"gpa": b.gpa, "size": b.size} for b in s.blocks],
         "memory_bytes": s.memory_bytes, "file_bytes": s.file_size,

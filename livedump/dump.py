@@ -18,11 +18,11 @@ from . import __version__
 from . import arch as arches
 from .coalesce import Block, GuestRange, coalesce
 from .elfcore import CoreLayout, Note
-from .errors import GuestMemoryError, LivedumpError, ProcessNotFound
+from .errors import GuestMemoryError, LivedumpError, ProcessNotFound, UsageError
 from .lock import VMLock
 from .notes import QemuNotes
 from .monitor import Address
-from .output import Output
+from .output import STDOUT, Output
 from .procmem import PageMap, ProcessMemory, alive, check_blocks, read_maps
 from .session import open_session
 from .stream import Writer, copy
@@ -58,6 +58,7 @@ class Request:
     force: bool = False
     qmp_timeout: float = 3.0
     pause: bool = True
+    live: bool = False
     progress: Progress | None = None
 
 
@@ -75,6 +76,7 @@ class Summary:
     was_running: bool
     paused: bool
     vmcoreinfo: VmcoreinfoResult
+    live: bool = False  # memory from QEMU's background snapshot, after the pause
     cpu_notes: str = ""
     blocks: list[Block] = field(default_factory=list)
     file_size: int = 0
@@ -101,6 +103,9 @@ def dump(request: Request) -> Summary:
     """Write a vmcore of the VM ``request`` names; return what was done."""
     started = time.monotonic()
     progress = request.progress
+    if request.live and (request.output == STDOUT or not request.pause):
+        raise UsageError("--live writes the vmcore out of order: it needs an output file, "
+                         "and pauses the guest (not with --no-pause)")
     with contextlib.ExitStack() as stack:
         # Claim the VM before touching it, where its PID is known up front.
         if request.pid is not None:
@@ -115,12 +120,14 @@ def dump(request: Request) -> Summary:
             stack.callback(progress.close)
         try:
             wanted = arches.lookup(request.arch) if request.arch else None
-            target = arches.for_target(session.target_arch()) if wanted is None else None
+            qemu_target = session.target_arch()
+            target = arches.for_target(qemu_target) if wanted is None else None
             out = stack.enter_context(Output(request.output, request.force))
             memory = stack.enter_context(ProcessMemory(pid))
             pagemap = stack.enter_context(PageMap(pid))
             prepared = session.prepare()
             plan = _plan(prepared, pid) if prepared is not None else None
+            live = stack.enter_context(session.live(qemu_target)) if request.live else None
             with Writer(out, progress.update if progress else None) as writer:
                 with session.hold(request.pause) as pause:
                     ranges = session.ranges(memory, prepared)
@@ -135,8 +142,17 @@ def dump(request: Request) -> Summary:
                     writer.inspect = search.inspector(layout)
                     if progress:
                         progress.start(layout.size)
-                    read = copy(layout, plan.private, memory, pagemap, writer)
+                    # A paused guest cannot change: the normal way is as consistent.
+                    snapshot = live if live and live.ready and pause.was_running else None
+                    if snapshot:
+                        snapshot.start(layout)  # Returns once QEMU took the snapshot.
+                    else:
+                        read = copy(layout, plan.private, memory, pagemap, writer)
                 writer.finish()
+            written = writer.written
+            if snapshot:
+                read, written = snapshot.write(out, layout, progress.update if progress else None,
+                                               writer.inspect)
             vmcoreinfo = search.finish(out)
             out.commit()
         except LivedumpError:
@@ -148,11 +164,12 @@ def dump(request: Request) -> Summary:
         output=request.output, pid=pid, arch=arch.name, arch_from=arch_from,
         elf_class=layout.bits,
         via=session.via, detail=session.detail, was_running=pause.was_running,
-        paused=request.pause and pause.was_running, blocks=layout.blocks,
+        paused=request.pause and pause.was_running, live=snapshot is not None,
+        blocks=layout.blocks,
         cpu_notes=cpu if isinstance(cpu, str) else
         f"{', '.join(sorted(set(cpu.names)))} notes from {cpu.source}",
         vmcoreinfo=vmcoreinfo,
-        file_size=layout.size, read_bytes=read, written_bytes=writer.written,
+        file_size=layout.size, read_bytes=read, written_bytes=written,
         wall_seconds=time.monotonic() - started, pause_seconds=pause.seconds,
     )
 

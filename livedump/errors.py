@@ -90,6 +90,13 @@ class DomainNotRunning(LivedumpError):
     exit_code = 14
 
 
+class SnapshotError(LivedumpError):
+    """``--live``: QEMU cannot take a background snapshot of this VM, or the one
+    it took failed or came in a form livedump does not read."""
+
+    exit_code = 15
+
+
 class Interrupted(BaseException):
     """A signal ended the dump; exits 128 + the signal number, as shells do.
 

@@ -6,7 +6,13 @@ it told over a pipe. If the pipe ends while livedump's last word was
 "paused", livedump died mid-dump, and the watcher resumes the guest the way
 it was paused: ``cont`` on the QMP connection it inherited (which stays open
 as long as the watcher holds it, so QEMU never even sees livedump go), or
-libvirt's resume for a libvirt domain.
+libvirt's resume for a libvirt domain. Likewise for QEMU's migration
+settings that ``--live`` changed (QMP only): if livedump dies before it has
+put them back, the watcher ends the migration and puts them back.
+
+Messages on the pipe are lines: ``P`` (paused), ``R`` (resumed), ``S``
+and a JSON list of ``[command, arguments]`` (what puts the settings
+back), ``D`` (they are back).
 
     python -m livedump.guardian LIVEDUMP_PID PIPE_FD qmp MONITOR_FD
     python -m livedump.guardian LIVEDUMP_PID PIPE_FD libvirt URI UUID
@@ -21,7 +27,12 @@ import time
 
 PAUSED = b"P"
 RESUMED = b"R"
+SETTINGS = b"S"
+RESTORED = b"D"
 _REPLY_TIMEOUT = 10.0
+_MIGRATION_END_TIMEOUT = 30.0
+# Migration states in which no migration is under way (``query-migrate``).
+MIGRATION_IDLE = frozenset({"none", "completed", "failed", "cancelled"})
 
 
 class Guardian:
@@ -51,63 +62,121 @@ class Guardian:
 
     def paused(self) -> None:
         """Said before the guest is paused: from here on, a death means resume."""
-        os.write(self._pipe, PAUSED)
+        self._say(PAUSED)
 
     def resumed(self) -> None:
-        os.write(self._pipe, RESUMED)
+        self._say(RESUMED)
+
+    def restore_on_death(self, commands: list[tuple[str, dict[str, object]]]) -> None:
+        """Said before QEMU's migration settings are changed: how to put them back."""
+        self._say(SETTINGS + json.dumps(commands).encode())
+
+    def restored(self) -> None:
+        self._say(RESTORED)
+
+    def _say(self, message: bytes) -> None:
+        if self._pipe >= 0:  # (Not after a rescue: the watcher is gone.)
+            os.write(self._pipe, message + b"\n")
 
     def rescue(self) -> bool:
         """Let the watcher try to resume the guest on its own connection now; whether it worked."""
         return self.close() == 0
 
     def close(self) -> int:
-        """End the watcher (which resumes the guest if last told "paused"); its status."""
+        """End the watcher (which resumes the guest if last told "paused", and puts
+        the settings back if not told they are); its status."""
         if self._pipe >= 0:
             os.close(self._pipe)
             self._pipe = -1
         return self._process.wait()
 
-    def __enter__(self) -> "Guardian":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
 
 def _watch(parent: int, pipe_fd: int, how: list[str]) -> int:
-    state = RESUMED
-    while chunk := os.read(pipe_fd, 64):
-        state = chunk[-1:]
-    if state != PAUSED:
+    said = b""
+    while chunk := os.read(pipe_fd, 65536):
+        said += chunk
+    paused, settings = False, None
+    for line in said.splitlines():
+        if line in (PAUSED, RESUMED):
+            paused = line == PAUSED
+        elif line.startswith(SETTINGS):
+            settings = json.loads(line[1:])
+        elif line == RESTORED:
+            settings = None
+    if not paused and settings is None:
         return 0
     if how[0] == "libvirt":
         from .domain import resume_if_paused
 
-        status = 0 if resume_if_paused(*how[1:]) else 1
+        if not resume_if_paused(*how[1:]):
+            return 1
     else:
+        monitor = _Monitor(int(how[1]))
         try:
-            status = _cont(int(how[1]))
+            if paused and monitor.execute("cont") is None:
+                return 1
+            if settings is not None and not _restore(monitor, settings):
+                return 1
         except OSError:
             return 1  # The monitor is gone (and QEMU with it, most likely).
-    if status == 0 and os.getppid() != parent:  # Else livedump lives and reports it.
-        print("livedump: died while the guest was paused; its guardian resumed the guest",
+    if os.getppid() != parent:  # Else livedump lives and reports it.
+        print("livedump: died while " + ("the guest was paused" if paused else
+                                        "QEMU's migration settings were changed") +
+              "; its guardian " + ("resumed the guest" if paused else "put them back"),
               file=sys.stderr)
-    return status
+    return 0
 
 
-def _cont(monitor_fd: int) -> int:
-    os.write(monitor_fd, json.dumps({"execute": "cont", "id": "livedump-guardian"}).encode())
-    # Wait for QEMU's answer (other replies and events may come first).
-    deadline = time.monotonic() + _REPLY_TIMEOUT
-    buffer = b""
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([monitor_fd], [], [], deadline - time.monotonic())
-        if not ready or not (data := os.read(monitor_fd, 65536)):
+def _restore(monitor: "_Monitor", settings: list[tuple[str, dict[str, object]]]) -> bool:
+    """End livedump's migration, then put the settings back (they cannot change
+    while a migration is under way)."""
+    monitor.execute("migrate_cancel")
+    deadline = time.monotonic() + _MIGRATION_END_TIMEOUT
+    while True:
+        reply = monitor.execute("query-migrate")
+        if reply is None:
+            return False
+        if reply.get("return", {}).get("status", "none") in MIGRATION_IDLE:
             break
-        buffer += data
-        if b'"livedump-guardian"' in buffer:
-            return 0
-    return 1
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return all(monitor.execute(command, arguments) is not None
+               for command, arguments in settings)
+
+
+class _Monitor:
+    """QMP on the inherited connection: one command at a time, its reply picked
+    out of whatever else QEMU sends (events, replies meant for livedump)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._buffer = b""
+        self._count = 0
+
+    def execute(self, command: str, arguments: dict[str, object] | None = None
+                ) -> dict | None:
+        self._count += 1
+        tag = f"livedump-guardian-{self._count}"
+        message: dict[str, object] = {"execute": command, "id": tag}
+        if arguments:
+            message["arguments"] = arguments
+        os.write(self.fd, json.dumps(message).encode())
+        deadline = time.monotonic() + _REPLY_TIMEOUT
+        while time.monotonic() < deadline:
+            *lines, self._buffer = self._buffer.split(b"\n")
+            for line in lines:
+                try:
+                    reply = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(reply, dict) and reply.get("id") == tag:
+                    return reply
+            ready, _, _ = select.select([self.fd], [], [], deadline - time.monotonic())
+            if not ready or not (data := os.read(self.fd, 65536)):
+                break
+            self._buffer += data
+        return None
 
 
 if __name__ == "__main__":

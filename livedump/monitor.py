@@ -160,6 +160,15 @@ def describe(address: Address) -> str:
     return f"tcp:{address[0]}:{address[1]}"
 
 
+Command = tuple[str, dict[str, object]]  # a QMP command and its arguments
+
+
+def capabilities_command(states: Mapping[str, bool]) -> Command:
+    """The command that sets migration capabilities to ``states``."""
+    return "migrate-set-capabilities", {"capabilities": [
+        {"capability": name, "state": state} for name, state in states.items()]}
+
+
 class Monitor:
     """The monitor commands livedump uses."""
 
@@ -180,7 +189,6 @@ class Monitor:
         # Resuming is what matters most: a slow monitor gets longer to answer.
         self.transport.execute("cont", timeout=RESUME_TIMEOUT)
 
-
     def target_arch(self) -> str:
         """The QEMU target, as ``query-target`` names it (``x86_64``, ``ppc64``...)."""
         reply = self.transport.execute("query-target")
@@ -192,6 +200,53 @@ class Monitor:
         """Hand QEMU a file descriptor, known to it as ``name`` (QMP ``getfd``)."""
         self.transport.send_fd(fd)
         self.transport.execute("getfd", {"fdname": name})
+
+    def version(self) -> tuple[int, int, int]:
+        """QEMU's version, (major, minor, micro)."""
+        reply = self.transport.execute("query-version")
+        try:
+            v = reply["qemu"]  # type: ignore[index]
+            return int(v["major"]), int(v["minor"]), int(v["micro"])
+        except (TypeError, KeyError, ValueError):
+            raise MonitorError(f"unexpected 'query-version' reply: {reply!r}") from None
+
+    def migration_status(self) -> tuple[str, str]:
+        """The state of the last migration (``none`` if there was none), and why
+        it failed if it did (else "")."""
+        reply = self.transport.execute("query-migrate")
+        if not isinstance(reply, dict):
+            raise MonitorError(f"unexpected 'query-migrate' reply: {reply!r}")
+        return str(reply.get("status", "none")), str(reply.get("error-desc", ""))
+
+    def migration_capabilities(self) -> dict[str, bool]:
+        reply = self.transport.execute("query-migrate-capabilities")
+        try:
+            return {str(c["capability"]): bool(c["state"]) for c in reply}  # type: ignore
+        except (TypeError, KeyError):
+            raise MonitorError(
+                f"unexpected 'query-migrate-capabilities' reply: {reply!r}") from None
+
+    def set_migration_capabilities(self, states: Mapping[str, bool]) -> None:
+        self.transport.execute(*capabilities_command(states))
+
+    def migration_parameters(self) -> dict[str, object]:
+        reply = self.transport.execute("query-migrate-parameters")
+        if not isinstance(reply, dict):
+            raise MonitorError(f"unexpected 'query-migrate-parameters' reply: {reply!r}")
+        return reply
+
+    def set_migration_parameters(self, values: Mapping[str, object]) -> None:
+        self.transport.execute("migrate-set-parameters", values)
+
+    def migrate(self, uri: str) -> None:
+        self.transport.execute("migrate", {"uri": uri})
+
+    def migrate_cancel(self) -> None:
+        self.transport.execute("migrate_cancel")
+
+    def close_fd(self, name: str) -> None:
+        """Have QEMU close a file descriptor passed with :meth:`send_fd` and not used."""
+        self.transport.execute("closefd", {"fdname": name})
 
     def hmp(self, command_line: str) -> str:
         """Run a human monitor command and return its text."""

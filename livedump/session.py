@@ -23,6 +23,7 @@ from .errors import (GuestMemoryError, LivedumpError, MonitorError, MonitorUnava
                      PermissionDenied, UsageError)
 from .freeze import frozen
 from .guardian import Guardian
+from .live import LiveSnapshot
 from .monitor import Address, Monitor, QMPTransport, describe
 from .procmem import ProcessMemory, read_maps
 from .target import QmpEndpoint, is_qemu, qemu_executable, qmp_endpoints
@@ -45,6 +46,7 @@ class Session(Protocol):
                ) -> list[GuestRange]: ...
     def cpu_notes(self, memory: ProcessMemory, blocks: list[Block]
                   ) -> notes.QemuNotes | str: ...
+    def live(self, target: str) -> LiveSnapshot: ...
     def close(self) -> None: ...
 
 
@@ -59,6 +61,7 @@ class MonitorSession:
         self.detail = detail
         self._view: list[locate_monitor.FlatRange] = []
         self._paused = False
+        self._guardian: Guardian | None = None
 
     def target_arch(self) -> str:
         return self.monitor.target_arch()
@@ -75,10 +78,15 @@ class MonitorSession:
             with not_paused(self.control()) as p:
                 yield p
             return
-        # The guardian outlives the pause: it resumes the guest if we die in it.
-        with self.guardian() as guardian:
-            with paused(self.control(), guardian) as p:
-                yield p
+        with paused(self.control(), self.watcher()) as p:
+            yield p
+
+    def watcher(self) -> Guardian:
+        """The session's guardian, started on first need: it resumes the guest,
+        and puts QEMU's migration settings back, if livedump dies."""
+        if self._guardian is None:
+            self._guardian = self.guardian()
+        return self._guardian
 
     def control(self) -> Control:
         """What pauses and resumes the guest."""
@@ -111,8 +119,16 @@ class MonitorSession:
     def qemu_notes(self, gpa: int) -> notes.QemuNotes:
         return notes.from_qemu(self.monitor, gpa)
 
+    def live(self, target: str) -> LiveSnapshot:
+        """A background snapshot, mapped by the flat view the vmcore's layout comes from."""
+        return LiveSnapshot(self.monitor, target, lambda: self._view, self.watcher())
+
     def close(self) -> None:
-        self.monitor.close()
+        try:
+            if self._guardian is not None:
+                self._guardian.close()
+        finally:
+            self.monitor.close()
 
 
 class LibvirtSession(MonitorSession):
@@ -153,6 +169,10 @@ class LibvirtSession(MonitorSession):
         # crashes on its completion event. libvirt's own dump, cut after the notes.
         return dataclasses.replace(notes.from_pipe(self.domain.dump_memory_only),
                                    source="libvirt's memory-only dump")
+
+    def live(self, target: str) -> LiveSnapshot:
+        raise UsageError("--live is not available for a libvirt domain: the snapshot's pipe "
+                         "cannot be passed through libvirt's monitor pass-through")
 
 
 class PtraceSession:
@@ -226,6 +246,9 @@ class PtraceSession:
         """Frozen for a walk of QEMU's structures: already, or (--no-pause) just for it."""
         return contextlib.nullcontext(Pause(was_running=True)) if self._frozen \
             else frozen(self.pid)
+
+    def live(self, target: str) -> LiveSnapshot:
+        raise UsageError("--live needs the VM's QMP monitor (it asks QEMU for a snapshot)")
 
     def close(self) -> None:
         pass

@@ -53,7 +53,7 @@ _FILLER_OWNER = "LIVEDUMP"
 # Pages are looked for at this alignment: the smallest page of any target,
 # so a 64 KiB-page kernel's page (64 KiB-aligned) is found too.
 SCAN_ALIGN = 4096
-_MAGIC = b"OSRELEASE="
+MAGIC = b"OSRELEASE="
 # The text fills at most one guest page: room for the largest page a target
 # may use, so the slot never turns a valid find away.
 _LARGEST_PAGE = {EM_AARCH64: 65536, EM_PPC64: 65536}
@@ -108,7 +108,7 @@ def parse(text: bytes) -> dict[str, str]:
     missing = [k for k in _REQUIRED if k not in entries]
     if missing:
         raise Invalid(f"lacks {', '.join(missing)}")
-    if not text.startswith(_MAGIC):
+    if not text.startswith(MAGIC):
         raise Invalid("does not begin with OSRELEASE")
     page = _number(entries["PAGESIZE"], "PAGESIZE")
     if page < SCAN_ALIGN or page & (page - 1):
@@ -246,12 +246,12 @@ class Search:
         gpa = layout.blocks[i].gpa + offset - layout.offsets[i]
         first = -gpa % SCAN_ALIGN
         starts = data[first:length:SCAN_ALIGN]
-        page = starts.find(_MAGIC[0])
+        page = starts.find(MAGIC[0])
         while page >= 0:
             at = first + page * SCAN_ALIGN
-            if data.startswith(_MAGIC, at):
+            if data.startswith(MAGIC, at):
                 self._consider(gpa + at, data, at, length)
-            page = starts.find(_MAGIC[0], page + 1)
+            page = starts.find(MAGIC[0], page + 1)
 
     def _consider(self, gpa: int, data: bytes | bytearray, at: int, length: int) -> None:
         self._looks += 1

@@ -1,0 +1,232 @@
+"""``--live`` against real QEMU: a vmcore of one instant, from QEMU's background snapshot.
+
+The guests run tiny firmwares (``integration.firmware``): one halts at
+once, so its memory is the same whenever it is read and QEMU's own dump of
+it is the reference; one counts forever into two pages, so a vmcore shows
+whether both were read at the same instant.
+"""
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .firmware import COUNTER_FIRST, COUNTER_SECOND
+from .conftest import livedump
+from .vm import COUNTING_PC, HALTING_PC, VM, Marker, kvm_usable
+from .vmcore import first_difference, identity, read_phys
+
+ACCELS = ["tcg"] + (["kvm"] if kvm_usable() else [])
+# 512 MiB below 4 GiB and 128 MiB above it.
+SPLIT = dict(machine="q35,max-ram-below-4g=512M", memory="640M")
+MARKERS = [
+    Marker(0x0010_0000, b"livedump --live marker: 1 MiB"),
+    Marker(0x1000_0000, os.urandom(64 << 10)),
+    Marker(0x1_0000_0000, b"livedump --live marker: first byte above 4 GiB"),
+    Marker(0x1_07FF_F000, b"livedump --live marker: last page"),
+]
+# Set by "the user" before each dump, to be found as they were afterwards.
+USER_CAPABILITIES = {"xbzrle": True, "events": True}
+
+
+def settings(vm: VM) -> tuple[dict, dict]:
+    capabilities = {c["capability"]: c["state"] for c in vm.command("query-migrate-capabilities")}
+    return capabilities, vm.command("query-migrate-parameters")
+
+
+def set_user_capabilities(vm: VM) -> tuple[dict, dict]:
+    vm.command("migrate-set-capabilities", capabilities=[
+        {"capability": name, "state": state} for name, state in USER_CAPABILITIES.items()])
+    return settings(vm)
+
+
+def counters(vmcore: Path) -> tuple[int, int]:
+    """The counting firmware's two copies of its count, first written first."""
+    return (struct.unpack("<I", read_phys(vmcore, COUNTER_FIRST, 4))[0],
+            struct.unpack("<I", read_phys(vmcore, COUNTER_SECOND, 4))[0])
+
+
+@pytest.mark.parametrize("accel", ACCELS)
+def test_live_vmcore_equals_qemu_dump(scratch, accel):
+    with VM(**SPLIT, markers=MARKERS, accel=accel, platform=HALTING_PC) as vm:
+        vm.wait_running(0.5)
+        before = set_user_capabilities(vm)
+        vm.events()
+        ours, theirs = scratch / "live.vmcore", scratch / "qemu.vmcore"
+        r = livedump("--pid", str(vm.pid), "--live", "--json", str(ours))
+        assert r.returncode == 0, r.stderr
+        report = json.loads(r.stdout)
+        assert report["live"] is True and report["paused"] is True
+        assert 0 < report["pause_seconds"] < report["wall_seconds"]
+        assert vm.status() == "running"
+        events = vm.events()
+        assert events[0] == "STOP" and "RESUME" in events
+        assert settings(vm) == before
+        assert vm.command("query-migrate")["status"] == "completed"
+
+        vm.own_dump(theirs)
+        assert first_difference(ours, theirs) is None
+        assert identity(ours) == identity(theirs)
+        for m in MARKERS:
+            assert read_phys(ours, m.gpa, len(m.data)) == m.data, hex(m.gpa)
+        assert os.stat(ours).st_blocks * 512 < 8 << 20  # Zero pages are holes.
+
+
+def test_live_on_a_paused_vm_takes_the_normal_way(scratch):
+    with VM(memory="256M", markers=MARKERS[:1], platform=HALTING_PC) as vm:
+        vm.command("stop")
+        before = settings(vm)
+        out = scratch / "p.vmcore"
+        r = livedump("--pid", str(vm.pid), "--live", "--json", str(out))
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["live"] is False
+        assert vm.status() == "paused"
+        assert "status" not in vm.command("query-migrate")  # No migration was started.
+        assert settings(vm) == before
+        assert read_phys(out, MARKERS[0].gpa, len(MARKERS[0].data)) == MARKERS[0].data
+
+
+@pytest.mark.parametrize("accel", ACCELS)
+def test_live_is_one_instant_and_no_pause_is_not(scratch, accel):
+    with VM(memory="128M", accel=accel, platform=COUNTING_PC) as vm:
+        vm.wait_running(0.5)
+        out = scratch / "c.vmcore"
+        for _ in range(2):
+            r = livedump("--pid", str(vm.pid), "--live", "--force", str(out))
+            assert r.returncode == 0, r.stderr
+            first, second = counters(out)
+            assert first > 0 and first - second in (0, 1), (first, second)
+        # Read while the guest runs, the second copy is read later than the
+        # first, and has moved on. (A vCPU thread that is not scheduled at
+        # that moment makes one read look consistent: a few tries.)
+        for _ in range(10):
+            r = livedump("--pid", str(vm.pid), "--no-pause", "--force", str(out))
+            assert r.returncode == 0, r.stderr
+            first, second = counters(out)
+            if first - second not in (0, 1):
+                break
+        else:
+            pytest.fail("every --no-pause vmcore looked consistent")
+        assert vm.status() == "running"
+
+
+def test_live_refusals_leave_the_vm_as_it_was(scratch):
+    out = scratch / "n.vmcore"
+    with VM(memory="128M", platform=HALTING_PC) as vm:
+        r = livedump("--pid", str(vm.pid), "--live", "-", stdout=subprocess.DEVNULL)
+        assert r.returncode == 2 and b"--live" in r.stderr
+        r = livedump("--pid", str(vm.pid), "--live", "--no-pause", str(out))
+        assert r.returncode == 2
+
+        # Someone else's migration is under way (into a pipe nobody reads, so it
+        # stays so): --live cannot start one.
+        before = settings(vm)
+        reader, writer = os.pipe()
+        try:
+            vm.qmp.send_fd_scm(writer)
+            vm.command("getfd", fdname="elsewhere")
+            vm.command("migrate", uri="fd:elsewhere")
+            r = livedump("--pid", str(vm.pid), "--live", str(out))
+            assert r.returncode == 15
+            assert b"a migration is under way on this VM (active)" in r.stderr
+            assert vm.command("query-migrate")["status"] == "active"
+            assert settings(vm) == before
+            assert vm.status() == "running"
+        finally:
+            os.close(writer)
+            os.close(reader)  # QEMU's writes fail: its migration ends.
+    assert not os.listdir(scratch)
+
+
+def test_memory_userfaultfd_cannot_protect_is_refused(scratch, tmp_path_factory):
+    # Guest RAM in a file on a disk filesystem (not tmpfs, not hugetlbfs).
+    backing = Path("/var/tmp") / f"livedump-ram-{os.getpid()}"
+    try:
+        with VM(memory="128M", platform=HALTING_PC, extra=[
+                "-object", f"memory-backend-file,id=ram0,size=128M,mem-path={backing},share=on",
+                "-machine", "memory-backend=ram0"]) as vm:
+            before = set_user_capabilities(vm)
+            r = livedump("--pid", str(vm.pid), "--live", str(scratch / "n.vmcore"))
+            assert r.returncode == 15
+            assert r.stderr.startswith(b"livedump: QEMU cannot take a background snapshot")
+            assert vm.status() == "running"
+            assert settings(vm) == before
+            assert "status" not in vm.command("query-migrate")
+    finally:
+        backing.unlink(missing_ok=True)
+    assert not os.listdir(scratch)
+
+
+def start_live(vm: VM, out: Path) -> subprocess.Popen:
+    """livedump --live in the background, returned once it streams with the guest running."""
+    proc = subprocess.Popen([sys.executable, "-m", "livedump", "--pid", str(vm.pid), "--live",
+                             str(out)], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while (vm.command("query-migrate").get("status") != "active"
+           or vm.status() != "running"):
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline, "the snapshot never became active"
+        time.sleep(0.005)
+    return proc
+
+
+# Large enough (4 GiB of zero pages) that the stream lasts a few seconds.
+BIG = dict(machine="q35,max-ram-below-4g=2G", memory="4G", platform=HALTING_PC)
+
+
+def test_cancelled_snapshot_fails_cleanly(scratch):
+    with VM(**BIG) as vm:
+        before = set_user_capabilities(vm)
+        proc = start_live(vm, scratch / "c.vmcore")
+        try:
+            vm.command("migrate_cancel")
+            _, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+        assert proc.returncode == 15, err
+        assert b"migration stream ended early" in err and b"cancelled" in err
+        assert vm.status() == "running"
+        assert settings(vm) == before
+    assert not os.listdir(scratch)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+def test_interrupted_mid_stream(scratch, sig):
+    with VM(**BIG) as vm:
+        before = set_user_capabilities(vm)
+        proc = start_live(vm, scratch / "i.vmcore")
+        try:
+            proc.send_signal(sig)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+        assert proc.returncode == 128 + sig
+        assert err == f"livedump: interrupted by {sig.name}\n".encode()
+        assert vm.status() == "running"
+        assert vm.command("query-migrate")["status"] in ("cancelled", "failed")
+        assert settings(vm) == before
+    assert not os.listdir(scratch)
+
+
+def test_sigkill_mid_stream_the_guardian_puts_settings_back(scratch):
+    """SIGKILL gives livedump no chance to clean up; its guardian ends the
+    migration and puts QEMU's migration settings back."""
+    with VM(**BIG) as vm:
+        before = set_user_capabilities(vm)
+        out = scratch / "k.vmcore"
+        proc = start_live(vm, out)
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 30
+        while settings(vm) != before:
+            assert time.monotonic() < deadline, "the guardian did not put the settings back"
+            time.sleep(0.05)
+        assert vm.command("query-migrate")["status"] in ("cancelled", "failed")
+        assert vm.status() == "running"
+        assert not out.exists()
