@@ -54,8 +54,8 @@ def crash(vmlinux, vmcore, *commands: str) -> dict[str, str]:
     return {c: part.removeprefix(c + "\n") for c, part in zip(commands, parts)}
 
 
-def dump(vm, path) -> dict:
-    r = livedump("--pid", str(vm.pid), "--json", str(path))
+def dump(vm, path, *args: str) -> dict:
+    r = livedump("--pid", str(vm.pid), "--json", *args, str(path))
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 
@@ -65,36 +65,41 @@ def test_crash_and_drgn_open_a_running_guest_where_drgn_refuses_qemus_dump(scrat
     with LinuxVM(machine="q35", memory="2G", smp=2, guest_markers=2) as vm:
         vm.wait_idle(timeout=300)
         markers = vm.guest_marker_list()
-        ours, theirs = scratch / "live.vmcore", scratch / "qemu.vmcore"
-        report = dump(vm, ours)
-        assert report["vmcoreinfo"]["source"] == "guest"
+        ours, snapshot = scratch / "running.vmcore", scratch / "snapshot.vmcore"
+        theirs = scratch / "qemu.vmcore"
+        assert dump(vm, ours)["vmcoreinfo"]["source"] == "guest"
+        report = dump(vm, snapshot, "--live")  # from QEMU's background snapshot
+        assert report["live"] and report["vmcoreinfo"]["source"] == "guest"
         vm.command("stop")
         vm.own_dump(theirs)
         # Without QEMU's CPU notes (as in ptrace mode), crash finds the kernel
         # through VMCOREINFO alone.
         bare = scratch / "no-cpu-notes.vmcore"
         assert livedump("--pid", str(vm.pid), "--no-pause", str(bare)).returncode == 0
-    for m in markers:
-        assert read_phys(ours, m.gpa, len(m.text)) == m.text.encode()
-
-    r = drgn(vmlinux, ours)
-    assert r.returncode == 0, r.stderr
-    lines = r.stdout.splitlines()
-    assert f"release {release}" in lines
-    assert any(line.split()[2:] == [MARKER_PROCESS] for line in lines if line.startswith("task"))
 
     r = drgn(vmlinux, theirs)
     assert r.returncode != 0 and "unrecognized QEMU memory dump" in r.stderr
 
-    # gdb reads the notes too (the filler left in livedump's slot included).
-    r = subprocess.run(["gdb", "-batch", "-c", str(ours), "-ex", "info registers rip"],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and "rip" in r.stdout, r.stdout + r.stderr
+    for vmcore in (ours, snapshot):
+        for m in markers:
+            assert read_phys(vmcore, m.gpa, len(m.text)) == m.text.encode()
 
-    out = crash(vmlinux, ours, "sys", "bt -a", "log")
-    assert f"RELEASE: {release}" in out["sys"]
-    assert out["bt -a"].count("PID: ") == 2 and "bt: " not in out["bt -a"], out["bt -a"]
-    assert f"Linux version {release}" in out["log"]
+        r = drgn(vmlinux, vmcore)
+        assert r.returncode == 0, r.stderr
+        lines = r.stdout.splitlines()
+        assert f"release {release}" in lines
+        assert any(line.split()[2:] == [MARKER_PROCESS]
+                   for line in lines if line.startswith("task"))
+
+        # gdb reads the notes too (the filler left in livedump's slot included).
+        r = subprocess.run(["gdb", "-batch", "-c", str(vmcore), "-ex", "info registers rip"],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and "rip" in r.stdout, r.stdout + r.stderr
+
+        out = crash(vmlinux, vmcore, "sys", "bt -a", "log")
+        assert f"RELEASE: {release}" in out["sys"]
+        assert out["bt -a"].count("PID: ") == 2 and "bt: " not in out["bt -a"], out["bt -a"]
+        assert f"Linux version {release}" in out["log"]
     assert f"RELEASE: {release}" in crash(vmlinux, bare, "sys")["sys"]
 
 
