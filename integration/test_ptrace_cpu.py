@@ -7,7 +7,6 @@ the kernel's, and livedump must say it has none.
 """
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -82,23 +81,20 @@ def test_long_mode_guest_registers_equal_qemus(scratch):
     assert report["arch"] == "x86_64"
 
 
-# The guest kernel's debug info, where the VMCOREINFO/crash tests fetch it.
-VMLINUX = next(iter(sorted(linux_guest.cache_dir().glob("debug/vmlinux-*"))), None)
-
-
 @pytest.mark.linux
-@pytest.mark.skipif(VMLINUX is None or shutil.which("crash") is None,
-                    reason="needs crash and the guest kernel's vmlinux")
+@pytest.mark.analysis
 def test_crash_finds_the_kernel_of_a_running_guest_through_the_notes(scratch):
     """No VMCOREINFO: crash finds the KASLR offset from the QEMU notes' CR3 and
-    IDT, and unwinds both vCPUs from their NT_PRSTATUS registers."""
+    IDT, and unwinds both vCPUs from their NT_PRSTATUS registers. (In the
+    opt-in analysis tier: it needs the guest kernel's vmlinux.)"""
+    vmlinux = linux_guest.debug_vmlinux()
     with LinuxVM(qemu=str(DEBUG_QEMU), memory="1G", smp=2) as vm:
         vm.wait_ready(timeout=300)
         vmcore = scratch / "live.vmcore"
         r = livedump("--pid", str(vm.pid), "--via", "ptrace", str(vmcore))
         assert r.returncode == 0, r.stderr
         assert vm.status() == "running"
-    r = subprocess.run(["crash", "-s", str(VMLINUX), str(vmcore)], input="sys\nbt -a\nquit\n",
+    r = subprocess.run(["crash", "-s", str(vmlinux), str(vmcore)], input="sys\nbt -a\nquit\n",
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert f"RELEASE: {linux_guest.kernel_release()}" in r.stdout, r.stdout
