@@ -104,18 +104,15 @@ def for_target(target: str) -> TargetDefault:
     return TargetDefault(target, ARCHES[name], assumed)
 
 
-def from_elf(machine: str, bits: int, little_endian: bool) -> Arch:
-    """The architecture of a vmcore's header (pyelftools' e_machine name, class, order).
+def from_elf(machine: int, bits: int, little_endian: bool) -> Arch:
+    """The architecture of a vmcore's header (its e_machine, class and byte order).
 
     The class is kept as given: QEMU writes ELF64 for an i386 guest whose
     memory ends at or above 4 GiB.
     """
     byteorder = "little" if little_endian else "big"
     for a in ARCHES.values():
-        if f"EM_{_MACHINE_NAMES[a.machine]}" == machine and a.byteorder == byteorder:
+        if a.machine == machine and a.byteorder == byteorder:
             return Arch(a.name, bits, byteorder, a.machine)
-    raise UsageError(f"QEMU's vmcore is of an architecture livedump does not know ({machine})")
-
-
-_MACHINE_NAMES = {EM_386: "386", EM_PPC64: "PPC64", EM_S390: "S390", EM_X86_64: "X86_64",
-                  EM_AARCH64: "AARCH64"}
+    raise UsageError(f"QEMU's vmcore is of an architecture livedump does not know "
+                     f"(e_machine {machine}, {byteorder}-endian)")

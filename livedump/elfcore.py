@@ -23,7 +23,7 @@ Conventions, and why:
 """
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -116,6 +116,58 @@ class Note:
         name = self.name.encode() + b"\0"
         head = structs.nhdr.pack(n_namesz=len(name), n_descsz=len(self.desc), n_type=self.type)
         return head + _pad4(name) + _pad4(self.desc)
+
+
+def read_notes(structs: ElfStructs, data: bytes) -> Iterator[Note]:
+    """The notes of a PT_NOTE segment's bytes, in order."""
+    at, head = 0, structs.nhdr
+    while at + head.size <= len(data):
+        n = head.unpack(data[at : at + head.size])
+        name = at + head.size
+        desc = name + _align(n["n_namesz"], 4)
+        if desc + n["n_descsz"] > len(data):
+            raise ValueError(f"note at {at:#x} runs past the end of its segment")
+        yield Note(data[name : name + n["n_namesz"]].rstrip(b"\0").decode("ascii", "replace"),
+                   n["n_type"], data[desc : desc + n["n_descsz"]])
+        at = desc + _align(n["n_descsz"], 4)
+
+
+@dataclass(frozen=True)
+class CoreFile:
+    """What livedump reads of a vmcore another tool wrote: its ELF identity, and
+    where its notes are."""
+
+    structs: ElfStructs
+    machine: int
+    note_offset: int
+    note_size: int
+
+
+def read_core(data: bytes) -> CoreFile | None:
+    """The header of the vmcore that ``data`` begins; None until its program
+    headers are all in. Raises ValueError for what is no ELF core with notes."""
+    if len(data) < 16:
+        return None
+    if data[:4] != b"\x7fELF" or data[4] not in (ELFCLASS32, ELFCLASS64) \
+            or data[5] not in (ELFDATA2LSB, ELFDATA2MSB):
+        raise ValueError("not an ELF file")
+    s = ElfStructs(64 if data[4] == ELFCLASS64 else 32, data[5] == ELFDATA2LSB)
+    if len(data) < s.ehdr.size:
+        return None
+    e = s.ehdr.unpack(data[: s.ehdr.size])
+    phnum = e["e_phnum"]
+    if phnum == PN_XNUM:  # The count is in section header 0.
+        if len(data) < e["e_shoff"] + s.shdr.size:
+            return None
+        phnum = s.shdr.unpack(data[e["e_shoff"] : e["e_shoff"] + s.shdr.size])["sh_info"]
+    end = e["e_phoff"] + phnum * s.phdr.size
+    if len(data) < end:
+        return None
+    for at in range(e["e_phoff"], end, s.phdr.size):
+        p = s.phdr.unpack(data[at : at + s.phdr.size])
+        if p["p_type"] == PT_NOTE:
+            return CoreFile(s, e["e_machine"], p["p_offset"], p["p_filesz"])
+    raise ValueError("no PT_NOTE segment")
 
 
 class Notes(Protocol):

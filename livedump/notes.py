@@ -18,7 +18,6 @@ which livedump closes as soon as the notes have come through: the dump then
 fails, having written no guest memory anywhere.
 """
 
-import io
 import os
 import select
 import tempfile
@@ -27,12 +26,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from elftools.common.exceptions import ELFError
-from elftools.elf.elffile import ELFFile
-
 from . import signals
 from .arch import Arch, from_elf
-from .elfcore import ElfStructs
+from .elfcore import ElfStructs, read_core, read_notes
 from .errors import MonitorError, UsageError
 from .monitor import Monitor
 
@@ -109,23 +105,26 @@ def _read_notes(fd: int, worker: threading.Thread, deadline: float) -> bytes | N
 def _notes_end(core: bytes) -> int | None:
     """Where the PT_NOTE of a partial vmcore ends, once its program headers are in."""
     try:
-        elf = ELFFile(io.BytesIO(core))
-        if len(core) < elf["e_phoff"] + elf["e_phnum"] * elf["e_phentsize"]:
-            return None
-        note = next(s for s in elf.iter_segments() if s["p_type"] == "PT_NOTE")
-    except (ELFError, StopIteration, ValueError, EOFError):
-        return None if len(core) < 1 << 16 else 0  # Not a vmcore: let parse() say so.
-    return note["p_offset"] + note["p_filesz"]
+        found = read_core(core)
+    except ValueError:
+        return 0  # Not a vmcore: let parse() say so.
+    if found is None:
+        return None if len(core) < 1 << 16 else 0
+    return found.note_offset + found.note_size
 
 
 def parse(core: bytes) -> QemuNotes:
     """The notes of a vmcore QEMU wrote, with its class, byte order and machine."""
     try:
-        elf = ELFFile(io.BytesIO(core))
-        note = next(s for s in elf.iter_segments() if s["p_type"] == "PT_NOTE")
-        data = note.data()
-        names = tuple(n["n_name"] for n in note.iter_notes())
-        arch = from_elf(elf["e_machine"], elf.elfclass, elf.little_endian)
-    except (ELFError, StopIteration, ValueError, UsageError) as e:
+        found = read_core(core)
+        if found is None:
+            raise ValueError("it ends inside its headers")
+        data = core[found.note_offset : found.note_offset + found.note_size]
+        if len(data) < found.note_size:
+            raise ValueError("it ends inside its notes")
+        names = tuple(n.name for n in read_notes(found.structs, data))
+        s = found.structs
+        arch = from_elf(found.machine, s.bits, s.little)
+    except (ValueError, UsageError) as e:
         raise MonitorError(f"QEMU's dump of one page is not a vmcore livedump can read: {e}")
-    return QemuNotes(replace(arch, bits=elf.elfclass), data, names)
+    return QemuNotes(replace(arch, bits=s.bits), data, names)

@@ -10,26 +10,23 @@ pause). :func:`open_session` picks one as ``--via`` says.
 import contextlib
 import dataclasses
 import functools
-import os
-import platform
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, ContextManager, Protocol
 
-from . import arch as arches
-from . import cpu_state, dwarf, locate_dwarf, locate_monitor, notes, x86_notes
+from . import locate_monitor, notes
 from .attach import Control, Pause, not_paused, paused
 from .coalesce import Block, GuestRange
-from .errors import (GuestMemoryError, LivedumpError, MonitorError, MonitorUnavailable,
-                     PermissionDenied, UsageError)
-from .freeze import frozen
+from .errors import LivedumpError, MonitorError, MonitorUnavailable, PermissionDenied, UsageError
 from .guardian import Guardian
-from .live import LiveSnapshot
 from .monitor import Address, Monitor, QMPTransport, describe
-from .procmem import ProcessMemory, read_maps
+from .procmem import ProcessMemory
 from .target import QmpEndpoint, is_qemu, qemu_executable, qmp_endpoints
 
+# What only some sessions need is imported when one is opened: a dump through
+# the monitor starts sooner without DWARF, ptrace, libvirt and migration code.
 if TYPE_CHECKING:
     from .domain import Domain
+    from .live import LiveSnapshot
 
 VIAS = ("auto", "qmp", "ptrace")
 
@@ -46,7 +43,7 @@ class Session(Protocol):
                ) -> list[GuestRange]: ...
     def cpu_notes(self, memory: ProcessMemory, blocks: list[Block]
                   ) -> notes.QemuNotes | str: ...
-    def live(self, target: str) -> LiveSnapshot: ...
+    def live(self, target: str) -> "LiveSnapshot": ...
     def close(self) -> None: ...
 
 
@@ -119,8 +116,10 @@ class MonitorSession:
     def qemu_notes(self, gpa: int) -> notes.QemuNotes:
         return notes.from_qemu(self.monitor, gpa)
 
-    def live(self, target: str) -> LiveSnapshot:
+    def live(self, target: str) -> "LiveSnapshot":
         """A background snapshot, mapped by the flat view the vmcore's layout comes from."""
+        from .live import LiveSnapshot
+
         return LiveSnapshot(self.monitor, target, lambda: self._view, self.watcher())
 
     def close(self) -> None:
@@ -170,88 +169,9 @@ class LibvirtSession(MonitorSession):
         return dataclasses.replace(notes.from_pipe(self.domain.dump_memory_only),
                                    source="libvirt's memory-only dump")
 
-    def live(self, target: str) -> LiveSnapshot:
+    def live(self, target: str) -> "LiveSnapshot":
         raise UsageError("--live is not available for a libvirt domain: the snapshot's pipe "
                          "cannot be passed through libvirt's monitor pass-through")
-
-
-class PtraceSession:
-    """The VM with no monitor: threads frozen by ptrace, the map read via QEMU's DWARF."""
-
-    via = "ptrace"
-
-    def __init__(self, pid: int, debug_file: str | None, reason: str) -> None:
-        self.pid = pid
-        self.detail = reason
-        self.exe = qemu_executable(pid)
-        self.layout = dwarf.qemu_layout(f"/proc/{pid}/exe", debug_file)
-        self.bias = locate_dwarf.load_bias(pid, self.layout, read_maps(pid))
-        self._frozen = False
-
-    def target_arch(self) -> str:
-        """The QEMU target, as ``query-target`` names it: from the binary's name
-        (qemu-system-TARGET; qemu-kvm runs the host's), else x86 if its debug
-        info holds x86 CPU state. The vCPUs' state may refine it (:meth:`cpu_notes`)."""
-        name = os.path.basename(self.exe.removesuffix(" (deleted)"))
-        target = platform.machine() if name == "qemu-kvm" else name.removeprefix("qemu-system-")
-        with contextlib.suppress(UsageError):
-            return arches.for_target(target).target
-        if self.layout.cpu_list is not None:
-            regs, word = (self.layout.structs["CPUArchState"][m].size for m in ("regs", "eip"))
-            return "x86_64" if regs // word == 16 else "i386"
-        raise UsageError(f"cannot tell which architecture {name} emulates: give --arch")
-
-    def prepare(self) -> None:
-        return None  # QEMU may change its map until it is frozen.
-
-    def hold(self, pause: bool) -> ContextManager[Pause]:
-        self._frozen = pause
-        if pause:
-            return frozen(self.pid)
-        return contextlib.nullcontext(Pause(was_running=True))
-
-    def ranges(self, memory: ProcessMemory, prepared: list[GuestRange] | None
-               ) -> list[GuestRange]:
-        with self._still():
-            return locate_dwarf.guest_ranges(memory, self.layout, self.bias)
-
-    def cpu_notes(self, memory: ProcessMemory, blocks: list[Block]) -> notes.QemuNotes | str:
-        """The vCPUs' registers from QEMU's memory (TCG only), as QEMU's notes;
-        or why there are none."""
-        if self.layout.cpu_list is None:
-            return f"no CPU registers ({self.layout.no_cpu_state})"
-        try:
-            with self._still():
-                accel = cpu_state.accelerator(memory, self.layout, self.bias)
-                if accel is None:
-                    return "no CPU registers: QEMU runs its vCPUs under neither TCG nor KVM"
-                cpus = cpu_state.read_cpus(memory, self.layout, self.bias)
-        except GuestMemoryError as e:
-            return f"no CPU registers ({e})"
-        if accel == "kvm":
-            if not all(c.synced for c in cpus):
-                return ("no CPU registers: under KVM the kernel holds them and QEMU's copy "
-                        "is stale (QMP mode has QEMU fetch them)")
-            source = "QEMU's memory (KVM's registers, which QEMU had fetched"
-        else:
-            source = "QEMU's memory (TCG's vCPU state"
-            running = sum(c.running for c in cpus)
-            if running:
-                source += (f"; {running} of {len(cpus)} vCPUs were executing guest code: "
-                           "their rip may be an earlier instruction's, their rflags lack "
-                           "the arithmetic flags")
-        return x86_notes.qemu_notes([c.state for c in cpus], blocks, source + ")")
-
-    def _still(self) -> ContextManager[Pause]:
-        """Frozen for a walk of QEMU's structures: already, or (--no-pause) just for it."""
-        return contextlib.nullcontext(Pause(was_running=True)) if self._frozen \
-            else frozen(self.pid)
-
-    def live(self, target: str) -> LiveSnapshot:
-        raise UsageError("--live needs the VM's QMP monitor (it asks QEMU for a snapshot)")
-
-    def close(self) -> None:
-        pass
 
 
 def open_session(pid: int | None, qmp: Address | None, via: str, timeout: float,
@@ -279,6 +199,8 @@ def open_session(pid: int | None, qmp: Address | None, via: str, timeout: float,
     if via == "ptrace":
         if pid is None:
             raise UsageError("--via ptrace needs --pid or --domain")
+        from .ptrace_session import PtraceSession
+
         return PtraceSession(pid, debug_file, "--via ptrace")
     try:
         return connect()
@@ -286,6 +208,8 @@ def open_session(pid: int | None, qmp: Address | None, via: str, timeout: float,
         if via == "qmp" or pid is None:
             raise
         reason = f"no usable QMP monitor ({e})"
+    from .ptrace_session import PtraceSession
+
     try:
         return PtraceSession(pid, debug_file, reason)
     except LivedumpError as e:

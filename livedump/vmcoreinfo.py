@@ -41,7 +41,7 @@ from .elfcore import CoreLayout, Note
 from .notes import QemuNotes
 from .x86_notes import x86_page_tables
 from .output import Output
-from .stream import Inspect
+from .stream import Chunk, Inspect
 
 NAME = "VMCOREINFO"
 NT_VMCOREINFO = 0  # the type the kernel gives its own VMCOREINFO note
@@ -234,7 +234,7 @@ class Search:
         self._layout = layout
         return self._inspect
 
-    def _inspect(self, offset: int, data: bytes | bytearray, length: int) -> None:
+    def _inspect(self, offset: int, data: Chunk, length: int) -> None:
         """Look for pages starting with OSRELEASE= in the ``length`` bytes of ``data``
         written at file ``offset``. Only page starts can match, so their first bytes
         are gathered by one strided slice (C speed, 256 bytes a MiB) and only those
@@ -249,24 +249,26 @@ class Search:
         page = starts.find(MAGIC[0])
         while page >= 0:
             at = first + page * SCAN_ALIGN
-            if data.startswith(MAGIC, at):
-                self._consider(gpa + at, data, at, length)
+            if data[at : at + len(MAGIC)] == MAGIC:
+                self._consider(gpa + at, bytes(data[at:length]))
             page = starts.find(MAGIC[0], page + 1)
 
-    def _consider(self, gpa: int, data: bytes | bytearray, at: int, length: int) -> None:
+    def _consider(self, gpa: int, rest: bytes) -> None:
+        """Take the text at the start of ``rest`` (the chunk from a candidate page on)
+        as a candidate if it is one whole VMCOREINFO page."""
         self._looks += 1
         if self._looks > _MAX_LOOKS:
             self._overflow = True  # A guest that fills pages with look-alikes: give up.
             return
         try:
-            end = data.find(b"\0", at, min(at + self.capacity, length))
+            end = rest.find(b"\0", 0, self.capacity)
             if end < 0:
                 raise Invalid(f"no end within {self.capacity} bytes")
-            text = bytes(data[at:end])
+            text = rest[:end]
             page = _number(parse(text)["PAGESIZE"], "PAGESIZE")
-            if gpa % page or at + page > length:
+            if gpa % page or page > len(rest):
                 raise Invalid(f"not aligned to its {page}-byte page")
-            if data.count(0, end, at + page) != at + page - end:
+            if rest.count(0, end, page) != page - end:
                 raise Invalid("not followed by zeros to the end of its page")
         except Invalid as e:
             self._reject(gpa, e)

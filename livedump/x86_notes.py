@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 from . import arch as arches
 from .coalesce import Block
-from .elfcore import ElfStructs, Note, Record
+from .elfcore import ElfStructs, Note, Record, read_notes
 from .notes import QemuNotes
 
 NT_PRSTATUS = 1
@@ -170,13 +170,6 @@ def x86_page_tables(notes: QemuNotes) -> list[int]:
     ``QEMU`` note; none for other targets."""
     if notes.arch.machine not in (arches.EM_X86_64, arches.EM_386):
         return []
-    nhdr = ElfStructs(notes.arch.bits, notes.arch.little_endian).nhdr
-    roots, at, data = [], 0, notes.data
-    while at + nhdr.size <= len(data):
-        head = nhdr.unpack(data[at:])
-        desc = at + nhdr.size + (head["n_namesz"] + 3) // 4 * 4
-        name = data[at + nhdr.size : at + nhdr.size + head["n_namesz"]].rstrip(b"\0")
-        if name == b"QEMU" and head["n_descsz"] >= QEMU_CPU_STATE.size:
-            roots.append(QEMU_CPU_STATE.unpack(data[desc:])["cr3"])
-        at = desc + (head["n_descsz"] + 3) // 4 * 4
-    return roots
+    structs = ElfStructs(notes.arch.bits, notes.arch.little_endian)
+    return [QEMU_CPU_STATE.unpack(n.desc)["cr3"] for n in read_notes(structs, notes.data)
+            if n.name == "QEMU" and len(n.desc) >= QEMU_CPU_STATE.size]

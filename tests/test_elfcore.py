@@ -8,7 +8,7 @@ from elftools.elf.elffile import ELFFile
 from livedump.arch import ARCHES, lookup
 from livedump.coalesce import Block
 from livedump.dump import NT_LIVEDUMP_INFO
-from livedump.elfcore import DATA_ALIGN, CoreLayout, Note
+from livedump.elfcore import DATA_ALIGN, CoreLayout, Note, read_core, read_notes
 
 BLOCKS = [Block(0, 0xA0000, 0x7F00_0000_0000), Block(0xC0000, 0x3FF40000, 0x7F00_000C_0000)]
 NOTE = Note("LIVEDUMP", NT_LIVEDUMP_INFO, b"livedump test\n")
@@ -113,3 +113,55 @@ def test_just_below_extended_numbering():
     blocks = [Block(i * 0x2000, 0x1000, 0) for i in range(65533)]
     elf = parse(CoreLayout(lookup("x86_64"), blocks, [NOTE]))
     assert elf.header["e_phnum"] == 65534 and elf.header["e_shnum"] == 0
+
+
+@pytest.mark.parametrize("name", EXPECTED)
+def test_read_back_by_our_own_reader(name):
+    other = Note("CORE", 1, b"\1\2\3")  # a descriptor that needs padding
+    layout = CoreLayout(lookup(name), BLOCKS, [NOTE, other])
+    found = read_core(layout.header)
+    assert (found.structs.bits, found.structs.little, found.machine) == (
+        layout.bits, lookup(name).little_endian, lookup(name).machine)
+    assert (found.note_offset, found.note_size) == (layout.note_offset, layout.note_size)
+    span = layout.header[found.note_offset : found.note_offset + found.note_size]
+    assert list(read_notes(found.structs, span)) == [NOTE, other]
+
+
+def test_read_core_waits_for_all_program_headers():
+    layout = CoreLayout(lookup("x86_64"), BLOCKS, [NOTE])
+    phdrs_end = 64 + 3 * 56
+    assert all(read_core(layout.header[:n]) is None for n in range(phdrs_end))
+    assert read_core(layout.header[:phdrs_end]).note_offset == layout.note_offset
+
+
+def test_read_core_with_extended_numbering():
+    blocks = [Block(i * 0x2000, 0x1000, 0) for i in range(70000)]
+    layout = CoreLayout(lookup("aarch64-be"), blocks, [NOTE])
+    found = read_core(layout.header)
+    assert (found.note_offset, found.note_size) == (layout.note_offset, layout.note_size)
+    assert read_core(layout.header[: layout.note_offset - 1]) is None
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"\x7fELF\x03" + bytes(60), "not an ELF file"),
+    (b"MZ" + bytes(100), "not an ELF file"),
+])
+def test_read_core_refuses_what_is_no_elf(data, reason):
+    with pytest.raises(ValueError, match=reason):
+        read_core(data)
+
+
+def test_read_core_refuses_a_core_without_notes():
+    layout = CoreLayout(lookup("x86_64"), BLOCKS, [NOTE])
+    header = bytearray(layout.header)
+    header[64:68] = (1).to_bytes(4, "little")  # the PT_NOTE made a PT_LOAD
+    with pytest.raises(ValueError, match="no PT_NOTE"):
+        read_core(bytes(header))
+
+
+def test_a_note_running_past_its_segment_is_refused():
+    layout = CoreLayout(lookup("s390"), BLOCKS, [NOTE])
+    found = read_core(layout.header)
+    span = layout.header[found.note_offset : found.note_offset + found.note_size - 4]
+    with pytest.raises(ValueError, match="runs past the end"):
+        list(read_notes(found.structs, span))

@@ -22,7 +22,7 @@ from livedump.errors import UsageError
 from livedump.dwarf import qemu_layout
 from livedump.freeze import frozen
 from livedump.procmem import ProcessMemory, read_maps
-from livedump.session import PtraceSession
+from livedump.ptrace_session import PtraceSession
 from livedump.x86_notes import Segment, X86State, qemu_notes
 
 from .test_dwarf import built

@@ -5,11 +5,12 @@ import io
 
 import pytest
 from elftools.elf.elffile import ELFFile
+from elftools.elf.enums import ENUM_CORE_NOTE_N_TYPE
 
 from livedump.arch import from_elf
 from livedump.coalesce import Block
 from livedump.dump import provenance_note
-from livedump.elfcore import CoreLayout
+from livedump.elfcore import CoreLayout, read_core, read_notes
 from livedump.errors import MonitorError, UsageError
 from livedump.notes import from_pipe, parse
 
@@ -40,8 +41,8 @@ def test_garbage_is_a_monitor_error():
 
 
 def test_unknown_machine():
-    with pytest.raises(UsageError, match="EM_MIPS"):
-        from_elf("EM_MIPS", 64, False)
+    with pytest.raises(UsageError, match="e_machine 8"):
+        from_elf(8, 64, False)  # EM_MIPS
 
 
 # One-page dumps of the machines of integration/test_arches.py
@@ -114,3 +115,18 @@ def test_a_dump_that_never_starts_says_why():
 def test_a_pipe_of_garbage_is_a_monitor_error():
     with pytest.raises(MonitorError, match="not a vmcore livedump can read"):
         from_pipe(DumpIntoPipe(b"not an ELF file at all" * 100))
+
+
+@pytest.mark.parametrize("path", sorted(DATA.glob("**/*one-page.vmcore")), ids=lambda p: p.name)
+def test_our_note_reader_agrees_with_pyelftools(path):
+    qemu = path.read_bytes()
+    found = read_core(qemu)
+    span = qemu[found.note_offset : found.note_offset + found.note_size]
+    ours = [(n.name, n.type, n.desc) for n in read_notes(found.structs, span)]
+    segment = next(s for s in ELFFile(io.BytesIO(qemu)).iter_segments()
+                   if s["p_type"] == "PT_NOTE")
+    theirs = [(n["n_name"], n["n_type"], n["n_descdata"]) for n in segment.iter_notes()]
+    assert len(ours) == len(theirs) > 0
+    for (name, kind, desc), (their_name, their_kind, their_desc) in zip(ours, theirs):
+        assert name == their_name and desc == their_desc
+        assert kind == ENUM_CORE_NOTE_N_TYPE.get(their_kind, their_kind)
