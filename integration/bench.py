@@ -18,10 +18,13 @@ medians of:
   pause     seconds between QEMU's STOP and RESUME events, read with their
             timestamps on a second QMP connection
   allocated bytes the output file takes on disk (st_blocks)
-  peak RSS  of the dumping process (QEMU's dump runs inside QEMU: not shown)
+  peak RSS  of the dumping process, its VmHWM as it exits (QEMU's dump runs
+            inside QEMU: not shown)
 Below the table: the bare read ceilings of /proc/PID/mem and
-process_vm_readv (one thread, a first pass over a fresh guest's RAM), and
-livedump's read rate over its pause.
+process_vm_readv (one thread, a first pass over a fresh guest's RAM),
+livedump's read rate over its pause, and what its file allocated against
+the bytes QEMU has pages for in the ranges livedump dumped, and those of
+them that are not all zeros (counted on the same guest right after the dump).
 """
 
 import argparse
@@ -49,6 +52,8 @@ class Run:
     allocated: int
     rss: int | None = None
     read_bytes: int | None = None
+    present: int | None = None  # bytes of the dumped ranges QEMU has pages for
+    data: int | None = None  # of those, the bytes of pages that are not all zeros
 
 
 def pause_from_events(vm: VM) -> float:
@@ -75,21 +80,40 @@ def qemu_dump(vm: VM, out: Path) -> Run:
     return run
 
 
+# livedump run so that its own peak RSS can be known: VmHWM of its address
+# space, read as it exits. (wait4's ru_maxrss would not do: at exec the kernel
+# hands the child the peak of the address space it replaces, the bench's own.)
+_MEASURED = """
+import atexit, os, runpy, sys
+def peak():
+    with open("/proc/self/status") as status, open(os.environ["BENCH_PEAK_RSS"], "w") as out:
+        out.write(next(l for l in status if l.startswith("VmHWM:")).split()[1])
+atexit.register(peak)
+sys.argv[0] = "livedump"
+runpy.run_module("livedump", run_name="__main__")
+"""
+
+
 def livedump(vm: VM, out: Path, *options: str) -> Run:
     vm.event_log()
+    peak_file = out.with_name("peak-rss")
     start = time.monotonic()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "livedump", "--pid", str(vm.pid), "--quiet", "--json", *options,
-         str(out)], stdout=subprocess.PIPE)
+        [sys.executable, "-c", _MEASURED, "--pid", str(vm.pid), "--quiet", "--json", *options,
+         str(out)], stdout=subprocess.PIPE, env={**os.environ, "BENCH_PEAK_RSS": str(peak_file)})
     report = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
+    status = proc.wait()
     wall = time.monotonic() - start
     if status != 0:
         raise RuntimeError(f"livedump failed with status {status}")
     summary = json.loads(report)
+    # Counted after the dump, which populates no private page it did not find populated.
+    dumped = [(b["hva"], b["size"]) for b in summary["blocks"]]
     run = Run(wall, pause_from_events(vm), os.stat(out).st_blocks * 512,
-              rss=usage.ru_maxrss * 1024, read_bytes=summary["read_bytes"])
+              rss=int(peak_file.read_text()) * 1024, read_bytes=summary["read_bytes"],
+              present=present_bytes(vm.pid, dumped), data=data_bytes(vm.pid, dumped))
     out.unlink()
+    peak_file.unlink()
     return run
 
 
@@ -108,13 +132,38 @@ def ram_mappings(vm: VM) -> list[tuple[int, int]]:
 
 def present_bytes(pid: int, mappings: list[tuple[int, int]]) -> int:
     """Bytes of the mappings that the kernel has pages for (present or swapped)."""
-    total = 0
+    return sum(n for _, n in _present_runs(pid, mappings))
+
+
+def data_bytes(pid: int, mappings: list[tuple[int, int]]) -> int:
+    """Bytes of the present pages of the mappings that hold anything but zeros
+    (read page by page: no page that was not there is populated)."""
+    zero, total, piece = bytes(PAGE), 0, 1 << 20
+    with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+        for hva, size in _present_runs(pid, mappings):
+            for done in range(0, size, piece):
+                mem.seek(hva + done)
+                data = mem.read(min(piece, size - done))
+                total += sum(PAGE for at in range(0, len(data), PAGE)
+                             if data[at : at + PAGE] != zero)
+    return total
+
+
+def _present_runs(pid: int, mappings: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(address, size) of each run of present or swapped pages in the mappings."""
+    runs = []
     with open(f"/proc/{pid}/pagemap", "rb") as f:
         for hva, size in mappings:
             f.seek(hva // PAGE * 8)
             entries = array.array("Q", f.read(size // PAGE * 8))
-            total += sum(1 for e in entries if e >> 62) * PAGE
-    return total
+            for i, e in enumerate(entries):
+                if e >> 62:
+                    address = hva + i * PAGE
+                    if runs and runs[-1][0] + runs[-1][1] == address:
+                        runs[-1] = (runs[-1][0], runs[-1][1] + PAGE)
+                    else:
+                        runs.append((address, PAGE))
+    return runs
 
 
 def read_ceiling(pid: int, mappings: list[tuple[int, int]], syscall: bool) -> float:
@@ -182,7 +231,7 @@ OPTIONS = {"live": ("--live",)}  # livedump's options per scenario
 
 
 def fmt_bytes(n: int | None) -> str:
-    return "-" if n is None else f"{n / GiB:.2f} GiB" if n >= GiB / 4 else f"{n / (1 << 20):.0f} MiB"
+    return "-" if n is None else f"{n / GiB:.2f} GiB" if n >= GiB / 4 else f"{n / (1 << 20):.1f} MiB"
 
 
 def started(name: str, workdir: Path) -> VM:
@@ -226,7 +275,7 @@ def measure(name: str, runs: int, workdir: Path) -> tuple[list[Run], list[Run], 
             vm.__exit__()
     mem_rate, vm_rate = rates
     return qemu_runs, ours, (
-        f"pages present {fmt_bytes(present)}; bare read of its RAM: /proc/PID/mem "
+        f"main RAM pages present {fmt_bytes(present)}; bare read of its RAM: /proc/PID/mem "
         f"{mem_rate:.2f} GB/s, process_vm_readv {vm_rate:.2f} GB/s")
 
 
@@ -251,7 +300,8 @@ def main() -> None:
         q = Run(*(statistics.median(getattr(r, k) for r in qemu_runs)
                   for k in ("wall", "pause", "allocated")))
         o = Run(*(statistics.median(getattr(r, k) for r in ours)
-                  for k in ("wall", "pause", "allocated", "rss", "read_bytes")))
+                  for k in ("wall", "pause", "allocated", "rss", "read_bytes", "present",
+                            "data")))
         title = SCENARIOS[name]
         print(f"{title:36} {'QEMU':9} {q.wall:7.2f} {q.pause:8.3f} "
               f"{fmt_bytes(q.allocated):>10} {'-':>9}")
@@ -260,7 +310,10 @@ def main() -> None:
               f"{o.wall / q.wall:.2f}x, {o.pause / q.pause:.3f}x", flush=True)
         rate = o.read_bytes / o.pause / 1e9 if o.pause else float("nan")
         notes.append(f"{name}: {note}; livedump read {fmt_bytes(int(o.read_bytes))} "
-                     f"({rate:.2f} GB/s over its pause), allocated {fmt_bytes(int(o.allocated))}")
+                     f"({rate:.2f} GB/s over its pause), allocated {fmt_bytes(int(o.allocated))} "
+                     f"for {fmt_bytes(int(o.present))} present in the ranges it dumped, "
+                     f"{fmt_bytes(int(o.data))} of them not zeros "
+                     f"({o.allocated / o.present:.2f}x present, {o.allocated / o.data:.2f}x data)")
     print()
     print("\n".join(notes))
     print(f"(medians of {args.runs} runs; output on {args.dir})")

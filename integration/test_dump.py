@@ -96,7 +96,12 @@ def test_running_vm_is_dumped_and_keeps_running(scratch):
             assert m.data[:16] not in r.stdout + r.stderr
         assert 0 < report["pause_seconds"] <= report["wall_seconds"]
         assert report["memory_bytes"] == sum(l.memsz for l in loads(out))
-        assert report["blocks"][-1] == {"gpa": 0x1_0000_0000, "size": 3 * GiB}
+        high = report["blocks"][-1]
+        assert (high["gpa"], high["size"]) == (0x1_0000_0000, 3 * GiB)
+        with open(f"/proc/{vm.pid}/mem", "rb") as mem:  # The block's place in QEMU, too.
+            for m in HIGH_MARKERS:
+                mem.seek(high["hva"] + m.gpa - high["gpa"])
+                assert mem.read(len(m.data)) == m.data
 
 
 def test_vm_started_paused_stays_paused(scratch):

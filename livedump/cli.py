@@ -176,7 +176,8 @@ def as_json(s: Summary) -> dict[str, object]:
         "paused": s.paused, "live": s.live, "read_bytes": s.read_bytes,
         "written_bytes": s.written_bytes,
         "cpu_notes": s.cpu_notes, "vmcoreinfo": s.vmcoreinfo.as_json(),
-        "blocks": [{"gpa": b.gpa, "size": b.size} for b in s.blocks],
+        # Where each block lies in QEMU too (host virtual address), for a look with other tools.
+        "blocks": [{"gpa": b.gpa, "size": b.size, "hva": b.hva} for b in s.blocks],
         "memory_bytes": s.memory_bytes, "file_bytes": s.file_size,
         "wall_seconds": round(s.wall_seconds, 6), "pause_seconds": round(s.pause_seconds, 6),
     }

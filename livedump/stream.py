@@ -26,6 +26,11 @@ from .errors import DumpIOError
 from .procmem import PAGE_SIZE, Buffer, PageMap, ProcessMemory
 
 CHUNK = 1 << 20
+# Zeros within a chunk of data become holes down to this size: what idle guests
+# populate is mostly zeros around small islands of data (8 MiB populated, 0.5 MiB
+# of it not zero, in the bench's idle guest), and a smaller granule costs the
+# writer more calls than it saves.
+HOLE_GRANULE = 64 << 10
 READERS = max(1, min(4, os.cpu_count() or 1))
 BUFFERS = 2 * READERS + 2  # enough for every reader to have one ready while one is written
 _ZERO_CHUNK = Buffer(CHUNK)  # never written: every page of it is the kernel's zero page
@@ -170,13 +175,22 @@ class Writer:
                buf: Buffer | None) -> None:
         if isinstance(data, _Read):
             data = data.result()
-        if data is None or (buf is not None and _is_zero(buf, length)):
+        if data is None:
             self.out.skip(length)
-        else:
+        elif buf is None:
             self.out.write(data)
             self.written += length
-            if self.inspect:
-                self.inspect(self._offset, buf.data if buf is not None else data, length)
+        else:
+            wrote = False
+            for start, end, nonzero in _runs(buf, length):
+                if nonzero:
+                    self.out.write(buf.view[start:end])
+                    self.written += end - start
+                    wrote = True
+                else:
+                    self.out.skip(end - start)
+            if wrote and self.inspect:
+                self.inspect(self._offset, buf.data, length)
         self._offset += length
         if self.progress:
             self.progress(length)
@@ -196,9 +210,21 @@ class Writer:
             self._thread.join(_STOP_TIMEOUT)
 
 
-def _is_zero(buf: Buffer, length: int) -> bool:
-    # memcmp through ctypes: C speed, and other threads run meanwhile.
-    return _memcmp(buf.address, _ZERO_CHUNK.address, length) == 0
+def _runs(buf: Buffer, length: int) -> Iterator[tuple[int, int, bool]]:
+    """``(start, end, nonzero)`` runs of the first ``length`` bytes of ``buf``,
+    told apart by :data:`HOLE_GRANULE`. Compared with memcmp through ctypes:
+    C speed, and the readers run meanwhile."""
+    if _memcmp(buf.address, _ZERO_CHUNK.address, length) == 0:
+        yield 0, length, False
+        return
+    start, nonzero = 0, True
+    for at in range(0, length, HOLE_GRANULE):
+        here = _memcmp(buf.address + at, _ZERO_CHUNK.address, min(HOLE_GRANULE, length - at)) != 0
+        if here != nonzero and at > start:
+            yield start, at, nonzero
+            start = at
+        nonzero = here
+    yield start, length, nonzero
 
 
 def copy(layout: CoreLayout, private: Sequence[bool], memory: ProcessMemory,
