@@ -6,7 +6,8 @@ building the header) happens before the guest is held. While it is held:
 the RAM map is confirmed (one ``info mtree -f``) or read (from QEMU's own
 structures, in ptrace mode), the vCPUs' registers are taken (from QEMU's
 one-page dump, or from its memory in ptrace mode), and memory is read.
-Writing overlaps the reading and may end after the guest runs again.
+Each chunk is written as soon as it is read (into a pipe, the last few after
+the guest runs again).
 """
 
 import contextlib

@@ -11,6 +11,7 @@ import os
 import secrets
 import stat
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,7 +30,8 @@ class Output:
         self.path = path
         self.force = force
         self._temp: str | None = None
-        self._end = 0  # the furthest byte written by write_at
+        self._end = 0  # the furthest byte written by write_at, or asked for by extend
+        self._end_lock = threading.Lock()  # write_at is called from several threads
         if path == STDOUT:
             if os.isatty(1):
                 raise UsageError("refusing to write a vmcore to a terminal; redirect standard output")
@@ -82,7 +84,7 @@ class Output:
         or pages that arrive out of order), leaving the write position alone."""
         if self.is_stdout:
             raise DumpIOError("standard output cannot be written out of order")
-        self._end = max(self._end, offset + len(data))
+        self.extend(offset + len(data))
         view = memoryview(data)
         while view:
             try:
@@ -90,6 +92,11 @@ class Output:
             except OSError as e:
                 raise DumpIOError(f"writing {self.path}: {e.strerror}") from None
             view, offset = view[n:], offset + n
+
+    def extend(self, size: int) -> None:
+        """Make the finished file at least ``size`` bytes long (zeros past what is written)."""
+        with self._end_lock:
+            self._end = max(self._end, size)
 
     def read_at(self, offset: int, length: int) -> bytes:
         """Read back ``length`` bytes of the file at ``offset`` (holes read as zeros):

@@ -1,263 +1,279 @@
-"""Copy guest memory into the vmcore: read side by side, write in order.
+"""Copy guest memory into the vmcore: read and placed side by side.
 
-Reader threads fill a few reused buffers from guest memory, as many at
-once as there are CPUs (up to four): the first read of a guest page costs
-the kernel more than the copy itself, and readers on every core share that
-cost. A writer thread writes the chunks out in order, so reading and
-writing overlap and the guest can be resumed as soon as the last byte is
-read. Pages QEMU never populated (private anonymous RAM only) are not read
-at all, and chunks that read as all zeros are not written: both become
-holes in a file (zeros in a pipe).
+Reader threads, one per CPU (up to four), take the chunks of guest memory
+in file order, each into a buffer of its own. A reader finds the runs of
+zeros in its chunk while the bytes are still in its cache, and puts the rest
+at its offset in the file itself, so no chunk changes threads: on this
+nested-virtualization machine each wake-up of another thread cost more than
+a chunk's copy, and handing every chunk from reader to writer had halved the
+rate. Into a pipe, where order matters, the chunks go through one writer
+thread, in order, each reader keeping a second buffer to read into
+meanwhile.
+
+Pages QEMU never populated (private anonymous RAM only) are not read at
+all, and zeros read (whole chunks, or 64 KiB runs in them) are not written:
+both become holes in a file (zeros in a pipe). The guest may run again once
+:func:`copy` returns: every byte has been read (and, into a file, written).
 """
 
-import collections
 import ctypes
+import itertools
 import mmap
 import os
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
 
+from . import signals
 from .coalesce import Block
 from .elfcore import CoreLayout
-from .output import Output
-from . import signals
 from .errors import DumpIOError
+from .output import Output
 from .procmem import PAGE_SIZE, Buffer, PageMap, ProcessMemory
 
 CHUNK = 1 << 20
 # Zeros within a chunk of data become holes down to this size: what idle guests
 # populate is mostly zeros around small islands of data (8 MiB populated, 0.5 MiB
 # of it not zero, in the bench's idle guest), and a smaller granule costs the
-# writer more calls than it saves.
+# readers more calls than it saves.
 HOLE_GRANULE = 64 << 10
 READERS = max(1, min(4, os.cpu_count() or 1))
-BUFFERS = 2 * READERS + 2  # enough for every reader to have one ready while one is written
+_STOP_TIMEOUT = 10.0
+_WAIT_STEP = 0.1
+
 _ZERO_CHUNK = Buffer(CHUNK)  # never written: every page of it is the kernel's zero page
 _memcmp = ctypes.CDLL(None).memcmp
 _memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
 _memcmp.restype = ctypes.c_int
-_STOP_TIMEOUT = 10.0
-_WAIT_STEP = 0.1
 
 OnWritten = Callable[[int], None]  # told the length of each part written
 Chunk = bytes | mmap.mmap  # bytes that slice, find and compare at C speed
-# Shown each part written that is not a hole: its file offset, and the first
-# ``length`` bytes of a buffer. Runs in the writer thread, so it costs the
-# guest no pause while reading is the bottleneck; it must be quick all the same.
+# Shown each chunk of memory of which something was written: its file offset,
+# and the first ``length`` bytes of a buffer. Called by one thread at a time;
+# a reader is meanwhile not reading, so it must be quick.
 Inspect = Callable[[int, Chunk, int], None]
 
-
-class _Read:
-    """A chunk of guest memory a reader thread is filling."""
-
-    __slots__ = ("buf", "length", "address", "done", "error")
-
-    def __init__(self, buf: Buffer, length: int, address: int) -> None:
-        self.buf, self.length, self.address = buf, length, address
-        self.done = threading.Event()
-        self.error: BaseException | None = None
-
-    def result(self, timeout: float | None = None) -> memoryview | None:
-        """The bytes read (None if not yet read within ``timeout``); raises the reader's error."""
-        if not self.done.wait(timeout):
-            return None
-        if self.error is not None:
-            raise self.error
-        return self.buf.view[: self.length]
-
-
-class Readers:
-    """Threads that read queued chunks of guest memory side by side."""
-
-    def __init__(self, memory: ProcessMemory, count: int = READERS) -> None:
-        self.memory = memory
-        self._jobs: queue.SimpleQueue[_Read | None] = queue.SimpleQueue()
-        self._threads = [threading.Thread(target=self._run, name=f"livedump-reader-{i}",
-                                          daemon=True) for i in range(count)]
-        self._abandoned = False
-
-    def read(self, buf: Buffer, length: int, address: int) -> _Read:
-        """Start reading ``length`` bytes at ``address`` into ``buf``."""
-        job = _Read(buf, length, address)
-        self._jobs.put(job)
-        return job
-
-    def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            try:
-                if self._abandoned:
-                    raise DumpIOError("read abandoned: the dump is ending")
-                self.memory.read(job.buf, job.length, job.address)
-            except BaseException as e:  # Raised where the chunk is waited for.
-                job.error = e
-            job.done.set()
-
-    def __enter__(self) -> "Readers":
-        with signals.deferred():  # Kept for life, as by the writer.
-            for t in self._threads:
-                t.start()
-        return self
-
-    def __exit__(self, exc_type: object, *exc: object) -> None:
-        # On failure the chunks still queued are not read, but still marked
-        # done, so the writer waiting on them is not left hanging.
-        self._abandoned = exc_type is not None
-        for _ in self._threads:
-            self._jobs.put(None)
-        for t in self._threads:
-            t.join()
-
-
-# What the writer is handed: the bytes to write (None for a hole, a _Read
-# for a chunk still being read), their length, and the buffer to give back
-# once written.
-_Item = tuple[bytes | memoryview | _Read | None, int, Buffer | None]
+# A chunk of the vmcore's memory, in file order: its file offset, its length,
+# and where it is read from in QEMU (None: a hole, never populated).
+_Piece = tuple[int, int, int | None]
+# Runs of a chunk: (start, end, nonzero).
+_Runs = list[tuple[int, int, bool]]
 
 
 class Writer:
-    """A thread that writes queued chunks in order; its first error is raised to the reader."""
+    """Where the readers' chunks go: straight to their offsets in a file; into
+    a pipe, in order, by a writer thread. Its first error ends the copy."""
 
     def __init__(self, out: Output, progress: OnWritten | None = None) -> None:
         self.out = out
         self.progress = progress
-        self.free: queue.Queue[Buffer] = queue.Queue()
-        for _ in range(BUFFERS):
-            self.free.put(Buffer(CHUNK))
-        self._pending: queue.Queue[_Item | None] = queue.Queue()
-        self._error: BaseException | None = None
+        self.inspect: Inspect | None = None  # set before copy()
         self.written = 0  # bytes of data written; the rest of the file is holes
-        self.inspect: Inspect | None = None  # set before the first put
-        self._offset = 0
+        self.ordered = out.is_stdout
+        self.error: BaseException | None = None
+        self._lock = threading.Lock()  # over the counts, progress and inspect
+        # Pipe only: chunks read and waiting for their turn, by sequence number.
+        self._ready = threading.Condition()
+        self._pending: dict[int, tuple[int, Buffer | bytes | None, _Runs, queue.SimpleQueue]] = {}
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name="livedump-writer", daemon=True)
 
-    def put(self, data: bytes | memoryview | _Read | None, length: int,
-            buf: Buffer | None = None) -> None:
-        self.check()
-        self._pending.put((data, length, buf))
-
-    def take(self) -> Buffer:
-        """A free buffer, once the writer has given one back.
-
-        Waits in short steps: a signal that lands just before a blocking wait
-        would otherwise go unseen until the wait ended, which for a writer
-        stuck on a pipe nobody reads is never.
-        """
-        while True:
-            try:
-                return self.free.get(timeout=_WAIT_STEP)
-            except queue.Empty:
-                self.check()
+    def place(self, seq: int, offset: int, data: Buffer | bytes | None, length: int,
+              free: "queue.SimpleQueue[Buffer]") -> None:
+        """Write chunk number ``seq`` (bytes, a buffer just read, or None for a
+        hole) at ``offset``; the buffer goes back into ``free`` once written."""
+        runs = _runs(data, length) if isinstance(data, Buffer) else [(0, length, data is not None)]
+        if not self.ordered:
+            self._write(offset, data, length, runs)
+            if isinstance(data, Buffer):
+                free.put(data)
+            return
+        with self._ready:
+            self._pending[seq] = (length, data, runs, free)
+            self._ready.notify()
 
     def check(self) -> None:
-        """Raise the writer's error, if it has met one."""
-        if self._error is not None:
-            raise self._error
+        """Raise the first error met by a reader or the writer."""
+        if self.error is not None:
+            raise self.error
+
+    def fail(self, error: BaseException) -> None:
+        with self._lock:
+            if self.error is None:
+                self.error = error
 
     def finish(self) -> None:
-        """Wait until everything queued is written."""
-        self._pending.put(None)
-        self._thread.join()
+        """Wait until everything placed is written."""
+        if self.ordered:
+            with self._ready:
+                self._closed = True
+                self._ready.notify()
+            self._thread.join()
         self.check()
 
-    def _run(self) -> None:
-        while (item := self._pending.get()) is not None:
-            data, length, buf = item
-            try:
-                if self._error is None:
-                    self._write(data, length, buf)
-            except BaseException as e:  # Raised in the reader's thread by check().
-                self._error = e
-            if buf is not None:
-                self.free.put(buf)
-
-    def _write(self, data: bytes | memoryview | _Read | None, length: int,
-               buf: Buffer | None) -> None:
-        if isinstance(data, _Read):
-            data = data.result()
-        if data is None:
-            self.out.skip(length)
-        elif buf is None:
-            self.out.write(data)
-            self.written += length
-        else:
-            wrote = False
-            for start, end, nonzero in _runs(buf, length):
-                if nonzero:
-                    self.out.write(buf.view[start:end])
-                    self.written += end - start
-                    wrote = True
-                else:
+    def _write(self, offset: int, data: Buffer | bytes | None, length: int, runs: _Runs) -> None:
+        wrote = 0
+        for start, end, nonzero in runs:
+            if not nonzero:
+                if self.ordered:
                     self.out.skip(end - start)
-            if wrote and self.inspect:
-                self.inspect(self._offset, buf.data, length)
-        self._offset += length
-        if self.progress:
-            self.progress(length)
+                continue
+            part = data.view[start:end] if isinstance(data, Buffer) else data[start:end]
+            if self.ordered:
+                self.out.write(part)
+            else:
+                self.out.write_at(offset + start, part)
+            wrote += end - start
+        with self._lock:
+            self.written += wrote
+            if wrote and self.inspect and isinstance(data, Buffer):
+                self.inspect(offset, data.data, length)
+            if self.progress:
+                self.progress(length)
+
+    def _run(self) -> None:
+        """The pipe's writer: chunks in sequence, each buffer given back when written."""
+        seq, offset = 0, 0
+        while True:
+            with self._ready:
+                while seq not in self._pending and not (self._closed or self.error):
+                    self._ready.wait()
+                if seq not in self._pending:
+                    return
+                length, data, runs, free = self._pending.pop(seq)
+            try:
+                if self.error is None:
+                    self._write(offset, data, length, runs)
+            except BaseException as e:  # Raised in the main thread by check().
+                self.fail(e)
+            if isinstance(data, Buffer):
+                free.put(data)
+            seq, offset = seq + 1, offset + length
 
     def __enter__(self) -> "Writer":
-        # Started with the terminating signals blocked, which it keeps for life:
-        # they must reach the main thread, whose handlers end the dump.
-        with signals.deferred():
-            self._thread.start()
+        if self.ordered:
+            # Started with the terminating signals blocked, which it keeps for
+            # life: they must reach the main thread, whose handlers end the dump.
+            with signals.deferred():
+                self._thread.start()
         return self
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
-        if exc_type is not None and self._thread.is_alive() and not self.out.is_stdout:
-            # Let a write in progress end before the file is closed. (A write
-            # blocked on a pipe nobody reads is abandoned with the process.)
-            self._pending.put(None)
-            self._thread.join(_STOP_TIMEOUT)
+        if exc_type is not None and self.ordered:
+            # Stop after the write in progress. (One blocked on a pipe nobody
+            # reads is abandoned with the process.)
+            self.fail(DumpIOError("the dump is ending"))
+            with self._ready:
+                self._ready.notify()
 
 
-def _runs(buf: Buffer, length: int) -> Iterator[tuple[int, int, bool]]:
+class _Readers:
+    """Threads that take the chunks in turn, read them and place them."""
+
+    def __init__(self, memory: ProcessMemory, pieces: Iterator[_Piece], writer: Writer,
+                 count: int = READERS) -> None:
+        self.memory, self.writer = memory, writer
+        self.read = 0  # bytes read
+        self._pieces = pieces
+        self._claim = threading.Lock()
+        self._seq = itertools.count(1)  # 0 is the header
+        self._threads = [threading.Thread(target=self._run, name=f"livedump-reader-{i}",
+                                          daemon=True) for i in range(count)]
+
+    def _run(self) -> None:
+        writer = self.writer
+        free: queue.SimpleQueue[Buffer] = queue.SimpleQueue()
+        for _ in range(2 if writer.ordered else 1):
+            free.put(Buffer(CHUNK))
+        try:
+            while writer.error is None:
+                # A buffer before a chunk: the writer is never left waiting for a
+                # chunk whose reader waits for a buffer the writer holds.
+                buf = self._take(free)
+                if buf is None:
+                    return
+                with self._claim:
+                    piece, seq = next(self._pieces, None), next(self._seq)
+                if piece is None:
+                    return
+                offset, length, address = piece
+                if address is None:
+                    free.put(buf)
+                    writer.place(seq, offset, None, length, free)
+                    continue
+                self.memory.read(buf, length, address)
+                with self._claim:
+                    self.read += length
+                writer.place(seq, offset, buf, length, free)
+        except BaseException as e:  # Raised in the main thread.
+            writer.fail(e)
+
+    def _take(self, free: "queue.SimpleQueue[Buffer]") -> Buffer | None:
+        while self.writer.error is None:
+            try:
+                return free.get(timeout=_WAIT_STEP)
+            except queue.Empty:
+                pass
+        return None
+
+    def run(self) -> None:
+        """Read every chunk; return once all are read, raising the first error."""
+        with signals.deferred():  # Signals are for the main thread, as ever.
+            for t in self._threads:
+                t.start()
+        try:
+            for t in self._threads:
+                while t.is_alive():  # In steps, so that signals are handled meanwhile.
+                    t.join(_WAIT_STEP)
+        except BaseException as e:
+            self.writer.fail(e)
+            for t in self._threads:
+                t.join(_STOP_TIMEOUT)
+            raise
+        self.writer.check()
+
+
+def _runs(buf: Buffer, length: int) -> _Runs:
     """``(start, end, nonzero)`` runs of the first ``length`` bytes of ``buf``,
     told apart by :data:`HOLE_GRANULE`. Compared with memcmp through ctypes:
-    C speed, and the readers run meanwhile."""
+    C speed, and other threads run meanwhile."""
     if _memcmp(buf.address, _ZERO_CHUNK.address, length) == 0:
-        yield 0, length, False
-        return
-    start, nonzero = 0, True
+        return [(0, length, False)]
+    runs, start, nonzero = [], 0, True
     for at in range(0, length, HOLE_GRANULE):
         here = _memcmp(buf.address + at, _ZERO_CHUNK.address, min(HOLE_GRANULE, length - at)) != 0
         if here != nonzero and at > start:
-            yield start, at, nonzero
+            runs.append((start, at, nonzero))
             start = at
         nonzero = here
-    yield start, length, nonzero
+    runs.append((start, length, nonzero))
+    return runs
 
 
 def copy(layout: CoreLayout, private: Sequence[bool], memory: ProcessMemory,
          pagemap: PageMap, writer: Writer) -> int:
-    """Queue the header and every block; return, with the bytes read, once the last is read.
+    """Write the header and read every block; return the bytes read once the
+    last is read (and, into a file, written).
 
     ``private[i]`` says block ``i`` is private anonymous memory, whose
     never-populated pages ``pagemap`` can tell apart.
     """
-    writer.put(layout.header, len(layout.header))
-    read = 0
-    reading: collections.deque[_Read] = collections.deque()
-    with Readers(memory) as readers:
-        for block, is_private in zip(layout.blocks, private):
-            for offset, length, populated in _extents(block, is_private, pagemap):
-                if not populated:
-                    writer.put(None, length)
-                    continue
-                for done in range(0, length, CHUNK):
-                    n = min(CHUNK, length - done)
-                    buf = writer.take()
-                    reading.append(readers.read(buf, n, block.hva + offset + done))
-                    writer.put(reading[-1], n, buf)
-                    read += n
-                    while reading and reading[0].done.is_set():
-                        reading.popleft().result()
-        # The guest may run again only once every byte is read.
-        while reading:
-            if reading[0].result(_WAIT_STEP) is None:
-                writer.check()
-            else:
-                reading.popleft()
-    return read
+    writer.place(0, 0, layout.header, len(layout.header), queue.SimpleQueue())
+    readers = _Readers(memory, _pieces(layout, private, pagemap), writer)
+    readers.run()
+    if not writer.ordered:
+        writer.out.extend(layout.size)  # a trailing hole, if the last chunk was one
+    return readers.read
+
+
+def _pieces(layout: CoreLayout, private: Sequence[bool], pagemap: PageMap) -> Iterator[_Piece]:
+    for block, start, is_private in zip(layout.blocks, layout.offsets, private):
+        for offset, length, populated in _extents(block, is_private, pagemap):
+            if not populated:
+                yield start + offset, length, None
+                continue
+            for done in range(0, length, CHUNK):
+                yield start + offset + done, min(CHUNK, length - done), block.hva + offset + done
 
 
 def _extents(block: Block, private: bool, pagemap: PageMap) -> Iterator[tuple[int, int, bool]]:

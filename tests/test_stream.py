@@ -91,3 +91,23 @@ def test_zeros_around_islands_of_data_become_holes_granule_by_granule(tmp_path):
             copy(layout, [False], memory, pagemap, writer)
             writer.finish()
         assert writer.written == len(layout.header) + len(granules) * HOLE_GRANULE
+
+
+def test_into_a_pipe_chunks_keep_their_order_and_holes_are_zeros(capfdbinary):
+    # Standard output, as "-": one writer thread, in order, behind the readers.
+    chunks = 4 * READERS + 3
+    m = mmap.mmap(-1, chunks * CHUNK, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    for i in range(0, chunks, 3):
+        m[i * CHUNK + 5:i * CHUNK + 9] = bytes([i + 1]) * 4
+    never = mmap.mmap(-1, 3 * CHUNK, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    never[CHUNK:CHUNK + 1] = b"x"  # one page populated, the rest never
+    blocks = [Block(0, chunks * CHUNK, _address(m)), Block(1 << 32, 3 * CHUNK, _address(never))]
+    layout = CoreLayout(lookup("x86_64"), blocks, [])
+    pid = os.getpid()
+    with Output("-") as out, ProcessMemory(pid) as memory, PageMap(pid) as pagemap:
+        with Writer(out) as writer:
+            read = copy(layout, [False, True], memory, pagemap, writer)
+            writer.finish()
+    data = capfdbinary.readouterr().out
+    assert data == layout.header + m[:] + never[:]
+    assert read == chunks * CHUNK + mmap.PAGESIZE
