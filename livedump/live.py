@@ -20,6 +20,7 @@ import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from . import signals
 from .elfcore import CoreLayout
@@ -59,6 +60,40 @@ class _Segment:
     deltas: tuple[int, ...]
 
 
+class _Sink(Protocol):
+    def write_at(self, offset: int, data: bytes | memoryview) -> None: ...
+
+
+class Gathered:
+    """Writes into ``out`` at consecutive offsets, gathered into one: a
+    background snapshot sends each block's pages mostly in order, and a
+    ``pwrite`` a page cost more than reading them from the stream."""
+
+    def __init__(self, out: Output, size: int = 1 << 20) -> None:
+        self.out = out
+        self._buf = bytearray(size)
+        self._view = memoryview(self._buf)
+        self._start = self._used = 0
+
+    def write_at(self, offset: int, data: bytes | memoryview) -> None:
+        n = len(data)
+        if self._used and (offset != self._start + self._used or self._used + n > len(self._buf)):
+            self.flush()
+        if n > len(self._buf):
+            self.out.write_at(offset, data)
+            return
+        if not self._used:
+            self._start = offset
+        self._view[self._used : self._used + n] = data
+        self._used += n
+
+    def flush(self) -> None:
+        """Write what is gathered."""
+        if self._used:
+            self.out.write_at(self._start, self._view[: self._used])
+            self._used = 0
+
+
 class Placement:
     """Where each page of each RAM block of the stream goes in the vmcore.
 
@@ -90,7 +125,7 @@ class Placement:
                 self._starts[index].append(segment.start)
                 self._segments[index].append(segment)
 
-    def place(self, out: Output, page: Page, page_size: int, inspect: Inspect | None = None
+    def place(self, out: _Sink, page: Page, page_size: int, inspect: Inspect | None = None
               ) -> int:
         """Write one page where it belongs (nowhere if no guest address shows it);
         return the bytes written. ``inspect`` is shown each copy that may start the
@@ -279,14 +314,16 @@ class LiveSnapshot:
         out.skip(layout.size)  # The file's length; what no page fills stays a hole.
         page_size = stream.page_size
         received = written = reported = 0
+        gathered = Gathered(out)
         try:
             for page in stream.pages():
                 if not isinstance(page[2], int):
                     received += page_size
-                written += placement.place(out, page, page_size, inspect)
+                written += placement.place(gathered, page, page_size, inspect)
                 if progress and stream.done - reported >= _PROGRESS_STEP:
                     progress(_progress(stream.done, layout) - _progress(reported, layout))
                     reported = stream.done
+            gathered.flush()
         except SnapshotError as e:
             raise SnapshotError(f"{e}; migration {self._abort()}") from None
         status = self._settle()

@@ -23,7 +23,7 @@ from livedump.arch import lookup
 from livedump.coalesce import Block
 from livedump.elfcore import CoreLayout
 from livedump.errors import SnapshotError
-from livedump.live import Placement, block_of, parse_ramblocks
+from livedump.live import Gathered, Placement, block_of, parse_ramblocks
 from livedump.locate_monitor import parse_flatview
 from livedump.migration import MigrationStream, RamBlock, min_page_bits
 from livedump.output import Output
@@ -199,3 +199,30 @@ def test_altered_stream_is_read_or_refused(changes):
 def all_pages_iter(s: MigrationStream):
     s.wait_snapshot()
     yield from s.pages()
+
+
+def test_pages_for_consecutive_offsets_are_written_together(tmp_path):
+    class Counted(Output):
+        writes: list[tuple[int, int]] = []
+
+        def write_at(self, offset, data):
+            self.writes.append((offset, len(data)))
+            super().write_at(offset, data)
+
+    path = tmp_path / "gathered"
+    pages = [(off, bytes([off // 4096 % 251 + 1]) * 4096) for off in
+             [*range(0, 12 * 4096, 4096), 40 * 4096, 41 * 4096, 8 * 4096]]
+    with Counted(str(path)) as out:
+        gathered = Gathered(out, size=8 * 4096)
+        for off, data in pages:
+            gathered.write_at(off, data)
+        gathered.write_at(100 * 4096, b"x" * (9 * 4096))  # more than it gathers: at once
+        gathered.flush()
+        out.commit()
+    # 0-7 fill it, 8-11 run on, 40-41 after a gap; 8 again (an alias) breaks the run.
+    assert Counted.writes == [(0, 8 * 4096), (8 * 4096, 4 * 4096), (40 * 4096, 2 * 4096),
+                              (8 * 4096, 4096), (100 * 4096, 9 * 4096)]
+    data = path.read_bytes()
+    for off, page in pages:
+        assert data[off:off + 4096] == page
+    assert data[100 * 4096:] == b"x" * (9 * 4096)
