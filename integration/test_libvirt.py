@@ -13,6 +13,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -187,6 +189,27 @@ def test_sigkill_mid_dump_the_guardian_resumes_through_libvirt(libvirtd, files):
             dom.wait_for("running")
         err = proc.stderr.read()
         assert b"its guardian resumed the guest" in err, err
+        assert libvirtd.alive()
+
+
+def test_sigkill_while_libvirt_may_open_the_notes_fifo(libvirtd, files):
+    """killed as soon as the FIFO for QEMU's notes exists, before or after libvirtd
+    opened it: libvirtd must not wait forever in open() for a reader that died."""
+    tmp = Path(tempfile.gettempdir())
+    before = set(tmp.glob("livedump-*"))
+    with Domain(files, MARKERS) as dom:
+        proc = subprocess.Popen([sys.executable, "-m", "livedump", "--domain", dom.name,
+                                 "-"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 30
+        while not (fifos := set(tmp.glob("livedump-*/notes")) - {d / "notes" for d in before}):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.001)
+        proc.kill()
+        proc.wait()
+        dom.wait_for("running")
+        assert b"its guardian resumed the guest" in proc.stderr.read()
+        assert not any(f.exists() for f in fifos)  # and their directories gone with them
+        assert dom.name in virsh("list", "--name", timeout=15)  # the domain not held
         assert libvirtd.alive()
 
 

@@ -10,9 +10,14 @@ libvirt's resume for a libvirt domain. Likewise for QEMU's migration
 settings that ``--live`` changed (QMP only): if livedump dies before it has
 put them back, the watcher ends the migration and puts them back.
 
+Likewise for a FIFO that libvirt's dump is told to open (for QEMU's CPU
+notes): with livedump gone, libvirtd's open of it would wait for a reader
+forever, holding the domain; the watcher opens it, and lets it go.
+
 Messages on the pipe are lines: ``P`` (paused), ``R`` (resumed), ``S``
 and a JSON list of ``[command, arguments]`` (what puts the settings
-back), ``D`` (they are back).
+back), ``D`` (they are back), ``F`` and a FIFO's path (``F`` alone: no
+FIFO any more).
 
     python -m livedump.guardian LIVEDUMP_PID PIPE_FD qmp MONITOR_FD
     python -m livedump.guardian LIVEDUMP_PID PIPE_FD libvirt URI UUID
@@ -29,6 +34,7 @@ PAUSED = b"P"
 RESUMED = b"R"
 SETTINGS = b"S"
 RESTORED = b"D"
+FIFO = b"F"
 _REPLY_TIMEOUT = 10.0
 _MIGRATION_END_TIMEOUT = 30.0
 # Migration states in which no migration is under way (``query-migrate``).
@@ -74,6 +80,10 @@ class Guardian:
     def restored(self) -> None:
         self._say(RESTORED)
 
+    def fifo(self, path: str | None) -> None:
+        """Said while a dump may open the FIFO ``path`` (None: no longer)."""
+        self._say(FIFO + (path or "").encode())
+
     def _say(self, message: bytes) -> None:
         if self._pipe >= 0:  # (Not after a rescue: the watcher is gone.)
             os.write(self._pipe, message + b"\n")
@@ -95,7 +105,7 @@ def _watch(parent: int, pipe_fd: int, how: list[str]) -> int:
     said = b""
     while chunk := os.read(pipe_fd, 65536):
         said += chunk
-    paused, settings = False, None
+    paused, settings, fifo = False, None, ""
     for line in said.splitlines():
         if line in (PAUSED, RESUMED):
             paused = line == PAUSED
@@ -103,6 +113,10 @@ def _watch(parent: int, pipe_fd: int, how: list[str]) -> int:
             settings = json.loads(line[1:])
         elif line == RESTORED:
             settings = None
+        elif line.startswith(FIFO):
+            fifo = os.fsdecode(line[1:])
+    if fifo:
+        release_fifo(fifo)
     if not paused and settings is None:
         return 0
     if how[0] == "libvirt":
@@ -125,6 +139,25 @@ def _watch(parent: int, pipe_fd: int, how: list[str]) -> int:
               "; its guardian " + ("resumed the guest" if paused else "put them back"),
               file=sys.stderr)
     return 0
+
+
+def release_fifo(path: str, fd: int = -1) -> None:
+    """Remove the FIFO ``path`` (and the directory made for it), and close its
+    reader ``fd``, opened here if not given: a writer waiting in open() is let
+    through, and fails at its first write. The name goes first, so that no
+    open can start once no reader is left."""
+    if fd < 0:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            pass  # Gone already: no open can be waiting on it.
+    try:
+        os.unlink(path)
+        os.rmdir(os.path.dirname(path))
+    except OSError:
+        pass
+    if fd >= 0:
+        os.close(fd)
 
 
 def _restore(monitor: "_Monitor", settings: list[tuple[str, dict[str, object]]]) -> bool:

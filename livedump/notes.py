@@ -30,6 +30,7 @@ from . import signals
 from .arch import Arch, from_elf
 from .elfcore import ElfStructs, read_core, read_notes
 from .errors import MonitorError, UsageError
+from .guardian import release_fifo
 from .monitor import Monitor
 
 _FD_NAME = "livedump-notes"
@@ -60,29 +61,40 @@ def from_qemu(monitor: Monitor, gpa: int) -> QemuNotes:
         os.close(fd)
 
 
-def from_pipe(dump_into: Callable[[str], object], timeout: float = 10.0) -> QemuNotes:
-    """QEMU's notes from the start of a dump that ``dump_into(path)`` writes into a pipe."""
-    with tempfile.TemporaryDirectory(prefix="livedump-") as tmp:
-        path = os.path.join(tmp, "notes")
-        os.mkfifo(path, 0o600)
-        # Open before the writer: no end-of-file until it has come and gone.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        failure: list[BaseException] = []
+def from_pipe(dump_into: Callable[[str], object], timeout: float = 10.0,
+              watch: Callable[[str | None], None] | None = None) -> QemuNotes:
+    """QEMU's notes from the start of a dump that ``dump_into(path)`` writes into a pipe.
 
-        def dump() -> None:
-            try:
-                dump_into(path)
-            except Exception as e:  # Expected once the pipe is closed; else the reason.
-                failure.append(e)
+    The pipe is a FIFO, which the dumper opens by name: an open for writing
+    waits for a reader, forever if none comes (and libvirtd waits holding its
+    domain's lock). So the name goes before the reader does, and ``watch`` is
+    told the name (then None) for the guardian, which lets such an open
+    through should livedump die meanwhile.
+    """
+    path = os.path.join(tempfile.mkdtemp(prefix="livedump-"), "notes")
+    os.mkfifo(path, 0o600)
+    # Open before the writer: no end-of-file until it has come and gone.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    failure: list[BaseException] = []
 
-        worker = threading.Thread(target=dump, name="livedump-notes", daemon=True)
+    def dump() -> None:
         try:
-            with signals.deferred():  # Signals are for the main thread, as ever.
-                worker.start()
-            core = _read_notes(fd, worker, time.monotonic() + timeout)
-        finally:
-            os.close(fd)  # The dump fails at its next write.
-            worker.join(timeout)
+            dump_into(path)
+        except Exception as e:  # Expected once the pipe is closed; else the reason.
+            failure.append(e)
+
+    worker = threading.Thread(target=dump, name="livedump-notes", daemon=True)
+    try:
+        if watch:
+            watch(path)
+        with signals.deferred():  # Signals are for the main thread, as ever.
+            worker.start()
+        core = _read_notes(fd, worker, time.monotonic() + timeout)
+    finally:
+        release_fifo(path, fd)  # The dump fails at its next write.
+        worker.join(timeout)
+        if watch:
+            watch(None)
     if core is None:
         raise MonitorError(f"no dump came through the pipe{f' ({failure[0]})' if failure else ''}")
     return parse(core)

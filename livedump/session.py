@@ -166,7 +166,8 @@ class LibvirtSession(MonitorSession):
     def qemu_notes(self, gpa: int) -> notes.QemuNotes:
         # Never QEMU's dump-guest-memory through the pass-through: libvirtd 9.0
         # crashes on its completion event. libvirt's own dump, cut after the notes.
-        return dataclasses.replace(notes.from_pipe(self.domain.dump_memory_only),
+        return dataclasses.replace(notes.from_pipe(self.domain.dump_memory_only,
+                                                   watch=self.watcher().fifo),
                                    source="libvirt's memory-only dump")
 
     def live(self, target: str) -> "LiveSnapshot":

@@ -2,6 +2,7 @@
 dump-guest-memory of 4 KiB at 1 MiB of a paused firmware-only guest)."""
 
 import io
+import os
 
 import pytest
 from elftools.elf.elffile import ELFFile
@@ -99,9 +100,13 @@ class DumpIntoPipe:
 def test_notes_from_a_dump_cut_short(name):
     core = (DATA / f"qemu-7.2-{name}-one-page.vmcore").read_bytes()
     writer = DumpIntoPipe(core)
-    assert from_pipe(writer) == parse(core)
+    told: list[str | None] = []
+    assert from_pipe(writer, watch=told.append) == parse(core)
     # The dump ended at a write after the notes: little more than a pipe's worth.
     assert writer.broken and writer.written < len(core) + (1 << 20)
+    # The guardian was told the FIFO while it was there; it and its directory are gone.
+    assert len(told) == 2 and told[1] is None
+    assert not os.path.exists(os.path.dirname(told[0]))
 
 
 def test_a_dump_that_never_starts_says_why():
