@@ -177,10 +177,21 @@ class _Readers:
         self._pieces = pieces
         self._claim = threading.Lock()
         self._seq = itertools.count(1)  # 0 is the header
-        self._threads = [threading.Thread(target=self._run, name=f"livedump-reader-{i}",
-                                          daemon=True) for i in range(count)]
+        # Waited on rather than joined: a join cut short by a signal's exception
+        # can leave a thread that still runs looking ended (CPython gh-90882),
+        # and the file would be closed under its writes.
+        self._ended = [threading.Event() for _ in range(count)]
+        self._threads = [threading.Thread(target=self._run, args=(ended,),
+                                          name=f"livedump-reader-{i}", daemon=True)
+                         for i, ended in enumerate(self._ended)]
 
-    def _run(self) -> None:
+    def _run(self, ended: threading.Event) -> None:
+        try:
+            self._read()
+        finally:
+            ended.set()
+
+    def _read(self) -> None:
         writer = self.writer
         free: queue.SimpleQueue[Buffer] = queue.SimpleQueue()
         for _ in range(2 if writer.ordered else 1):
@@ -222,13 +233,13 @@ class _Readers:
             for t in self._threads:
                 t.start()
         try:
-            for t in self._threads:
-                while t.is_alive():  # In steps, so that signals are handled meanwhile.
-                    t.join(_WAIT_STEP)
+            for ended in self._ended:
+                while not ended.wait(_WAIT_STEP):  # In steps: signals are handled meanwhile.
+                    pass
         except BaseException as e:
             self.writer.fail(e)
-            for t in self._threads:
-                t.join(_STOP_TIMEOUT)
+            for ended in self._ended:
+                ended.wait(_STOP_TIMEOUT)
             raise
         self.writer.check()
 
