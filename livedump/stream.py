@@ -49,8 +49,9 @@ _memcmp.restype = ctypes.c_int
 OnWritten = Callable[[int], None]  # told the length of each part written
 Chunk = bytes | mmap.mmap  # bytes that slice, find and compare at C speed
 # Shown each chunk of memory of which something was written: its file offset,
-# and the first ``length`` bytes of a buffer. Called by one thread at a time;
-# a reader is meanwhile not reading, so it must be quick.
+# and the first ``length`` bytes of a buffer. Called by one thread at a time,
+# in no set order (readers finish in any order); a reader is meanwhile not
+# reading, so it must be quick.
 Inspect = Callable[[int, Chunk, int], None]
 
 # A chunk of the vmcore's memory, in file order: its file offset, its length,
@@ -76,16 +77,17 @@ class Writer:
         self._ready = threading.Condition()
         self._pending: dict[int, tuple[int, Buffer | bytes | None, _Runs, queue.SimpleQueue]] = {}
         self._closed = False
+        self._ended = threading.Event()  # the pipe's writer has ended (see _Readers)
         self._thread = threading.Thread(target=self._run, name="livedump-writer", daemon=True)
 
     def place(self, seq: int, offset: int, data: Buffer | bytes | None, length: int,
-              free: "queue.SimpleQueue[Buffer]") -> None:
+              free: "queue.SimpleQueue[Buffer] | None" = None) -> None:
         """Write chunk number ``seq`` (bytes, a buffer just read, or None for a
-        hole) at ``offset``; the buffer goes back into ``free`` once written."""
+        hole) at ``offset``; a buffer goes back into ``free`` once written."""
         runs = _runs(data, length) if isinstance(data, Buffer) else [(0, length, data is not None)]
         if not self.ordered:
             self._write(offset, data, length, runs)
-            if isinstance(data, Buffer):
+            if isinstance(data, Buffer) and free is not None:
                 free.put(data)
             return
         with self._ready:
@@ -98,17 +100,22 @@ class Writer:
             raise self.error
 
     def fail(self, error: BaseException) -> None:
+        """Record the copy's first error (raised by :meth:`check`), and stop the writer."""
         with self._lock:
             if self.error is None:
                 self.error = error
+        with self._ready:
+            self._ready.notify()
 
     def finish(self) -> None:
-        """Wait until everything placed is written."""
+        """Wait until everything placed is written: in steps, for a pipe whose
+        reader is slow or gone, so that signals are handled meanwhile."""
         if self.ordered:
             with self._ready:
                 self._closed = True
                 self._ready.notify()
-            self._thread.join()
+            while not self._ended.wait(_WAIT_STEP):
+                pass
         self.check()
 
     def _write(self, offset: int, data: Buffer | bytes | None, length: int, runs: _Runs) -> None:
@@ -133,6 +140,14 @@ class Writer:
 
     def _run(self) -> None:
         """The pipe's writer: chunks in sequence, each buffer given back when written."""
+        try:
+            self._write_in_order()
+        except BaseException as e:  # Raised in the main thread by check().
+            self.fail(e)
+        finally:
+            self._ended.set()
+
+    def _write_in_order(self) -> None:
         seq, offset = 0, 0
         while True:
             with self._ready:
@@ -144,10 +159,9 @@ class Writer:
             try:
                 if self.error is None:
                     self._write(offset, data, length, runs)
-            except BaseException as e:  # Raised in the main thread by check().
-                self.fail(e)
-            if isinstance(data, Buffer):
-                free.put(data)
+            finally:
+                if isinstance(data, Buffer) and free is not None:
+                    free.put(data)  # Even after an error: its reader may be waiting.
             seq, offset = seq + 1, offset + length
 
     def __enter__(self) -> "Writer":
@@ -163,8 +177,6 @@ class Writer:
             # Stop after the write in progress. (One blocked on a pipe nobody
             # reads is abandoned with the process.)
             self.fail(DumpIOError("the dump is ending"))
-            with self._ready:
-                self._ready.notify()
 
 
 class _Readers:
@@ -177,6 +189,7 @@ class _Readers:
         self._pieces = pieces
         self._claim = threading.Lock()
         self._seq = itertools.count(1)  # 0 is the header
+        self._all_claimed = False
         # Waited on rather than joined: a join cut short by a signal's exception
         # can leave a thread that still runs looking ended (CPython gh-90882),
         # and the file would be closed under its writes.
@@ -193,25 +206,27 @@ class _Readers:
 
     def _read(self) -> None:
         writer = self.writer
-        free: queue.SimpleQueue[Buffer] = queue.SimpleQueue()
-        for _ in range(2 if writer.ordered else 1):
-            free.put(Buffer(CHUNK))
         try:
+            free: queue.SimpleQueue[Buffer] = queue.SimpleQueue()
+            for _ in range(2 if writer.ordered else 1):
+                free.put(Buffer(CHUNK))
             while writer.error is None:
-                # A buffer before a chunk: the writer is never left waiting for a
-                # chunk whose reader waits for a buffer the writer holds.
+                # The chunk first, then a buffer: so a reader learns that none is
+                # left without waiting on a slow pipe, and the guest runs again as
+                # soon as the last byte is read. No deadlock: this reader's buffers
+                # are held only for its earlier chunks, written before this one.
+                with self._claim:
+                    piece, seq = next(self._pieces, None), next(self._seq)
+                    if piece is None:
+                        self._all_claimed = True
+                        return
+                offset, length, address = piece
+                if address is None:
+                    writer.place(seq, offset, None, length)
+                    continue
                 buf = self._take(free)
                 if buf is None:
                     return
-                with self._claim:
-                    piece, seq = next(self._pieces, None), next(self._seq)
-                if piece is None:
-                    return
-                offset, length, address = piece
-                if address is None:
-                    free.put(buf)
-                    writer.place(seq, offset, None, length, free)
-                    continue
                 self.memory.read(buf, length, address)
                 with self._claim:
                     self.read += length
@@ -242,6 +257,8 @@ class _Readers:
                 ended.wait(_STOP_TIMEOUT)
             raise
         self.writer.check()
+        if not self._all_claimed:  # Never silently short: every reader ended early.
+            raise DumpIOError("the readers ended before every chunk of memory was read")
 
 
 def _runs(buf: Buffer, length: int) -> _Runs:
@@ -262,19 +279,19 @@ def _runs(buf: Buffer, length: int) -> _Runs:
 
 
 def copy(layout: CoreLayout, private: Sequence[bool], memory: ProcessMemory,
-         pagemap: PageMap, writer: Writer) -> int:
-    """Write the header and read every block; return the bytes read once the
-    last is read (and, into a file, written).
+         pagemap: PageMap, writer: Writer, readers: int = READERS) -> int:
+    """Write the header and read every block with ``readers`` threads; return
+    the bytes read once the last is read (and, into a file, written).
 
     ``private[i]`` says block ``i`` is private anonymous memory, whose
     never-populated pages ``pagemap`` can tell apart.
     """
-    writer.place(0, 0, layout.header, len(layout.header), queue.SimpleQueue())
-    readers = _Readers(memory, _pieces(layout, private, pagemap), writer)
-    readers.run()
+    writer.place(0, 0, layout.header, len(layout.header))
+    copying = _Readers(memory, _pieces(layout, private, pagemap), writer, readers)
+    copying.run()
     if not writer.ordered:
         writer.out.extend(layout.size)  # a trailing hole, if the last chunk was one
-    return readers.read
+    return copying.read
 
 
 def _pieces(layout: CoreLayout, private: Sequence[bool], pagemap: PageMap) -> Iterator[_Piece]:

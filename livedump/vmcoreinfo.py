@@ -218,7 +218,9 @@ class Search:
         # The largest note, and the smallest filler after it.
         self._slot_size = _note_size(NAME, self.capacity) + _note_size(_FILLER_OWNER, 0)
         self._candidates: dict[bytes, int] = {}  # text -> the first GPA it was seen at
-        self._rejected: list[str] = []  # why each candidate failed, for the report
+        # Why candidates failed, for the report: those at the lowest addresses
+        # (pages are shown in no set order, so kept by address, not by arrival).
+        self._rejected: list[tuple[int, str]] = []
         self._looks = 0
         self._overflow = False  # more than _MAX_LOOKS: nothing is trusted
         self._layout: CoreLayout | None = None
@@ -273,11 +275,11 @@ class Search:
         except Invalid as e:
             self._reject(gpa, e)
             return
-        self._candidates.setdefault(text, gpa)
+        # The lowest address a text is seen at, whichever thread saw it first.
+        self._candidates[text] = min(gpa, self._candidates.get(text, gpa))
 
     def _reject(self, gpa: int, why: Invalid) -> None:
-        if len(self._rejected) < _MAX_REASONS:
-            self._rejected.append(f"{gpa:#x}: {why}")
+        self._rejected = sorted([*self._rejected, (gpa, str(why))])[:_MAX_REASONS]
 
     def finish(self, out: Output) -> Result:
         """Validate the candidates against the written vmcore; write the one that
@@ -311,7 +313,8 @@ class Search:
             return Result("none", f"no VMCOREINFO: {len(valid)} different valid-looking "
                           f"pages in guest memory (GPA {where}); none was trusted")
         if not valid:
-            why = f" (rejected: {'; '.join(self._rejected)})" if self._rejected else ""
+            why = (f" (rejected: {'; '.join(f'{gpa:#x}: {r}' for gpa, r in self._rejected)})"
+                   if self._rejected else "")
             return Result("none", "no VMCOREINFO: none found in guest memory (not a "
                           f"booted Linux guest?){why}")
         (text, (gpa, entries, checked)), = valid.items()

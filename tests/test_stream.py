@@ -3,6 +3,8 @@
 import ctypes
 import mmap
 import os
+import threading
+import time
 
 import pytest
 
@@ -12,6 +14,7 @@ from livedump.elfcore import CoreLayout
 from livedump.errors import DumpIOError
 from livedump.output import Output
 from livedump.procmem import PageMap, ProcessMemory
+from livedump import stream
 from livedump.stream import CHUNK, HOLE_GRANULE, READERS, Writer, copy
 
 MiB = 1 << 20
@@ -111,3 +114,51 @@ def test_into_a_pipe_chunks_keep_their_order_and_holes_are_zeros(capfdbinary):
     data = capfdbinary.readouterr().out
     assert data == layout.header + m[:] + never[:]
     assert read == chunks * CHUNK + mmap.PAGESIZE
+
+
+def test_into_a_stalled_pipe_the_copy_ends_once_the_last_byte_is_read():
+    # The guest may run again once everything is read, however slow the pipe's
+    # reader: here it reads nothing until the copy has returned. One reader,
+    # whose two buffers both wait for the pipe when the holes come.
+    m = mmap.mmap(-1, 2 * CHUNK, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    m[:] = b"\1" * len(m)
+    never = mmap.mmap(-1, 4 * CHUNK, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    layout = CoreLayout(lookup("x86_64"), [Block(0, 2 * CHUNK, _address(m)),
+                                           Block(1 << 32, 4 * CHUNK, _address(never))], [])
+    read_end, write_end = os.pipe()
+    saved = os.dup(1)
+    os.dup2(write_end, 1)
+    os.close(write_end)
+    received = []
+    pid = os.getpid()
+    try:
+        with Output("-") as out, ProcessMemory(pid) as memory, PageMap(pid) as pagemap:
+            with Writer(out) as writer:
+                copied = threading.Event()
+                drain = threading.Thread(target=lambda: (copied.wait(3), received.extend(
+                    iter(lambda: os.read(read_end, 1 << 20), b""))))
+                drain.start()
+                started = time.monotonic()
+                copy(layout, [False, True], memory, pagemap, writer, readers=1)
+                took = time.monotonic() - started
+                copied.set()
+                writer.finish()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        drain.join(10)
+        os.close(read_end)
+    assert took < 2  # not held up by the pipe, which nobody read for 3 s
+    assert b"".join(received) == layout.header + m[:] + never[:]
+
+
+def test_readers_that_cannot_get_a_buffer_fail_the_copy(tmp_path, monkeypatch):
+    class NoMemory(stream.Buffer):
+        def __init__(self, size: int) -> None:
+            raise MemoryError("no buffer")
+
+    monkeypatch.setattr(stream, "Buffer", NoMemory)
+    m = mmap.mmap(-1, CHUNK, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    with pytest.raises(MemoryError, match="no buffer"):
+        _dump(tmp_path, [Block(0, CHUNK, _address(m))], [False])
+    assert os.listdir(tmp_path) == []
