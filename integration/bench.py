@@ -108,10 +108,10 @@ def livedump(vm: VM, out: Path, *options: str) -> Run:
         raise RuntimeError(f"livedump failed with status {status}")
     summary = json.loads(report)
     # Counted after the dump, which populates no private page it did not find populated.
-    dumped = [(b["hva"], b["size"]) for b in summary["blocks"]]
+    present = present_runs(vm.pid, [(b["hva"], b["size"]) for b in summary["blocks"]])
     run = Run(wall, pause_from_events(vm), os.stat(out).st_blocks * 512,
               rss=int(peak_file.read_text()) * 1024, read_bytes=summary["read_bytes"],
-              present=present_bytes(vm.pid, dumped), data=data_bytes(vm.pid, dumped))
+              present=sum(size for _, size in present), data=data_bytes(vm.pid, present))
     out.unlink()
     peak_file.unlink()
     return run
@@ -132,15 +132,15 @@ def ram_mappings(vm: VM) -> list[tuple[int, int]]:
 
 def present_bytes(pid: int, mappings: list[tuple[int, int]]) -> int:
     """Bytes of the mappings that the kernel has pages for (present or swapped)."""
-    return sum(n for _, n in _present_runs(pid, mappings))
+    return sum(n for _, n in present_runs(pid, mappings))
 
 
-def data_bytes(pid: int, mappings: list[tuple[int, int]]) -> int:
-    """Bytes of the present pages of the mappings that hold anything but zeros
-    (read page by page: no page that was not there is populated)."""
+def data_bytes(pid: int, runs: list[tuple[int, int]]) -> int:
+    """Bytes of the pages in ``runs`` (of :func:`present_runs`) that hold anything
+    but zeros (read page by page: no page that was not there is populated)."""
     zero, total, piece = bytes(PAGE), 0, 1 << 20
     with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
-        for hva, size in _present_runs(pid, mappings):
+        for hva, size in runs:
             for done in range(0, size, piece):
                 mem.seek(hva + done)
                 data = mem.read(min(piece, size - done))
@@ -149,7 +149,7 @@ def data_bytes(pid: int, mappings: list[tuple[int, int]]) -> int:
     return total
 
 
-def _present_runs(pid: int, mappings: list[tuple[int, int]]) -> list[tuple[int, int]]:
+def present_runs(pid: int, mappings: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """(address, size) of each run of present or swapped pages in the mappings."""
     runs = []
     with open(f"/proc/{pid}/pagemap", "rb") as f:

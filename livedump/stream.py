@@ -75,7 +75,8 @@ class Writer:
         self._lock = threading.Lock()  # over the counts, progress and inspect
         # Pipe only: chunks read and waiting for their turn, by sequence number.
         self._ready = threading.Condition()
-        self._pending: dict[int, tuple[int, Buffer | bytes | None, _Runs, queue.SimpleQueue]] = {}
+        self._pending: dict[int, tuple[int, Buffer | bytes | None, _Runs,
+                                       queue.SimpleQueue | None]] = {}
         self._closed = False
         self._ended = threading.Event()  # the pipe's writer has ended (see _Readers)
         self._thread = threading.Thread(target=self._run, name="livedump-writer", daemon=True)

@@ -217,7 +217,7 @@ class Search:
         self.capacity = _LARGEST_PAGE.get(arch.machine, SCAN_ALIGN)
         # The largest note, and the smallest filler after it.
         self._slot_size = _note_size(NAME, self.capacity) + _note_size(_FILLER_OWNER, 0)
-        self._candidates: dict[bytes, int] = {}  # text -> the first GPA it was seen at
+        self._candidates: dict[bytes, int] = {}  # text -> the lowest GPA it was seen at
         # Why candidates failed, for the report: those at the lowest addresses
         # (pages are shown in no set order, so kept by address, not by arrival).
         self._rejected: list[tuple[int, str]] = []
