@@ -1,12 +1,18 @@
 """The VM comes back on every way out: signals mid-dump, and a reader that goes away."""
 
+import gc
 import os
 import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
+
+from livedump import signals
+from livedump.errors import Interrupted
+from livedump.monitor import Monitor, QMPTransport
 
 from .conftest import sigterm_after
 from .qmp_proxy import QMPProxy
@@ -38,6 +44,36 @@ def test_signal_mid_dump_resumes_the_vm(scratch, sig):
         assert proc.returncode == 128 + sig
         assert err == f"livedump: interrupted by {sig.name}\n".encode()
         assert vm.status() == "running"
+
+
+def test_signal_as_a_monitor_exchange_begins_waits_for_its_reply(scratch, monkeypatch):
+    """A signal that lands just after a command's coroutine is made neither tears the
+    command nor leaves the coroutine unawaited: it takes effect once the reply is in."""
+    with VM(memory="64M") as vm:
+        transport = QMPTransport(str(vm.socket), timeout=10)
+        make = transport._client.execute
+
+        def signalled(*args: object) -> object:
+            exchange = make(*args)
+            os.kill(os.getpid(), signal.SIGINT)
+            return exchange
+
+        monkeypatch.setattr(transport._client, "execute", signalled)
+        old = {sig: signal.getsignal(sig) for sig in signals.TERMINATING}
+        signals.install()
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                with pytest.raises(Interrupted):
+                    Monitor(transport).stop()
+                gc.collect()
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+            monkeypatch.undo()
+            transport.close()
+        assert [str(w.message) for w in caught] == []
+        assert vm.status() == "paused"  # 'stop' ran to its reply before the signal acted
 
 
 def test_closed_pipe_resumes_the_vm_and_fails(scratch):

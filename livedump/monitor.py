@@ -10,7 +10,7 @@ import asyncio
 import logging
 import socket
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Protocol
 
 from qemu.qmp import ExecuteError, QMPClient, QMPError
@@ -69,7 +69,7 @@ class QMPTransport:
             reason = "timed out" if isinstance(e, TimeoutError) else e.strerror or str(e)
             raise MonitorUnavailable(f"{describe(address)}: {reason}") from None
         try:
-            self._run(self._client.connect(sock), "greeting")
+            self._run(lambda: self._client.connect(sock), "greeting")
         except BaseException:
             self._runner.close()
             sock.close()
@@ -103,11 +103,14 @@ class QMPTransport:
         sock.setblocking(False)
         return sock
 
-    def _run(self, coro: object, what: str, timeout: float | None = None) -> object:
+    def _run(self, exchange: Callable[[], Coroutine[object, object, object]], what: str,
+             timeout: float | None = None) -> object:
+        """Run the coroutine ``exchange()`` makes; it is made with signals held, so a signal
+        cannot leave it created but never awaited."""
         timeout = timeout or self.timeout
         with signals.deferred():
             try:
-                return self._runner.run(asyncio.wait_for(coro, timeout))
+                return self._runner.run(asyncio.wait_for(exchange(), timeout))
             except (TimeoutError, asyncio.TimeoutError):
                 raise MonitorUnavailable(
                     f"{describe(self.address)}: no {what} within {timeout:g} s"
@@ -134,8 +137,8 @@ class QMPTransport:
     def _execute(self, command: str, arguments: Mapping[str, object] | None,
                  timeout: float | None) -> object:
         try:
-            return self._run(self._client.execute(command, arguments), f"reply to {command!r}",
-                             timeout)
+            return self._run(lambda: self._client.execute(command, arguments),
+                             f"reply to {command!r}", timeout)
         except ExecuteError as e:
             raise MonitorError(f"QEMU refused {command!r}: {e.error.error.desc}") from None
 
