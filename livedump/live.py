@@ -311,7 +311,7 @@ class LiveSnapshot:
         stream, placement = self._stream, self._placement
         assert stream is not None and placement is not None
         out.write_at(0, layout.header)
-        out.skip(layout.size)  # The file's length; what no page fills stays a hole.
+        out.extend(layout.size)  # What no page fills stays a hole.
         page_size = stream.page_size
         received = written = reported = 0
         gathered = Gathered(out)

@@ -11,7 +11,7 @@ thread, in order, each reader keeping a second buffer to read into
 meanwhile.
 
 Pages QEMU never populated (private anonymous RAM only) are not read at
-all, and zeros read (whole chunks, or 64 KiB runs in them) are not written:
+all, and zeros read (whole chunks, or runs of pages in them) are not written:
 both become holes in a file (zeros in a pipe). The guest may run again once
 :func:`copy` returns: every byte has been read (and, into a file, written).
 """
@@ -32,10 +32,11 @@ from .output import Output
 from .procmem import PAGE_SIZE, Buffer, PageMap, ProcessMemory
 
 CHUNK = 1 << 20
-# Zeros within a chunk of data become holes down to this size: what idle guests
-# populate is mostly zeros around small islands of data (8 MiB populated, 0.5 MiB
-# of it not zero, in the bench's idle guest), and a smaller granule costs the
-# readers more calls than it saves.
+# Zeros within a chunk of data are looked for in granules of this size, and
+# the data found trimmed to whole pages: what idle guests populate is mostly
+# zeros around small islands of data (8.1 MiB populated, 0.5 MiB of it not
+# zero, in the bench's idle guest), and comparing page by page throughout
+# would cost the readers 16 calls where one does.
 HOLE_GRANULE = 64 << 10
 READERS = max(1, min(4, os.cpu_count() or 1))
 _STOP_TIMEOUT = 10.0
@@ -57,8 +58,8 @@ Inspect = Callable[[int, Chunk, int], None]
 # A chunk of the vmcore's memory, in file order: its file offset, its length,
 # and where it is read from in QEMU (None: a hole, never populated).
 _Piece = tuple[int, int, int | None]
-# Runs of a chunk: (start, end, nonzero).
-_Runs = list[tuple[int, int, bool]]
+# The spans of a chunk that hold data, (start, end), in order; the rest is zeros.
+_Extents = list[tuple[int, int]]
 
 
 class Writer:
@@ -75,24 +76,26 @@ class Writer:
         self._lock = threading.Lock()  # over the counts, progress and inspect
         # Pipe only: chunks read and waiting for their turn, by sequence number.
         self._ready = threading.Condition()
-        self._pending: dict[int, tuple[int, Buffer | bytes | None, _Runs,
+        self._pending: dict[int, tuple[int, Buffer | bytes | None, _Extents,
                                        queue.SimpleQueue | None]] = {}
         self._closed = False
         self._ended = threading.Event()  # the pipe's writer has ended (see _Readers)
-        self._thread = threading.Thread(target=self._run, name="livedump-writer", daemon=True)
 
     def place(self, seq: int, offset: int, data: Buffer | bytes | None, length: int,
               free: "queue.SimpleQueue[Buffer] | None" = None) -> None:
         """Write chunk number ``seq`` (bytes, a buffer just read, or None for a
         hole) at ``offset``; a buffer goes back into ``free`` once written."""
-        runs = _runs(data, length) if isinstance(data, Buffer) else [(0, length, data is not None)]
+        if isinstance(data, Buffer):
+            spans = _extents_of_data(data, length)
+        else:
+            spans = [] if data is None else [(0, length)]
         if not self.ordered:
-            self._write(offset, data, length, runs)
+            self._write(offset, data, length, spans)
             if isinstance(data, Buffer) and free is not None:
                 free.put(data)
             return
         with self._ready:
-            self._pending[seq] = (length, data, runs, free)
+            self._pending[seq] = (length, data, spans, free)
             self._ready.notify()
 
     def check(self) -> None:
@@ -119,19 +122,19 @@ class Writer:
                 pass
         self.check()
 
-    def _write(self, offset: int, data: Buffer | bytes | None, length: int, runs: _Runs) -> None:
-        wrote = 0
-        for start, end, nonzero in runs:
-            if not nonzero:
-                if self.ordered:
-                    self.out.skip(end - start)
-                continue
+    def _write(self, offset: int, data: Buffer | bytes | None, length: int,
+               spans: _Extents) -> None:
+        wrote, done = 0, 0  # bytes of data written; bytes of the chunk behind us
+        for start, end in spans:
             part = data.view[start:end] if isinstance(data, Buffer) else data[start:end]
             if self.ordered:
+                self.out.skip(start - done)
                 self.out.write(part)
             else:
                 self.out.write_at(offset + start, part)
-            wrote += end - start
+            wrote, done = wrote + end - start, end
+        if self.ordered:
+            self.out.skip(length - done)
         with self._lock:
             self.written += wrote
             if wrote and self.inspect and isinstance(data, Buffer):
@@ -170,7 +173,7 @@ class Writer:
             # Started with the terminating signals blocked, which it keeps for
             # life: they must reach the main thread, whose handlers end the dump.
             with signals.deferred():
-                self._thread.start()
+                threading.Thread(target=self._run, name="livedump-writer", daemon=True).start()
         return self
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
@@ -262,21 +265,38 @@ class _Readers:
             raise DumpIOError("the readers ended before every chunk of memory was read")
 
 
-def _runs(buf: Buffer, length: int) -> _Runs:
-    """``(start, end, nonzero)`` runs of the first ``length`` bytes of ``buf``,
-    told apart by :data:`HOLE_GRANULE`. Compared with memcmp through ctypes:
-    C speed, and other threads run meanwhile."""
-    if _memcmp(buf.address, _ZERO_CHUNK.address, length) == 0:
-        return [(0, length, False)]
-    runs, start, nonzero = [], 0, True
+def _extents_of_data(buf: Buffer, length: int) -> _Extents:
+    """The ``(start, end)`` spans of the first ``length`` bytes of ``buf`` that
+    are not zeros: found :data:`HOLE_GRANULE` by granule, then trimmed to whole
+    pages at each end, as idle memory is zeros around small islands of data.
+    Compared with memcmp through ctypes: C speed, and other threads run meanwhile."""
+    if _zero(buf, 0, length):
+        return []
+    spans: _Extents = []
+    start: int | None = None
     for at in range(0, length, HOLE_GRANULE):
-        here = _memcmp(buf.address + at, _ZERO_CHUNK.address, min(HOLE_GRANULE, length - at)) != 0
-        if here != nonzero and at > start:
-            runs.append((start, at, nonzero))
-            start = at
-        nonzero = here
-    runs.append((start, length, nonzero))
-    return runs
+        if not _zero(buf, at, min(HOLE_GRANULE, length - at)):
+            start = at if start is None else start
+        elif start is not None:
+            spans.append(_trimmed(buf, start, at))
+            start = None
+    if start is not None:
+        spans.append(_trimmed(buf, start, length))
+    return spans
+
+
+def _trimmed(buf: Buffer, start: int, end: int) -> tuple[int, int]:
+    """``[start, end)``, which holds data, less its leading and trailing zero pages."""
+    while _zero(buf, start, min(PAGE_SIZE, end - start)):
+        start += PAGE_SIZE
+    last = start + (end - start - 1) // PAGE_SIZE * PAGE_SIZE  # the last page, maybe partial
+    while _zero(buf, last, end - last):
+        end, last = last, last - PAGE_SIZE
+    return start, end
+
+
+def _zero(buf: Buffer, at: int, length: int) -> bool:
+    return _memcmp(buf.address + at, _ZERO_CHUNK.address, length) == 0
 
 
 def copy(layout: CoreLayout, private: Sequence[bool], memory: ProcessMemory,

@@ -74,26 +74,30 @@ def test_a_failed_read_fails_the_copy_and_leaves_no_file(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_zeros_around_islands_of_data_become_holes_granule_by_granule(tmp_path):
-    # Data at the start, the middle and the end of one chunk, and across a
-    # granule boundary: every granule holding a byte of it is written, no other.
+def test_zeros_around_islands_of_data_become_holes_page_by_page(tmp_path):
+    # Data at the start, the middle and the end of one chunk, across a page and
+    # a chunk boundary, and two pages apart in one granule: the pages from the
+    # first to the last holding a byte of an island are written, and no other.
+    page = mmap.PAGESIZE
     m = mmap.mmap(-1, 2 * CHUNK, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    islands = [0, 5 * HOLE_GRANULE + 17, 9 * HOLE_GRANULE - 2, CHUNK - 1, CHUNK + 3 * HOLE_GRANULE]
+    islands = [0, 5 * HOLE_GRANULE + 17, 9 * HOLE_GRANULE - 2, CHUNK - 1,
+               CHUNK + 3 * HOLE_GRANULE, CHUNK + 3 * HOLE_GRANULE + 2 * page]
     for at in islands:
         m[at:at + 3] = b"abc"
-    granules = {g for at in islands for g in (at // HOLE_GRANULE, (at + 2) // HOLE_GRANULE)}
+    first = CHUNK // page + 3 * HOLE_GRANULE // page
+    pages = {0, 5 * HOLE_GRANULE // page, 9 * HOLE_GRANULE // page - 1, 9 * HOLE_GRANULE // page,
+             CHUNK // page - 1, CHUNK // page, first, first + 1, first + 2}  # first + 1: zeros
     path, layout, _ = _dump(tmp_path, [Block(0, 2 * CHUNK, _address(m))], [False])
     assert path.read_bytes()[layout.offsets[0]:] == m[:]
     allocated = os.stat(path).st_blocks * 512
-    assert allocated <= layout.data_offset + len(granules) * HOLE_GRANULE
-    assert allocated >= len(granules) * 4096  # at least a page of each island is there
-    # What the writer counts as written is exactly those granules.
+    assert len(pages) * page <= allocated <= layout.data_offset + len(pages) * page
+    # What the writer counts as written is exactly those pages.
     with Output(str(tmp_path / "again.vmcore")) as out, ProcessMemory(os.getpid()) as memory, \
             PageMap(os.getpid()) as pagemap:
         with Writer(out) as writer:
             copy(layout, [False], memory, pagemap, writer)
             writer.finish()
-        assert writer.written == len(layout.header) + len(granules) * HOLE_GRANULE
+        assert writer.written == len(layout.header) + len(pages) * page
 
 
 def test_into_a_pipe_chunks_keep_their_order_and_holes_are_zeros(capfdbinary):
