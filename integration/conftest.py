@@ -40,15 +40,20 @@ def livedump(*args: str, timeout: float = 600, **kwargs) -> subprocess.Completed
 
 def sigterm_after(delay: float, *args: str) -> int:
     """Run livedump with ``args``, writing to a pipe nobody reads (so it stalls
-    mid-dump, the guest paused), send it SIGTERM after ``delay`` s; its status."""
+    mid-dump, the guest paused), send it SIGTERM after ``delay`` s; its status,
+    once it is known to have said no more than the one line an interrupt earns."""
     r, w = os.pipe()
     proc = subprocess.Popen([sys.executable, "-m", "livedump", *args, "-"],
-                            stdout=w, stderr=subprocess.DEVNULL)
+                            stdout=w, stderr=subprocess.PIPE)
     os.close(w)
     try:
         time.sleep(delay)
         proc.send_signal(signal.SIGTERM)
-        return proc.wait(timeout=60)
+        _, err = proc.communicate(timeout=60)
     finally:
         os.close(r)
         proc.kill()
+    # Killed before its handlers were in place, it says nothing.
+    said = {-signal.SIGTERM: b"", 128 + signal.SIGTERM: b"livedump: interrupted by SIGTERM\n"}
+    assert err == said.get(proc.returncode, err), (delay, err)
+    return proc.returncode
