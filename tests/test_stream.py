@@ -8,13 +8,13 @@ import time
 
 import pytest
 
+from livedump import stream
 from livedump.arch import lookup
 from livedump.coalesce import Block
 from livedump.elfcore import CoreLayout
 from livedump.errors import DumpIOError
 from livedump.output import Output
 from livedump.procmem import PageMap, ProcessMemory
-from livedump import stream
 from livedump.stream import CHUNK, HOLE_GRANULE, READERS, Writer, copy
 
 MiB = 1 << 20
