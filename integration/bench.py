@@ -32,6 +32,7 @@ import array
 import ctypes
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -39,7 +40,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .vm import VM
+from .vm import VM, kvm_usable
 
 GiB = 1 << 30
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -279,12 +280,29 @@ def measure(name: str, runs: int, workdir: Path) -> tuple[list[Run], list[Run], 
         f"{mem_rate:.2f} GB/s, process_vm_readv {vm_rate:.2f} GB/s")
 
 
+def provenance() -> str:
+    """Which code ran where and when: figures mean nothing without it."""
+    top = Path(__file__).resolve().parent.parent
+    commit = subprocess.run(["git", "-C", str(top), "describe", "--always", "--dirty"],
+                            capture_output=True, text=True).stdout.strip() or "unknown"
+    qemu = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True,
+                          text=True).stdout.splitlines()[0]
+    with open("/proc/cpuinfo") as f:
+        model = next((line.split(":", 1)[1].strip() for line in f
+                      if line.startswith("model name")), platform.machine())
+    return (f"livedump {commit}, {time.strftime('%Y-%m-%d %H:%M %Z')}; {qemu}; "
+            f"{platform.node()}: {os.cpu_count()} CPUs ({model}), "
+            f"{os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') >> 30} GiB, "
+            f"Linux {platform.release()}; KVM {'usable' if kvm_usable() else 'not usable'}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--scenarios", default="a,a',b,c,live")
     p.add_argument("--dir", type=Path, default=Path("/dev/shm"))
     args = p.parse_args()
+    print(provenance(), flush=True)
     print(f"{'scenario':36} {'tool':9} {'wall s':>7} {'pause s':>8} {'allocated':>10} "
           f"{'peak RSS':>9}  livedump/QEMU: wall, pause", flush=True)
     notes = []
