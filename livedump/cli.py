@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 from .errors import Interrupted, LivedumpError
 from .monitor import Address
-from .output import STDOUT
+from .output import STDOUT, check_stdout, guard_standard_fds
 
 EPILOG = """\
 exit codes: 0 done, 1 internal error, 2 usage, 3 no such process, 4 not QEMU,
@@ -103,6 +103,7 @@ def _qmp_address(text: str) -> Address:
 
 
 def main(argv: list[str] | None = None) -> int:
+    guard_standard_fds()  # Already done by ``python -m livedump``; not by the script.
     args = parse_args(argv)
     signals.install()
     request = Request(output=args.output, pid=args.pid, qmp=args.qmp, domain=args.domain,
@@ -112,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
                       live=args.live,
                       progress=None if args.quiet or not sys.stderr.isatty() else ProgressBar())
     try:
+        if args.output == STDOUT:
+            check_stdout()  # Before the VM is looked at.
         summary = dump(request)
     except (LivedumpError, Interrupted) as e:
         print(f"livedump: {e}", file=sys.stderr)

@@ -7,9 +7,11 @@ is never followed.
 """
 
 import errno
+import fcntl
 import os
 import secrets
 import stat
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -21,6 +23,56 @@ from .errors import DumpIOError, OutputExists, PermissionDenied, UsageError
 
 STDOUT = "-"
 _ZEROS = bytes(1 << 20)
+_STREAMS = ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w"))
+_closed_at_start: frozenset[int] | None = None  # which of fds 0-2, once guarded
+
+
+def guard_standard_fds() -> None:
+    """Open /dev/null on each of fds 0-2 that is closed; call before anything opens a file.
+
+    A closed one would be the number the next open file or socket takes
+    (the monitor's, the lock's), and what is meant for standard output or
+    error (the vmcore, with ``-``; the report) would go into it. Python has
+    left ``sys.stdout`` (say) None for a closed fd, and a ``print`` to a None
+    ``sys.stderr`` writes to standard output: each becomes a stream on
+    /dev/null. Once per process; later calls change nothing.
+    """
+    global _closed_at_start
+    if _closed_at_start is not None:
+        return
+    closed = []
+    for fd, name, mode in _STREAMS:
+        try:
+            os.fstat(fd)
+            continue
+        except OSError as e:
+            if e.errno != errno.EBADF:
+                continue
+        null = os.open(os.devnull, os.O_RDWR)  # The lowest free number: ``fd`` itself.
+        if null != fd:
+            os.dup2(null, fd)
+            os.close(null)
+        os.set_inheritable(fd, True)
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(fd, mode, closefd=False))
+        closed.append(fd)
+    _closed_at_start = frozenset(closed)
+
+
+def check_stdout() -> None:
+    """Refuse standard output as the vmcore's destination where nothing could read it."""
+    try:
+        flags = fcntl.fcntl(1, fcntl.F_GETFL)
+    except OSError:
+        flags = -1
+    if flags == -1 or 1 in (_closed_at_start or ()):
+        raise UsageError("standard output is closed: give a file for the vmcore, "
+                         "or redirect standard output to where it should go")
+    if flags & os.O_ACCMODE == os.O_RDONLY:
+        raise UsageError("standard output is open for reading only: redirect it to where "
+                         "the vmcore should go")
+    if os.isatty(1):
+        raise UsageError("refusing to write a vmcore to a terminal; redirect standard output")
 
 
 class Output:
@@ -33,8 +85,7 @@ class Output:
         self._end = 0  # the furthest byte written by write_at, or asked for by extend
         self._end_lock = threading.Lock()  # write_at is called from several threads
         if path == STDOUT:
-            if os.isatty(1):
-                raise UsageError("refusing to write a vmcore to a terminal; redirect standard output")
+            check_stdout()
             self._fd = 1
             return
         if os.path.lexists(path) and not force:

@@ -2,11 +2,16 @@
 
 import os
 import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from livedump.errors import DumpIOError, OutputExists, UsageError
 from livedump.output import Output
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_file_appears_only_when_committed_and_is_0600(tmp_path):
@@ -86,3 +91,34 @@ def test_write_at_is_refused_on_stdout(monkeypatch):
     monkeypatch.setattr(os, "isatty", lambda fd: False)  # as when stdout is a pipe
     with pytest.raises(DumpIOError, match="out of order"):
         Output("-").write_at(0, b"x")
+
+
+def _run_with(redirections: str, *args: str) -> "subprocess.CompletedProcess[bytes]":
+    return subprocess.run(
+        ["sh", "-c", f'exec "$@" {redirections}', "sh", sys.executable, "-m", "livedump", *args],
+        capture_output=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+@pytest.mark.parametrize("redirection, message", [
+    (">&-", b"livedump: standard output is closed: "),
+    ("1</dev/null", b"livedump: standard output is open for reading only: "),
+])
+def test_unusable_stdout_is_refused_before_the_vm_is_looked_at(redirection, message):
+    # A PID that cannot be QEMU: reached, it would be another error.
+    r = _run_with(redirection, "--pid", str(os.getpid()), "-")
+    assert r.returncode == 2
+    assert r.stderr.startswith(message) and r.stderr.count(b"\n") == 1
+
+
+def test_closed_fds_become_dev_null():
+    """Each closed one is /dev/null at its own number, with a Python stream on it; what is
+    printed to a closed standard error goes nowhere (Python's None would send it to stdout)."""
+    code = ("import os, sys; from livedump.output import guard_standard_fds; "
+            "guard_standard_fds(); "
+            "print('error', file=sys.stderr); "
+            "print(*[os.readlink(f'/proc/self/fd/{fd}') for fd in (0, 2)], "
+            "sys.stdin.fileno(), sys.stderr.fileno(), os.get_inheritable(2))")
+    r = subprocess.run(["sh", "-c", 'exec "$@" <&- 2>&-', "sh", sys.executable, "-c", code],
+                       capture_output=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0
+    assert r.stdout == b"/dev/null /dev/null 0 2 True\n"
