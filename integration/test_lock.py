@@ -7,14 +7,13 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from .conftest import livedump
-from .firmware import COUNTER_FIRST
+from .counting import assert_counts
 from .vm import COUNTING_PC, VM
 
 # Takes every lock on the VM it can think of, says what it got, and holds
@@ -50,17 +49,6 @@ def vm() -> Iterator[VM]:
 def holding(*command: str) -> subprocess.Popen:
     """``command`` started with a pipe for input: it holds what it took until that closes."""
     return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-
-
-def assert_counts(vm: VM) -> None:
-    def counter() -> str:
-        return vm.command("human-monitor-command", **{"command-line": f"xp /1wx {COUNTER_FIRST}"})
-
-    assert vm.status() == "running"
-    first, deadline = counter(), time.monotonic() + 10
-    while counter() == first:
-        assert time.monotonic() < deadline, "the guest stopped counting"
-        time.sleep(0.05)
 
 
 def test_unprivileged_user_cannot_block_a_dump(vm: VM, scratch: Path) -> None:

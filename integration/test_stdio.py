@@ -14,13 +14,12 @@ import stat
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from .firmware import COUNTER_FIRST
+from .counting import assert_counts
 from .vm import COUNTING_PC, VM, Marker
 
 ROOT = Path(__file__).resolve().parents[1]  # this checkout's livedump, whatever the cwd
@@ -85,21 +84,6 @@ def tap(vm: VM, tmp_path: Path) -> Iterator[Tap]:
     tap.close()
 
 
-def counter(vm: VM) -> int:
-    text = vm.command("human-monitor-command", **{"command-line": f"xp /1wx {COUNTER_FIRST:#x}"})
-    assert isinstance(text, str)
-    return int(text.split(":")[1], 16)
-
-
-def assert_vm_runs_on(vm: VM) -> None:
-    assert vm.status() == "running"
-    first = counter(vm)
-    deadline = time.monotonic() + 10
-    while counter(vm) == first:
-        assert time.monotonic() < deadline, "the guest stopped counting"
-        time.sleep(0.05)
-
-
 def run(redirections: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     """livedump run by a shell with ``redirections`` applied to it alone."""
     return subprocess.run(
@@ -124,7 +108,7 @@ def test_file_output_with_closed_fds(vm: VM, tap: Tap, tmp_path: Path, closed: s
     assert MARKER in out.read_bytes()
     assert MARKER not in tap.received
     assert tap.received  # It did go through the relay.
-    assert_vm_runs_on(vm)
+    assert_counts(vm)
 
 
 @pytest.mark.parametrize("closed", CLOSED)
@@ -152,7 +136,7 @@ def test_stdout_output_with_closed_fds(vm: VM, tap: Tap, tmp_path: Path, closed:
                    cwd=tmp_path).returncode == 0
         assert len(data) == (tmp_path / "file.vmcore").stat().st_size
     assert MARKER not in tap.received
-    assert_vm_runs_on(vm)
+    assert_counts(vm)
 
 
 def test_stdout_closed_with_the_monitor_alone(vm: VM, tmp_path: Path) -> None:
@@ -161,5 +145,5 @@ def test_stdout_closed_with_the_monitor_alone(vm: VM, tmp_path: Path) -> None:
     r = run(">&-", "--qmp", str(vm.socket), "-", cwd=tmp_path)
     assert r.returncode == 2
     assert r.stderr.startswith(b"livedump: standard output is closed: ")
-    assert_vm_runs_on(vm)
+    assert_counts(vm)
     assert os.listdir(tmp_path) == []

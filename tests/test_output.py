@@ -1,5 +1,6 @@
 """Output safety: 0600 from the start, no clobbering, nothing left behind on failure."""
 
+import errno
 import os
 import stat
 import subprocess
@@ -8,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from livedump import output
 from livedump.errors import DumpIOError, OutputExists, UsageError
-from livedump.output import Output
+from livedump.output import Output, Placement
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -122,3 +124,93 @@ def test_closed_fds_become_dev_null():
                        capture_output=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0
     assert r.stdout == b"/dev/null /dev/null 0 2 True\n"
+
+
+def _special_files(tmp_path):
+    """A FIFO, a directory and (as root) a copy of /dev/null, each holding a marker
+    that shows whether it was touched."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    directory = tmp_path / "dir"
+    directory.mkdir()
+    (directory / "inside").write_text("keep")
+    made = [(fifo, "a FIFO"), (directory, "a directory")]
+    if os.geteuid() == 0:
+        device = tmp_path / "null"
+        os.mknod(device, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        made.append((device, "a character device"))
+    return made
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_only_regular_files_and_symlinks_are_replaced(tmp_path, force):
+    for path, kind in _special_files(tmp_path):
+        before = os.lstat(path)
+        with pytest.raises(OutputExists) as e:
+            Output(str(path), force=force)
+        assert str(e.value) == (f"{path} is {kind}: livedump replaces only regular files "
+                                "and symlinks, even with --force")
+        after = os.lstat(path)
+        assert (after.st_ino, after.st_mode, after.st_rdev) == (
+            before.st_ino, before.st_mode, before.st_rdev)
+    assert (tmp_path / "dir" / "inside").read_text() == "keep"
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".partial")]
+
+
+def test_a_path_that_becomes_a_fifo_during_the_dump_is_left_alone(tmp_path):
+    path = tmp_path / "a.vmcore"
+    path.write_text("old")
+    with Output(str(path), force=True) as out:
+        out.write(b"new")
+        path.unlink()
+        os.mkfifo(path)
+        with pytest.raises(OutputExists, match="became a FIFO during the dump"):
+            out.commit()
+    assert stat.S_ISFIFO(os.lstat(path).st_mode)
+    assert os.listdir(tmp_path) == ["a.vmcore"]
+
+
+@pytest.mark.parametrize("placement", [Placement.RENAME, Placement.LINK, Placement.CLAIM])
+def test_each_placement_puts_the_file_in_place_and_never_clobbers(tmp_path, monkeypatch,
+                                                                   placement):
+    """RENAME where the filesystem has RENAME_NOREPLACE (here); LINK where the C library
+    has no renameat2; CLAIM where there are no links either (FUSE vfat and exfat)."""
+    if placement is not Placement.RENAME:
+        monkeypatch.setattr(output, "_renameat2", None)
+    if placement is Placement.CLAIM:
+        def no_links(*args):
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        monkeypatch.setattr(os, "link", no_links)
+    path = tmp_path / "a.vmcore"
+    with Output(str(path)) as out:
+        assert out.placement is placement
+        out.write(b"dump")
+        out.commit()
+    assert path.read_bytes() == b"dump"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert os.listdir(tmp_path) == ["a.vmcore"]
+    other = tmp_path / "b.vmcore"
+    with Output(str(other)) as out:
+        out.write(b"dump")
+        other.write_text("raced")
+        with pytest.raises(OutputExists, match="appeared during the dump"):
+            out.commit()
+    assert other.read_text() == "raced"
+    assert sorted(os.listdir(tmp_path)) == ["a.vmcore", "b.vmcore"]
+
+
+def test_a_touched_claim_is_left_to_whoever_touched_it(tmp_path):
+    source, target = tmp_path / "source", tmp_path / "target"
+    source.write_text("dump")
+    real_lstat = os.lstat
+
+    def someone_writes_first(path, *args, **kwargs):
+        if str(path) == str(target):
+            target.write_text("theirs")  # opened without O_EXCL: into the claim
+        return real_lstat(path, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(os, "lstat", someone_writes_first)
+        assert not output._claim_and_rename(str(source), str(target))
+    assert target.read_text() == "theirs"
+    assert source.read_text() == "dump"
