@@ -2,6 +2,8 @@
 
 import argparse
 import json
+import os
+import stat
 import sys
 from typing import TYPE_CHECKING
 
@@ -16,7 +18,7 @@ if TYPE_CHECKING:
 
 from .errors import Interrupted, LivedumpError
 from .monitor import Address
-from .output import STDOUT
+from .output import STDOUT, Output, check_stdout, guard_standard_fds, open_to_others
 
 EPILOG = """\
 exit codes: 0 done, 1 internal error, 2 usage, 3 no such process, 4 not QEMU,
@@ -70,6 +72,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="report as JSON")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="no progress bar and no summary line (errors are still reported)")
+    p.add_argument("--allow-readable-by-others", action="store_true",
+                   help="write the vmcore even where its filesystem lets others read it "
+                   "(vfat or exfat mounted without umask=077 decides the mode); refused "
+                   "otherwise, as guest memory holds secrets")
     p.add_argument("--version", action="version", version=f"livedump {__version__}")
     args = p.parse_args(argv)
     if args.domain is not None and (args.pid is not None or args.qmp is not None):
@@ -103,8 +109,10 @@ def _qmp_address(text: str) -> Address:
 
 
 def main(argv: list[str] | None = None) -> int:
+    guard_standard_fds()  # Already done by ``python -m livedump``; not by the script.
     args = parse_args(argv)
     signals.install()
+    Output.allow_readable_by_others = args.allow_readable_by_others
     request = Request(output=args.output, pid=args.pid, qmp=args.qmp, domain=args.domain,
                       connect=args.connect, via=args.via,
                       debug_file=args.debug_file, arch=args.arch,
@@ -112,16 +120,32 @@ def main(argv: list[str] | None = None) -> int:
                       live=args.live,
                       progress=None if args.quiet or not sys.stderr.isatty() else ProgressBar())
     try:
+        if args.output == STDOUT:
+            check_stdout()  # Before the VM is looked at.
         summary = dump(request)
     except (LivedumpError, Interrupted) as e:
         print(f"livedump: {e}", file=sys.stderr)
         return e.exit_code
     report = sys.stderr if args.output == STDOUT else sys.stdout
+    mode = file_mode(args.output)
     if args.json:
-        print(json.dumps(as_json(summary)), file=report)
+        print(json.dumps({**as_json(summary), "file_mode": None if mode is None
+                          else f"{mode:04o}"}), file=report)
     elif not args.quiet:
-        print(f"livedump: {summary_line(summary)}", file=sys.stderr)
+        exposed = (f"; {args.output} is readable by others (mode {mode:04o}, set by its "
+                   "filesystem)" if mode is not None and open_to_others(mode) else "")
+        print(f"livedump: {summary_line(summary)}{exposed}", file=sys.stderr)
     return 0
+
+
+def file_mode(output: str) -> int | None:
+    """The written vmcore's permission bits, for the report (None for standard output)."""
+    if output == STDOUT:
+        return None
+    try:
+        return stat.S_IMODE(os.lstat(output).st_mode)
+    except OSError:
+        return None
 
 
 class ProgressBar:
