@@ -1,8 +1,11 @@
 """Target architectures: what each one means for the ELF header."""
 
 from dataclasses import dataclass
+from typing import Literal
 
 from .errors import UsageError
+
+ByteOrder = Literal["little", "big"]  # as int.from_bytes and int.to_bytes take it
 
 EM_386 = 3
 EM_PPC64 = 21
@@ -17,7 +20,7 @@ class Arch:
 
     name: str
     bits: int
-    byteorder: str
+    byteorder: ByteOrder
     machine: int
 
     @property
@@ -110,7 +113,7 @@ def from_elf(machine: int, bits: int, little_endian: bool) -> Arch:
     The class is kept as given: QEMU writes ELF64 for an i386 guest whose
     memory ends at or above 4 GiB.
     """
-    byteorder = "little" if little_endian else "big"
+    byteorder: ByteOrder = "little" if little_endian else "big"
     for a in ARCHES.values():
         if a.machine == machine and a.byteorder == byteorder:
             return Arch(a.name, bits, byteorder, a.machine)

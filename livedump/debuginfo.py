@@ -14,17 +14,18 @@ import time
 import urllib.error
 import urllib.request
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
+from elftools.elf.sections import NoteSection
+from elftools.elf.segments import NoteSegment
 
 from . import __version__
 from .errors import DebugInfoError, PermissionDenied
 from .output import replacing
-
 
 # gdb's debug-file-directory: separate debug files by build-id and by
 # .gnu_debuglink live under it. A list so tests can point it elsewhere.
@@ -91,11 +92,15 @@ def open_elf(path: str | Path) -> Iterator[ELFFile]:
 
 
 def _build_id(elf: ELFFile) -> str | None:
-    holders = [s for s in elf.iter_sections() if s["sh_type"] == "SHT_NOTE"]
-    for holder in holders or [s for s in elf.iter_segments() if s["p_type"] == "PT_NOTE"]:
+    """From the note sections, else (a file with no section headers) the note segments."""
+    holders: Sequence[NoteSection | NoteSegment] = (
+        [s for s in elf.iter_sections() if isinstance(s, NoteSection)]
+        or [s for s in elf.iter_segments() if isinstance(s, NoteSegment)])
+    for holder in holders:
         for note in holder.iter_notes():
             if note["n_type"] == "NT_GNU_BUILD_ID" and note["n_name"] == "GNU":
-                return note["n_desc"]
+                build_id: str = note["n_desc"]  # pyelftools gives this note's bytes in hex
+                return build_id
     return None
 
 

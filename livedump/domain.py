@@ -18,12 +18,17 @@ import json
 import os
 import threading
 from collections.abc import Callable, Mapping
-from types import ModuleType
-from typing import TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from . import signals
-from .errors import (DomainNotRunning, LivedumpError, MonitorError, MonitorUnavailable,
-                     PermissionDenied, ProcessNotFound)
+from .errors import (
+    DomainNotRunning,
+    LivedumpError,
+    MonitorError,
+    MonitorUnavailable,
+    PermissionDenied,
+    ProcessNotFound,
+)
 from .monitor import RESUME_TIMEOUT
 from .target import is_qemu
 
@@ -32,13 +37,69 @@ CONNECT_TIMEOUT = 60.0  # A libvirtd that has just started probes every QEMU fir
 
 T = TypeVar("T")
 
+# libvirt's binding ships no type information: what livedump uses of it is
+# declared here, so that mypy checks the calls.
+
+if TYPE_CHECKING:
+    class _LibvirtError(Exception):
+        """libvirt.libvirtError."""
+
+        def get_error_code(self) -> int | None:
+            raise NotImplementedError
+
+        def get_error_message(self) -> str | None:
+            raise NotImplementedError
+
+
+class _VirDomain(Protocol):
+    """libvirt.virDomain."""
+
+    def isActive(self) -> int: ...
+    def UUIDString(self) -> str: ...
+    def state(self) -> list[int]: ...  # [state, reason]
+    def suspend(self) -> int: ...
+    def resume(self) -> int: ...
+    def coreDumpWithFormat(self, to: str, dumpformat: int, flags: int) -> int: ...
+
+
+class _VirConnect(Protocol):
+    """libvirt.virConnect."""
+
+    def lookupByName(self, name: str) -> _VirDomain: ...
+    def lookupByUUIDString(self, uuidstr: str) -> _VirDomain: ...
+    def close(self) -> int: ...
+
+
+class _Libvirt(Protocol):
+    """The libvirt module."""
+
+    libvirtError: type["_LibvirtError"]
+    VIR_DOMAIN_RUNNING: int
+    VIR_DOMAIN_BLOCKED: int
+    VIR_DOMAIN_PAUSED: int
+    VIR_DOMAIN_SHUTDOWN: int
+    VIR_DOMAIN_CORE_DUMP_FORMAT_RAW: int
+    VIR_DUMP_MEMORY_ONLY: int
+    VIR_ERR_NO_DOMAIN: int
+    VIR_ERR_AUTH_FAILED: int
+    VIR_ERR_AUTH_CANCELLED: int
+    VIR_ERR_AUTH_UNAVAILABLE: int
+    VIR_ERR_ACCESS_DENIED: int
+    VIR_ERR_NO_CONNECT: int
+    VIR_ERR_SYSTEM_ERROR: int
+    VIR_ERR_OPERATION_TIMEOUT: int
+    VIR_ERR_RPC: int
+
+    def open(self, name: str) -> _VirConnect: ...
+    def registerErrorHandler(self, f: Callable[[None, object], None], ctx: None) -> int: ...
+
 
 def default_uri() -> str:
     """The URI virsh would use without ``--connect``, else the system instance."""
     return os.environ.get("LIBVIRT_DEFAULT_URI") or DEFAULT_URI
 
 
-def _binding() -> ModuleType:
+def _binding() -> _Libvirt:
     try:
         import libvirt
     except ImportError:
@@ -48,8 +109,9 @@ def _binding() -> ModuleType:
             "and python3-dev)"
         ) from None
     # By default libvirt also prints every error to standard error; we report our own.
-    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-    return libvirt
+    binding: _Libvirt = libvirt
+    binding.registerErrorHandler(lambda _ctx, _err: None, None)
+    return binding
 
 
 class Domain:
@@ -70,10 +132,11 @@ class Domain:
         self.name = name
         self.uri = uri
         self.timeout = timeout
-        self._conn = self._call(f"connect to {uri}", self.libvirt.open, uri,
-                                timeout=CONNECT_TIMEOUT, failure=MonitorUnavailable)
+        conn = self._call(f"connect to {uri}", self.libvirt.open, uri,
+                          timeout=CONNECT_TIMEOUT, failure=MonitorUnavailable)
+        self._conn: _VirConnect | None = conn  # None once closed
         try:
-            self._dom = self._lookup()
+            self._dom = self._lookup(conn)
             if not self._call(f"read the state of domain {name}", self._dom.isActive):
                 raise DomainNotRunning(f"domain {name!r} at {uri} is not running: there is "
                                        "no QEMU process to dump")
@@ -83,10 +146,10 @@ class Domain:
             self.close()
             raise
 
-    def _lookup(self) -> object:
+    def _lookup(self, conn: _VirConnect) -> _VirDomain:
         try:
             return self._call(f"look up domain {self.name} at {self.uri}",
-                              self._conn.lookupByName, self.name, timeout=CONNECT_TIMEOUT)
+                              conn.lookupByName, self.name, timeout=CONNECT_TIMEOUT)
         except ProcessNotFound:
             raise ProcessNotFound(f"no domain {self.name!r} at {self.uri}") from None
 
@@ -113,8 +176,9 @@ class Domain:
         """Send one QMP command (JSON) through libvirt's pass-through; QEMU's JSON reply."""
         import libvirt_qemu
 
+        send: Callable[[_VirDomain, str, int], str] = libvirt_qemu.qemuMonitorCommand
         return self._call(f"pass a command to the monitor of domain {self.name}",
-                          libvirt_qemu.qemuMonitorCommand, self._dom, command, 0)
+                          send, self._dom, command, 0)
 
     def _call(self, what: str, function: Callable[..., T], *args: object,
               timeout: float | None = None,
@@ -143,23 +207,22 @@ class Domain:
 def _within(timeout: float, function: Callable[..., T], *args: object) -> T:
     """``function(*args)``, run in a thread; TimeoutError if it has not returned in time
     (the thread is left to finish or to end with the process)."""
-    outcome: list[tuple[bool, object]] = []
+    outcome: list[tuple[T] | BaseException] = []  # the value (in a tuple), or what it raised
 
     def run() -> None:
         try:
-            outcome.append((True, function(*args)))
+            outcome.append((function(*args),))
         except BaseException as e:
-            outcome.append((False, e))
+            outcome.append(e)
 
     worker = threading.Thread(target=run, name="livedump-libvirt", daemon=True)
     worker.start()
     worker.join(timeout)
     if not outcome:
         raise TimeoutError
-    ok, value = outcome[0]
-    if not ok:
-        raise value  # type: ignore[misc]
-    return value  # type: ignore[return-value]
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0][0]
 
 
 class PassThrough:
@@ -229,7 +292,7 @@ def _has_uuid(pid: int, uuid: str) -> bool:
     except OSError:
         return False  # Gone, or not ours to read: not a QEMU we could dump anyway.
     wanted = uuid.encode()
-    return any(a == b"-uuid" and v.lower() == wanted for a, v in zip(argv, argv[1:]))
+    return any(a == b"-uuid" and v.lower() == wanted for a, v in zip(argv, argv[1:], strict=False))
 
 
 def resume_if_paused(uri: str, uuid: str) -> bool:
@@ -248,10 +311,10 @@ def resume_if_paused(uri: str, uuid: str) -> bool:
         return False
 
 
-def _error(libvirt: ModuleType, e: Exception, message: str,
+def _error(libvirt: _Libvirt, e: "_LibvirtError", message: str,
            failure: type[LivedumpError]) -> LivedumpError:
     """The livedump error for a libvirt one: which exit code it deserves."""
-    code = e.get_error_code()  # type: ignore[attr-defined]
+    code = e.get_error_code()
     if code == libvirt.VIR_ERR_NO_DOMAIN:
         return ProcessNotFound(message)
     if code in (libvirt.VIR_ERR_AUTH_FAILED, libvirt.VIR_ERR_AUTH_CANCELLED,
@@ -264,7 +327,7 @@ def _error(libvirt: ModuleType, e: Exception, message: str,
     return failure(message)
 
 
-def _message(e: Exception) -> str:
+def _message(e: "_LibvirtError") -> str:
     """libvirt's own message, on one line."""
-    text = e.get_error_message() or str(e)  # type: ignore[attr-defined]
+    text = e.get_error_message() or str(e)
     return " ".join(text.split())

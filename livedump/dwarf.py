@@ -34,7 +34,9 @@ import struct
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import suppress
 from dataclasses import asdict, dataclass
+from io import BytesIO
 from pathlib import Path
+from typing import IO, TypeVar
 
 from elftools.common.exceptions import DWARFError, ELFError
 from elftools.dwarf.die import DIE, AttributeValue
@@ -42,10 +44,10 @@ from elftools.dwarf.dwarf_expr import DWARFExprParser
 from elftools.dwarf.dwarfinfo import DWARFInfo
 from elftools.elf.elffile import ELFFile
 
+from .arch import ByteOrder
 from .debuginfo import check_build_id, find_debug_file, open_elf, read_build_id, supplementary_file
 from .errors import DebugInfoError
 from .output import replacing
-
 
 VARIABLE = "address_space_memory"
 
@@ -154,7 +156,6 @@ class QemuLayout:
     ``address_space_memory`` is the variable's link-time address; in a
     ``pie`` binary add the load bias, the start of the executable's mapping
     at file offset 0 in ``/proc/PID/maps``.
-    ``byteorder`` is ``"little"`` or ``"big"``, as ``int.from_bytes`` takes it.
     ``cpu_list`` is the address of QEMU's list of CPUs, with the structures of
     CPU_NEEDED in ``structs``; or None, and ``no_cpu_state`` says why.
     """
@@ -163,7 +164,7 @@ class QemuLayout:
     address_space_memory: int
     pie: bool
     pointer_size: int
-    byteorder: str
+    byteorder: ByteOrder
     int128: Int128Layout
     structs: dict[str, StructLayout]
     cpu_list: int | None
@@ -182,13 +183,13 @@ class QemuLayout:
                 raise ValueError("not a layout of this livedump")
             i = d["int128"]
             return cls(
-                build_id=_typed(d["build_id"], str | None),
+                build_id=_optional(d["build_id"], str),
                 address_space_memory=_count(d["address_space_memory"]),
                 pie=_typed(d["pie"], bool),
                 pointer_size=_count(d["pointer_size"]),
                 byteorder=d["byteorder"],
-                int128=Int128Layout(_typed(i["scalar"], bool), _typed(i["lo"], int | None),
-                                    _typed(i["hi"], int | None)),
+                int128=Int128Layout(_typed(i["scalar"], bool), _optional(i["lo"], int),
+                                    _optional(i["hi"], int)),
                 structs={name: StructLayout(_count(s["size"]), {
                     m: Field(_count(f["offset"]), _count(f["size"]))
                     for m, f in s["fields"].items()}) for name, s in d["structs"].items()},
@@ -209,10 +210,17 @@ class QemuLayout:
                 raise ValueError(f"layout lacks members of {struct_name}")
 
 
-def _typed(value: object, kind: object) -> object:
-    if not isinstance(value, kind):  # type: ignore[arg-type]
+_T = TypeVar("_T")
+
+
+def _typed(value: object, kind: type[_T]) -> _T:
+    if not isinstance(value, kind):
         raise ValueError(f"{value!r} is not {kind}")
     return value
+
+
+def _optional(value: object, kind: type[_T]) -> _T | None:
+    return None if value is None else _typed(value, kind)
 
 
 def _count(value: object) -> int:
@@ -292,13 +300,13 @@ def _read_layout(exe: str, debug_file: Path, build_id: str | None) -> QemuLayout
     with open_elf(exe) as elf:
         pie = elf["e_type"] == "ET_DYN"
         pointer_size = elf.elfclass // 8
-        byteorder = "little" if elf.little_endian else "big"
+        byteorder: ByteOrder = "little" if elf.little_endian else "big"
         symbols |= _symbols(elf, [n for n in names if n not in symbols])
     if VARIABLE not in symbols:
         raise DebugInfoError(f"no symbol {VARIABLE} in {debug_file}: is this qemu-system-*?")
     address = symbols[VARIABLE].address
     try:
-        walk = _Walk(_dwarfs(info, supplementary, byteorder), debug_file)
+        walk = _Walk(_dwarfs(info, debug_file, supplementary, byteorder), debug_file)
         structs, int128 = walk.structs(walk.variable(address, pointer_size, VARIABLE))
         cpu_list, no_cpu_state = None, ""
         try:
@@ -315,14 +323,16 @@ def _read_layout(exe: str, debug_file: Path, build_id: str | None) -> QemuLayout
                                     if flag in symbols})
 
 
-def _dwarfs(info: DWARFInfo, supplementary: Path | None, byteorder: str) -> list["_Dwarf"]:
+def _dwarfs(info: DWARFInfo, debug_file: Path, supplementary: Path | None,
+            byteorder: ByteOrder) -> list["_Dwarf"]:
     """The debug file's DWARF, and its dwz common file's, linked as pyelftools expects."""
     if supplementary is None:
-        return [_Dwarf(info, byteorder)]
+        return [_Dwarf(info, debug_file, byteorder)]
     with open_elf(supplementary) as elf:
-        info.supplementary_dwarfinfo = elf.get_dwarf_info(follow_links=False)
-    common = _Dwarf(info.supplementary_dwarfinfo, byteorder)
-    return [_Dwarf(info, byteorder, alien_strings=common.strings), common]
+        common_info = elf.get_dwarf_info(follow_links=False)
+    info.supplementary_dwarfinfo = common_info
+    common = _Dwarf(common_info, supplementary, byteorder)
+    return [_Dwarf(info, debug_file, byteorder, alien_strings=common.strings), common]
 
 
 def _symbols(elf: ELFFile, names: Iterable[str]) -> dict[str, Symbol]:
@@ -357,11 +367,15 @@ def _find_all(haystack: bytes, needle: bytes) -> Iterator[int]:
 class _Dwarf:
     """One file's DWARF with its raw bytes, for the searches pyelftools has no index for."""
 
-    def __init__(self, info: DWARFInfo, byteorder: str, alien_strings: bytes = b"") -> None:
+    def __init__(self, info: DWARFInfo, path: Path, byteorder: ByteOrder,
+                 alien_strings: bytes = b"") -> None:
+        if info.debug_info_sec is None:
+            raise DebugInfoError(f"{path} has no .debug_info section")
         self.info = info
         self.order = byteorder
-        self.data = info.debug_info_sec.stream.getvalue()
-        self.strings = info.debug_str_sec.stream.getvalue() if info.debug_str_sec else b""
+        self.stream = info.debug_info_sec.stream
+        self.data = _contents(self.stream)
+        self.strings = _contents(info.debug_str_sec.stream) if info.debug_str_sec else b""
         self.alien_strings = alien_strings  # the dwz common file's (DW_FORM_GNU_strp_alt)
         self.units = self._unit_offsets()
 
@@ -422,11 +436,20 @@ class _Dwarf:
             if (abbrev["tag"] != "DW_TAG_structure_type" or not abbrev.has_children()
                     or any(a == "DW_AT_declaration" for a, _ in abbrev.iter_attr_specs())):
                 continue
-            die = DIE(cu, self.info.debug_info_sec.stream, start)
+            die = DIE(cu, self.stream, start)
             attr = die.attributes.get("DW_AT_name")
             if attr is not None and attr.offset == offset and attr.value == name.encode():
                 return die
         return None
+
+
+def _contents(stream: IO[bytes]) -> bytes:
+    """A DWARF section's bytes. pyelftools holds each in a BytesIO, whose value
+    is had without a copy."""
+    if isinstance(stream, BytesIO):
+        return stream.getvalue()
+    stream.seek(0)
+    return stream.read()
 
 
 def _uleb(data: bytes, at: int) -> int:
@@ -596,15 +619,18 @@ def _is_variable_at(die: DIE, address: int) -> bool:
     if len(ops) != 1:
         return False
     if ops[0].op_name == "DW_OP_addr":
-        return ops[0].args[0] == address
-    if ops[0].op_name in ("DW_OP_addrx", "DW_OP_GNU_addr_index"):
-        return die.dwarfinfo.get_addr(die.cu, ops[0].args[0]) == address
-    return False
+        found: int = ops[0].args[0]  # pyelftools' operands are untyped
+    elif ops[0].op_name in ("DW_OP_addrx", "DW_OP_GNU_addr_index"):
+        found = die.dwarfinfo.get_addr(die.cu, ops[0].args[0])
+    else:
+        return False
+    return found == address
 
 
 def _is_definition(die: DIE, name: str, members: tuple[str, ...]) -> bool:
     attrs = die.attributes
-    return (die.tag in ("DW_TAG_structure_type", "DW_TAG_union_type") and "DW_AT_declaration" not in attrs
+    return (die.tag in ("DW_TAG_structure_type", "DW_TAG_union_type")
+            and "DW_AT_declaration" not in attrs
             and "DW_AT_name" in attrs and attrs["DW_AT_name"].value == name.encode()
             and _has_members(die, members))
 
@@ -660,7 +686,8 @@ def _member_offset(member: DIE) -> int:
         return attr.value
     ops = DWARFExprParser(member.cu.structs).parse_expr(attr.value)  # DWARF 2 style
     if len(ops) == 1 and ops[0].op_name == "DW_OP_plus_uconst":
-        return ops[0].args[0]
+        offset: int = ops[0].args[0]  # the operand of DW_OP_plus_uconst is a ULEB128
+        return offset
     raise DebugInfoError(f"member location {attr.value} is not a constant")
 
 
@@ -697,10 +724,12 @@ def _pointee(die: DIE, what: str) -> DIE:
 
 def _byte_size(die: DIE) -> int:
     found = _strip(die)
-    if "DW_AT_byte_size" in found.attributes:
-        return found.attributes["DW_AT_byte_size"].value
+    size = _constant(found.attributes.get("DW_AT_byte_size"))
+    if size is not None:
+        return size
     if found.tag == "DW_TAG_pointer_type":
-        return found.cu["address_size"]
+        pointer_size: int = found.cu["address_size"]  # a field of the unit header
+        return pointer_size
     if found.tag == "DW_TAG_array_type":
         count = 1
         for sub in found.iter_children():
@@ -726,4 +755,4 @@ def _constant(attr: AttributeValue | None) -> int | None:
     if attr is None or not attr.form.startswith(("DW_FORM_data", "DW_FORM_udata",
                                                  "DW_FORM_sdata", "DW_FORM_implicit_const")):
         return None
-    return attr.value
+    return attr.value if isinstance(attr.value, int) else None  # DW_FORM_data16 is bytes

@@ -74,12 +74,17 @@ _NHDR = (("n_namesz", "word"), ("n_descsz", "word"), ("n_type", "word"))
 
 
 class Record:
-    """A fixed binary record; fields not given to :meth:`pack` are zero."""
+    """A fixed binary record; fields not given to :meth:`pack` are zero.
+
+    A field's kind is an abstract size from ``_SIZES`` or a struct code;
+    ``Ns`` fields are byte strings, all others integers.
+    """
 
     def __init__(self, fields: Sequence[tuple[str, str]], bits: int, little: bool) -> None:
         self.names = tuple(name for name, _ in fields)
-        codes = "".join(_SIZES[bits].get(kind, kind) for _, kind in fields)
-        self._struct = struct.Struct(("<" if little else ">") + codes)
+        codes = [_SIZES[bits].get(kind, kind) for _, kind in fields]
+        self._integer = tuple(not code.endswith("s") for code in codes)
+        self._struct = struct.Struct(("<" if little else ">") + "".join(codes))
         self.size = self._struct.size
 
     def pack(self, **values: int | bytes) -> bytes:
@@ -88,8 +93,12 @@ class Record:
             raise TypeError(f"unknown fields {sorted(unknown)}")
         return self._struct.pack(*(values.get(name, 0) for name in self.names))
 
-    def unpack(self, data: bytes) -> dict[str, int | bytes]:
-        return dict(zip(self.names, self._struct.unpack_from(data)))
+    def unpack(self, data: bytes) -> dict[str, int]:
+        """The integer fields at the start of ``data``, by name. Byte strings
+        (``e_ident``, ``pr_reg``) are not numbers: slice ``data`` for them."""
+        return {name: value for name, integer, value
+                in zip(self.names, self._integer, self._struct.unpack_from(data), strict=True)
+                if integer}
 
 
 class ElfStructs:
@@ -250,7 +259,7 @@ class CoreLayout:
         parts += [
             s.phdr.pack(p_type=PT_LOAD, p_offset=off, p_vaddr=b.gpa, p_paddr=b.gpa,
                         p_filesz=b.size, p_memsz=b.size)
-            for b, off in zip(self.blocks, self.offsets)
+            for b, off in zip(self.blocks, self.offsets, strict=True)
         ]
         if self.extended:
             parts.append(s.shdr.pack(sh_info=self.phnum))

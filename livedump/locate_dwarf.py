@@ -40,8 +40,9 @@ def load_bias(pid: int, layout: QemuLayout, maps: Sequence[Mapping]) -> int:
         path = os.readlink(exe)
     except (OSError, ELFError, ValueError) as e:
         raise GuestMemoryError(f"cannot read QEMU's executable: {e}") from None
-    file_start = first["p_offset"] - first["p_offset"] % max(first["p_align"], 1)
-    link_start = first["p_vaddr"] - (first["p_offset"] - file_start)
+    # pyelftools' header fields are untyped; ELF's are integers.
+    file_start: int = first["p_offset"] - first["p_offset"] % max(first["p_align"], 1)
+    link_start: int = first["p_vaddr"] - (first["p_offset"] - file_start)
     for m in maps:
         if m.offset == file_start and m.path == path:
             return m.start - link_start

@@ -39,9 +39,9 @@ from dataclasses import dataclass
 from .arch import EM_AARCH64, EM_PPC64, EM_X86_64, Arch
 from .elfcore import CoreLayout, Note
 from .notes import QemuNotes
-from .x86_notes import x86_page_tables
 from .output import Output
 from .stream import Chunk, Inspect
+from .x86_notes import x86_page_tables
 
 NAME = "VMCOREINFO"
 NT_VMCOREINFO = 0  # the type the kernel gives its own VMCOREINFO note
@@ -197,6 +197,8 @@ class Search:
     nothing); ``inspector(layout)`` is the writer's hook, which sees every
     chunk written; ``finish(out)``, once memory is written, validates what
     was seen, writes the note into the slot and says what was done.
+    ``result`` is known from the start when there is nothing to look for;
+    otherwise the layout given to ``inspector`` is the one ``finish`` writes.
     """
 
     def __init__(self, arch: Arch, cpu: QemuNotes | str, to_stdout: bool) -> None:
@@ -223,7 +225,7 @@ class Search:
         self._rejected: list[tuple[int, str]] = []
         self._looks = 0
         self._overflow = False  # more than _MAX_LOOKS: nothing is trusted
-        self._layout: CoreLayout | None = None
+        self._layout: CoreLayout | None = None  # the dump looked through, once inspector() ran
 
     @property
     def notes(self) -> list[Note]:
@@ -234,14 +236,16 @@ class Search:
         if self.result:
             return None
         self._layout = layout
-        return self._inspect
 
-    def _inspect(self, offset: int, data: Chunk, length: int) -> None:
+        def inspect(offset: int, data: Chunk, length: int) -> None:
+            self._inspect(layout, offset, data, length)
+        return inspect
+
+    def _inspect(self, layout: CoreLayout, offset: int, data: Chunk, length: int) -> None:
         """Look for pages starting with OSRELEASE= in the ``length`` bytes of ``data``
-        written at file ``offset``. Only page starts can match, so their first bytes
-        are gathered by one strided slice (C speed, 256 bytes a MiB) and only those
-        starting with "O" are compared further: about 2 us a MiB, whatever it holds."""
-        layout = self._layout
+        written at file ``offset`` of ``layout``. Only page starts can match, so their
+        first bytes are gathered by one strided slice (C speed, 256 bytes a MiB) and only
+        those starting with "O" are compared further, whatever the chunk holds."""
         i = bisect.bisect_right(layout.offsets, offset) - 1
         if i < 0 or self._overflow or offset + length > layout.offsets[i] + layout.blocks[i].size:
             return  # the header; too many look-alikes; (never: chunks lie within blocks)
@@ -287,6 +291,8 @@ class Search:
         if self.result:
             return self.result
         layout = self._layout
+        if layout is None:
+            raise RuntimeError("VMCOREINFO search finished before inspector() was given a layout")
         valid: dict[bytes, tuple[int, dict[str, str], bool]] = {}
         for text, gpa in self._candidates.items():
             entries = parse(text)
@@ -340,7 +346,7 @@ class Search:
     @staticmethod
     def _reader(layout: CoreLayout, out: Output) -> ReadPhys:
         def read_at(gpa: int, n: int) -> bytes | None:
-            for block, offset in zip(layout.blocks, layout.offsets):
+            for block, offset in zip(layout.blocks, layout.offsets, strict=True):
                 if block.gpa <= gpa and gpa + n <= block.end:
                     return out.read_at(offset + gpa - block.gpa, n)
             return None

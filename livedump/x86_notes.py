@@ -64,7 +64,7 @@ class X86State:
         return len(self.regs) == 16 and bool(self.efer & EFER_LMA)
 
     def gprs(self) -> dict[str, int]:
-        return dict.fromkeys(GPRS, 0) | dict(zip(GPRS, self.regs))
+        return dict.fromkeys(GPRS, 0) | dict(zip(GPRS, self.regs, strict=False))  # 8 or 16
 
     def segment(self, name: str) -> Segment:
         return self.segs[SEGMENTS.index(name)]
@@ -153,7 +153,8 @@ def _x86_64_prstatus(cpu: X86State) -> bytes:
 
 def _i386_prstatus(cpu: X86State) -> bytes:
     """The 32-bit view: the low halves of the registers, 16-bit selectors."""
-    low = {f"e{name[1:]}": value & 0xFFFFFFFF for name, value in zip(GPRS[:8], cpu.regs)}
+    low = {f"e{name[1:]}": value & 0xFFFFFFFF
+           for name, value in zip(GPRS[:8], cpu.regs, strict=False)}
     regs = _I386_USER.pack(
         **low, eip=cpu.rip & 0xFFFFFFFF, eflags=cpu.rflags & 0xFFFFFFFF,
         **{s: cpu.segment(s).selector & 0xFFFF for s in SEGMENTS})

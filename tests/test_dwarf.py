@@ -208,6 +208,19 @@ def test_dwz_common_file_as_in_debian_dbgsym(exe, tmp_path):
 
 
 @needs_dwz
+def test_dwz_common_file_without_debug_info_is_named(exe, tmp_path):
+    build_id = layout_of(exe).build_id
+    debug = split(exe, tmp_path / "debug/qemu.debug")
+    twin = Path(shutil.copy(debug, tmp_path / "debug/twin.debug"))
+    common = tmp_path / "debug/common.debug"
+    subprocess.run(["dwz", "-m", str(common), "-M", str(common), str(debug), str(twin)],
+                   check=True)
+    subprocess.run(["objcopy", "--remove-section", ".debug_info", str(common)], check=True)
+    with pytest.raises(DebugInfoError, match=r"common\.debug has no \.debug_info section"):
+        dwarf._read_layout(str(exe), debug, build_id)
+
+
+@needs_dwz
 def test_dwz_single_file(exe):
     plain = layout_of(exe)
     subprocess.run(["dwz", str(exe)], check=True)

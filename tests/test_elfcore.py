@@ -8,7 +8,7 @@ from elftools.elf.elffile import ELFFile
 from livedump.arch import ARCHES, lookup
 from livedump.coalesce import Block
 from livedump.dump import NT_LIVEDUMP_INFO
-from livedump.elfcore import DATA_ALIGN, CoreLayout, Note, read_core, read_notes
+from livedump.elfcore import DATA_ALIGN, CoreLayout, ElfStructs, Note, read_core, read_notes
 
 BLOCKS = [Block(0, 0xA0000, 0x7F00_0000_0000), Block(0xC0000, 0x3FF40000, 0x7F00_000C_0000)]
 NOTE = Note("LIVEDUMP", NT_LIVEDUMP_INFO, b"livedump test\n")
@@ -165,3 +165,15 @@ def test_a_note_running_past_its_segment_is_refused():
     span = layout.header[found.note_offset : found.note_offset + found.note_size - 4]
     with pytest.raises(ValueError, match="runs past the end"):
         list(read_notes(found.structs, span))
+
+
+@pytest.mark.parametrize("bits, little", [(32, True), (64, False)])
+def test_records_unpack_their_integers_and_leave_byte_strings_to_slicing(bits, little):
+    structs = ElfStructs(bits, little)
+    ident = b"\x7fELF".ljust(16, b"\0")
+    data = structs.ehdr.pack(e_ident=ident, e_machine=62, e_phoff=structs.ehdr.size, e_phnum=3)
+    fields = structs.ehdr.unpack(data)
+    assert "e_ident" not in fields
+    assert all(type(value) is int for value in fields.values())
+    assert (fields["e_machine"], fields["e_phoff"], fields["e_phnum"]) == (62, structs.ehdr.size, 3)
+    assert data[:16] == ident

@@ -13,13 +13,12 @@ from livedump.arch import lookup
 from livedump.coalesce import Block
 from livedump.elfcore import CoreLayout, ElfStructs, Note
 from livedump.notes import QemuNotes
-from livedump.x86_notes import QEMU_CPU_STATE, x86_page_tables
 from livedump.notes import parse as parse_qemu
 from livedump.output import Output
 from livedump.procmem import Buffer, PageMap, ProcessMemory
 from livedump.stream import Writer, copy
-from livedump.vmcoreinfo import (NT_LIVEDUMP_FILLER, Invalid, Result, Search, parse,
-                                 x86_64_translate)
+from livedump.vmcoreinfo import NT_LIVEDUMP_FILLER, Invalid, Result, Search, parse, x86_64_translate
+from livedump.x86_notes import QEMU_CPU_STATE, x86_page_tables
 
 from .conftest import DATA
 
@@ -180,6 +179,12 @@ def test_standard_output_keeps_the_filler_and_says_why():
     assert search.inspector(CoreLayout(X86_64, [Block(0, MIB, 0)], search.notes)) is None
     result = search.finish(None)
     assert result.source == "none" and "standard output" in result.detail
+
+
+def test_a_search_finished_without_its_layout_is_a_bug_not_a_result():
+    search = Search(X86_64, "no CPU notes", to_stdout=False)
+    with pytest.raises(RuntimeError, match="before inspector"):
+        search.finish(None)
 
 
 def test_look_alikes_at_every_other_offset_hide_nothing(tmp_path):

@@ -15,8 +15,15 @@ from elftools.elf.elffile import ELFFile
 from livedump.coalesce import Block
 from livedump.elfcore import CoreLayout
 from livedump.notes import QemuNotes, parse
-from livedump.x86_notes import (QEMU_CPU_STATE, EFER_LMA, GPRS, SEGMENTS, Segment, X86State,
-                                qemu_notes)
+from livedump.x86_notes import (
+    EFER_LMA,
+    GPRS,
+    QEMU_CPU_STATE,
+    SEGMENTS,
+    Segment,
+    X86State,
+    qemu_notes,
+)
 
 from .conftest import DATA
 
@@ -32,7 +39,7 @@ def qemu_states(core: bytes) -> list[X86State]:
         v = QEMU_CPU_STATE.unpack(note["n_descdata"])
         assert (v["version"], v["size"]) == (1, len(note["n_descdata"]))
 
-        def seg(name: str) -> Segment:
+        def seg(name: str, v: dict[str, int] = v) -> Segment:
             return Segment(*(v[f"{name}.{part}"] for part in ("selector", "base", "limit",
                                                                "flags")))
         states.append(X86State(
