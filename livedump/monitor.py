@@ -8,20 +8,22 @@ needs and works over any :class:`Transport`.
 
 import asyncio
 import logging
+import re
 import socket
-import struct
 from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass
 from typing import Protocol
 
 from qemu.qmp import ExecuteError, QMPClient, QMPError
 
-from . import signals
+from . import peer, signals
 from .errors import MonitorError, MonitorUnavailable, PermissionDenied
+from .target import Address as Address  # Known from here to the rest of livedump.
+from .target import describe as describe
 
 # qemu.qmp logs every failed connect at ERROR level; we report failures ourselves.
 logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
-Address = str | tuple[str, int]
 RESUME_TIMEOUT = 30.0
 
 
@@ -45,13 +47,15 @@ class QMPTransport:
     """A QMP session on a UNIX or TCP socket, with every exchange bounded by ``timeout``.
 
     A monitor that another client holds (libvirt, say) accepts the connection
-    but never greets; the greeting timeout is what tells us so.
+    but never greets; the greeting timeout is what tells us so. Every
+    connection's other end must be the QEMU process ``peer_pid`` (given, or
+    found on the first connection), never a relay.
     """
 
-    def __init__(self, address: Address, timeout: float) -> None:
+    def __init__(self, address: Address, timeout: float, pid: int | None = None) -> None:
         self.address = address
         self.timeout = timeout
-        self.peer_pid: int | None = None
+        self.peer_pid = pid
         self._connected = False
         self._connect()
 
@@ -69,7 +73,13 @@ class QMPTransport:
             reason = "timed out" if isinstance(e, TimeoutError) else e.strerror or str(e)
             raise MonitorUnavailable(f"{describe(address)}: {reason}") from None
         try:
+            # A UNIX peer is known at once, so a relay is not even read from;
+            # a TCP one once QEMU accepted the connection, which its greeting shows.
+            if sock.family == socket.AF_UNIX:
+                self.peer_pid = peer.serving(sock, describe(address), self.peer_pid)
             self._run(lambda: self._client.connect(sock), "greeting")
+            if sock.family != socket.AF_UNIX:
+                self.peer_pid = peer.serving(sock, describe(address), self.peer_pid)
         except BaseException:
             self._runner.close()
             sock.close()
@@ -93,8 +103,6 @@ class QMPTransport:
             try:
                 sock.settimeout(self.timeout)
                 sock.connect(address)
-                creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-                self.peer_pid = struct.unpack("3i", creds)[0] or None
             except BaseException:
                 sock.close()
                 raise
@@ -156,14 +164,52 @@ class QMPTransport:
                 self._runner.close()
 
 
-def describe(address: Address) -> str:
-    """How an address appears in messages: ``unix:PATH`` or ``tcp:HOST:PORT``."""
-    if isinstance(address, str):
-        return f"unix:{address}"
-    return f"tcp:{address[0]}:{address[1]}"
-
-
 Command = tuple[str, dict[str, object]]  # a QMP command and its arguments
+
+
+@dataclass(frozen=True)
+class RamBlock:
+    """One of QEMU's RAM blocks, as ``info ramblock`` lists it."""
+
+    name: str  # "pc.ram", or with its device's path: "0000:00:02.0/vga.vram"
+    used: int  # bytes the guest can use now
+    total: int  # bytes it may grow to
+    host: int | None  # its address in QEMU: shown from QEMU 8.0 on
+
+
+# "                  pc.ram    4 KiB  0x0000000000000000 0x0000000040000000 0x0000000040000000"
+# and from QEMU 8.0 " 0x00007ff0afe00000  rw" after it. A name may be empty, or hold spaces.
+_RAMBLOCK = re.compile(
+    r"^\s*(?P<name>.*?)\s+\d+(?:\.\d+)? [KMGTPE]?i?B\s+0x[0-9a-f]+ 0x(?P<used>[0-9a-f]+)"
+    r" 0x(?P<total>[0-9a-f]+)(?: 0x(?P<host>[0-9a-f]+)\s+r[ow])?$"
+)
+
+
+def parse_ram_blocks(text: str) -> list[RamBlock]:
+    """The blocks in ``info ramblock`` output, of QEMU 7.2's form or 8.0's."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines or lines[0].split()[:2] != ["Block", "Name"]:
+        raise MonitorError(f"unexpected 'info ramblock' reply: {excerpt(text)}")
+    blocks = []
+    for line in lines[1:]:
+        m = _RAMBLOCK.match(line)
+        if not m:
+            raise MonitorError(f"unexpected line in 'info ramblock': {excerpt(line.strip())}")
+        blocks.append(RamBlock(m["name"], int(m["used"], 16), int(m["total"], 16),
+                               int(m["host"], 16) if m["host"] else None))
+    return blocks
+
+
+EXCERPT = 60  # characters of a reply that a message shows at most
+
+
+def excerpt(reply: object) -> str:
+    """``reply`` as a message shows it: its ``repr``, cut short if long (a
+    monitor that is not QEMU's can send anything, of any length)."""
+    text = repr(reply)
+    if len(text) <= EXCERPT:
+        return text
+    return f"{text[:EXCERPT]}... ({len(text)} characters)"
 
 
 def capabilities_command(states: Mapping[str, bool]) -> Command:
@@ -186,7 +232,12 @@ class Monitor:
         return bool(status["running"])
 
     def stop(self) -> None:
+        """Pause the guest, and confirm it is paused: QEMU answers ``stop`` once
+        every vCPU is paused, so one more round trip, with the guest already
+        held, is all the confirmation costs."""
         self.transport.execute("stop")
+        if self.running():
+            raise MonitorError("the monitor answered 'stop', but the guest still runs")
 
     def cont(self) -> None:
         # Resuming is what matters most: a slow monitor gets longer to answer.
@@ -250,6 +301,10 @@ class Monitor:
     def close_fd(self, name: str) -> None:
         """Have QEMU close a file descriptor passed with :meth:`send_fd` and not used."""
         self.transport.execute("closefd", {"fdname": name})
+
+    def ram_blocks(self) -> list[RamBlock]:
+        """QEMU's RAM blocks: what the RAM map is checked against."""
+        return parse_ram_blocks(self.hmp("info ramblock"))
 
     def hmp(self, command_line: str) -> str:
         """Run a human monitor command and return its text."""
