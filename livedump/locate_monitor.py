@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from .coalesce import GuestRange
 from .errors import GuestMemoryError, MonitorError
-from .monitor import Monitor, RamBlock, excerpt
+from .monitor import Monitor, RamBlock, excerpt, unexpected
 from .procmem import Mapping, check_ram
 
 # "  0000000100000000-000000013fffffff (prio 0, ram): pc.ram @00000000c0000000 KVM"
@@ -73,10 +73,12 @@ def parse_flatview(text: str, address_space: str = "memory") -> list[FlatRange]:
         for line in section[1]:
             m = _RANGE.match(line)
             if not m:
-                raise MonitorError(f"unexpected line in 'info mtree -f': {line.strip()!r}")
+                raise MonitorError(
+                    f"unexpected line in 'info mtree -f': {excerpt(line.strip())}")
             first, last = int(m["first"], 16), int(m["last"], 16)
             if last < first or (ranges and first <= ranges[-1].gpa + ranges[-1].size - 1):
-                raise MonitorError(f"'info mtree -f' ranges out of order at {line.strip()!r}")
+                raise MonitorError(
+                    f"'info mtree -f' ranges out of order at {excerpt(line.strip())}")
             ranges.append(
                 FlatRange(first, last - first + 1, m["type"], m["name"], int(m["offset"] or "0", 16))
             )
@@ -109,7 +111,7 @@ def parse_gpa2hva(text: str) -> tuple[int, str]:
     """Return (host address, region name) from a ``gpa2hva`` reply."""
     m = _GPA2HVA.match(text.strip())
     if not m:
-        raise MonitorError(f"unexpected 'gpa2hva' reply: {text.strip()!r}")
+        raise unexpected("gpa2hva", text.strip())
     return int(m["hva"], 16), m["name"]
 
 
@@ -126,9 +128,8 @@ def guest_ranges(monitor: Monitor, view: Sequence[FlatRange]) -> list[GuestRange
             continue
         hva, name = parse_gpa2hva(monitor.hmp(f"gpa2hva {fr.gpa:#x}"))
         if name != fr.name:
-            raise MonitorError(
-                f"gpa2hva {fr.gpa:#x} names region {name!r}, the flat view {fr.name!r}"
-            )
+            raise MonitorError(f"gpa2hva {fr.gpa:#x} names region {excerpt(name)}, "
+                               f"the flat view {excerpt(fr.name)}")
         result.append(GuestRange(fr.gpa, fr.size, hva, Region(fr.name, hva - fr.offset), fr.name))
     return result
 

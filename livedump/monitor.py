@@ -14,7 +14,8 @@ from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from qemu.qmp import ExecuteError, QMPClient, QMPError
+from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, Message, QMPClient, QMPError
+from qemu.qmp.error import ProtocolError
 
 from . import peer, signals
 from .errors import MonitorError, MonitorUnavailable, PermissionDenied
@@ -91,7 +92,8 @@ class QMPTransport:
         try:
             self._client.send_fd_scm(fd)
         except (QMPError, OSError) as e:
-            raise MonitorError(f"{describe(self.address)}: cannot pass a file to QEMU: {e}") from None
+            raise MonitorError(f"{describe(self.address)}: cannot pass a file to QEMU: "
+                               f"{excerpt(str(e), quote=False)}") from None
 
     def fileno(self) -> int:
         """The connection's file descriptor, for a process that must be able to speak on it."""
@@ -125,8 +127,28 @@ class QMPTransport:
                 ) from None
             except ExecuteError:
                 raise
+            except ExecInterruptedError as e:
+                # The session ended under the command; ending it on our side says why.
+                cause: BaseException = self._ended() or e
+            except ConnectError as e:  # The greeting, or the capabilities' negotiation.
+                cause = e.exc
             except (QMPError, OSError, EOFError) as e:
-                raise _SessionBroken(f"{describe(self.address)}: {what} failed: {e}") from None
+                cause = e
+            if isinstance(cause, (ProtocolError, ValueError)):
+                self.close()
+                raise MonitorError(f"{describe(self.address)}: garbled {what}, not QMP: "
+                                   f"{excerpt(_received(cause))}") from None
+            reason = ("the connection was closed" if isinstance(cause, EOFError)
+                      else excerpt(str(cause) or type(cause).__name__, quote=False))
+            raise _SessionBroken(f"{describe(self.address)}: {what} failed: {reason}") from None
+
+    def _ended(self) -> BaseException | None:
+        """End a session that broke under a command: what ended it, if anything did."""
+        try:
+            self._runner.run(asyncio.wait_for(self._client.disconnect(), self.timeout))
+        except Exception as e:
+            return e
+        return None
 
     def execute(self, command: str, arguments: Mapping[str, object] | None = None,
                 timeout: float | None = None) -> object:
@@ -145,10 +167,12 @@ class QMPTransport:
     def _execute(self, command: str, arguments: Mapping[str, object] | None,
                  timeout: float | None) -> object:
         try:
+            line = arguments.get("command-line") if arguments else None
             return self._run(lambda: self._client.execute(command, arguments),
-                             f"reply to {command!r}", timeout)
+                             f"reply to {line or command!r}", timeout)
         except ExecuteError as e:
-            raise MonitorError(f"QEMU refused {command!r}: {e.error.error.desc}") from None
+            raise MonitorError(f"QEMU refused {command!r}: {excerpt(e.error.error.desc)}"
+                               ) from None
 
     def close(self) -> None:
         if not self._connected:
@@ -189,7 +213,7 @@ def parse_ram_blocks(text: str) -> list[RamBlock]:
     """The blocks in ``info ramblock`` output, of QEMU 7.2's form or 8.0's."""
     lines = [line for line in text.splitlines() if line.strip()]
     if not lines or lines[0].split()[:2] != ["Block", "Name"]:
-        raise MonitorError(f"unexpected 'info ramblock' reply: {excerpt(text)}")
+        raise unexpected("info ramblock", text)
     blocks = []
     for line in lines[1:]:
         m = _RAMBLOCK.match(line)
@@ -203,13 +227,35 @@ def parse_ram_blocks(text: str) -> list[RamBlock]:
 EXCERPT = 60  # characters of a reply that a message shows at most
 
 
-def excerpt(reply: object) -> str:
-    """``reply`` as a message shows it: its ``repr``, cut short if long (a
-    monitor that is not QEMU's can send anything, of any length)."""
-    text = repr(reply)
+def _received(error: BaseException) -> object:
+    """What a monitor sent that QMP cannot be, as far as ``error`` tells."""
+    while isinstance(getattr(error, "exc", None), BaseException):  # wrapped by qemu.qmp
+        error = error.exc  # type: ignore[attr-defined]
+    for name in ("raw", "object", "value", "msg"):  # bytes, JSON, or a message
+        if hasattr(error, name):
+            value = getattr(error, name)
+            return dict(value) if isinstance(value, Message) else value
+    return error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+
+
+def excerpt(reply: object, quote: bool = True) -> str:
+    """``reply`` as a message shows it: its ``repr`` (with ``quote`` false,
+    the text itself), cut short if long. Every message that shows what a
+    monitor sent shows it through here: a garbled monitor can send anything,
+    of any length, and a message is one line."""
+    text = repr(reply) if quote else str(reply)
     if len(text) <= EXCERPT:
         return text
     return f"{text[:EXCERPT]}... ({len(text)} characters)"
+
+
+def unexpected(command: str, reply: object) -> MonitorError:
+    """The error for a reply to ``command`` that is not what QEMU sends."""
+    return MonitorError(f"unexpected reply to {command!r}: {excerpt(reply)}")
+
+
+_TARGET = re.compile(r"[a-z][a-z0-9_]{0,31}")  # x86_64, ppc64, s390x...
+_MIGRATION_STATUS = re.compile(r"[a-z][a-z-]{0,31}")  # none, active, postcopy-active...
 
 
 def capabilities_command(states: Mapping[str, bool]) -> Command:
@@ -227,9 +273,10 @@ class Monitor:
     def running(self) -> bool:
         """Whether the guest's vCPUs are running now."""
         status = self.transport.execute("query-status")
-        if not isinstance(status, dict) or "running" not in status:
-            raise MonitorError(f"unexpected 'query-status' reply: {status!r}")
-        return bool(status["running"])
+        running = status.get("running") if isinstance(status, dict) else None
+        if not isinstance(running, bool):  # "false" is no answer either way
+            raise unexpected("query-status", status)
+        return running
 
     def stop(self) -> None:
         """Pause the guest, and confirm it is paused: QEMU answers ``stop`` once
@@ -246,9 +293,10 @@ class Monitor:
     def target_arch(self) -> str:
         """The QEMU target, as ``query-target`` names it (``x86_64``, ``ppc64``...)."""
         reply = self.transport.execute("query-target")
-        if not isinstance(reply, dict) or not isinstance(reply.get("arch"), str):
-            raise MonitorError(f"unexpected 'query-target' reply: {reply!r}")
-        return reply["arch"]
+        arch = reply.get("arch") if isinstance(reply, dict) else None
+        if not isinstance(arch, str) or not _TARGET.fullmatch(arch):
+            raise unexpected("query-target", reply)
+        return arch
 
     def send_fd(self, fd: int, name: str) -> None:
         """Hand QEMU a file descriptor, known to it as ``name`` (QMP ``getfd``)."""
@@ -262,23 +310,30 @@ class Monitor:
             v = reply["qemu"]  # type: ignore[index]
             return int(v["major"]), int(v["minor"]), int(v["micro"])
         except (TypeError, KeyError, ValueError):
-            raise MonitorError(f"unexpected 'query-version' reply: {reply!r}") from None
+            raise unexpected("query-version", reply) from None
 
     def migration_status(self) -> tuple[str, str]:
         """The state of the last migration (``none`` if there was none), and why
         it failed if it did (else "")."""
         reply = self.transport.execute("query-migrate")
         if not isinstance(reply, dict):
-            raise MonitorError(f"unexpected 'query-migrate' reply: {reply!r}")
-        return str(reply.get("status", "none")), str(reply.get("error-desc", ""))
+            raise unexpected("query-migrate", reply)
+        status = reply.get("status", "none")
+        if not isinstance(status, str) or not _MIGRATION_STATUS.fullmatch(status):
+            raise unexpected("query-migrate", reply)
+        return status, excerpt(str(reply.get("error-desc", "")), quote=False)
 
     def migration_capabilities(self) -> dict[str, bool]:
         reply = self.transport.execute("query-migrate-capabilities")
         try:
-            return {str(c["capability"]): bool(c["state"]) for c in reply}  # type: ignore
+            if not isinstance(reply, list):
+                raise TypeError
+            states = {c["capability"]: c["state"] for c in reply}
         except (TypeError, KeyError):
-            raise MonitorError(
-                f"unexpected 'query-migrate-capabilities' reply: {reply!r}") from None
+            raise unexpected("query-migrate-capabilities", reply) from None
+        if not all(isinstance(n, str) and isinstance(v, bool) for n, v in states.items()):
+            raise unexpected("query-migrate-capabilities", reply)
+        return states
 
     def set_migration_capabilities(self, states: Mapping[str, bool]) -> None:
         self.transport.execute(*capabilities_command(states))
@@ -286,7 +341,7 @@ class Monitor:
     def migration_parameters(self) -> dict[str, object]:
         reply = self.transport.execute("query-migrate-parameters")
         if not isinstance(reply, dict):
-            raise MonitorError(f"unexpected 'query-migrate-parameters' reply: {reply!r}")
+            raise unexpected("query-migrate-parameters", reply)
         return reply
 
     def set_migration_parameters(self, values: Mapping[str, object]) -> None:
@@ -310,7 +365,7 @@ class Monitor:
         """Run a human monitor command and return its text."""
         reply = self.transport.execute("human-monitor-command", {"command-line": command_line})
         if not isinstance(reply, str):
-            raise MonitorError(f"unexpected reply to {command_line!r}: {reply!r}")
+            raise unexpected(command_line, reply)
         return reply
 
     def close(self) -> None:
