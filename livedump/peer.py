@@ -131,4 +131,3 @@ def _holds(pid: int, link: str) -> bool:
         except OSError:
             continue
     return False
-
