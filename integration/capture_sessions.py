@@ -61,6 +61,7 @@ def capture(name: str, config: dict) -> tuple[dict, bytes]:
         try:
             monitor = Monitor(recorder)
             locate.guest_ranges(monitor, locate.flat_view(monitor))
+            monitor.ram_blocks()  # what the map is checked against
         finally:
             recorder.close()
         core, page = Path(tmp) / "qemu.vmcore", Path(tmp) / "page.vmcore"

@@ -58,22 +58,47 @@ def check_blocks(blocks: Sequence[Block], maps: Sequence[Mapping]) -> list[bool]
     """
     private = []
     for b in blocks:
-        addr, end, anonymous = b.hva, b.hva + b.size, True
-        for m in maps:
-            if m.start <= addr < m.end:
-                if "r" not in m.perms:
-                    break
-                anonymous &= m.perms.endswith("p") and not m.path
-                addr = m.end
-                if addr >= end:
-                    break
-        if addr < end:
+        covering, stop = _readable(b.hva, b.hva + b.size, maps)
+        if stop < b.hva + b.size:
             raise GuestMemoryError(
                 f"guest RAM at {b.gpa:#x} (host {b.hva:#x}, {b.size:#x} bytes) "
-                f"is not mapped readable in QEMU at {addr:#x}"
+                f"is not mapped readable in QEMU at {stop:#x}"
             )
-        private.append(anonymous)
+        private.append(all(m.perms.endswith("p") and not m.path for m in covering))
     return private
+
+
+def check_ram(name: str, start: int, end: int, maps: Sequence[Mapping]) -> None:
+    """Fail unless QEMU's RAM block ``name`` (as messages show it), said to be
+    at ``[start, end)``, lies in readable mappings that can hold guest RAM:
+    not the heap, a stack or a page of the kernel's (``[heap]``...), nor the
+    file of a program or library."""
+    covering, stop = _readable(start, end, maps)
+    images = {m.path for m in maps if "x" in m.perms and m.path}
+    for m in covering:
+        if (m.path.startswith("[") and not m.path.startswith("[anon:")) or m.path in images:
+            raise GuestMemoryError(
+                f"QEMU's RAM block {name} would be at {max(start, m.start):#x}, "
+                f"in {m.path}: not guest RAM")
+    if stop < end:
+        raise GuestMemoryError(f"QEMU's RAM block {name} ({end - start:#x} bytes at "
+                               f"{start:#x}) is not mapped readable in QEMU at {stop:#x}")
+
+
+def _readable(start: int, end: int, maps: Sequence[Mapping]) -> tuple[list[Mapping], int]:
+    """The readable mappings that cover ``[start, end)`` from ``start`` on, in
+    order (``maps`` is sorted, as the kernel lists it), and where they stop:
+    ``end`` if they cover all of it."""
+    covering, addr = [], start
+    for m in maps:
+        if m.start <= addr < m.end:
+            if "r" not in m.perms:
+                break
+            covering.append(m)
+            addr = m.end
+            if addr >= end:
+                return covering, end
+    return covering, addr
 
 
 _PF_EXITING = 0x4

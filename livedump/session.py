@@ -18,9 +18,9 @@ from .attach import Control, Pause, not_paused, paused
 from .coalesce import Block, GuestRange
 from .errors import LivedumpError, MonitorError, MonitorUnavailable, PermissionDenied, UsageError
 from .guardian import Guardian
-from .monitor import Address, Monitor, QMPTransport, describe
-from .procmem import ProcessMemory
-from .target import QmpEndpoint, is_qemu, qemu_executable, qmp_endpoints
+from .monitor import Monitor, QMPTransport
+from .procmem import ProcessMemory, read_maps
+from .target import Address, QmpEndpoint, qemu_executable, qmp_endpoints
 
 # What only some sessions need is imported when one is opened: a dump through
 # the monitor starts sooner without DWARF, ptrace, libvirt and migration code.
@@ -64,9 +64,16 @@ class MonitorSession:
         return self.monitor.target_arch()
 
     def prepare(self) -> list[GuestRange]:
-        """The map, read before the pause so its round trips cost the guest nothing."""
+        """The map, read and checked before the pause so its round trips cost the
+        guest nothing."""
         self._view = locate_monitor.flat_view(self.monitor)
-        return locate_monitor.guest_ranges(self.monitor, self._view)
+        return self._checked(self._view)
+
+    def _checked(self, view: list[locate_monitor.FlatRange]) -> list[GuestRange]:
+        """The RAM ranges of ``view``, checked against QEMU's RAM blocks and mappings."""
+        ranges = locate_monitor.guest_ranges(self.monitor, view)
+        locate_monitor.check_map(ranges, self.monitor.ram_blocks(), read_maps(self.pid))
+        return ranges
 
     @contextlib.contextmanager
     def hold(self, pause: bool) -> Iterator[Pause]:
@@ -97,12 +104,14 @@ class MonitorSession:
 
     def ranges(self, memory: ProcessMemory, prepared: list[GuestRange] | None
                ) -> list[GuestRange]:
-        """Inside the pause: ``prepared`` itself if the map is unchanged, else the new map."""
+        """Inside the pause: ``prepared`` itself if the map is unchanged, else the
+        new map, checked (then QEMU's RAM blocks are read again, as they may
+        have changed with it)."""
         view = locate_monitor.flat_view(self.monitor)
         if view == self._view and prepared is not None:
             return prepared
         self._view = view
-        return locate_monitor.guest_ranges(self.monitor, view)
+        return self._checked(view)
 
     def cpu_notes(self, memory: ProcessMemory, blocks: list[Block]) -> notes.QemuNotes | str:
         """Inside the pause: QEMU's notes for this instant, or why there are none."""
@@ -237,31 +246,12 @@ def _monitor_session(pid: int | None, qmp: Address | None, timeout: float) -> Mo
             failures.append(str(endpoint))
             continue
         try:
-            transport = QMPTransport(endpoint.address, timeout)
+            # Refused, not passed over, if its peer is not QEMU: the user or
+            # QEMU's command line named it, and something else serves it.
+            transport = QMPTransport(endpoint.address, timeout, pid)
         except (MonitorUnavailable, PermissionDenied) as e:
             failures.append(str(e))
             continue
-        try:
-            return MonitorSession(Monitor(transport), _check_peer(pid, transport), str(endpoint))
-        except BaseException:
-            transport.close()
-            raise
+        assert transport.peer_pid is not None
+        return MonitorSession(Monitor(transport), transport.peer_pid, str(endpoint))
     raise MonitorUnavailable("no QMP monitor answered: " + "; ".join(failures))
-
-
-def _check_peer(pid: int | None, transport: QMPTransport) -> int:
-    """The QEMU PID, from the user or the socket's peer, checked to agree.
-
-    A peer that is not QEMU at all is a relay (socat, a management daemon's
-    proxy): then only ``--pid`` can say which process to read.
-    """
-    peer = transport.peer_pid
-    where = describe(transport.address)
-    if pid is None:
-        if peer is None:
-            raise UsageError(f"cannot tell which process serves {where}; add --pid")
-        qemu_executable(peer)
-        return peer
-    if peer is not None and peer != pid and is_qemu(peer):
-        raise UsageError(f"{where} belongs to QEMU PID {peer}, not to PID {pid}")
-    return pid

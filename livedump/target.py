@@ -9,7 +9,15 @@ import os
 from dataclasses import dataclass
 
 from .errors import NotQemu, PermissionDenied, ProcessNotFound
-from .monitor import Address, describe
+
+Address = str | tuple[str, int]  # a monitor's UNIX socket path, or TCP (host, port)
+
+
+def describe(address: Address) -> str:
+    """How an address appears in messages: ``unix:PATH`` or ``tcp:HOST:PORT``."""
+    if isinstance(address, str):
+        return f"unix:{address}"
+    return f"tcp:{address[0]}:{address[1]}"
 
 
 @dataclass(frozen=True)

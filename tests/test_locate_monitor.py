@@ -1,11 +1,14 @@
 """The monitor-based RAM map, on monitor sessions recorded from QEMU 7.2."""
 
+import dataclasses
+
 import pytest
 
 from livedump import locate_monitor as locate
-from livedump.coalesce import coalesce
-from livedump.errors import MonitorError
-from livedump.monitor import Monitor
+from livedump.coalesce import GuestRange, coalesce
+from livedump.errors import GuestMemoryError, MonitorError
+from livedump.monitor import Monitor, RamBlock, parse_ram_blocks
+from livedump.procmem import Mapping
 
 from .conftest import ReplayTransport
 
@@ -116,7 +119,7 @@ def test_gpa2hva_replies():
     ) == (0x7FA013E00000, "pc.ram")
     for bad in ("Memory at address 0xa0000 is not RAM\r\n",
                 "No memory is mapped at address 0x200000000\r\n", ""):
-        with pytest.raises(MonitorError, match="unexpected 'gpa2hva' reply"):
+        with pytest.raises(MonitorError, match="^unexpected reply to 'gpa2hva': "):
             locate.parse_gpa2hva(bad)
 
 
@@ -126,3 +129,161 @@ def _load(name: str) -> dict:
     from .conftest import DATA
 
     return json.loads((DATA / "sessions" / f"{name}.json").read_text())
+
+
+# The RAM map held against QEMU's RAM blocks and mappings (locate.check_map).
+
+def _replayed(session: dict) -> tuple[list[GuestRange], list[RamBlock]]:
+    monitor = Monitor(ReplayTransport(session))
+    return locate.guest_ranges(monitor, locate.flat_view(monitor)), monitor.ram_blocks()
+
+
+def _qemu_maps(ranges: list[GuestRange], blocks: list[RamBlock]) -> list[Mapping]:
+    """Mappings as QEMU had them: each region's block in its own anonymous mapping,
+    and below them the heap and the program."""
+    spans = {}
+    for r in ranges:
+        block = next(b for b in blocks
+                     if b.name == r.region.name or b.name.endswith("/" + r.region.name))
+        spans[r.region.base] = Mapping(r.region.base, r.region.base + _pages(block.total),
+                                       "rw-p", 0, "")
+    return [Mapping(0x5000_0000, 0x5100_0000, "r-xp", 0, "/usr/bin/qemu-system-x86_64"),
+            Mapping(0x5200_0000, 0x5300_0000, "rw-p", 0, "[heap]"),
+            *sorted(spans.values(), key=lambda m: m.start)]
+
+
+def _pages(n: int) -> int:
+    return -(-n // 0x1000) * 0x1000
+
+
+def _check(ranges: list[GuestRange], blocks: list[RamBlock], maps=None) -> None:
+    locate.check_map(ranges, blocks, _qemu_maps(ranges, blocks) if maps is None else maps)
+
+
+def _moved(r: GuestRange, base: int) -> GuestRange:
+    """``r`` as a monitor would give it that says its region starts at ``base``."""
+    offset = r.hva - r.region.base
+    return dataclasses.replace(r, hva=base + offset, region=locate.Region(r.name, base))
+
+
+def test_recorded_maps_fit_their_blocks(session):
+    ranges, blocks = _replayed(session)
+    assert blocks and all(b.host is None for b in blocks)  # QEMU 7.2's form
+    _check(ranges, blocks)
+
+
+def test_a_bios_shown_twice_is_an_alias_not_a_fault():
+    ranges, blocks = _replayed(_load("pc-1G-prelaunch"))
+    bios = [r for r in ranges if r.name == "pc.bios"]
+    assert len(bios) == 2 and bios[0].region == bios[1].region  # isa-bios: its last 128 KiB
+    _check(ranges, blocks)
+
+
+def test_ranges_of_one_region_that_disagree_on_its_place_are_refused():
+    session = _load("pc-1G-seabios")
+    for x in session["exchanges"]:  # One answer of gpa2hva, 1 MiB off.
+        if x["arguments"] == {"command-line": "gpa2hva 0x100000"}:
+            x["return"] = x["return"].replace("0x7f4493f00000", "0x7f4494000000")
+    ranges, blocks = _replayed(session)
+    with pytest.raises(GuestMemoryError, match="^the ranges of memory region 'pc.ram' disagree "
+                                               "on where it lies in QEMU"):
+        _check(ranges, blocks)
+
+
+def test_a_thousand_ranges_on_one_mib_are_refused():
+    """A map that shows the same MiB at 1,024 guest addresses would make a GiB of it."""
+    ranges, blocks = _replayed(_load("pc-1G-seabios"))
+    base = ranges[0].region.base
+    fake = [GuestRange(i << 20, 1 << 20, base, locate.Region("pc.ram", base), "pc.ram")
+            for i in range(1024)]
+    with pytest.raises(GuestMemoryError, match="^memory region 'pc.ram': its bytes at offset "
+                                               "0x0 are shown at 3 guest addresses or more"):
+        _check(fake, blocks)
+
+
+def test_a_range_beyond_its_block_is_refused():
+    ranges, blocks = _replayed(_load("q35-5G-seabios"))
+    last = max((r for r in ranges if r.name == "pc.ram"), key=lambda r: r.gpa)
+    grown = [dataclasses.replace(r, size=r.size + 0x1000) if r is last else r for r in ranges]
+    with pytest.raises(GuestMemoryError, match="^guest RAM at 0x100000000 .* lies beyond its "
+                                               "RAM block 'pc.ram', of which 0x140000000 bytes"):
+        _check(grown, blocks)
+
+
+def test_a_region_without_a_block_is_refused():
+    ranges, blocks = _replayed(_load("pc-1G-seabios"))
+    with pytest.raises(GuestMemoryError, match="^memory region 'vga.vram' has no RAM block"):
+        _check(ranges, [b for b in blocks if not b.name.endswith("vga.vram")],
+               _qemu_maps(ranges, blocks))
+
+
+def test_blocks_that_overlap_in_qemu_are_refused():
+    ranges, blocks = _replayed(_load("pc-1G-seabios"))
+    inside = ranges[0].region.base + (1 << 20)  # vga.vram said to be within pc.ram
+    moved = [_moved(r, inside) if r.name == "vga.vram" else r for r in ranges]
+    with pytest.raises(GuestMemoryError, match="^RAM blocks 'pc.ram' and "
+                                               "'0000:00:02.0/vga.vram' would overlap in QEMU"):
+        _check(moved, blocks, _qemu_maps(ranges, blocks))
+
+
+@pytest.mark.parametrize("where, what", [(0x5200_0000, r"\[heap\]"),
+                                         (0x5000_0000, "/usr/bin/qemu-system-x86_64")])
+def test_ram_said_to_be_in_the_heap_or_the_program_is_refused(where, what):
+    """All of a region moved, consistently, onto memory that is no guest RAM."""
+    ranges, blocks = _replayed(_load("pc-1G-seabios"))
+    moved = [_moved(r, where) if r.name == "pc.bios" else r for r in ranges]
+    with pytest.raises(GuestMemoryError, match=f"^QEMU's RAM block 'pc.bios' would be at "
+                                               f"{where:#x}, in {what}: not guest RAM$"):
+        _check(moved, blocks, _qemu_maps(ranges, blocks))
+
+
+def test_ram_said_to_be_where_qemu_maps_nothing_is_refused():
+    ranges, blocks = _replayed(_load("pc-1G-seabios"))
+    moved = [_moved(r, 0x10_0000_0000) if r.name == "pc.bios" else r for r in ranges]
+    with pytest.raises(GuestMemoryError, match="^QEMU's RAM block 'pc.bios' .* is not mapped "
+                                               "readable in QEMU at 0x1000000000$"):
+        _check(moved, blocks, _qemu_maps(ranges, blocks))
+
+
+# QEMU 8.0 and later show each block's host address and whether it is read-only.
+RAMBLOCK_8 = """\
+              Block Name    PSize              Offset               Used              Total                HVA  RO
+                  pc.ram    4 KiB  0x0000000000000000 0x0000000040000000 0x0000000040000000 0x00007ff0afe00000  rw
+   0000:00:02.0/vga.vram    4 KiB  0x0000000040080000 0x0000000001000000 0x0000000001000000 0x00007ff0ae000000  rw
+                 pc.bios    4 KiB  0x0000000040000000 0x0000000000040000 0x0000000000040000 0x00007ff0ad800000  ro
+"""
+
+
+def test_ram_blocks_of_qemu_8():
+    assert parse_ram_blocks(RAMBLOCK_8) == [
+        RamBlock("pc.ram", 0x4000_0000, 0x4000_0000, 0x7FF0_AFE0_0000),
+        RamBlock("0000:00:02.0/vga.vram", 0x100_0000, 0x100_0000, 0x7FF0_AE00_0000),
+        RamBlock("pc.bios", 0x4_0000, 0x4_0000, 0x7FF0_AD80_0000)]
+
+
+def test_ram_blocks_of_qemu_7_2():
+    blocks = parse_ram_blocks(next(
+        x["return"] for x in _load("pc-1G-seabios")["exchanges"]
+        if x["arguments"] == {"command-line": "info ramblock"}))
+    assert blocks[:2] == [RamBlock("pc.ram", 0x4000_0000, 0x4000_0000, None),
+                          RamBlock("0000:00:02.0/vga.vram", 0x100_0000, 0x100_0000, None)]
+    assert RamBlock("/rom@etc/acpi/tables", 0x2_0000, 0x20_0000, None) in blocks
+
+
+def test_with_qemu_8s_addresses_each_region_must_start_at_its_block():
+    blocks = parse_ram_blocks(RAMBLOCK_8)
+    ram = locate.Region("pc.ram", 0x7FF0_AFE0_0000)
+    ranges = [GuestRange(0, 0xA_0000, ram.base, ram, "pc.ram"),
+              GuestRange(0x10_0000, 0x3FF0_0000, ram.base + 0x10_0000, ram, "pc.ram")]
+    maps = [Mapping(ram.base, ram.base + 0x4000_0000, "rw-p", 0, "")]
+    locate.check_map(ranges, blocks, maps)
+    elsewhere = [_moved(r, ram.base + 0x1000) for r in ranges]
+    with pytest.raises(GuestMemoryError, match="^memory region 'pc.ram' would start at "
+                                               "0x7ff0afe01000 in QEMU, where QEMU has no RAM"):
+        locate.check_map(elsewhere, blocks, maps)
+
+
+@pytest.mark.parametrize("text", ["", "garbage", RAMBLOCK_8 + "  pc.ram 4 KiB 0x0\n"])
+def test_unreadable_ramblock_replies_are_refused(text):
+    with pytest.raises(MonitorError, match="^unexpected (line in 'info ramblock'|reply to 'info ramblock')"):
+        parse_ram_blocks(text)

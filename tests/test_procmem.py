@@ -8,7 +8,7 @@ import pytest
 
 from livedump.coalesce import Block
 from livedump.errors import DumpIOError, GuestMemoryError
-from livedump.procmem import Buffer, PageMap, ProcessMemory, check_blocks, read_maps
+from livedump.procmem import Buffer, PageMap, ProcessMemory, check_blocks, check_ram, read_maps
 
 PAGE = mmap.PAGESIZE
 
@@ -83,3 +83,26 @@ def test_pagemap_extents_follow_touched_pages():
     with PageMap(os.getpid()) as pagemap:
         pagemap.WINDOW = 16  # Runs must join across look-up windows.
         assert list(pagemap.extents(addr, n * PAGE)) == expected
+
+
+def test_ram_in_an_anonymous_mapping_passes(region):
+    check_ram("'pc.ram'", region, region + PAGE, read_maps(os.getpid()))
+
+
+def test_ram_in_the_heap_or_a_program_is_refused():
+    maps = read_maps(os.getpid())
+    heap = next(m for m in maps if m.path == "[heap]")
+    with pytest.raises(GuestMemoryError, match=r"^QEMU's RAM block 'pc.ram' would be at "
+                                               rf"{heap.start:#x}, in \[heap\]: not guest RAM$"):
+        check_ram("'pc.ram'", heap.start, heap.start + PAGE, maps)
+    # The program's writable data too: its file is mapped executable elsewhere.
+    exe = os.path.realpath(f"/proc/{os.getpid()}/exe")
+    data = next(m for m in maps if m.path == exe and "w" in m.perms)
+    with pytest.raises(GuestMemoryError, match="not guest RAM$"):
+        check_ram("'pc.ram'", data.start, data.start + PAGE, maps)
+
+
+def test_ram_over_a_hole_is_refused(region):
+    with pytest.raises(GuestMemoryError, match=f"is not mapped readable in QEMU at "
+                                               f"{region + PAGE:#x}$"):
+        check_ram("'pc.ram'", region, region + 3 * PAGE, read_maps(os.getpid()))
