@@ -58,6 +58,7 @@ class QMPProxy:
         self.seen = threading.Event()
         self.connections = 0
         self.sent: list[dict] = []  # every message the client sent, in order
+        self.received = bytearray()  # every byte the client sent, as it came
         self._current: list[socket.socket] = []
         self._closed = False
         self._park: socket.socket | None = None
@@ -145,7 +146,8 @@ class QMPProxy:
         buf = ""
         try:
             while data := client.recv(65536):
-                buf += data.decode()
+                self.received += data
+                buf += data.decode(errors="replace")
                 # QMP messages are JSON objects, not necessarily one per line.
                 while buf.strip():
                     buf = buf.lstrip()

@@ -9,66 +9,21 @@ the marker placed in guest RAM is found in the vmcore alone.
 """
 
 import os
-import socket
 import stat
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from .counting import assert_counts
+from .qmp_proxy import QMPProxy
 from .vm import COUNTING_PC, VM, Marker
 
 ROOT = Path(__file__).resolve().parents[1]  # this checkout's livedump, whatever the cwd
 MARKER_GPA = 0x20_0000
 MARKER = b"livedump-stdio-" + os.urandom(16).hex().encode()  # found nowhere by chance
-
-
-class Tap:
-    """A relay to QEMU's monitor that records every byte its clients send."""
-
-    def __init__(self, upstream: Path, path: Path) -> None:
-        self.upstream = upstream
-        self.path = path
-        self.received = bytearray()
-        self._lock = threading.Lock()
-        self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._server.bind(str(path))
-        self._server.listen(4)
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._server.accept()
-            except OSError:
-                return
-            qemu = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            qemu.connect(str(self.upstream))
-            threading.Thread(target=self._pump, args=(client, qemu, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(qemu, client, False), daemon=True).start()
-
-    def _pump(self, source: socket.socket, sink: socket.socket, record: bool) -> None:
-        try:
-            while data := source.recv(1 << 16):
-                if record:
-                    with self._lock:
-                        self.received += data
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (source, sink):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self._server.close()
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +33,10 @@ def vm() -> Iterator[VM]:
 
 
 @pytest.fixture
-def tap(vm: VM, tmp_path: Path) -> Iterator[Tap]:
-    tap = Tap(vm.socket, tmp_path / "tap.sock")
+def tap(vm: VM) -> Iterator[QMPProxy]:
+    """A relay to QEMU's monitor that keeps every byte livedump sends (as QEMU's own
+    socket, so that livedump takes it for QEMU's)."""
+    tap = QMPProxy(vm.socket)
     yield tap
     tap.close()
 
@@ -96,8 +53,8 @@ CLOSED = ["<&-", ">&-", "2>&-", "<&- >&- 2>&-"]
 
 
 @pytest.mark.parametrize("closed", CLOSED)
-def test_file_output_with_closed_fds(vm: VM, tap: Tap, tmp_path: Path, closed: str) -> None:
-    r = run(closed, "--pid", str(vm.pid), "--qmp", str(tap.path), "out.vmcore", cwd=tmp_path)
+def test_file_output_with_closed_fds(vm: VM, tap: QMPProxy, tmp_path: Path, closed: str) -> None:
+    r = run(closed, "--pid", str(vm.pid), "--qmp", tap.qmp, "out.vmcore", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     if "2>&-" in closed.split():
         assert r.stderr == b""
@@ -112,10 +69,10 @@ def test_file_output_with_closed_fds(vm: VM, tap: Tap, tmp_path: Path, closed: s
 
 
 @pytest.mark.parametrize("closed", CLOSED)
-def test_stdout_output_with_closed_fds(vm: VM, tap: Tap, tmp_path: Path, closed: str) -> None:
+def test_stdout_output_with_closed_fds(vm: VM, tap: QMPProxy, tmp_path: Path, closed: str) -> None:
     """``-``: refused at once if standard output is closed; else the stream is the vmcore alone."""
     out = tmp_path / "stream.vmcore"
-    r = run(f"> {out} {closed}", "--pid", str(vm.pid), "--qmp", str(tap.path), "-",
+    r = run(f"> {out} {closed}", "--pid", str(vm.pid), "--qmp", tap.qmp, "-",
             cwd=tmp_path)
     if ">&-" in closed.split():
         assert r.returncode == 2
@@ -132,7 +89,7 @@ def test_stdout_output_with_closed_fds(vm: VM, tap: Tap, tmp_path: Path, closed:
         if "2>&-" in closed.split():
             assert r.stderr == b""
         # Just as long as a dump of the same VM to a file.
-        assert run("", "--pid", str(vm.pid), "--qmp", str(tap.path), "--quiet", "file.vmcore",
+        assert run("", "--pid", str(vm.pid), "--qmp", tap.qmp, "--quiet", "file.vmcore",
                    cwd=tmp_path).returncode == 0
         assert len(data) == (tmp_path / "file.vmcore").stat().st_size
     assert MARKER not in tap.received
