@@ -232,7 +232,9 @@ OPTIONS = {"live": ("--live",)}  # livedump's options per scenario
 
 
 def fmt_bytes(n: int | None) -> str:
-    return "-" if n is None else f"{n / GiB:.2f} GiB" if n >= GiB / 4 else f"{n / (1 << 20):.1f} MiB"
+    if n is None:
+        return "-"
+    return f"{n / GiB:.2f} GiB" if n >= GiB / 4 else f"{n / (1 << 20):.1f} MiB"
 
 
 def started(name: str, workdir: Path) -> VM:

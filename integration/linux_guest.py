@@ -3,9 +3,9 @@
 ``guest_files()`` builds (once, into a cache directory) a bootable kernel and
 an initramfs holding a static busybox, ``/init`` (``guest/init.sh``), a
 small static helper (``guest/toucher.c``) and the kernel's ``qemu_fw_cfg``
-module (loaded at boot, so ``-device vmcoreinfo`` gets the guest's VMCOREINFO).  The guest needs no disk and no
-network; it is steered by switches on its kernel command line and reports on
-its serial console:
+module (loaded at boot, so ``-device vmcoreinfo`` gets the guest's VMCOREINFO).
+The guest needs no disk and no network; it is steered by switches on its
+kernel command line and reports on its serial console:
 
 * ``livedump.touch=MIB``: fill that many MiB of guest memory with non-zero
   data, held by a live process (``LIVEDUMP-TOUCH mib= seconds= mib_per_s=``);
@@ -142,8 +142,7 @@ class _Locked:
 
 def _run(args: list[str], cwd: Path | None = None) -> str:
     """Run a command; its stdout, or an error that includes its stderr."""
-    r = subprocess.run(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                       text=True)
+    r = subprocess.run(args, cwd=cwd, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}")
     return r.stdout
@@ -522,7 +521,7 @@ class LinuxVM(VM):
     smp: int = 1
     cache: Path | None = None
 
-    def __enter__(self) -> "LinuxVM":
+    def __enter__(self) -> LinuxVM:
         # Build (or find) the guest files before starting the clock.
         guest_files(self.cache)
         self.console_dir = Path(tempfile.mkdtemp(prefix="livedump-guest-"))

@@ -51,7 +51,7 @@ def crash(vmlinux, vmcore, *commands: str) -> dict[str, str]:
     assert r.returncode == 0, r.stdout + r.stderr
     parts = r.stdout.split("@@@ ")[1:]
     assert len(parts) == len(commands), r.stdout + r.stderr
-    return {c: part.removeprefix(c + "\n") for c, part in zip(commands, parts)}
+    return {c: part.removeprefix(c + "\n") for c, part in zip(commands, parts, strict=True)}
 
 
 def dump(vm, path, *args: str) -> dict:

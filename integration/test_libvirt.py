@@ -21,8 +21,15 @@ from pathlib import Path
 import pytest
 
 from .conftest import livedump, sigterm_after
-from .libvirt_harness import (Domain, Libvirtd, domstate, forget_emulator, readable_copy,
-                              readable_dir, virsh)
+from .libvirt_harness import (
+    Domain,
+    Libvirtd,
+    domstate,
+    forget_emulator,
+    readable_copy,
+    readable_dir,
+    virsh,
+)
 from .test_ptrace import DEBUG_QEMU
 from .vm import Marker, kvm_usable
 from .vmcore import first_difference, identity, read_phys
@@ -108,7 +115,8 @@ def test_running_domain_is_paused_and_resumed_by_libvirt(libvirtd, files, scratc
         assert r.returncode == 0, r.stderr
         assert_markers(out)
         line = r.stderr.decode()
-        assert "guest paused" in line and TAINT in line and "notes from libvirt's memory-only dump" in line
+        assert "guest paused" in line and TAINT in line
+        assert "notes from libvirt's memory-only dump" in line
         # libvirt did the pause: it records the resume as any 'virsh resume' ("unpaused").
         assert domstate(dom.name) == "running (unpaused)"
         assert libvirtd.alive()

@@ -16,7 +16,8 @@ from .conftest import livedump
 from .vm import VM
 
 # tqdm's frame: "livedump:  51%|█████    | 520M/1.00G [00:00<00:00, 1.87GB/s]"
-FRAME = re.compile(r"livedump: +(\d+)%\|[^|]*\| *[\d.]+\w?/[\d.]+G \[[\d:]+<[\d:?]+, *[\d.?]+\w?B/s\]")
+FRAME = re.compile(r"livedump: +(\d+)%\|[^|]*\| *[\d.]+\w?/[\d.]+G "
+                   r"\[[\d:]+<[\d:?]+, *[\d.?]+\w?B/s\]")
 
 
 def on_a_terminal(*args: str) -> tuple[int, str, bytes]:

@@ -24,8 +24,8 @@ from .test_dump import HIGH_MARKERS, MARKERS, assert_markers
 from .vm import VM, kvm_usable
 from .vmcore import first_difference
 
-DEBUG_QEMU = Path(os.environ.get("LIVEDUMP_QEMU_CACHE",
-                                  Path.home() / ".cache/livedump/qemu-debug")) / "bin/qemu-system-x86_64"
+DEBUG_QEMU = Path(os.environ.get("LIVEDUMP_QEMU_CACHE", Path.home() / ".cache/livedump/qemu-debug")
+                  ) / "bin/qemu-system-x86_64"
 
 pytestmark = pytest.mark.skipif(
     not DEBUG_QEMU.exists(), reason="no debug-info QEMU: run integration/build-qemu-debug.sh")

@@ -44,7 +44,7 @@ def first_difference(a: Path, b: Path) -> str | None:
     if key != [(x.paddr, x.vaddr, x.memsz, x.filesz) for x in lb]:
         return f"PT_LOAD lists differ:\n{la}\n{lb}"
     with open(a, "rb") as fa, open(b, "rb") as fb:
-        for x, y in zip(la, lb):
+        for x, y in zip(la, lb, strict=True):
             fa.seek(x.offset)
             fb.seek(y.offset)
             for done in range(0, x.filesz, CHUNK):

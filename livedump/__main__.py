@@ -1,8 +1,10 @@
-# Before anything opens a file: see guard_standard_fds.
+"""``python -m livedump``: fds 0-2 are made safe before anything opens a file
+(see guard_standard_fds), so the rest is imported after that."""
+
 from .output import guard_standard_fds
 
 guard_standard_fds()
 
-from .cli import main
+from .cli import main  # noqa: E402
 
 raise SystemExit(main())

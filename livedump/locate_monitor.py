@@ -79,9 +79,8 @@ def parse_flatview(text: str, address_space: str = "memory") -> list[FlatRange]:
             if last < first or (ranges and first <= ranges[-1].gpa + ranges[-1].size - 1):
                 raise MonitorError(
                     f"'info mtree -f' ranges out of order at {excerpt(line.strip())}")
-            ranges.append(
-                FlatRange(first, last - first + 1, m["type"], m["name"], int(m["offset"] or "0", 16))
-            )
+            offset = int(m["offset"] or "0", 16)
+            ranges.append(FlatRange(first, last - first + 1, m["type"], m["name"], offset))
         return ranges
     raise MonitorError(f"'info mtree -f' shows no flat view for address space {address_space!r}")
 
@@ -155,7 +154,7 @@ def check_map(ranges: Sequence[GuestRange], blocks: Sequence[RamBlock],
         offsets = [(r.hva - region.base, r.size) for r in members]
         extent = max(offset + size for offset, size in offsets)
         block = blocks[_block_of(region, extent, blocks, taken)]
-        for r, (offset, size) in zip(members, offsets):
+        for r, (offset, size) in zip(members, offsets, strict=True):
             if offset + size > block.used:
                 raise GuestMemoryError(
                     f"guest RAM at {r.gpa:#x} ({size:#x} bytes at offset {offset:#x} of "

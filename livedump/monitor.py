@@ -121,7 +121,7 @@ class QMPTransport:
         with signals.deferred():
             try:
                 return self._runner.run(asyncio.wait_for(exchange(), timeout))
-            except (TimeoutError, asyncio.TimeoutError):
+            except TimeoutError:
                 raise MonitorUnavailable(
                     f"{describe(self.address)}: no {what} within {timeout:g} s"
                 ) from None

@@ -138,5 +138,6 @@ def parse(core: bytes) -> QemuNotes:
         s = found.structs
         arch = from_elf(found.machine, s.bits, s.little)
     except (ValueError, UsageError) as e:
-        raise MonitorError(f"QEMU's dump of one page is not a vmcore livedump can read: {e}")
+        raise MonitorError(f"QEMU's dump of one page is not a vmcore livedump can read: {e}"
+                           ) from None
     return QemuNotes(replace(arch, bits=s.bits), data, names)

@@ -244,7 +244,8 @@ class PageMap:
                 end = n if end < 0 else end
                 if populated != run_populated:
                     if run_populated is not None:
-                        yield run_start * PAGE_SIZE, (base + pos - run_start) * PAGE_SIZE, run_populated
+                        yield (run_start * PAGE_SIZE, (base + pos - run_start) * PAGE_SIZE,
+                               run_populated)
                     run_start, run_populated = base + pos, populated
                 pos = end
         if run_populated is not None:

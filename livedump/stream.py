@@ -316,7 +316,7 @@ def copy(layout: CoreLayout, private: Sequence[bool], memory: ProcessMemory,
 
 
 def _pieces(layout: CoreLayout, private: Sequence[bool], pagemap: PageMap) -> Iterator[_Piece]:
-    for block, start, is_private in zip(layout.blocks, layout.offsets, private):
+    for block, start, is_private in zip(layout.blocks, layout.offsets, private, strict=True):
         for offset, length, populated in _extents(block, is_private, pagemap):
             if not populated:
                 yield start + offset, length, None

@@ -18,8 +18,8 @@ from elftools.elf.elffile import ELFFile
 
 from livedump import cpu_state, locate_dwarf
 from livedump.coalesce import coalesce
-from livedump.errors import UsageError
 from livedump.dwarf import qemu_layout
+from livedump.errors import UsageError
 from livedump.freeze import frozen
 from livedump.procmem import ProcessMemory, read_maps
 from livedump.ptrace_session import PtraceSession
@@ -108,7 +108,7 @@ def test_livedump_dumps_the_planted_bytes(fake_qemu, tmp_path):
         segments = list(elf.iter_segments())
         loads = [s for s in segments if s["p_type"] == "PT_LOAD"]
         assert [(s["p_paddr"], s["p_filesz"]) for s in loads] == [p[:2] for p in planted]
-        for s, (_, size, _, fill) in zip(loads, planted):
+        for s, (_, size, _, fill) in zip(loads, planted, strict=True):
             assert s.data() == bytes([fill]) * size
         expected = qemu_notes([planted_cpu(0), planted_cpu(1)], [], "").data
         assert segments[0].data().startswith(expected)

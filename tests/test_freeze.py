@@ -16,8 +16,7 @@ import pytest
 from ptrace.binding import func
 
 from livedump import freeze, signals
-from livedump.errors import Interrupted, PermissionDenied, ProcessNotFound
-from livedump.errors import FreezeError
+from livedump.errors import FreezeError, Interrupted, PermissionDenied, ProcessNotFound
 from livedump.freeze import frozen
 
 FIXTURE = Path(__file__).parent / "fixtures" / "threads.c"
@@ -204,7 +203,7 @@ def test_signal_delivered_during_the_attach_is_passed_on(start, monkeypatch):
 def test_exception_in_the_block_lets_go(counting):
     with pytest.raises(ZeroDivisionError):
         with frozen(counting.pid):
-            1 / 0
+            raise ZeroDivisionError
     assert_none_traced(counting.pid)
     wait_for(counting.moving)
 
@@ -313,7 +312,8 @@ def test_process_killed_while_frozen(counting):
 def test_thread_in_uninterruptible_sleep_times_out_and_is_let_go(start):
     t = start("vfork", "800")
     wait_for(lambda: "D" in t.states().values())
-    with pytest.raises(FreezeError, match=r"could not stop thread \d+ \(threads, D .* within 0.1 s"):
+    stuck = r"could not stop thread \d+ \(threads, D .* within 0.1 s"
+    with pytest.raises(FreezeError, match=stuck):
         with frozen(t.pid, timeout=0.1):
             pytest.fail("froze a thread in uninterruptible sleep")
     assert_none_traced(t.pid)  # Once its vfork child exited, it stopped and was detached.
@@ -327,7 +327,8 @@ def test_a_thread_still_held_is_reported(counting, monkeypatch):
     try:
         os.waitpid(tid, freeze._WALL)
         monkeypatch.setattr(freeze, "_GRACE", 0.1)
-        with pytest.raises(FreezeError, match=rf"thread {tid} \(threads, t \(tracing stop\)\) .* could not be let go"):
+        held = rf"thread {tid} \(threads, t \(tracing stop\)\) .* could not be let go"
+        with pytest.raises(FreezeError, match=held):
             freeze._Threads(counting.pid)._verify()
     finally:
         freeze._Ptrace().detach(tid, 0)

@@ -1,5 +1,6 @@
 """Garbled monitor replies and command lines: our own clear error, or a sound result."""
 
+import itertools
 import json
 
 from hypothesis import given, settings
@@ -24,7 +25,7 @@ def check_flatview(text: str) -> None:
     except MonitorError as e:
         assert "\n" not in str(e)  # One line for the user.
         return
-    for a, b in zip(ranges, ranges[1:]):
+    for a, b in itertools.pairwise(ranges):
         assert a.gpa + a.size <= b.gpa
     assert all(r.size > 0 for r in ranges)
 
@@ -60,6 +61,6 @@ def test_random_gpa2hva_reply(text):
                 | st.text(max_size=60), max_size=12),
        st.lists(st.text(max_size=60), max_size=12))
 def test_random_command_lines(options, values):
-    argv = ["qemu-system-x86_64"] + [x for pair in zip(options, values) for x in pair]
+    argv = ["qemu-system-x86_64"] + [x for pair in zip(options, values, strict=False) for x in pair]
     for e in parse_qmp_options(argv, "/cwd"):
         assert e.address is None or isinstance(e.address, (str, tuple))

@@ -1,6 +1,7 @@
 """The monitor-based RAM map, on monitor sessions recorded from QEMU 7.2."""
 
 import dataclasses
+import itertools
 
 import pytest
 
@@ -10,7 +11,7 @@ from livedump.errors import GuestMemoryError, MonitorError
 from livedump.monitor import Monitor, RamBlock, parse_ram_blocks
 from livedump.procmem import Mapping
 
-from .conftest import ReplayTransport
+from .conftest import DATA, ReplayTransport
 
 
 def mtree_text(session: dict) -> str:
@@ -29,7 +30,7 @@ def test_flatview_of_memory_address_space(session):
     ranges = locate.parse_flatview(mtree_text(session))
     assert ranges
     # Ranges are sorted and do not overlap.
-    assert all(a.gpa + a.size <= b.gpa for a, b in zip(ranges, ranges[1:]))
+    assert all(a.gpa + a.size <= b.gpa for a, b in itertools.pairwise(ranges))
 
 
 @pytest.mark.parametrize("name", ["pc-1G-seabios", "q35-5G-seabios"])
@@ -126,7 +127,7 @@ def test_gpa2hva_replies():
 def _load(name: str) -> dict:
     import json
 
-    from .conftest import DATA
+
 
     return json.loads((DATA / "sessions" / f"{name}.json").read_text())
 
@@ -246,12 +247,7 @@ def test_ram_said_to_be_where_qemu_maps_nothing_is_refused():
 
 
 # QEMU 8.0 and later show each block's host address and whether it is read-only.
-RAMBLOCK_8 = """\
-              Block Name    PSize              Offset               Used              Total                HVA  RO
-                  pc.ram    4 KiB  0x0000000000000000 0x0000000040000000 0x0000000040000000 0x00007ff0afe00000  rw
-   0000:00:02.0/vga.vram    4 KiB  0x0000000040080000 0x0000000001000000 0x0000000001000000 0x00007ff0ae000000  rw
-                 pc.bios    4 KiB  0x0000000040000000 0x0000000000040000 0x0000000000040000 0x00007ff0ad800000  ro
-"""
+RAMBLOCK_8 = (DATA / "info-ramblock-qemu-8.txt").read_text()
 
 
 def test_ram_blocks_of_qemu_8():
@@ -285,5 +281,6 @@ def test_with_qemu_8s_addresses_each_region_must_start_at_its_block():
 
 @pytest.mark.parametrize("text", ["", "garbage", RAMBLOCK_8 + "  pc.ram 4 KiB 0x0\n"])
 def test_unreadable_ramblock_replies_are_refused(text):
-    with pytest.raises(MonitorError, match="^unexpected (line in 'info ramblock'|reply to 'info ramblock')"):
+    unreadable = "^unexpected (line in 'info ramblock'|reply to 'info ramblock')"
+    with pytest.raises(MonitorError, match=unreadable):
         parse_ram_blocks(text)

@@ -132,6 +132,6 @@ def test_our_note_reader_agrees_with_pyelftools(path):
                    if s["p_type"] == "PT_NOTE")
     theirs = [(n["n_name"], n["n_type"], n["n_descdata"]) for n in segment.iter_notes()]
     assert len(ours) == len(theirs) > 0
-    for (name, kind, desc), (their_name, their_kind, their_desc) in zip(ours, theirs):
+    for (name, kind, desc), (their_name, their_kind, their_desc) in zip(ours, theirs, strict=True):
         assert name == their_name and desc == their_desc
         assert kind == ENUM_CORE_NOTE_N_TYPE.get(their_kind, their_kind)

@@ -31,7 +31,8 @@ def test_readable_block_passes(region):
 
 
 def test_block_over_a_hole_fails(region):
-    with pytest.raises(GuestMemoryError, match=f"not mapped readable in QEMU at {region + PAGE:#x}"):
+    hole = f"not mapped readable in QEMU at {region + PAGE:#x}"
+    with pytest.raises(GuestMemoryError, match=hole):
         check_blocks([Block(0x1000, 3 * PAGE, region)], read_maps(os.getpid()))
 
 
