@@ -77,7 +77,7 @@ class Writer:
         # Pipe only: chunks read and waiting for their turn, by sequence number.
         self._ready = threading.Condition()
         self._pending: dict[int, tuple[int, Buffer | bytes | None, _Extents,
-                                       queue.SimpleQueue | None]] = {}
+                                       queue.SimpleQueue[Buffer] | None]] = {}
         self._closed = False
         self._ended = threading.Event()  # the pipe's writer has ended (see _Readers)
 
@@ -126,6 +126,7 @@ class Writer:
                spans: _Extents) -> None:
         wrote, done = 0, 0  # bytes of data written; bytes of the chunk behind us
         for start, end in spans:
+            assert data is not None  # A hole has no spans.
             part = data.view[start:end] if isinstance(data, Buffer) else data[start:end]
             if self.ordered:
                 self.out.skip(start - done)
@@ -296,7 +297,8 @@ def _trimmed(buf: Buffer, start: int, end: int) -> tuple[int, int]:
 
 
 def _zero(buf: Buffer, at: int, length: int) -> bool:
-    return _memcmp(buf.address + at, _ZERO_CHUNK.address, length) == 0
+    differs: int = _memcmp(buf.address + at, _ZERO_CHUNK.address, length)
+    return differs == 0
 
 
 def copy(layout: CoreLayout, private: Sequence[bool], memory: ProcessMemory,
