@@ -14,13 +14,14 @@ imported only when a domain is named.
 """
 
 import contextlib
+import itertools
 import json
 import os
 import threading
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
-from . import signals
+from . import proc, signals
 from .errors import (
     DomainNotRunning,
     LivedumpError,
@@ -273,7 +274,7 @@ def _dumps(command: str, arguments: Mapping[str, object] | None) -> bool:
 def qemu_pid(uuid: str, name: str) -> int:
     """The QEMU process on this host that runs the domain: libvirt gives every QEMU
     ``-uuid`` of its domain, which no other VM shares."""
-    found = [pid for pid in _processes() if _has_uuid(pid, uuid) and is_qemu(pid)]
+    found = [pid for pid in proc.pids() if _has_uuid(pid, uuid) and is_qemu(pid)]
     if len(found) != 1:
         where = ("several QEMU processes claim it: " + ", ".join(map(str, found)) if found
                  else "no QEMU process on this host runs it (livedump must run on the VM's host)")
@@ -281,18 +282,11 @@ def qemu_pid(uuid: str, name: str) -> int:
     return found[0]
 
 
-def _processes() -> list[int]:
-    return [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
-
-
 def _has_uuid(pid: int, uuid: str) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
-    except OSError:
+    argv = proc.cmdline_or_none(pid)
+    if argv is None:
         return False  # Gone, or not ours to read: not a QEMU we could dump anyway.
-    wanted = uuid.encode()
-    return any(a == b"-uuid" and v.lower() == wanted for a, v in zip(argv, argv[1:], strict=False))
+    return any(a == "-uuid" and v.lower() == uuid for a, v in itertools.pairwise(argv))
 
 
 def resume_if_paused(uri: str, uuid: str) -> bool:

@@ -10,12 +10,12 @@ is another file. The holder is found in ``/proc/locks`` by the file's device
 and inode, and named as what it is.
 """
 
-import errno
 import fcntl
 import itertools
 import os
 
-from .errors import AlreadyDumping, PermissionDenied, ProcessNotFound
+from . import proc
+from .errors import AlreadyDumping
 from .target import qemu_executable
 
 
@@ -24,14 +24,7 @@ class VMLock:
 
     def __init__(self, pid: int) -> None:
         qemu_executable(pid)  # Who may not look at it, or what is not QEMU, is told so.
-        path = f"/proc/{pid}/mem"
-        try:
-            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise ProcessNotFound(f"no process with PID {pid}") from None
-        except PermissionError:
-            raise PermissionDenied(f"may not read the memory of PID {pid} (run as its owner "
-                                   "or root; check kernel.yama.ptrace_scope)") from None
+        self._fd = proc.open_fd(pid, "mem", "read the memory of")
         try:
             # Twice: a holder gone between the refusal and the look in /proc/locks
             # has let it go.
@@ -89,7 +82,7 @@ def _who(holder: int | None, pid: int) -> str:
     lock = f"an flock on /proc/{pid}/mem"
     if holder is None:
         return f"another process holds the dump lock of QEMU PID {pid} ({lock})"
-    argv = _argv(holder)
+    argv = proc.cmdline_or_none(holder)
     if argv is None:
         return f"another process (PID {holder}) holds the dump lock of QEMU PID {pid} ({lock})"
     if is_livedump(argv):
@@ -97,16 +90,6 @@ def _who(holder: int | None, pid: int) -> str:
     name = os.path.basename(argv[0]) if argv else "?"
     return (f"PID {holder} ({name}), which is not livedump, holds the dump lock of "
             f"QEMU PID {pid} ({lock})")
-
-
-def _argv(pid: int) -> list[str] | None:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return [a.decode(errors="replace") for a in f.read().split(b"\0")[:-1]]
-    except OSError as e:
-        if e.errno in (errno.ENOENT, errno.ESRCH, errno.EACCES):
-            return None
-        raise
 
 
 def is_livedump(argv: list[str]) -> bool:

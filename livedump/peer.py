@@ -16,6 +16,7 @@ import os
 import socket
 import struct
 
+from . import proc
 from .errors import NotQemu, UsageError
 from .target import is_qemu, qemu_executable
 
@@ -64,7 +65,7 @@ def owners(sock: socket.socket, expected: int | None = None) -> set[int]:
     link = f"socket:[{inode}]"
     if expected is not None and _holds(expected, link):
         return {expected}
-    return {pid for pid in _pids() if _holds(pid, link)}
+    return {pid for pid in proc.pids() if _holds(pid, link)}
 
 
 def tcp_inode(local: _Endpoint, remote: _Endpoint) -> int | None:
@@ -111,10 +112,6 @@ def _executable(pid: int) -> str:
         return os.readlink(f"/proc/{pid}/exe")
     except OSError:
         return "executable unknown"
-
-
-def _pids() -> list[int]:
-    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
 
 
 def _holds(pid: int, link: str) -> bool:

@@ -9,8 +9,10 @@ import typing
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from . import proc
 from .coalesce import Block
-from .errors import DumpIOError, GuestMemoryError, PermissionDenied, ProcessNotFound
+from .errors import DumpIOError, GuestMemoryError, ProcessNotFound
+from .proc import alive as alive  # (dump.py imports it from here for now)
 
 
 @dataclass(frozen=True)
@@ -38,13 +40,7 @@ def parse_maps(text: str) -> list[Mapping]:
 
 
 def read_maps(pid: int) -> list[Mapping]:
-    try:
-        with open(f"/proc/{pid}/maps") as f:
-            return parse_maps(f.read())
-    except FileNotFoundError:
-        raise ProcessNotFound(f"QEMU (PID {pid}) has exited") from None
-    except PermissionError:
-        raise PermissionDenied(f"may not read the mappings of PID {pid}") from None
+    return parse_maps(proc.read_text(pid, "maps", "read the mappings of"))
 
 
 def check_blocks(blocks: Sequence[Block], maps: Sequence[Mapping]) -> list[bool]:
@@ -101,19 +97,6 @@ def _readable(start: int, end: int, maps: Sequence[Mapping]) -> tuple[list[Mappi
     return covering, addr
 
 
-_PF_EXITING = 0x4
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` still runs: not gone, not a zombie, not on its way out."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
-    except FileNotFoundError:
-        return False
-    return fields[0] not in ("Z", "X") and not int(fields[6]) & _PF_EXITING
-
-
 class _IOVec(ctypes.Structure):
     _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
 
@@ -149,15 +132,7 @@ class ProcessMemory:
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self._fd = -1
-        try:
-            self._fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise ProcessNotFound(f"QEMU (PID {pid}) has exited") from None
-        except PermissionError:
-            raise PermissionDenied(
-                f"may not read the memory of PID {pid} (run as its owner or root; "
-                "check kernel.yama.ptrace_scope)"
-            ) from None
+        self._fd = proc.open_fd(pid, "mem", "read the memory of")
         self._use_syscall = True
 
     def read(self, buf: Buffer, length: int, address: int) -> memoryview:
@@ -188,7 +163,7 @@ class ProcessMemory:
             self._fail(e.errno or errno.EIO, address)
 
     def _fail(self, err: int, address: int) -> typing.NoReturn:
-        if err == errno.ESRCH or not alive(self.pid):
+        if err == errno.ESRCH or not proc.alive(self.pid):
             raise ProcessNotFound(f"QEMU (PID {self.pid}) exited during the dump")
         raise DumpIOError(f"reading QEMU memory at {address:#x}: {os.strerror(err)}")
 
@@ -218,12 +193,7 @@ class PageMap:
     WINDOW = 32768  # pages looked up per read (128 MiB of 4 KiB pages)
 
     def __init__(self, pid: int) -> None:
-        try:
-            self._fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise ProcessNotFound(f"QEMU (PID {pid}) has exited") from None
-        except PermissionError:
-            raise PermissionDenied(f"may not read the page map of PID {pid}") from None
+        self._fd = proc.open_fd(pid, "pagemap", "read the page map of")
 
     def extents(self, address: int, size: int) -> Iterator[tuple[int, int, bool]]:
         """Yield ``(offset, length, populated)`` runs covering ``[address, address + size)``.

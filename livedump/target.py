@@ -8,6 +8,7 @@ libvirt wrote it: ``-qmp unix:PATH,...``, ``-qmp tcp:HOST:PORT,...``, and
 import os
 from dataclasses import dataclass
 
+from . import proc
 from .errors import NotQemu, PermissionDenied, ProcessNotFound
 
 Address = str | tuple[str, int]  # a monitor's UNIX socket path, or TCP (host, port)
@@ -37,12 +38,7 @@ class QmpEndpoint:
 
 def qemu_executable(pid: int) -> str:
     """Return the path of process ``pid``'s executable, checking it is a QEMU system emulator."""
-    try:
-        exe = os.readlink(f"/proc/{pid}/exe")
-    except FileNotFoundError:
-        raise ProcessNotFound(f"no process with PID {pid}") from None
-    except PermissionError:
-        raise PermissionDenied(f"may not inspect PID {pid} (run as its owner or root)") from None
+    exe = proc.readlink(pid, "exe", "inspect")
     name = os.path.basename(exe.removesuffix(" (deleted)"))
     if not (name.startswith("qemu-system-") or name == "qemu-kvm"):
         raise NotQemu(f"PID {pid} is {exe}, not a QEMU system emulator")
@@ -59,15 +55,7 @@ def is_qemu(pid: int) -> bool:
 
 def qmp_endpoints(pid: int) -> list[QmpEndpoint]:
     """The QMP monitors on process ``pid``'s command line, in the order given."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = [a.decode(errors="surrogateescape") for a in f.read().split(b"\0")[:-1]]
-        cwd = os.readlink(f"/proc/{pid}/cwd")
-    except FileNotFoundError:
-        raise ProcessNotFound(f"no process with PID {pid}") from None
-    except PermissionError:
-        raise PermissionDenied(f"may not inspect PID {pid} (run as its owner or root)") from None
-    return parse_qmp_options(argv, cwd)
+    return parse_qmp_options(proc.cmdline(pid), proc.readlink(pid, "cwd", "inspect"))
 
 
 def parse_qmp_options(argv: list[str], cwd: str = "/") -> list[QmpEndpoint]:
