@@ -16,18 +16,15 @@ from .session import VIAS
 if TYPE_CHECKING:
     import tqdm
 
-from .errors import Interrupted, LivedumpError
+from .errors import Interrupted, LivedumpError, exit_codes
 from .monitor import Address
 from .output import STDOUT, Output, check_stdout, guard_standard_fds, open_to_others
 
-EPILOG = """\
-exit codes: 0 done, 1 internal error, 2 usage, 3 no such process, 4 not QEMU,
-5 no QMP monitor reachable, 6 permission denied, 7 output exists, 8 I/O error,
-9 monitor refused or garbled, 10 RAM map unusable, 11 no usable debug info,
-12 another livedump is dumping this VM, 13 a QEMU thread would not freeze,
-14 the libvirt domain is not running, 15 --live: QEMU cannot take the background
-snapshot, or it failed, 128+N killed by signal N
-"""
+def epilog() -> str:
+    """The exit codes, from errors.py, where each is defined once."""
+    codes = [f"  {code:>3}  {meaning}" for code, meaning in exit_codes()]
+    return "\n".join(["exit codes:", *codes,
+                      "  128+N  killed by signal N (130 SIGINT, 143 SIGTERM, 129 SIGHUP)"])
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -35,7 +32,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="livedump",
         description="Write the guest memory of a running QEMU as an ELF vmcore "
         "(for crash, drgn, gdb), pausing the guest only while memory is copied.",
-        epilog=EPILOG,
+        epilog=epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("output", help=f"vmcore to write, or {STDOUT} for standard output")

@@ -10,84 +10,99 @@ class LivedumpError(Exception):
     """Base of every expected failure; the message is one line for the user."""
 
     exit_code = 1
+    # What the exit code means, in a few words (the docstring says more).
+    meaning = "internal error (a bug: please report it)"
 
 
 class UsageError(LivedumpError):
     """The command line asks for something that cannot work."""
 
     exit_code = 2
+    meaning = "usage: bad arguments, or arguments that contradict each other"
 
 
 class ProcessNotFound(LivedumpError):
     """No process with the given PID (or behind the given socket)."""
 
     exit_code = 3
+    meaning = "no such process or libvirt domain, or QEMU exited during the dump"
 
 
 class NotQemu(LivedumpError):
     """The process exists but is not a QEMU system emulator."""
 
     exit_code = 4
+    meaning = "not a QEMU system emulator, or a monitor QEMU does not serve"
 
 
 class MonitorUnavailable(LivedumpError):
     """No QMP monitor of the VM could be reached."""
 
     exit_code = 5
+    meaning = "no QMP monitor (or libvirt) reachable"
 
 
 class PermissionDenied(LivedumpError):
     """The OS refused access to the VM's memory or monitor."""
 
     exit_code = 6
+    meaning = "permission denied (the VM's memory, mappings or monitor)"
 
 
 class OutputExists(LivedumpError):
     """The output path exists and ``--force`` was not given."""
 
     exit_code = 7
+    meaning = "the output exists (use --force), or is no file --force may replace"
 
 
 class DumpIOError(LivedumpError):
     """Reading guest memory or writing the vmcore failed."""
 
     exit_code = 8
+    meaning = "I/O error reading guest memory or writing the vmcore"
 
 
 class MonitorError(LivedumpError):
     """The monitor refused a command or answered something unparseable."""
 
     exit_code = 9
+    meaning = "the monitor refused a command or answered something unparseable"
 
 
 class GuestMemoryError(LivedumpError):
     """The guest RAM map does not fit the QEMU process's address space."""
 
     exit_code = 10
+    meaning = "the RAM map does not fit QEMU's mappings or RAM blocks"
 
 
 class DebugInfoError(LivedumpError):
     """QEMU's debug info is missing, does not match the running binary, or lacks what we need."""
 
     exit_code = 11
+    meaning = "no usable debug info for QEMU (ptrace mode)"
 
 
 class AlreadyDumping(LivedumpError):
     """Another livedump is dumping the same VM right now."""
 
     exit_code = 12
+    meaning = "another livedump is dumping this VM"
 
 
 class FreezeError(LivedumpError):
     """A QEMU thread would not stop in time under ptrace, or could not be let go."""
 
     exit_code = 13
+    meaning = "a QEMU thread would not stop under ptrace, or could not be let go"
 
 
 class DomainNotRunning(LivedumpError):
     """The libvirt domain exists but is not running: no QEMU process holds its memory."""
 
     exit_code = 14
+    meaning = "the libvirt domain is not running"
 
 
 class SnapshotError(LivedumpError):
@@ -95,6 +110,18 @@ class SnapshotError(LivedumpError):
     it took failed or came in a form livedump does not read."""
 
     exit_code = 15
+    meaning = "--live: QEMU cannot take a background snapshot, or it failed"
+
+
+def exit_codes() -> list[tuple[int, str]]:
+    """Every exit code and what it means, for ``--help`` and the README's table."""
+    found: dict[int, str] = {0: "vmcore written"}
+    pending: list[type[LivedumpError]] = [LivedumpError]
+    while pending:
+        cls = pending.pop()
+        found.setdefault(cls.exit_code, cls.meaning)
+        pending.extend(cls.__subclasses__())
+    return sorted(found.items())
 
 
 class Interrupted(BaseException):
