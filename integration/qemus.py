@@ -147,6 +147,8 @@ def fetch(cache: Path = CACHE) -> Qemu:
         found = cached(cache)
         if found is not None:
             return found
+        for stale in cache.parent.glob(f"{cache.name}.tmp.*"):  # A killed fetch's, as we hold the lock.
+            shutil.rmtree(stale, ignore_errors=True)
         with tempfile.TemporaryDirectory(prefix=f"{cache.name}.tmp.", dir=cache.parent) as tmp:
             work = Path(tmp)
             debs = _download(work)
