@@ -2,9 +2,9 @@
 
 Users run QEMU 7.2 (Debian 12) through 10.x (Debian 13, and Debian 12 with
 bookworm-backports), so the tests run two: the system's
-``qemu-system-x86_64`` and QEMU 10.0. Where the system's QEMU is 10.0
-itself, that is the one. Elsewhere QEMU 10.0 comes from Debian's
-bookworm-backports on the host's own Debian mirror: ``apt-get download``
+``qemu-system-x86_64`` and QEMU 10.0. Where the system's QEMU is 10.x
+itself (Debian 13), that is the one. Elsewhere QEMU 10.0 comes from
+Debian's bookworm-backports on the host's own Debian mirror: ``apt-get download``
 through a private source list, package lists and cache (the host's apt
 configuration and state stay as they are), unpacked with ``dpkg -x`` into
 ``~/.cache/livedump/qemu-10.0`` once. The cache is put in place by one
@@ -37,8 +37,6 @@ from pathlib import Path
 
 SYSTEM = "qemu-system-x86_64"
 CACHE = Path.home() / ".cache" / "livedump" / "qemu-10.0"
-# Which QEMU series the tests run, oldest first.
-TESTED = ("7.2", "10.0")
 FETCHED = "10.0"
 # Debian 12's backports carry QEMU 10.0; the distribution its mirror must serve.
 RELEASE, SUITE = "bookworm", "bookworm-backports"
@@ -113,6 +111,11 @@ def system() -> Qemu | None:
     return Qemu(Path(path)) if path else None
 
 
+def is_new(qemu: Qemu) -> bool:
+    """A 10.x, as Debian 13 has: it stands for 10.0, and nothing is fetched beside it."""
+    return qemu.version[0] == int(FETCHED.split(".")[0])
+
+
 def cached(cache: Path = CACHE) -> Qemu | None:
     """The QEMU a whole earlier fetch unpacked into ``cache``, if one did."""
     if not (cache / MANIFEST).is_file():
@@ -130,13 +133,13 @@ def available(cache: Path = CACHE) -> dict[str, Qemu]:
 
 
 def fetch(cache: Path = CACHE) -> Qemu:
-    """QEMU 10.0: the system's if it is 10.0, else bookworm-backports', fetched once.
+    """QEMU 10.0: the system's if it is 10.x, else bookworm-backports', fetched once.
 
     Concurrent callers wait on a lock beside the cache; the second one finds
     the first one's cache.
     """
     own = system()
-    if own is not None and own.series == FETCHED:
+    if own is not None and is_new(own):
         return own
     found = cached(cache)
     if found is not None:
@@ -258,7 +261,7 @@ def main(argv: list[str]) -> int:
     try:
         if argv:
             own = system()
-            if cached() is None and (own is None or own.series != FETCHED):
+            if cached() is None and (own is None or not is_new(own)):
                 print(f"qemus: fetching QEMU {FETCHED} from {SUITE}", file=sys.stderr)
             fetch()
         for qemu in available().values():
