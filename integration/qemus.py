@@ -150,7 +150,8 @@ def fetch(cache: Path = CACHE) -> Qemu:
         found = cached(cache)
         if found is not None:
             return found
-        for stale in cache.parent.glob(f"{cache.name}.tmp.*"):  # A killed fetch's, as we hold the lock.
+        # A killed fetch's leftovers: none is in use while we hold the lock.
+        for stale in cache.parent.glob(f"{cache.name}.tmp.*"):
             shutil.rmtree(stale, ignore_errors=True)
         with tempfile.TemporaryDirectory(prefix=f"{cache.name}.tmp.", dir=cache.parent) as tmp:
             work = Path(tmp)

@@ -45,7 +45,8 @@ def test_started_process_is_that_qemu(series):
                 proc.stderr.close()
 
 
-@pytest.mark.skipif(qemus.cached() is None, reason="no QEMU 10.0 unpacked beside the system's (integration/setup --test)")
+@pytest.mark.skipif(qemus.cached() is None,
+                    reason="no QEMU 10.0 unpacked beside the system's (integration/setup --test)")
 def test_unpacked_qemu_loads_its_own_modules():
     """Every module it knows is loaded; the system's, of another build, would abort it."""
     qemu = qemus.cached()
