@@ -1,0 +1,67 @@
+"""The QEMUs of integration/qemus.py start as the tests need: the PID is QEMU's."""
+
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from . import qemus
+
+pytestmark = pytest.mark.qemu
+AVAILABLE = qemus.available()
+
+
+@pytest.mark.parametrize("series", AVAILABLE)
+def test_started_process_is_that_qemu(series):
+    """livedump is pointed at the PID its caller started: that must be QEMU itself."""
+    qemu = AVAILABLE[series]
+    with tempfile.TemporaryDirectory(prefix="livedump-qemus-") as tmp:
+        sock = Path(tmp) / "qmp.sock"
+        proc = subprocess.Popen([*qemu.command(), "-M", "none", "-display", "none", "-S",
+                                 "-nodefaults", "-qmp", f"unix:{sock},server=on,wait=off"],
+                                stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 30
+            while not sock.exists():
+                assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+                assert time.monotonic() < deadline, "no QMP socket"
+                time.sleep(0.02)
+            assert Path(f"/proc/{proc.pid}/exe").resolve() == qemu.binary.resolve()
+            qmp = QEMUMonitorProtocol(str(sock))
+            qmp.connect()
+            try:
+                version = qmp.cmd("query-version")["qemu"]
+            finally:
+                qmp.close()
+            assert (version["major"], version["minor"], version["micro"]) == qemu.version
+        finally:
+            proc.kill()
+            proc.wait()
+            if proc.stderr:
+                proc.stderr.close()
+
+
+@pytest.mark.skipif(qemus.cached() is None,
+                    reason="no QEMU 10.0 unpacked beside the system's (integration/setup --test)")
+def test_unpacked_qemu_loads_its_own_modules():
+    """Every module it knows is loaded; the system's, of another build, would abort it."""
+    qemu = qemus.cached()
+    assert qemu is not None
+    r = subprocess.run([*qemu.command(), "-device", "help"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert '"virtio-vga"' in r.stdout  # hw-display-virtio-vga.so
+    assert r.stderr == ""
+
+
+def test_partial_cache_is_not_taken(tmp_path):
+    """Only a cache with its manifest, written last, counts."""
+    (tmp_path / "root/usr/bin").mkdir(parents=True)
+    (tmp_path / "root/usr/bin" / qemus.SYSTEM).touch()
+    assert qemus.cached(tmp_path) is None
+    (tmp_path / qemus.MANIFEST).write_text("qemu-system-x86 1:10.0.2\n")
+    assert qemus.cached(tmp_path) == qemus.Qemu(tmp_path / "root/usr/bin" / qemus.SYSTEM,
+                                                 tmp_path / "root")
