@@ -15,10 +15,12 @@ def test_each_error_class_has_its_own_code_and_meaning():
     pending = [LivedumpError]
     while pending:
         cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        if cls.__module__ != LivedumpError.__module__:
+            continue  # A finer kind of one of these, elsewhere, shares its code.
         assert cls.exit_code not in seen, (cls, seen.get(cls.exit_code))
         seen[cls.exit_code] = cls
         assert cls.meaning and "\n" not in cls.meaning
-        pending.extend(cls.__subclasses__())
 
 
 def test_help_lists_every_exit_code():
