@@ -39,6 +39,7 @@ CONFIGS = {
                                          memory="256M"),
     "virt-riscv64-256M": dict(platform=MORE_ARCH_PLATFORMS["riscv64"], memory="256M"),
     "virt-riscv32-256M": dict(platform=MORE_ARCH_PLATFORMS["riscv32"], memory="256M"),
+    "g3beige-256M": dict(platform=MORE_ARCH_PLATFORMS["ppc-le"], memory="256M"),
 }
 
 

@@ -1,10 +1,11 @@
-"""Tiny firmware for the 32-bit Arm and RISC-V architecture tests.
+"""Tiny firmware for the 32-bit Arm, RISC-V and 32-bit PowerPC architecture tests.
 
 As in integration/firmware.py: the least code that puts the first CPU in
 the state QEMU's ``dump-guest-memory`` reads for the vmcore's class, byte
 order and machine (``cpu_get_dump_info`` in ``target/arm/arch_dump.c`` and
-``target/riscv/arch_dump.c``), then idles. Assembled with
-``binutils-arm-linux-gnueabihf`` and ``binutils-riscv64-linux-gnu``
+``target/riscv/arch_dump.c``, ``target/ppc/arch_dump.c``), then idles.
+Assembled with ``binutils-arm-linux-gnueabihf``,
+``binutils-riscv64-linux-gnu`` and ``binutils-powerpc64le-linux-gnu``
 (installed by ``integration/setup --test``). None of them touches guest RAM
 above 64 KiB of its start, where the tests place their markers.
 """
@@ -54,8 +55,29 @@ _start:
         assemble=(f"-march=rv{bits}i", f"-mabi={'lp64' if bits == 64 else 'ilp32'}"))
 
 
+def ppc(little_endian: bool) -> Firmware:
+    """A 32-bit PowerPC CPU: take interrupts little-endian (MSR.ILE) or not, then spin.
+
+    QEMU dumps a 32-bit PowerPC CPU as ELF32 EM_PPC, little-endian when it
+    takes interrupts little-endian, which a 750 (g3beige's CPU) does with
+    MSR.ILE. -bios loads this ELF image into g3beige's ROM at its address,
+    0xfff00000, and the CPU starts at the reset vector 0x100 above it.
+    """
+    return Firmware(f"ppc-{'le' if little_endian else 'be'}", "powerpc64le-linux-gnu-", f"""
+    .globl _start
+_start:
+    .org 0x100
+    mfmsr 3
+    {'oris 3, 3, 1           # MSR.ILE' if little_endian else ''}
+    mtmsr 3
+    isync
+1:  b 1b
+""", link=("-m", "elf32ppc", "-Ttext=0xfff00000"), assemble=("-a32", "-mbig"), raw=False)
+
+
 # One platform for each identity these firmwares give, as integration/vm.py's
-# ARCH_PLATFORMS: RAM starts at 1 GiB on Arm's virt, at 2 GiB on RISC-V's.
+# ARCH_PLATFORMS: RAM starts at 1 GiB on Arm's virt, at 2 GiB on RISC-V's,
+# at 0 on g3beige.
 MORE_ARCH_PLATFORMS = {
     "arm-le": Platform("qemu-system-arm", "virt", (), ("-bios", arm(big_endian=False)),
                        ram_base=0x4000_0000),
@@ -70,4 +92,7 @@ MORE_ARCH_PLATFORMS = {
                         ram_base=0x8000_0000),
     "riscv32": Platform("qemu-system-riscv32", "virt", (), ("-bios", riscv(32)),
                         ram_base=0x8000_0000),
+    "ppc-be": Platform("qemu-system-ppc", "g3beige", (), ("-bios", ppc(little_endian=False))),
+    "ppc-le": Platform("qemu-system-ppc", "g3beige", (), ("-bios", ppc(little_endian=True))),
 }
+

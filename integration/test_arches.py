@@ -127,7 +127,8 @@ def test_arch_overrides_qemus_judgement(scratch):
         assert vm.status() == "paused"
 
 
-# 32-bit Arm and RISC-V (integration/firmware_more.py), as QEMU 7.2 dumps them.
+# 32-bit Arm, RISC-V and 32-bit PowerPC (integration/firmware_more.py), as
+# QEMU 7.2 dumps them.
 MORE_EXPECTED = {
     "arm-le": (32, True, "EM_ARM"),
     "arm-be": (32, False, "EM_ARM"),
@@ -135,12 +136,14 @@ MORE_EXPECTED = {
     "arm-be-on-aarch64": (32, False, "EM_ARM"),
     "riscv64": (64, True, "EM_RISCV"),
     "riscv32": (32, True, "EM_RISCV"),
+    "ppc-be": (32, False, "EM_PPC"),
+    "ppc-le": (32, True, "EM_PPC"),
 }
 MORE_MEMORY = 256 * MiB
 
 
 @pytest.mark.parametrize("name", MORE_ARCH_PLATFORMS)
-def test_arm_and_riscv_vmcores_equal_qemus(scratch, name):
+def test_arm_riscv_and_ppc_vmcores_equal_qemus(scratch, name):
     """As test_vmcore_equals_qemus_on_every_arch, for the targets that joined later."""
     platform, expected = MORE_ARCH_PLATFORMS[name], MORE_EXPECTED[name]
     placed = markers(platform, MORE_MEMORY)
@@ -160,7 +163,7 @@ def test_arm_and_riscv_vmcores_equal_qemus(scratch, name):
         assert_markers(fuzzy, placed)
         default = for_target(vm.command("query-target")["arch"])
         assert (report["arch"], report["arch_from"]) == (default.arch.name, str(default))
-        if not default.assumed or name == "arm-le":
+        if not default.assumed or name in ("arm-le", "ppc-be"):
             assert identity(fuzzy)[:3] == expected
         assert identity(fuzzy)[3] == []
 

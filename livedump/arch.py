@@ -8,6 +8,7 @@ from .errors import UsageError
 ByteOrder = Literal["little", "big"]  # as int.from_bytes and int.to_bytes take it
 
 EM_386 = 3
+EM_PPC = 20
 EM_PPC64 = 21
 EM_S390 = 22
 EM_ARM = 40
@@ -21,11 +22,11 @@ class Arch:
     """ELF identity of a vmcore: word size, byte order and e_machine.
 
     A 32-bit vmcore of memory whose addresses, sizes or file offsets do not
-    fit ELF32's fields is ELF64 with the same e_machine where readers still
-    take that for this architecture (``widens``: kexec-tools writes such
-    Arm vmcores, QEMU such i386 ones); not where the class tells two
-    architectures apart (ELF64 EM_RISCV is riscv64). ``widens_at_4g``:
-    QEMU's i386 rule, ELF64 as soon as memory reaches 4 GiB.
+    fit ELF32's fields is ELF64 with the same e_machine where readers take
+    that for this architecture (``widens``: kexec-tools writes such Arm
+    vmcores, QEMU such i386 ones). Elsewhere such memory has no vmcore:
+    ELF64 EM_RISCV is riscv64, and no tool writes ELF64 EM_PPC.
+    ``widens_at_4g``: QEMU's i386 rule, ELF64 as soon as memory reaches 4 GiB.
     """
 
     name: str
@@ -54,12 +55,15 @@ ARCHES = {
         Arch("arm-be", 32, "big", EM_ARM),
         Arch("riscv64", 64, "little", EM_RISCV),
         Arch("riscv32", 32, "little", EM_RISCV, widens=False),
+        Arch("ppc-be", 32, "big", EM_PPC, widens=False),
+        Arch("ppc-le", 32, "little", EM_PPC, widens=False),
     )
 }
 
 # Other spellings users type, and the names QMP `query-target` reports.
 # A bare "aarch64", "ppc64" or "arm" does not say the byte order: the
-# little-endian variant is what current Linux distributions run.
+# little-endian variant is what current Linux distributions run (32-bit
+# PowerPC ones run big-endian).
 _ALIASES = {
     "x86-64": "x86_64",
     "amd64": "x86_64",
@@ -79,6 +83,9 @@ _ALIASES = {
     "armeb": "arm-be",
     "rv64": "riscv64",
     "rv32": "riscv32",
+    "ppc": "ppc-be",
+    "powerpc": "ppc-be",
+    "ppcle": "ppc-le",
 }
 
 
@@ -109,6 +116,7 @@ _TARGET_DEFAULTS = {
     "s390x": ("s390", ""),
     "riscv64": ("riscv64", ""),
     "riscv32": ("riscv32", ""),
+    "ppc": ("ppc-be", "big-endian assumed"),
 }
 
 

@@ -22,6 +22,7 @@ QEMU_386 = parse((DATA / "qemu-7.2-pc-1G-one-page.vmcore").read_bytes())
     ("s390x", "s390", ""),
     ("riscv64", "riscv64", ""),
     ("riscv32", "riscv32", ""),
+    ("ppc", "ppc-be", "big-endian assumed"),
 ])
 def test_target_defaults(target, name, assumed):
     default = arches.for_target(target)

@@ -26,6 +26,8 @@ EXPECTED = {
     "arm-be": ("EM_ARM", 32, "ELFDATA2MSB"),
     "riscv64": ("EM_RISCV", 64, "ELFDATA2LSB"),
     "riscv32": ("EM_RISCV", 32, "ELFDATA2LSB"),
+    "ppc-be": ("EM_PPC", 32, "ELFDATA2MSB"),
+    "ppc-le": ("EM_PPC", 32, "ELFDATA2LSB"),
 }
 
 
@@ -72,7 +74,7 @@ def test_header_per_arch(name):
 @pytest.mark.parametrize("seed, name", [
     ("X86_64", "x86_64"), ("i386", "386"), ("s390x", "s390"), ("aarch64", "aarch64-le"),
     ("ppc64le", "ppc64-le"), ("PPC64-BE", "ppc64-be"), ("armhf", "arm-le"), ("ARM", "arm-le"),
-    ("armeb", "arm-be"), ("rv64", "riscv64"), ("riscv32", "riscv32"),
+    ("armeb", "arm-be"), ("rv64", "riscv64"), ("riscv32", "riscv32"), ("ppc", "ppc-be"),
 ])
 def test_aliases(seed, name):
     assert lookup(seed).name == name
@@ -114,17 +116,19 @@ def test_arm_beyond_elf32_becomes_elf64_like_kexec_tools():
     assert CoreLayout(lookup("arm-le"), four_gib, [NOTE]).bits == 64
 
 
-def test_riscv32_beyond_elf32_is_refused():
-    """ELF64 EM_RISCV is riscv64: a riscv32 vmcore ELF32 cannot hold has no right form."""
+@pytest.mark.parametrize("name", ["riscv32", "ppc-be"])
+def test_beyond_elf32_without_an_elf64_form_is_refused(name):
+    """ELF64 EM_RISCV is riscv64, and no tool writes ELF64 EM_PPC: a vmcore ELF32
+    cannot hold has no right form for these."""
     from livedump.errors import UsageError
 
-    across = [Block(0x8000_0000, 0xC000_0000, 0)]  # -m 3G on virt: as QEMU's ELF32.
-    assert CoreLayout(lookup("riscv32"), across, [NOTE]).bits == 32
+    across = [Block(0x8000_0000, 0xC000_0000, 0)]  # -m 3G on riscv32 virt: as QEMU's ELF32.
+    assert CoreLayout(lookup(name), across, [NOTE]).bits == 32
     for blocks in ([Block(0x8000_0000, 1 << 32, 0)], [Block(0x1_0000_0000, 0x1000, 0)]):
         with pytest.raises(UsageError, match=f"^guest memory at {blocks[0].gpa:#x}-"
                                              f"{blocks[0].end - 1:#x} does not fit an ELF32 "
-                                             f"riscv32 vmcore"):
-            CoreLayout(lookup("riscv32"), blocks, [NOTE])
+                                             f"{name} vmcore"):
+            CoreLayout(lookup(name), blocks, [NOTE])
 
 
 def test_extended_numbering_past_65534_segments():

@@ -69,6 +69,7 @@ ARCH_PAGES = {
     "virt-aarch64-cortex-a15-256M": ("arm-le", 32, "little"),  # AArch32 on qemu-system-aarch64
     "virt-riscv64-256M": ("riscv64", 64, "little"),
     "virt-riscv32-256M": ("riscv32", 32, "little"),
+    "g3beige-256M": ("ppc-le", 32, "little"),  # MSR.ILE set
 }
 
 
