@@ -191,7 +191,7 @@ def test_riscv32_memory_past_elf32_is_refused(scratch):
         r = livedump("--pid", str(vm.pid), str(out))
         assert r.returncode == 2
         assert r.stderr == (b"livedump: guest memory at 0x80000000-0x17fffffff does not fit an "
-                            b"ELF32 riscv32 vmcore, and as ELF64 it would be of another "
-                            b"architecture (QEMU's own dump cuts it to 32 bits)\n")
+                            b"ELF32 riscv32 vmcore, which has no ELF64 form (QEMU's own dump "
+                            b"cuts it to 32 bits)\n")
         assert not out.exists() and list(scratch.iterdir()) == []
         assert vm.status() == "running"

@@ -20,7 +20,8 @@ Conventions, and why:
   offsets fit ELF32's fields, as QEMU's is (a segment may run past 4 GiB).
   Beyond, QEMU's own dump cuts them to 32 bits; livedump writes ELF64 with
   the same ``e_machine`` instead, as kexec-tools does for Arm, or refuses
-  where that would name another architecture (ELF64 EM_RISCV is riscv64).
+  where readers would not take that for the same architecture (ELF64
+  EM_RISCV is riscv64; no tool knows ELF64 EM_PPC).
   For i386 QEMU's rule holds: ELF64 once memory reaches 4 GiB.
 * More than 65534 program headers use extended numbering: ``e_phnum`` is
   PN_XNUM and section header 0 holds the real count in ``sh_info``.
@@ -222,8 +223,8 @@ class CoreLayout:
                     b = beyond[0]
                     raise UsageError(
                         f"guest memory at {b.gpa:#x}-{b.end - 1:#x} does not fit an ELF32 "
-                        f"{arch.name} vmcore, and as ELF64 it would be of another "
-                        f"architecture (QEMU's own dump cuts it to 32 bits)")
+                        f"{arch.name} vmcore, which has no ELF64 form (QEMU's own dump "
+                        f"cuts it to 32 bits)")
                 self.bits = 64
         s = self.structs = ElfStructs(self.bits, arch.little_endian)
         self._place(s, notes)
