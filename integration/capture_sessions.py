@@ -19,6 +19,7 @@ from pathlib import Path
 from livedump import locate_monitor as locate
 from livedump.monitor import Monitor, QMPTransport
 
+from .firmware_more import MORE_ARCH_PLATFORMS
 from .vm import ARCH_PLATFORMS, VM, kvm_usable
 from .vmcore import loads
 
@@ -33,6 +34,12 @@ CONFIGS = {
     "pseries-512M": dict(platform=ARCH_PLATFORMS["ppc64-be"], memory="512M"),
     "powernv9-1G": dict(platform=ARCH_PLATFORMS["ppc64-le"], memory="1G"),
     "s390-ccw-virtio-512M": dict(platform=ARCH_PLATFORMS["s390"], memory="512M"),
+    "virt-arm-256M": dict(platform=MORE_ARCH_PLATFORMS["arm-be"], memory="256M"),
+    "virt-aarch64-cortex-a15-256M": dict(platform=MORE_ARCH_PLATFORMS["arm-le-on-aarch64"],
+                                         memory="256M"),
+    "virt-riscv64-256M": dict(platform=MORE_ARCH_PLATFORMS["riscv64"], memory="256M"),
+    "virt-riscv32-256M": dict(platform=MORE_ARCH_PLATFORMS["riscv32"], memory="256M"),
+    "g3beige-256M": dict(platform=MORE_ARCH_PLATFORMS["ppc-le"], memory="256M"),
 }
 
 

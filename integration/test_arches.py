@@ -15,6 +15,7 @@ import pytest
 from livedump.arch import for_target
 
 from .conftest import livedump
+from .firmware_more import MORE_ARCH_PLATFORMS
 from .test_dump import assert_markers
 from .vm import ARCH_PLATFORMS, VM, Marker, Platform
 from .vmcore import first_difference, identity
@@ -124,3 +125,73 @@ def test_arch_overrides_qemus_judgement(scratch):
         assert identity(other) == (64, True, "EM_AARCH64", [])
         assert first_difference(other, theirs) is None  # The memory is the same bytes.
         assert vm.status() == "paused"
+
+
+# 32-bit Arm, RISC-V and 32-bit PowerPC (integration/firmware_more.py), as
+# QEMU 7.2 dumps them.
+MORE_EXPECTED = {
+    "arm-le": (32, True, "EM_ARM"),
+    "arm-be": (32, False, "EM_ARM"),
+    "arm-le-on-aarch64": (32, True, "EM_ARM"),
+    "arm-be-on-aarch64": (32, False, "EM_ARM"),
+    "riscv64": (64, True, "EM_RISCV"),
+    "riscv32": (32, True, "EM_RISCV"),
+    "ppc-be": (32, False, "EM_PPC"),
+    "ppc-le": (32, True, "EM_PPC"),
+}
+MORE_MEMORY = 256 * MiB
+
+
+@pytest.mark.parametrize("name", MORE_ARCH_PLATFORMS)
+def test_arm_riscv_and_ppc_vmcores_equal_qemus(scratch, name):
+    """As test_vmcore_equals_qemus_on_every_arch, for the targets that joined later."""
+    platform, expected = MORE_ARCH_PLATFORMS[name], MORE_EXPECTED[name]
+    placed = markers(platform, MORE_MEMORY)
+    with VM(platform=platform, memory=f"{MORE_MEMORY // MiB}M", markers=placed) as vm:
+        vm.wait_running(1)
+        running = scratch / "running.vmcore"
+        dump(vm, running)
+        assert vm.status() == "running"
+        assert_markers(running, placed)
+        assert identity(running)[:3] == expected
+
+        # --no-pause: the target's default, said to be one where the CPU state
+        # would decide (AArch32 on qemu-system-aarch64 is not the default).
+        fuzzy = scratch / "fuzzy.vmcore"
+        report = dump(vm, fuzzy, "--no-pause")
+        assert vm.status() == "running"
+        assert_markers(fuzzy, placed)
+        default = for_target(vm.command("query-target")["arch"])
+        assert (report["arch"], report["arch_from"]) == (default.arch.name, str(default))
+        if not default.assumed or name in ("arm-le", "ppc-be"):
+            assert identity(fuzzy)[:3] == expected
+        assert identity(fuzzy)[3] == []
+
+        vm.command("stop")
+        ours, theirs = scratch / "ours.vmcore", scratch / "qemu.vmcore"
+        report = dump(vm, ours)
+        vm.own_dump(theirs)
+        assert identity(theirs)[:3] == expected
+        assert identity(ours) == identity(theirs)
+        assert ("CORE", "NT_PRSTATUS") in identity(ours)[3]
+        assert first_difference(ours, theirs) is None
+        assert_markers(ours, placed)
+        assert report["arch"] == name.removesuffix("-on-aarch64")
+        assert report["arch_from"] == "QEMU's, from the CPU state"
+        assert report["elf_class"] == expected[0]
+        assert vm.status() == "paused"
+
+
+def test_riscv32_memory_past_elf32_is_refused(scratch):
+    """-m 4G puts riscv32 virt's RAM at 2-6 GiB: its size fits no ELF32 field (QEMU's
+    own dump writes it cut to 32 bits), and ELF64 EM_RISCV would say riscv64."""
+    with VM(platform=MORE_ARCH_PLATFORMS["riscv32"], memory="4G") as vm:
+        vm.wait_running(1)
+        out = scratch / "vmcore"
+        r = livedump("--pid", str(vm.pid), str(out))
+        assert r.returncode == 2
+        assert r.stderr == (b"livedump: guest memory at 0x80000000-0x17fffffff does not fit an "
+                            b"ELF32 riscv32 vmcore, which has no ELF64 form (QEMU's own dump "
+                            b"cuts it to 32 bits)\n")
+        assert not out.exists() and list(scratch.iterdir()) == []
+        assert vm.status() == "running"

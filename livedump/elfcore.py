@@ -16,8 +16,13 @@ Conventions, and why:
 * Memory starts at a page-aligned file offset (QEMU packs it right after
   the notes). Aligned pages let readers mmap the file and let zero pages
   become filesystem holes.
-* A 32-bit target whose memory or file reaches past 4 GiB gets a 64-bit
-  ELF with the same ``e_machine``, as QEMU does for i386 guests.
+* A 32-bit target's vmcore is ELF32 while its addresses, sizes and file
+  offsets fit ELF32's fields, as QEMU's is (a segment may run past 4 GiB).
+  Beyond, QEMU's own dump cuts them to 32 bits; livedump writes ELF64 with
+  the same ``e_machine`` instead, as kexec-tools does for Arm, or refuses
+  where readers would not take that for the same architecture (ELF64
+  EM_RISCV is riscv64; no tool knows ELF64 EM_PPC).
+  For i386 QEMU's rule holds: ELF64 once memory reaches 4 GiB.
 * More than 65534 program headers use extended numbering: ``e_phnum`` is
   PN_XNUM and section header 0 holds the real count in ``sh_info``.
 """
@@ -29,6 +34,7 @@ from typing import Protocol
 
 from .arch import Arch
 from .coalesce import Block
+from .errors import UsageError
 
 ET_CORE = 4
 EV_CURRENT = 1
@@ -209,9 +215,16 @@ class CoreLayout:
         self.bits = arch.bits
         notes = list(notes)
         if self.bits == 32:
-            # QEMU's rule: ELF64 as soon as guest memory reaches 4 GiB.
             self._place(ElfStructs(32, arch.little_endian), notes)
-            if self.size > 1 << 32 or any(b.end >= 1 << 32 for b in self.blocks):
+            beyond = [b for b, offset in zip(self.blocks, self.offsets, strict=True)
+                      if max(b.gpa, b.size, offset) >> 32]
+            if beyond or arch.widens_at_4g and any(b.end >= 1 << 32 for b in self.blocks):
+                if not arch.widens:
+                    b = beyond[0]
+                    raise UsageError(
+                        f"guest memory at {b.gpa:#x}-{b.end - 1:#x} does not fit an ELF32 "
+                        f"{arch.name} vmcore, which has no ELF64 form (QEMU's own dump "
+                        f"cuts it to 32 bits)")
                 self.bits = 64
         s = self.structs = ElfStructs(self.bits, arch.little_endian)
         self._place(s, notes)

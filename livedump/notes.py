@@ -24,12 +24,12 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from . import signals
 from .arch import Arch, from_elf
 from .elfcore import ElfStructs, read_core, read_notes
-from .errors import MonitorError, UsageError
+from .errors import MonitorError
 from .guardian import release_fifo
 from .monitor import Monitor
 
@@ -126,7 +126,12 @@ def _notes_end(core: bytes) -> int | None:
 
 
 def parse(core: bytes) -> QemuNotes:
-    """The notes of a vmcore QEMU wrote, with its class, byte order and machine."""
+    """The notes of a vmcore QEMU wrote, with its class, byte order and machine.
+
+    A vmcore of an architecture livedump cannot write is a UsageError, not a
+    MonitorError: without QEMU's notes the dump would go on as the QEMU
+    target's default, which QEMU has just said this VM is not.
+    """
     try:
         found = read_core(core)
         if found is None:
@@ -135,9 +140,8 @@ def parse(core: bytes) -> QemuNotes:
         if len(data) < found.note_size:
             raise ValueError("it ends inside its notes")
         names = tuple(n.name for n in read_notes(found.structs, data))
-        s = found.structs
-        arch = from_elf(found.machine, s.bits, s.little)
-    except (ValueError, UsageError) as e:
+    except ValueError as e:
         raise MonitorError(f"QEMU's dump of one page is not a vmcore livedump can read: {e}"
                            ) from None
-    return QemuNotes(replace(arch, bits=s.bits), data, names)
+    s = found.structs
+    return QemuNotes(from_elf(found.machine, s.bits, s.little), data, names)

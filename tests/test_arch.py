@@ -16,9 +16,13 @@ QEMU_386 = parse((DATA / "qemu-7.2-pc-1G-one-page.vmcore").read_bytes())
 @pytest.mark.parametrize("target, name, assumed", [
     ("x86_64", "x86_64", "long mode assumed"),
     ("i386", "386", ""),
-    ("aarch64", "aarch64-le", "little-endian assumed"),
+    ("aarch64", "aarch64-le", "an AArch64 CPU, little-endian, assumed"),
+    ("arm", "arm-le", "little-endian assumed"),
     ("ppc64", "ppc64-le", "little-endian assumed"),
     ("s390x", "s390", ""),
+    ("riscv64", "riscv64", ""),
+    ("riscv32", "riscv32", ""),
+    ("ppc", "ppc-be", "big-endian assumed"),
 ])
 def test_target_defaults(target, name, assumed):
     default = arches.for_target(target)
@@ -30,8 +34,8 @@ def test_target_defaults(target, name, assumed):
 
 
 def test_unsupported_target_is_named():
-    with pytest.raises(UsageError, match="QEMU target 'arm' is not one livedump supports"):
-        arches.for_target("arm")
+    with pytest.raises(UsageError, match="QEMU target 'sparc64' is not one livedump supports"):
+        arches.for_target("sparc64")
 
 
 def test_qemus_judgement_wins_over_the_target():
@@ -55,6 +59,7 @@ def test_without_notes_the_target_decides_and_says_what_it_assumed():
     why = "no CPU registers with --no-pause"
     arch, source, notes = _arch(None, arches.for_target("aarch64"), why)
     assert (arch.name, notes) == ("aarch64-le", why)
-    assert source == "QEMU target aarch64, little-endian assumed (else give --arch)"
+    assert source == ("QEMU target aarch64, an AArch64 CPU, little-endian, assumed "
+                      "(else give --arch)")
     arch, source, _ = _arch(arches.lookup("aarch64-be"), None, why)
     assert (arch.name, source) == ("aarch64-be", "--arch")

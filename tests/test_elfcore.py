@@ -22,6 +22,12 @@ EXPECTED = {
     "ppc64-le": ("EM_PPC64", 64, "ELFDATA2LSB"),
     "ppc64-be": ("EM_PPC64", 64, "ELFDATA2MSB"),
     "s390": ("EM_S390", 64, "ELFDATA2MSB"),
+    "arm-le": ("EM_ARM", 32, "ELFDATA2LSB"),
+    "arm-be": ("EM_ARM", 32, "ELFDATA2MSB"),
+    "riscv64": ("EM_RISCV", 64, "ELFDATA2LSB"),
+    "riscv32": ("EM_RISCV", 32, "ELFDATA2LSB"),
+    "ppc-be": ("EM_PPC", 32, "ELFDATA2MSB"),
+    "ppc-le": ("EM_PPC", 32, "ELFDATA2LSB"),
 }
 
 
@@ -67,7 +73,8 @@ def test_header_per_arch(name):
 
 @pytest.mark.parametrize("seed, name", [
     ("X86_64", "x86_64"), ("i386", "386"), ("s390x", "s390"), ("aarch64", "aarch64-le"),
-    ("ppc64le", "ppc64-le"), ("PPC64-BE", "ppc64-be"),
+    ("ppc64le", "ppc64-le"), ("PPC64-BE", "ppc64-be"), ("armhf", "arm-le"), ("ARM", "arm-le"),
+    ("armeb", "arm-be"), ("rv64", "riscv64"), ("riscv32", "riscv32"), ("ppc", "ppc-be"),
 ])
 def test_aliases(seed, name):
     assert lookup(seed).name == name
@@ -95,6 +102,33 @@ def test_386_reaching_4g_is_elf64_like_qemu():
     assert CoreLayout(lookup("386"), below, [NOTE]).bits == 32
     reaching = [Block(0xFFFC0000, 0x40000, 0)]
     assert CoreLayout(lookup("386"), reaching, [NOTE]).bits == 64
+
+
+def test_arm_beyond_elf32_becomes_elf64_like_kexec_tools():
+    """An LPAE guest's memory that ELF32 cannot describe: QEMU's own dump cuts it."""
+    for size in (0xC000_0000, 0xE000_0000):  # -m 3G, 3584M on virt: QEMU's ELF32 holds them.
+        assert CoreLayout(lookup("arm-le"), [Block(0x4000_0000, size, 0)], [NOTE]).bits == 32
+    blocks = [Block(0x4000_0000, 0x1000, 0), Block(0x1_0000_0000, 0x1000, 0x1000)]
+    elf = parse(CoreLayout(lookup("arm-be"), blocks, [NOTE]))
+    assert (elf.elfclass, elf.little_endian, elf.header["e_machine"]) == (64, False, "EM_ARM")
+    assert [s["p_paddr"] for s in elf.iter_segments()][1:] == [0x4000_0000, 0x1_0000_0000]
+    four_gib = [Block(0x4000_0000, 1 << 32, 0)]  # -m 4G: QEMU writes p_memsz 0.
+    assert CoreLayout(lookup("arm-le"), four_gib, [NOTE]).bits == 64
+
+
+@pytest.mark.parametrize("name", ["riscv32", "ppc-be"])
+def test_beyond_elf32_without_an_elf64_form_is_refused(name):
+    """ELF64 EM_RISCV is riscv64, and no tool writes ELF64 EM_PPC: a vmcore ELF32
+    cannot hold has no right form for these."""
+    from livedump.errors import UsageError
+
+    across = [Block(0x8000_0000, 0xC000_0000, 0)]  # -m 3G on riscv32 virt: as QEMU's ELF32.
+    assert CoreLayout(lookup(name), across, [NOTE]).bits == 32
+    for blocks in ([Block(0x8000_0000, 1 << 32, 0)], [Block(0x1_0000_0000, 0x1000, 0)]):
+        with pytest.raises(UsageError, match=f"^guest memory at {blocks[0].gpa:#x}-"
+                                             f"{blocks[0].end - 1:#x} does not fit an ELF32 "
+                                             f"{name} vmcore"):
+            CoreLayout(lookup(name), blocks, [NOTE])
 
 
 def test_extended_numbering_past_65534_segments():

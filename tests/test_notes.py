@@ -8,7 +8,7 @@ import pytest
 from elftools.elf.elffile import ELFFile
 from elftools.elf.enums import ENUM_CORE_NOTE_N_TYPE
 
-from livedump.arch import from_elf
+from livedump.arch import Arch, from_elf
 from livedump.coalesce import Block
 from livedump.dump import provenance_note
 from livedump.elfcore import CoreLayout, read_core, read_notes
@@ -46,6 +46,17 @@ def test_unknown_machine():
         from_elf(8, 64, False)  # EM_MIPS
 
 
+def test_an_identity_livedump_cannot_write_is_refused_not_guessed():
+    """QEMU's dump says what the VM is: no falling back to the target's default
+    (as a MonitorError would), which would write it as another architecture."""
+    loongarch = Arch("loongarch64", 64, "little", 258)  # QEMU 10.0 dumps it so.
+    core = CoreLayout(loongarch, [Block(0, 0x1000, 0)], [provenance_note(1)]).header
+    with pytest.raises(UsageError, match="^QEMU dumps this VM as ELF64 e_machine 258 "
+                                         "little-endian, an architecture livedump cannot "
+                                         "write$"):
+        parse(core)
+
+
 # One-page dumps of the machines of integration/test_arches.py
 # (integration/capture_sessions.py): (name, bits, byte order) QEMU judged.
 ARCH_PAGES = {
@@ -54,6 +65,11 @@ ARCH_PAGES = {
     "pseries-512M": ("ppc64-be", 64, "big"),
     "powernv9-1G": ("ppc64-le", 64, "little"),
     "s390-ccw-virtio-512M": ("s390", 64, "big"),
+    "virt-arm-256M": ("arm-be", 32, "big"),
+    "virt-aarch64-cortex-a15-256M": ("arm-le", 32, "little"),  # AArch32 on qemu-system-aarch64
+    "virt-riscv64-256M": ("riscv64", 64, "little"),
+    "virt-riscv32-256M": ("riscv32", 32, "little"),
+    "g3beige-256M": ("ppc-le", 32, "little"),  # MSR.ILE set
 }
 
 
