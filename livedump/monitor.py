@@ -113,6 +113,11 @@ class QMPTransport:
             raise MonitorError(f"{describe(self.address)}: cannot pass a file to QEMU: "
                                f"{excerpt(str(e), quote=False)}") from None
 
+    @property
+    def passes_fds(self) -> bool:
+        """Whether files can be passed to QEMU on this connection: on a UNIX socket only."""
+        return self._sock.family == socket.AF_UNIX
+
     def fileno(self) -> int:
         """The connection's file descriptor, for a process that must be able to speak on it."""
         return self._sock.fileno()
