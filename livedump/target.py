@@ -8,6 +8,7 @@ where these two are sections of a ``-readconfig`` file.
 
 import os
 import re
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -103,16 +104,28 @@ def _monitor_options(argv: list[str], cwd: str
             yield name, props, f"-{name} id={props.get('id', '')}"
         elif name == "readconfig":
             try:
-                with open(os.path.join(cwd, value), encoding="utf-8",
-                          errors="surrogateescape") as f:
-                    sections = parse_config(f.read())
-            except (OSError, ValueError) as e:  # ValueError: a NUL in the name.
+                sections = parse_config(_read_config(os.path.join(cwd, value)))
+            except (OSError, ValueError) as e:
                 reason = e.strerror if isinstance(e, OSError) else str(e)
                 yield QmpEndpoint(None, f"-readconfig {value} (cannot read it: {reason})")
                 continue
             for group, props in sections:
                 if group in ("chardev", "mon"):
                     yield group, props, f'[{group} "{props.get("id", "")}"] of {value}'
+
+
+_MAX_CONFIG = 1 << 20  # bytes of a -readconfig file read at most
+
+
+def _read_config(path: str) -> str:
+    """The text of the -readconfig file at ``path``. It may be a pipe or a
+    terminal (``/dev/stdin``, ``<(...)``), which QEMU read once and which
+    livedump must not wait on: only a regular file is read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with open(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("not a regular file; QEMU read it once")
+        return f.read(_MAX_CONFIG).decode("utf-8", "surrogateescape")
 
 
 # QEMU's config file syntax: '[group]' or '[group "id"]' starts a section,

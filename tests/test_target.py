@@ -1,5 +1,7 @@
 """Finding QMP monitors on QEMU command lines as users and libvirt write them."""
 
+import os
+
 from livedump.target import QmpEndpoint, parse_qmp_options
 
 
@@ -99,3 +101,11 @@ def test_an_unreadable_readconfig_is_listed_with_why(tmp_path):
     assert [e.address for e in got] == [None, "/a"]
     assert str(got[0]) == f"-readconfig {tmp_path}/gone.cfg (cannot read it: No such file " \
                           "or directory)"
+
+
+def test_a_readconfig_pipe_is_not_waited_on(tmp_path):
+    """QEMU read it once (``-readconfig <(...)``); opening it again would wait for a writer."""
+    os.mkfifo(tmp_path / "fifo.cfg")
+    got = endpoints("-readconfig fifo.cfg", cwd=str(tmp_path))
+    assert str(got[0]) == "-readconfig fifo.cfg (cannot read it: not a regular file; QEMU " \
+                          "read it once)"
