@@ -22,6 +22,7 @@ fails, having written no guest memory anywhere.
 
 import contextlib
 import os
+import secrets
 import select
 import tempfile
 import threading
@@ -99,31 +100,41 @@ def private_file(pid: int, watch: Callable[[str | None], None] | None = None
     made: tuple[str, int] | None = None
     try:
         with signals.deferred():  # Made and known to the finally below, or not made.
-            made = _make_private_file(pid, owner)
+            made = _make_private_file(pid, owner, watch)
         path, fd = made
-        if watch:
-            watch(path)
         directory = os.path.dirname(path)
         yield os.path.join("/tmp", os.path.basename(directory), "notes"), fd
     finally:
-        if made is not None:
-            with signals.deferred():
-                try:
+        with signals.deferred():
+            try:
+                if made is not None:
                     _remove(*made)
-                finally:
-                    if watch:
-                        watch(None)
+            finally:
+                if watch:
+                    watch(None)
 
 
-def _make_private_file(pid: int, owner: tuple[int, int]) -> tuple[str, int]:
-    """The file of :func:`private_file` (as we reach it), and a descriptor on it."""
+def _make_private_file(pid: int, owner: tuple[int, int],
+                       watch: Callable[[str | None], None] | None) -> tuple[str, int]:
+    """The file of :func:`private_file` (as we reach it), and a descriptor on it.
+
+    ``watch`` is told each name before it is made, so there is no instant
+    when a killed livedump would leave it unknown."""
     tmp = os.path.join(proc.path(pid, "root"), "tmp")
-    try:
-        directory = tempfile.mkdtemp(prefix="livedump-notes-", dir=tmp)
-    except OSError as e:
-        raise MonitorError(f"cannot make a directory in /tmp of PID {pid} for QEMU's "
-                           f"one-page dump: {e.strerror}") from None
-    path, fd = os.path.join(directory, "notes"), -1
+    while True:
+        directory = os.path.join(tmp, f"livedump-notes-{secrets.token_hex(6)}")
+        path = os.path.join(directory, "notes")
+        if watch:
+            watch(path)
+        try:
+            os.mkdir(directory, 0o700)
+            break
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise MonitorError(f"cannot make a directory in /tmp of PID {pid} for QEMU's "
+                               f"one-page dump: {e.strerror}") from None
+    fd = -1
     try:
         os.chmod(directory, 0o700)  # Whatever the umask.
         fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
