@@ -19,6 +19,7 @@ from qemu.qmp.error import ProtocolError
 
 from . import peer, signals
 from .errors import MonitorError, MonitorUnavailable, PermissionDenied
+from .qmp_framing import Framer
 from .target import Address as Address  # Known from here to the rest of livedump.
 from .target import describe as describe
 
@@ -30,6 +31,23 @@ RESUME_TIMEOUT = 30.0
 
 class _SessionBroken(MonitorUnavailable):
     """The connection ended under us (as opposed to a monitor that is slow)."""
+
+
+class _Client(QMPClient):
+    """qemu.qmp's client, which takes a line for a message, given whole messages
+    from a pretty-printed monitor too."""
+
+    def __init__(self) -> None:
+        super().__init__("livedump")
+        self._framer = Framer(self.readbuflen)
+
+    async def _readline(self) -> bytes:
+        while True:
+            line = await super()._readline()
+            if not line.endswith(b"\n"):  # The stream ended: what came, for the parser.
+                return self._framer.take() + line
+            if (message := self._framer.add(line)) is not None:
+                return message
 
 
 class Transport(Protocol):
@@ -63,7 +81,7 @@ class QMPTransport:
     def _connect(self) -> None:
         address = self.address
         self._runner = asyncio.Runner()
-        self._client = QMPClient("livedump")
+        self._client = _Client()
         try:
             sock = self._open_socket(address)
         except PermissionError as e:
@@ -94,6 +112,11 @@ class QMPTransport:
         except (QMPError, OSError) as e:
             raise MonitorError(f"{describe(self.address)}: cannot pass a file to QEMU: "
                                f"{excerpt(str(e), quote=False)}") from None
+
+    @property
+    def passes_fds(self) -> bool:
+        """Whether files can be passed to QEMU on this connection: on a UNIX socket only."""
+        return self._sock.family == socket.AF_UNIX
 
     def fileno(self) -> int:
         """The connection's file descriptor, for a process that must be able to speak on it."""

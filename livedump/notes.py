@@ -9,7 +9,9 @@ notes QEMU's full dump would carry (a VMCOREINFO note too, when the VM has
 the vmcoreinfo device), and its ELF header says which class, byte order
 and machine QEMU judges the guest to be (an x86 guest out of long mode is
 EM_386). The page itself is dropped. It goes through a memfd passed over
-the monitor socket, so no file is shared with QEMU.
+the monitor socket, so no file is shared with QEMU. Over TCP no descriptor
+can pass, but livedump runs on QEMU's host: QEMU writes it to a file of its
+own in a new private directory, which livedump reads and removes.
 
 Where that cannot be done (libvirt's monitor pass-through passes no file
 descriptors, and libvirt 9.0's daemon crashes on the completion event of a
@@ -18,22 +20,26 @@ which livedump closes as soon as the notes have come through: the dump then
 fails, having written no guest memory anywhere.
 """
 
+import contextlib
 import os
+import secrets
 import select
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from . import signals
+from . import proc, signals
 from .arch import Arch, from_elf
 from .elfcore import ElfStructs, read_core, read_notes
 from .errors import MonitorError
 from .guardian import release_fifo
-from .monitor import Monitor
+from .monitor import Monitor, QMPTransport
 
 _FD_NAME = "livedump-notes"
+_PAGE = 4096
+_MAX_CORE = 1 << 24  # bytes of QEMU's one-page dump read back at most
 
 @dataclass(frozen=True)
 class QemuNotes:
@@ -49,16 +55,123 @@ class QemuNotes:
         return self.data  # Already in the class and byte order of self.arch.
 
 
-def from_qemu(monitor: Monitor, gpa: int) -> QemuNotes:
-    """QEMU's notes for the paused guest, from a one-page dump at guest address ``gpa``."""
+def from_qemu(monitor: Monitor, gpa: int,
+              watch: Callable[[str | None], None] | None = None) -> QemuNotes:
+    """QEMU's notes for the paused guest, from a one-page dump at guest address ``gpa``.
+
+    Into a memfd passed to QEMU; where none can pass (QMP over TCP), into a
+    file of :func:`private_file`, which ``watch`` is told of as
+    :func:`from_pipe` tells it of its FIFO.
+    """
+    transport = monitor.transport
+    if isinstance(transport, QMPTransport) and not transport.passes_fds:
+        assert transport.peer_pid is not None
+        with private_file(transport.peer_pid, watch) as (path, fd):
+            _dump_one_page(monitor, f"file:{path}", gpa)
+            return parse(os.pread(fd, _MAX_CORE, 0))
     fd = os.memfd_create(_FD_NAME, os.MFD_CLOEXEC)
     try:
         monitor.send_fd(fd, _FD_NAME)
-        monitor.transport.execute("dump-guest-memory", {
-            "paging": False, "protocol": f"fd:{_FD_NAME}", "begin": gpa, "length": 4096})
-        return parse(os.pread(fd, 1 << 24, 0))
+        _dump_one_page(monitor, f"fd:{_FD_NAME}", gpa)
+        return parse(os.pread(fd, _MAX_CORE, 0))
     finally:
         os.close(fd)
+
+
+def _dump_one_page(monitor: Monitor, protocol: str, gpa: int) -> None:
+    monitor.transport.execute("dump-guest-memory", {
+        "paging": False, "protocol": protocol, "begin": gpa, "length": _PAGE})
+
+
+@contextlib.contextmanager
+def private_file(pid: int, watch: Callable[[str | None], None] | None = None
+                 ) -> Iterator[tuple[str, int]]:
+    """An empty file that process ``pid`` (QEMU) may write and no other user may
+    read: its path as QEMU sees it, and a descriptor to read it by.
+
+    It is made 0600 in a new 0700 directory in QEMU's own ``/tmp`` (reached
+    through ``/proc/PID/root``, so a private ``/tmp`` or a chroot is no
+    obstacle), both given to QEMU's user if that is not ours. Both are
+    removed on the way out, whatever the way: signals wait while they are
+    made and removed, and ``watch`` (the guardian's, if given) is told the
+    path meanwhile, so that even a killed livedump leaves nothing behind.
+    """
+    owner = _file_owner(pid)
+    made: tuple[str, int] | None = None
+    try:
+        with signals.deferred():  # Made and known to the finally below, or not made.
+            made = _make_private_file(pid, owner, watch)
+        path, fd = made
+        directory = os.path.dirname(path)
+        yield os.path.join("/tmp", os.path.basename(directory), "notes"), fd
+    finally:
+        with signals.deferred():
+            try:
+                if made is not None:
+                    _remove(*made)
+            finally:
+                if watch:
+                    watch(None)
+
+
+def _make_private_file(pid: int, owner: tuple[int, int],
+                       watch: Callable[[str | None], None] | None) -> tuple[str, int]:
+    """The file of :func:`private_file` (as we reach it), and a descriptor on it.
+
+    ``watch`` is told each name before it is made, so there is no instant
+    when a killed livedump would leave it unknown."""
+    tmp = os.path.join(proc.path(pid, "root"), "tmp")
+    while True:
+        directory = os.path.join(tmp, f"livedump-notes-{secrets.token_hex(6)}")
+        path = os.path.join(directory, "notes")
+        if watch:
+            watch(path)
+        try:
+            os.mkdir(directory, 0o700)
+            break
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise MonitorError(f"cannot make a directory in /tmp of PID {pid} for QEMU's "
+                               f"one-page dump: {e.strerror}") from None
+    fd = -1
+    try:
+        os.chmod(directory, 0o700)  # Whatever the umask.
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+        os.fchmod(fd, 0o600)
+        if owner != (os.geteuid(), os.getegid()):
+            os.fchown(fd, *owner)
+            os.chown(directory, *owner)
+    except OSError as e:
+        _remove(path, fd)
+        raise MonitorError(f"cannot give QEMU (PID {pid}) a file for its one-page dump: "
+                           f"{e.strerror}") from None
+    return path, fd
+
+
+def _file_owner(pid: int) -> tuple[int, int]:
+    """The user and group that process ``pid`` creates files as."""
+    ids = {}
+    for line in proc.read_text(pid, "status", "inspect").splitlines():
+        name, _, values = line.partition(":")
+        if name in ("Uid", "Gid"):
+            ids[name] = int(values.split()[3])  # real, effective, saved, filesystem
+    return ids["Uid"], ids["Gid"]
+
+
+def _remove(path: str, fd: int) -> None:
+    """Remove the file ``path`` and its directory, and close ``fd`` (if open)."""
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.rmdir(os.path.dirname(path))
+    except OSError as e:
+        raise MonitorError(f"cannot remove {os.path.dirname(path)}, made for QEMU's "
+                           f"one-page dump: {e.strerror}") from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 def from_pipe(dump_into: Callable[[str], object], timeout: float = 10.0,

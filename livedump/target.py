@@ -2,10 +2,14 @@
 
 The monitor addresses come from QEMU's own command line, as the user or
 libvirt wrote it: ``-qmp unix:PATH,...``, ``-qmp tcp:HOST:PORT,...``, and
-``-chardev socket,id=X,...`` joined to ``-mon chardev=X,mode=control``.
+``-chardev socket,id=X,...`` joined to ``-mon chardev=X,mode=control``, also
+where these two are sections of a ``-readconfig`` file.
 """
 
 import os
+import re
+import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from . import proc
@@ -59,28 +63,92 @@ def qmp_endpoints(pid: int) -> list[QmpEndpoint]:
 
 
 def parse_qmp_options(argv: list[str], cwd: str = "/") -> list[QmpEndpoint]:
-    """The QMP monitors a QEMU command line sets up; relative paths are taken from ``cwd``."""
-    options = _options(argv)
-    chardevs = {}
-    for name, value in options:
-        if name == "chardev":
-            kind, props = _split_props(value)
-            if "id" in props:
-                chardevs[props["id"]] = (kind, props)
+    """The QMP monitors a QEMU command line sets up, in QEMU's order; relative
+    paths (of sockets and of ``-readconfig`` files) are taken from ``cwd``."""
+    chardevs: dict[str, tuple[dict[str, str], str]] = {}  # id: properties, origin
+    monitors: list[QmpEndpoint | dict[str, str]] = []  # an endpoint, or a -mon's properties
+    for found in _monitor_options(argv, cwd):
+        if isinstance(found, QmpEndpoint):
+            monitors.append(found)
+            continue
+        group, props, origin = found
+        if group == "mon":
+            monitors.append(props)
+        elif "id" in props:
+            chardevs[props["id"]] = props, origin
 
     endpoints = []
-    for name, value in options:
-        if name in ("qmp", "qmp-pretty"):
-            endpoints.append(_legacy_endpoint(value, cwd, f"-{name} {value}"))
-        elif name == "mon":
-            first, props = _split_props(value)
-            chardev_id = props.get("chardev", first)
-            if props.get("mode") != "control" or chardev_id not in chardevs:
-                continue
-            kind, cprops = chardevs[chardev_id]
-            if kind == "socket":
-                endpoints.append(_socket_endpoint(cprops, cwd, f"-chardev id={chardev_id}"))
+    for monitor in monitors:
+        if isinstance(monitor, QmpEndpoint):
+            endpoints.append(monitor)
+        elif monitor.get("mode") == "control" and monitor.get("chardev") in chardevs:
+            cprops, origin = chardevs[monitor["chardev"]]
+            if cprops.get("backend") == "socket":
+                endpoints.append(_socket_endpoint(cprops, cwd, origin))
     return endpoints
+
+
+def _monitor_options(argv: list[str], cwd: str
+                     ) -> Iterator[QmpEndpoint | tuple[str, dict[str, str], str]]:
+    """What can make a QMP monitor, in order: each ``-qmp``'s endpoint, and
+    (group, properties, origin) for each chardev and monitor of the command
+    line and of its ``-readconfig`` files; an endpoint for a file that
+    cannot be read, with no address (QEMU read it, so it may name one)."""
+    for name, value in _options(argv):
+        if name in ("qmp", "qmp-pretty"):
+            yield _legacy_endpoint(value, cwd, f"-{name} {value}")
+        elif name in ("chardev", "mon"):
+            first, props = _split_props(value)
+            # An unnamed first property: a chardev's backend, a monitor's chardev.
+            props.setdefault("backend" if name == "chardev" else "chardev", first)
+            yield name, props, f"-{name} id={props.get('id', '')}"
+        elif name == "readconfig":
+            try:
+                sections = parse_config(_read_config(os.path.join(cwd, value)))
+            except (OSError, ValueError) as e:
+                reason = e.strerror if isinstance(e, OSError) else str(e)
+                yield QmpEndpoint(None, f"-readconfig {value} (cannot read it: {reason})")
+                continue
+            for group, props in sections:
+                if group in ("chardev", "mon"):
+                    yield group, props, f'[{group} "{props.get("id", "")}"] of {value}'
+
+
+_MAX_CONFIG = 1 << 20  # bytes of a -readconfig file read at most
+
+
+def _read_config(path: str) -> str:
+    """The text of the -readconfig file at ``path``. It may be a pipe or a
+    terminal (``/dev/stdin``, ``<(...)``), which QEMU read once and which
+    livedump must not wait on: only a regular file is read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with open(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("not a regular file; QEMU read it once")
+        return f.read(_MAX_CONFIG).decode("utf-8", "surrogateescape")
+
+
+# QEMU's config file syntax: '[group]' or '[group "id"]' starts a section,
+# '  key = "value"' lines follow (with no escapes: a value holds no '"'),
+# and a line that starts with '#' is a comment.
+_SECTION = re.compile(r'\[(\S+?)(?:\s+"([^"]*)")?\]')
+_VALUE = re.compile(r'\s*(\S+)\s*=\s*"([^"]*)"')
+
+
+def parse_config(text: str) -> list[tuple[str, dict[str, str]]]:
+    """The sections of a QEMU config file: (group, properties), with the
+    section's id as the property ``id``. Lines QEMU would refuse are
+    skipped: QEMU read the file when it started, and it may have changed."""
+    sections: list[tuple[str, dict[str, str]]] = []
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        if section := _SECTION.match(line):
+            group, id_ = section.groups()
+            sections.append((group, {} if id_ is None else {"id": id_}))
+        elif (value := _VALUE.match(line)) and sections:
+            sections[-1][1][value[1]] = value[2]
+    return sections
 
 
 def _options(argv: list[str]) -> list[tuple[str, str]]:

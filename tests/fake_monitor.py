@@ -7,11 +7,13 @@ that livedump makes of the process: its name, and the peer of its socket.
 Left to itself it answers as QEMU would for a guest of 1 MiB of RAM,
 which it holds in its own memory; ``SCRIPT`` (JSON) overrides:
 
-    {"greeting": TEXT, "replies": {KEY: REPLY}}
+    {"greeting": TEXT, "replies": {KEY: REPLY}, "pretty": BOOL}
 
 KEY is a QMP command, or ``hmp:`` and an HMP command line; REPLY a JSON
-object (given the request's id), or ``{"raw": TEXT}`` sent as it is. Every
-message received is logged to ``LOG``, one JSON per line.
+object (given the request's id), or ``{"raw": TEXT}`` sent as it is. With
+``pretty``, the greeting and replies are pretty-printed as QEMU's
+``-qmp-pretty`` does. Every message received is logged to ``LOG``, one
+JSON per line.
 
     qemu-system-x86_64 fake_monitor.py SOCKET LOG SCRIPT
 """
@@ -57,10 +59,20 @@ def main() -> None:
         while True:
             client, _ = server.accept()
             with client:
-                serve(client, script.get("greeting", GREETING), replies, state, log)
+                pretty = bool(script.get("pretty"))
+                greeting = script.get("greeting", encode(json.loads(GREETING), pretty))
+                serve(client, greeting, replies, state, log, pretty)
 
 
-def serve(client: socket.socket, greeting: str, replies: dict, state: dict, log) -> None:
+def encode(message: dict, pretty: bool) -> str:
+    """``message`` as QEMU sends it: one line, or pretty-printed over several."""
+    if not pretty:
+        return json.dumps(message)
+    return json.dumps(message, indent=4).replace("\n", "\r\n")
+
+
+def serve(client: socket.socket, greeting: str, replies: dict, state: dict, log,
+          pretty: bool = False) -> None:
     client.sendall(greeting.encode() + b"\r\n")
     decoder = json.JSONDecoder()
     buf = ""
@@ -75,10 +87,10 @@ def serve(client: socket.socket, greeting: str, replies: dict, state: dict, log)
             buf = buf[end:]
             log.write(json.dumps(request) + "\n")
             log.flush()
-            client.sendall(answer(request, replies, state).encode() + b"\r\n")
+            client.sendall(answer(request, replies, state, pretty).encode() + b"\r\n")
 
 
-def answer(request: dict, replies: dict, state: dict) -> str:
+def answer(request: dict, replies: dict, state: dict, pretty: bool = False) -> str:
     command = request.get("execute")
     if command == "human-monitor-command":
         key = "hmp:" + request["arguments"]["command-line"]
@@ -96,7 +108,7 @@ def answer(request: dict, replies: dict, state: dict) -> str:
         reply = {"error": {"class": "CommandNotFound", "desc": f"no {key} here"}}
     if "raw" in reply:
         return reply["raw"]
-    return json.dumps({**reply, **({"id": request["id"]} if "id" in request else {})})
+    return encode({**reply, **({"id": request["id"]} if "id" in request else {})}, pretty)
 
 
 if __name__ == "__main__":

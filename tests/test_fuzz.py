@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from livedump import locate_monitor as locate
 from livedump.errors import MonitorError
-from livedump.target import parse_qmp_options
+from livedump.target import parse_config, parse_qmp_options
 
 from .conftest import SESSIONS
 
@@ -57,10 +57,19 @@ def test_random_gpa2hva_reply(text):
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.sampled_from(["-qmp", "-mon", "-chardev", "--qmp", "-S", "-m"])
+@given(st.lists(st.sampled_from(["-qmp", "-mon", "-chardev", "--qmp", "-S", "-m", "-readconfig"])
                 | st.text(max_size=60), max_size=12),
        st.lists(st.text(max_size=60), max_size=12))
 def test_random_command_lines(options, values):
     argv = ["qemu-system-x86_64"] + [x for pair in zip(options, values, strict=False) for x in pair]
     for e in parse_qmp_options(argv, "/cwd"):
         assert e.address is None or isinstance(e.address, (str, tuple))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(['[chardev "q"]', "[mon]", '  mode = "control"',
+                                 '  chardev = "q"', '  backend = "socket"', "# [mon]"])
+                | st.text(max_size=60), max_size=12))
+def test_random_config_files(lines):
+    for group, props in parse_config("\n".join(lines)):
+        assert group and "]" not in group and all(isinstance(v, str) for v in props.values())

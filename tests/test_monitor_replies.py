@@ -67,6 +67,13 @@ def test_the_fake_is_a_monitor_livedump_can_dump_through(fake_qemu, tmp_path):
         assert bytes(range(256)) * 16 in f.read()
 
 
+def test_a_pretty_printed_monitor_is_dumped_through(fake_qemu, tmp_path):
+    """-qmp-pretty: every message over several lines, taken whole."""
+    r, sent = run(fake_qemu, tmp_path, {"pretty": True})
+    assert r.returncode == 0, r.stderr
+    assert [m["execute"] for m in sent].count("stop") == 1
+
+
 @pytest.mark.parametrize("greeting, shown", [
     ("\x00\xffnot json at all", r"b'\x00\xc3\xbfnot json at all\r\n'"),
     ('{"hello": "a JSON object, but no greeting"}', "\"'Greeting' object requires 'QMP' member\""),
@@ -115,6 +122,20 @@ def test_a_garbled_reply_mid_session_is_exit_9(fake_qemu, tmp_path):
     assert one_short_line(r.stderr).startswith(
         f"livedump: unix:{tmp_path}/qmp.sock: garbled reply to 'info mtree -f', "
         "not QMP: b'<html>xxx")
+    assert "stop" not in [m.get("execute") for m in sent]
+
+
+@pytest.mark.parametrize("raw, shown", [
+    ('{\r\n    "return": nonsense\r\n}', "b'{\\r\\n    \"return\": nonsense\\r\\n}\\r\\n'"),
+    ("{\r\n" + f'    "{"x" * 1000}",\r\n' * 11_000, "b'{\\r\\n    \"xxxxxxxx"),
+])
+def test_a_garbled_pretty_reply_is_exit_9_on_one_line(fake_qemu, tmp_path, raw, shown):
+    r, sent = run(fake_qemu, tmp_path, {"pretty": True, "replies": {"query-target": {
+        "raw": raw}}})
+    assert r.returncode == 9, r.stderr
+    assert one_short_line(r.stderr).startswith(
+        f"livedump: unix:{tmp_path}/qmp.sock: garbled reply to 'query-target', not QMP: "
+        f"{shown}")
     assert "stop" not in [m.get("execute") for m in sent]
 
 

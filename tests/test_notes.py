@@ -1,8 +1,12 @@
 """QEMU's notes, from one-page dumps QEMU 7.2 wrote (tests/data/*-one-page.vmcore:
 dump-guest-memory of 4 KiB at 1 MiB of a paused firmware-only guest)."""
 
+import glob
 import io
 import os
+import stat
+import subprocess
+import time
 
 import pytest
 from elftools.elf.elffile import ELFFile
@@ -13,7 +17,7 @@ from livedump.coalesce import Block
 from livedump.dump import provenance_note
 from livedump.elfcore import CoreLayout, read_core, read_notes
 from livedump.errors import MonitorError, UsageError
-from livedump.notes import from_pipe, parse
+from livedump.notes import from_pipe, parse, private_file
 
 from .conftest import DATA
 from .test_elfcore import parse as parse_layout
@@ -151,3 +155,58 @@ def test_our_note_reader_agrees_with_pyelftools(path):
     for (name, kind, desc), (their_name, their_kind, their_desc) in zip(ours, theirs, strict=True):
         assert name == their_name and desc == their_desc
         assert kind == ENUM_CORE_NOTE_N_TYPE.get(their_kind, their_kind)
+
+
+def leftovers(pid: int) -> list[str]:
+    return glob.glob(f"/proc/{pid}/root/tmp/livedump-notes-*")
+
+
+def test_a_private_file_for_qemu_is_made_private_and_removed():
+    """For QEMU's one-page dump where no descriptor can pass: here, for ourselves."""
+    told: list[str | None] = []
+    before = leftovers(os.getpid())
+    old_umask = os.umask(0o777)  # Modes are set, whatever the umask.
+    try:
+        with private_file(os.getpid(), told.append) as (path, fd):
+            ours = told[0]
+            assert ours is not None and ours.endswith(path)  # Seen through /proc/PID/root.
+            assert path.startswith("/tmp/livedump-notes-") and path.endswith("/notes")
+            assert stat.S_IMODE(os.stat(os.path.dirname(ours)).st_mode) == 0o700
+            assert stat.S_IMODE(os.fstat(fd).st_mode) == 0o600 and os.fstat(fd).st_size == 0
+            with open(ours, "wb") as f:  # QEMU writes by name...
+                f.write(b"QEMU's dump")
+            assert os.pread(fd, 100, 0) == b"QEMU's dump"  # ...livedump reads by descriptor.
+    finally:
+        os.umask(old_umask)
+    assert told == [ours, None]
+    assert not os.path.exists(os.path.dirname(ours))
+    assert leftovers(os.getpid()) == before
+    with pytest.raises(OSError):
+        os.fstat(fd)  # Closed.
+
+
+def test_a_private_file_is_removed_whatever_ends_its_use():
+    before = leftovers(os.getpid())
+    with pytest.raises(KeyboardInterrupt), private_file(os.getpid()) as (path, _):
+        raise KeyboardInterrupt
+    assert leftovers(os.getpid()) == before
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user takes root")
+def test_a_private_file_belongs_to_qemus_user():
+    """QEMU run as another user (-runas) can write the file, and only that user."""
+    other = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                              "sleep", "60"])
+    try:
+        deadline = time.monotonic() + 10
+        while os.stat(f"/proc/{other.pid}").st_uid != 65534:  # Until setpriv has run.
+            assert time.monotonic() < deadline and other.poll() is None
+            time.sleep(0.01)
+        with private_file(other.pid) as (path, fd):
+            ours = f"/proc/{other.pid}/root{path}"
+            for name in (ours, os.path.dirname(ours)):
+                assert (os.stat(name).st_uid, os.stat(name).st_gid) == (65534, 65534)
+    finally:
+        other.kill()
+        other.wait()
+

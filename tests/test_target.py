@@ -1,5 +1,7 @@
 """Finding QMP monitors on QEMU command lines as users and libvirt write them."""
 
+import os
+
 from livedump.target import QmpEndpoint, parse_qmp_options
 
 
@@ -46,3 +48,64 @@ def test_doubled_comma_is_a_literal_comma():
 def test_order_is_kept_and_other_monitors_ignored():
     got = endpoints("-monitor stdio -qmp unix:/a,server=on -qmp stdio -qmp unix:/b,server=on")
     assert [e.address for e in got] == ["/a", None, "/b"]
+
+
+# A config file as QEMU 7.2's -writeconfig writes one, with a QMP monitor in it.
+CONFIG = '''# qemu config file
+
+[chardev "qmp0"]
+  backend = "socket"
+  path = "qmp.sock"
+  server = "on"
+  wait = "off"
+
+[mon]
+  mode = "control"
+  chardev = "qmp0"
+
+[chardev "hmp0"]
+  backend = "socket"
+  path = "/run/vm/hmp.sock"
+  server = "on"
+
+[mon "hmp"]
+  mode = "readline"
+  chardev = "hmp0"
+
+[chardev "qmp1"]
+  backend = "socket"
+  host = "127.0.0.1"
+  port = "4444"
+  server = "on"
+'''
+
+
+def test_readconfig_monitors_with_paths_as_qemu_takes_them(tmp_path):
+    """The file's path, and the socket's in it, are both taken from QEMU's cwd."""
+    (tmp_path / "vm.cfg").write_text(CONFIG)
+    got = endpoints("-readconfig vm.cfg", cwd=str(tmp_path))
+    assert [(e.address, e.origin) for e in got] == [
+        (f"{tmp_path}/qmp.sock", '[chardev "qmp0"] of vm.cfg')]
+
+
+def test_readconfig_and_command_line_join_in_order(tmp_path):
+    (tmp_path / "vm.cfg").write_text(CONFIG)
+    got = endpoints(f"-qmp unix:/a,server=on -readconfig {tmp_path}/vm.cfg "
+                    "-mon chardev=qmp1,mode=control -chardev backend=socket,id=c,path=/c "
+                    "-mon c,mode=control")
+    assert [e.address for e in got] == ["/a", "/run/vm/qmp.sock", ("127.0.0.1", 4444), "/c"]
+
+
+def test_an_unreadable_readconfig_is_listed_with_why(tmp_path):
+    got = endpoints(f"-readconfig {tmp_path}/gone.cfg -qmp unix:/a,server=on")
+    assert [e.address for e in got] == [None, "/a"]
+    assert str(got[0]) == f"-readconfig {tmp_path}/gone.cfg (cannot read it: No such file " \
+                          "or directory)"
+
+
+def test_a_readconfig_pipe_is_not_waited_on(tmp_path):
+    """QEMU read it once (``-readconfig <(...)``); opening it again would wait for a writer."""
+    os.mkfifo(tmp_path / "fifo.cfg")
+    got = endpoints("-readconfig fifo.cfg", cwd=str(tmp_path))
+    assert str(got[0]) == "-readconfig fifo.cfg (cannot read it: not a regular file; QEMU " \
+                          "read it once)"
