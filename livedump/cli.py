@@ -24,7 +24,8 @@ exit codes: 0 done, 1 internal error, 2 usage, 3 no such process, 4 not QEMU,
 9 monitor refused or garbled, 10 RAM map unusable, 11 no usable debug info,
 12 another livedump is dumping this VM, 13 a QEMU thread would not freeze,
 14 the libvirt domain is not running, 15 --live: QEMU cannot take the background
-snapshot, or it failed, 128+N killed by signal N
+snapshot, or it failed, 16 livedump's guardian process could not be started (or
+died, and no new one could be), 128+N killed by signal N
 """
 
 

@@ -109,3 +109,14 @@ class Interrupted(BaseException):
     def __init__(self, signum: int, name: str) -> None:
         super().__init__(f"interrupted by {name}")
         self.exit_code = 128 + signum
+
+
+class GuardianLost(Interrupted):
+    """livedump's guardian process could not be started, or died and no new one
+    could be: livedump stops, the guest resumed on its way out. Raised like a
+    signal's :class:`Interrupted`, in the main thread, by the thread that
+    watches the guardian."""
+
+    def __init__(self, message: str) -> None:
+        BaseException.__init__(self, message)
+        self.exit_code = 16

@@ -73,20 +73,24 @@ def test_once_released_no_open_can_wait(tmp_path):
 @pytest.mark.parametrize("paused", [True, False])
 def test_the_watcher_releases_the_fifo_when_livedump_dies(tmp_path, paused):
     # The watcher over QMP, told "paused" or not, then a FIFO; its livedump
-    # "dies" (the pipe ends). With no monitor to resume through, a paused
+    # "dies" (the socket ends). With no monitor to resume through, a paused
     # guest cannot be resumed (status 1), but the FIFO is let go either way.
     path = _fifo(tmp_path)
     opener = _started(path)
-    read_end, write_end = os.pipe()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     monitor, qemu_side = socket.socketpair()
+    pidfd = os.pidfd_open(os.getpid())
     watcher = subprocess.Popen(
-        [sys.executable, "-m", "livedump.guardian", str(os.getpid()), str(read_end), "qmp",
-         str(monitor.fileno())], pass_fds=(read_end, monitor.fileno()))
-    os.close(read_end)
-    os.write(write_end, (b"P\n" if paused else b"") + b"F" + os.fsencode(path) + b"\n")
+        [sys.executable, "-m", "livedump.guardian", str(theirs.fileno()), str(pidfd), "30",
+         "qmp", str(monitor.fileno())], pass_fds=(theirs.fileno(), pidfd, monitor.fileno()))
+    theirs.close()
+    os.close(pidfd)
+    if paused:
+        ours.send(b"P")
+    ours.send(b"F" + os.fsencode(path))
     monitor.close()
     qemu_side.close()  # No QEMU behind it.
-    os.close(write_end)
+    ours.close()
     assert watcher.wait(30) == (1 if paused else 0)
     opener.join(5)
     assert not opener.is_alive() and isinstance(opener.error, BrokenPipeError)
