@@ -75,6 +75,7 @@ _DEATH_TIMEOUT = 10.0  # for a killed livedump to be gone (one in a disk wait ta
 _DRAIN_POLL = 0.2
 _DRAIN_BUFFER = 1 << 20
 _MESSAGE_MAX = 1 << 16
+_REPLACEMENTS = 8  # watchers started after the first died: past that, something kills them
 # Migration states in which no migration is under way (``query-migrate``).
 MIGRATION_IDLE = frozenset({"none", "completed", "failed", "cancelled"})
 
@@ -152,8 +153,13 @@ class Guardian:
         self._sock: socket.socket | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._pidfd = os.pidfd_open(os.getpid())  # so a watcher can kill this process, and only it
+        self._replaced = 0
         try:
-            self._start()
+            try:
+                self._start()
+            except OSError as e:
+                raise GuardianLost(f"could not start its guardian process: {e.strerror}"
+                                   ) from None
             with signals.deferred():  # Signals are for the main thread, as ever.
                 threading.Thread(target=self._watch, name="livedump-guardian-watch",
                                  daemon=True).start()
@@ -255,10 +261,9 @@ class Guardian:
                  str(self._pidfd), f"{self._stall:g}", *self._how],
                 pass_fds=(theirs.fileno(), self._pidfd, *self._pass_fds),
                 start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-        except OSError as e:
+        except BaseException:
             ours.close()
-            raise GuardianLost(f"could not start livedump's guardian process: {e.strerror}"
-                               ) from None
+            raise
         finally:
             theirs.close()
         self._sock = ours
@@ -276,12 +281,15 @@ class Guardian:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        self._replaced += 1
         try:
+            if self._replaced > _REPLACEMENTS:
+                raise OSError(0, f"{_REPLACEMENTS} died already")
             self._start()
-        except (GuardianLost, OSError) as e:
+        except OSError as e:
             self._closing = True  # Nothing to tell any more.
-            signals.raise_in_main(e if isinstance(e, GuardianLost) else GuardianLost(
-                f"livedump's guardian process died, and telling a new one failed: {e}"))
+            signals.raise_in_main(GuardianLost(
+                f"its guardian process died, and no new one could be started: {e.strerror}"))
 
     def _watch(self) -> None:
         """Wait on the watcher (which never writes: its socket turns readable

@@ -1,0 +1,148 @@
+"""livedump's guardian against real QEMU: it is replaced if it dies, it lets the VM
+go if livedump stalls while holding it, and it removes a dead livedump's file.
+
+The guest is the sweeping firmware (integration/firmware.py) where it must
+be seen to run on, the halting one where a vmcore is compared with QEMU's
+own dump.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from .health import assert_whole
+from .vm import HALTING_PC, SWEEPING_PC, VM, Marker
+from .vmcore import first_difference
+
+# Mostly untouched: the sweeping firmware writes 1 GiB to 1.25 GiB.
+SWEEPING = dict(machine="q35", memory="2G", platform=SWEEPING_PC)
+
+
+def livedump_into_pipe(vm: VM, *options: str, script: str | None = None
+                       ) -> tuple[subprocess.Popen, int]:
+    """livedump (or ``script``, run with livedump's arguments) writing the vmcore
+    into a pipe that nobody reads yet: it stalls mid-dump, the guest paused.
+    The pipe's read end is returned with it."""
+    r, w = os.pipe()
+    head = ["-c", script] if script else ["-m", "livedump"]
+    proc = subprocess.Popen([sys.executable, *head, "--pid", str(vm.pid), *options, "-"],
+                            stdout=w, stderr=subprocess.PIPE)
+    os.close(w)
+    wait_for(lambda: vm.status() == "paused", "the guest was never paused")
+    return proc, r
+
+
+def wait_for(condition, what: str, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def guardians(pid: int) -> list[int]:
+    """The guardian processes livedump ``pid`` started."""
+    children = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            children += [int(c) for c in f.read().split()]
+    found = []
+    for child in children:
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as f:
+                if b"livedump.guardian" in f.read():
+                    found.append(child)
+        except FileNotFoundError:
+            pass
+    return found
+
+
+def kill_guardian(proc: subprocess.Popen) -> int:
+    """SIGKILL livedump's guardian; the new one livedump starts."""
+    wait_for(lambda: len(guardians(proc.pid)) == 1, "no guardian")
+    (old,) = guardians(proc.pid)
+    os.kill(old, signal.SIGKILL)
+    wait_for(lambda: guardians(proc.pid) not in ([], [old]), "no new guardian", 10)
+    (new,) = guardians(proc.pid)
+    return new
+
+
+def read_into(fd: int, path: Path) -> threading.Thread:
+    """Read the pipe ``fd`` into ``path``, in the background."""
+    def run() -> None:
+        with open(path, "wb") as out:
+            while data := os.read(fd, 1 << 20):
+                out.write(data)
+        os.close(fd)
+
+    reader = threading.Thread(target=run, daemon=True)
+    reader.start()
+    return reader
+
+
+def test_guardian_killed_alone_costs_nothing(scratch):
+    """Killed mid-dump, the guardian is replaced, and the dump goes on whole."""
+    marker = Marker(0x100_0000, os.urandom(1 << 20))
+    with VM(memory="256M", platform=HALTING_PC, markers=[marker]) as vm:
+        proc, fd = livedump_into_pipe(vm)
+        kill_guardian(proc)
+        ours, theirs = scratch / "ours.vmcore", scratch / "qemu.vmcore"
+        reader = read_into(fd, ours)
+        _, err = proc.communicate(timeout=60)
+        reader.join(30)
+        assert proc.returncode == 0, err
+        assert err.startswith(b"livedump: wrote -: ") and err.count(b"\n") == 1, err
+        assert vm.status() == "running"
+        vm.own_dump(theirs)  # The halting guest's memory never changes.
+        assert first_difference(ours, theirs) is None
+
+
+def test_guardian_killed_then_livedump_killed_in_the_pause(scratch):
+    """The new guardian was told the guest is paused: it resumes it."""
+    with VM(**SWEEPING) as vm:
+        proc, fd = livedump_into_pipe(vm)
+        try:
+            kill_guardian(proc)
+            proc.kill()
+            _, err = proc.communicate(timeout=60)
+        finally:
+            os.close(fd)
+        assert b"its guardian resumed the guest" in err, err
+        assert_whole(vm)
+
+
+# livedump whose guardians cannot be started again once the first is gone.
+NO_SECOND_GUARDIAN = """
+import errno, subprocess, sys
+from livedump import cli
+started = []
+real = subprocess.Popen
+def popen(args, **options):
+    if "livedump.guardian" in args:
+        if started:
+            raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+        started.append(args)
+    return real(args, **options)
+subprocess.Popen = popen
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_no_new_guardian_resumes_the_guest_and_stops(scratch):
+    with VM(**SWEEPING) as vm:
+        proc, fd = livedump_into_pipe(vm, script=NO_SECOND_GUARDIAN)
+        try:
+            wait_for(lambda: len(guardians(proc.pid)) == 1, "no guardian")
+            os.kill(guardians(proc.pid)[0], signal.SIGKILL)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            os.close(fd)
+        assert proc.returncode == 16
+        assert err == (b"livedump: its guardian process died, and no new one could be "
+                       b"started: Resource temporarily unavailable\n")
+        assert_whole(vm)
