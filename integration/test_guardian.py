@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from .health import assert_whole
+from .test_live import assert_left_whole, set_user_capabilities, start_live
+from .test_ptrace import DEBUG_QEMU, thread_states
 from .vm import HALTING_PC, SWEEPING_PC, VM, Marker
 from .vmcore import first_difference
 
@@ -27,14 +29,17 @@ SWEEPING = dict(machine="q35", memory="2G", platform=SWEEPING_PC)
 def livedump_into_pipe(vm: VM, *options: str, script: str | None = None
                        ) -> tuple[subprocess.Popen, int]:
     """livedump (or ``script``, run with livedump's arguments) writing the vmcore
-    into a pipe that nobody reads yet: it stalls mid-dump, the guest paused.
-    The pipe's read end is returned with it."""
+    into a pipe that nobody reads yet: it stalls mid-dump, the guest paused
+    (QEMU frozen, with --via ptrace). The pipe's read end is returned with it."""
     r, w = os.pipe()
     head = ["-c", script] if script else ["-m", "livedump"]
     proc = subprocess.Popen([sys.executable, *head, "--pid", str(vm.pid), *options, "-"],
                             stdout=w, stderr=subprocess.PIPE)
     os.close(w)
-    wait_for(lambda: vm.status() == "paused", "the guest was never paused")
+    if "ptrace" in options:
+        wait_for(lambda: "t" in thread_states(vm.pid), "QEMU was never frozen")
+    else:
+        wait_for(lambda: vm.status() == "paused", "the guest was never paused")
     return proc, r
 
 
@@ -146,3 +151,58 @@ def test_no_new_guardian_resumes_the_guest_and_stops(scratch):
         assert err == (b"livedump: its guardian process died, and no new one could be "
                        b"started: Resource temporarily unavailable\n")
         assert_whole(vm)
+
+
+def stalled(proc: subprocess.Popen, stop: bool) -> bytes:
+    """Stop livedump (SIGSTOP) or not (its output stalled alone); its stderr once
+    its guardian has killed it for making no progress, and let the VM go."""
+    if stop:
+        proc.send_signal(signal.SIGSTOP)
+    _, err = proc.communicate(timeout=60)  # Until the guardian is done too.
+    assert proc.returncode == -signal.SIGKILL
+    assert err.startswith(b"livedump: made no progress for 2 s while it held the "), err
+    assert err.count(b"\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize("stop", [True, False], ids=["sigstop", "output-stalled"])
+def test_stall_in_the_pause(scratch, stop):
+    with VM(**SWEEPING) as vm:
+        proc, fd = livedump_into_pipe(vm, "--stall-timeout", "2")
+        try:
+            started = time.monotonic()
+            err = stalled(proc, stop)
+        finally:
+            os.close(fd)
+        assert time.monotonic() - started < 10
+        assert err.endswith(b"guest (stopped, or its output not read); its guardian killed it "
+                            b"and resumed the guest\n"), err
+        assert_whole(vm)
+
+
+@pytest.mark.skipif(not DEBUG_QEMU.exists(), reason="no debug-info QEMU: run "
+                    "integration/build-qemu-debug.sh")
+def test_stall_with_qemu_frozen(scratch):
+    """Only the tracer's death lets a QEMU it froze go, when the tracer is stopped."""
+    with VM(**SWEEPING, qemu=str(DEBUG_QEMU)) as vm:
+        proc, fd = livedump_into_pipe(vm, "--via", "ptrace", "--stall-timeout", "2")
+        try:
+            err = stalled(proc, stop=True)
+        finally:
+            os.close(fd)
+        assert err.endswith(b"QEMU process (stopped, or its output not read); its guardian "
+                            b"killed it (which let QEMU go)\n"), err
+        assert "t" not in thread_states(vm.pid)
+        assert_whole(vm)
+
+
+def test_stall_mid_stream(scratch):
+    """A stopped livedump --live: the guest would block on the first page it writes
+    that the snapshot has not sent; the guardian reads the snapshot to its end."""
+    with VM(**SWEEPING) as vm:
+        before = set_user_capabilities(vm)
+        proc = start_live(vm, scratch / "s.vmcore", "--stall-timeout", "2")
+        err = stalled(proc, stop=True)
+        assert b"its guardian killed it, read the snapshot to its end, put QEMU's migration " \
+               b"settings back and removed " in err, err
+        assert_left_whole(vm, before, scratch)
