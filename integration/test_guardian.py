@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from .health import assert_whole
-from .test_live import assert_left_whole, set_user_capabilities, start_live
+from .test_live import KILLED_AFTER, assert_left_whole, set_user_capabilities, start_live
 from .test_ptrace import DEBUG_QEMU, thread_states
 from .vm import HALTING_PC, SWEEPING_PC, VM, Marker
 from .vmcore import first_difference
@@ -206,3 +206,16 @@ def test_stall_mid_stream(scratch):
         assert b"its guardian killed it, read the snapshot to its end, put QEMU's migration " \
                b"settings back and removed " in err, err
         assert_left_whole(vm, before, scratch)
+
+
+def test_sigkill_mid_dump_leaves_no_file(scratch):
+    """The partial file of a livedump killed mid-dump (the guest paused, the file
+    there) is removed by its guardian."""
+    with VM(**SWEEPING) as vm:
+        r = subprocess.run([sys.executable, "-c", KILLED_AFTER, "stop", "--pid", str(vm.pid),
+                            str(scratch / "k.vmcore")], stderr=subprocess.PIPE, timeout=60)
+        assert r.returncode == -signal.SIGKILL
+        assert r.stderr.startswith(b"livedump: died while the guest was paused; its guardian "
+                                   b"resumed the guest and removed " + bytes(scratch)), r.stderr
+        assert os.listdir(scratch) == []
+        assert_whole(vm)
