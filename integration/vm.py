@@ -111,17 +111,22 @@ class VM:
                                         stderr=subprocess.STDOUT)
         try:
             self._wait_for_socket(self.harness_socket)
-            self.qmp = QEMUMonitorProtocol(str(self.harness_socket))
-            try:
-                self.qmp.connect()
-                # A QEMU whose main loop hangs fails the test instead of holding it.
-                self.qmp.settimeout(COMMAND_TIMEOUT)
-            except Exception:
-                # Refused: QEMU may be giving up on its options; say why if so.
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self.process.wait(timeout=5)
-                self._check_alive()
-                raise
+            deadline = time.monotonic() + 5
+            while True:
+                self.qmp = QEMUMonitorProtocol(str(self.harness_socket))
+                try:
+                    self.qmp.connect()
+                    break
+                except Exception:
+                    # Refused: QEMU may be giving up on its options (say why if so),
+                    # or it has bound its socket and does not listen on it yet.
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        self.process.wait(timeout=0.1)
+                    self._check_alive()
+                    if time.monotonic() > deadline:
+                        raise
+            # A QEMU whose main loop hangs fails the test instead of holding it.
+            self.qmp.settimeout(COMMAND_TIMEOUT)
         except BaseException:
             self.__exit__()
             raise

@@ -41,6 +41,7 @@ block) / ``E`` (read to its end, the snapshot over), ``.`` (progress), and
     python -m livedump.guardian CHANNEL_FD PIDFD STALL_SECONDS ptrace
 """
 
+import contextlib
 import json
 import os
 import select
@@ -50,7 +51,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from . import signals
@@ -208,7 +209,7 @@ class Guardian:
     def stream(self, fd: int, name: str) -> None:
         """Said before QEMU is given the write end of the pipe whose read end is
         ``fd``, as ``name``: a copy of ``fd`` goes to the watcher."""
-        with self._lock:
+        with self._locked():
             self._stream_copy = os.dup(fd)
         self._say(STREAM + name.encode(), self._stream_copy)
 
@@ -220,7 +221,7 @@ class Guardian:
         """Said once the stream was read to its end and the snapshot is over
         (or none was started and QEMU holds no write end)."""
         self._say(STREAM_DONE)
-        with self._lock:
+        with self._locked():
             if self._stream_copy >= 0:
                 os.close(self._stream_copy)
                 self._stream_copy = -1
@@ -234,11 +235,18 @@ class Guardian:
             self._say(PROGRESS, block=False)
 
     def _say(self, message: bytes, fd: int = -1, block: bool = True) -> None:
-        with self._lock:
+        with self._locked():
             if self._closing:
                 return  # (Not after a rescue: the watcher is gone.)
             self._told.take(message, fd)
             self._send(message, fd, block)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The lock, taken with signals held: one raised between taking it and the
+        block's start would leave it taken, and the next word would wait for ever."""
+        with signals.deferred(), self._lock:
+            yield
 
     def _send(self, message: bytes, fd: int, block: bool) -> None:
         assert self._sock is not None
@@ -318,7 +326,7 @@ class Guardian:
         """End the watcher, once it has done what is still due (resume the guest
         if told "paused", read a snapshot to its end, put the settings back...);
         its status."""
-        with self._lock:
+        with self._locked():
             if self._closing:
                 return 0 if self._process is None else self._process.wait()
             self._closing = True
@@ -333,7 +341,7 @@ class Guardian:
             self._end()
 
     def _end(self) -> None:
-        with self._lock:
+        with self._locked():
             self._closing = True
             for fd in (self._stream_copy, self._pidfd):
                 if fd >= 0:
