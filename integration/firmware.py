@@ -231,3 +231,60 @@ _start:
     ljmp $0xf000, $0                    # to _start, through the ROM below 1 MiB
     .org 0x10000
 """, link=("-Ttext=0xffff0000",))
+
+# x86, for --live cut short: a guest that writes its memory all the time, so
+# that it keeps reaching pages a background snapshot has not sent yet. In
+# 32-bit protected mode with flat segments, it fills SWEEP_START..SWEEP_END
+# with ``rep stosl``, SWEEP_STEP bytes at a time, forever, storing the count
+# of steps (also the value it fills with, so the pages hold data) at
+# SWEEP_COUNTER first. A vCPU left blocked on a write-protected page stops
+# the count.
+SWEEP_COUNTER = 0x0000_1000
+# High in RAM, so that a snapshot (which sends RAM from its start) reaches
+# these pages late, whatever the pace of the guest.
+SWEEP_START = 0x4000_0000  # 1 GiB
+SWEEP_END = 0x5000_0000  # 256 MiB on
+SWEEP_STEP = 256 << 10
+X86_SWEEPER = Firmware("x86-sweeper", "x86_64-linux-gnu-", rf"""
+    .code16
+    .globl _start
+_start:
+    cli
+    lgdtl %cs:(gdt_pointer - _start)    # real mode: CS is based at the ROM
+    movl %cr0, %eax
+    orl $1, %eax                        # CR0.PE
+    movl %eax, %cr0
+    ljmpl $0x08, $protected
+    .code32
+protected:
+    movw $0x10, %ax
+    movw %ax, %ds
+    movw %ax, %es
+    movw %ax, %ss
+    cld
+    xorl %ebx, %ebx                     # steps done
+    movl ${SWEEP_START:#x}, %edi
+1:  incl %ebx
+    movl %ebx, {SWEEP_COUNTER:#x}
+    movl %ebx, %eax
+    movl ${SWEEP_STEP // 4:#x}, %ecx
+    rep stosl
+    cmpl ${SWEEP_END:#x}, %edi
+    jb 1b
+    movl ${SWEEP_START:#x}, %edi
+    jmp 1b
+
+    .balign 8
+gdt:
+    .quad 0
+    .quad 0x00cf9b000000ffff            # 0x08: 32-bit code (accessed already:
+    .quad 0x00cf93000000ffff            # 0x10: data         no CPU write to ROM)
+gdt_pointer:
+    .word gdt_pointer - gdt - 1
+    .long gdt
+
+    .code16
+    .org 0xfff0                         # the reset vector, 16 bytes below 4 GiB
+    jmp _start
+    .org 0x10000
+""", link=("-Ttext=0xffff0000",))

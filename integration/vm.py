@@ -20,9 +20,10 @@ from pathlib import Path
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from .firmware import (PPC64_H_SET_MODE_LE, PPC64_HID0_HILE, S390X_SPIN, X86_64_LONG_MODE,
-                       X86_COUNTER, X86_HALT, Firmware, aarch64)
+                       X86_COUNTER, X86_HALT, X86_SWEEPER, Firmware, aarch64)
 
 QEMU = os.environ.get("LIVEDUMP_TEST_QEMU", "qemu-system-x86_64")
+COMMAND_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)
@@ -49,9 +50,11 @@ class Platform:
 
 
 PC = Platform(QEMU, "pc", ("-vga", "std"))
-# PCs running a firmware of ours that halts, or counts (integration/firmware.py).
+# PCs running a firmware of ours that halts, counts, or sweeps its memory
+# (integration/firmware.py).
 HALTING_PC = replace(PC, firmware=("-bios", X86_HALT))
 COUNTING_PC = replace(PC, firmware=("-bios", X86_COUNTER))
+SWEEPING_PC = replace(PC, firmware=("-bios", X86_SWEEPER))
 
 
 def kvm_usable() -> bool:
@@ -108,15 +111,22 @@ class VM:
                                         stderr=subprocess.STDOUT)
         try:
             self._wait_for_socket(self.harness_socket)
-            self.qmp = QEMUMonitorProtocol(str(self.harness_socket))
-            try:
-                self.qmp.connect()
-            except Exception:
-                # Refused: QEMU may be giving up on its options; say why if so.
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self.process.wait(timeout=5)
-                self._check_alive()
-                raise
+            deadline = time.monotonic() + 5
+            while True:
+                self.qmp = QEMUMonitorProtocol(str(self.harness_socket))
+                try:
+                    self.qmp.connect()
+                    break
+                except Exception:
+                    # Refused: QEMU may be giving up on its options (say why if so),
+                    # or it has bound its socket and does not listen on it yet.
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        self.process.wait(timeout=0.1)
+                    self._check_alive()
+                    if time.monotonic() > deadline:
+                        raise
+            # A QEMU whose main loop hangs fails the test instead of holding it.
+            self.qmp.settimeout(COMMAND_TIMEOUT)
         except BaseException:
             self.__exit__()
             raise
@@ -143,6 +153,14 @@ class VM:
 
     def status(self) -> str:
         return self.command("query-status")["status"]
+
+    def hmp(self, command_line: str) -> str:
+        return self.command("human-monitor-command", **{"command-line": command_line})
+
+    def read_u32(self, gpa: int) -> int:
+        """The 32-bit word at guest-physical ``gpa``, read without pausing the guest."""
+        # "0000000000001000: 0x0000abcd"
+        return int(self.hmp(f"xp /1wx {gpa:#x}").split(":")[1], 16)
 
     def event_log(self) -> list[dict]:
         """The QMP events (STOP, RESUME, ...) since the last call, with QEMU's timestamps."""

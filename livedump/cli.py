@@ -11,6 +11,7 @@ from . import __version__, signals
 from .arch import ARCHES
 from .arch import lookup as arch_lookup
 from .dump import Request, Summary, dump
+from .guardian import STALL_TIMEOUT
 from .session import VIAS
 
 if TYPE_CHECKING:
@@ -58,6 +59,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true", help="replace an existing output file")
     p.add_argument("--qmp-timeout", type=_seconds, default=3.0, metavar="SECONDS",
                    help="how long to wait for a monitor's greeting or reply (default 3)")
+    p.add_argument("--stall-timeout", type=_seconds, default=STALL_TIMEOUT, metavar="SECONDS",
+                   help="while livedump holds the VM (paused, frozen, or a --live snapshot "
+                   "only it reads), how long it may make no progress (stopped, or its output "
+                   "not read) before its guardian kills it and lets the VM go "
+                   f"(default {STALL_TIMEOUT:g})")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--live", action="store_true",
                       help="consistent vmcore with the guest paused only for milliseconds: "
@@ -114,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                       connect=args.connect, via=args.via,
                       debug_file=args.debug_file, arch=args.arch,
                       force=args.force, qmp_timeout=args.qmp_timeout, pause=args.pause,
-                      live=args.live,
+                      live=args.live, stall_timeout=args.stall_timeout,
                       progress=None if args.quiet or not sys.stderr.isatty() else ProgressBar())
     try:
         if args.output == STDOUT:

@@ -20,6 +20,7 @@ from . import arch as arches
 from .coalesce import Block, GuestRange, coalesce
 from .elfcore import CoreLayout, Note
 from .errors import GuestMemoryError, LivedumpError, ProcessNotFound, UsageError
+from .guardian import STALL_TIMEOUT
 from .lock import VMLock
 from .notes import QemuNotes
 from .monitor import Address
@@ -61,6 +62,7 @@ class Request:
     pause: bool = True
     live: bool = False
     progress: Progress | None = None
+    stall_timeout: float = STALL_TIMEOUT  # the guardian's: see livedump.guardian
 
 
 @dataclass
@@ -107,35 +109,53 @@ def dump(request: Request) -> Summary:
     if request.live and (request.output == STDOUT or not request.pause):
         raise UsageError("--live writes the vmcore out of order: it needs an output file, "
                          "and pauses the guest (not with --no-pause)")
-    with contextlib.ExitStack() as stack:
-        # Claim the VM before touching it, where its PID is known up front.
-        if request.pid is not None:
-            stack.enter_context(VMLock(request.pid))
-        session = open_session(request.pid, request.qmp, request.via, request.qmp_timeout,
-                               request.debug_file, request.domain, request.connect)
-        stack.callback(session.close)
-        pid = session.pid
-        if request.pid is None:
-            stack.enter_context(VMLock(pid))
-        if progress:
-            stack.callback(progress.close)
-        try:
+    pid: int | None = None
+    try:
+        with contextlib.ExitStack() as stack:
+            # Claim the VM before touching it, where its PID is known up front.
+            if request.pid is not None:
+                stack.enter_context(VMLock(request.pid))
+            session = open_session(request.pid, request.qmp, request.via, request.qmp_timeout,
+                                   request.debug_file, request.domain, request.connect,
+                                   request.stall_timeout)
+            stack.callback(session.close)
+            pid = session.pid
+            if request.pid is None:
+                stack.enter_context(VMLock(pid))
+            if progress:
+                stack.callback(progress.close)
             wanted = arches.lookup(request.arch) if request.arch else None
             qemu_target = session.target_arch()
             target = arches.for_target(qemu_target) if wanted is None else None
+            # The guardian: lets the VM go should livedump die or stall while it
+            # holds it, and removes the partial file of a livedump that died.
+            guardian = session.watcher() if request.pause or request.output != STDOUT else None
+            if guardian:
+                stack.callback(guardian.partial, None)  # Once the file is gone (or in place).
             out = stack.enter_context(Output(request.output, request.force))
+            if guardian and not out.is_stdout:
+                guardian.partial(out._temp)
+
+            def written(length: int) -> None:
+                if progress:
+                    progress.update(length)
+                if guardian:
+                    guardian.beat()  # Progress: the stall limit starts again.
+
             memory = stack.enter_context(ProcessMemory(pid))
             pagemap = stack.enter_context(PageMap(pid))
             prepared = session.prepare()
             plan = _plan(prepared, pid) if prepared is not None else None
             live = stack.enter_context(session.live(qemu_target)) if request.live else None
-            with Writer(out, progress.update if progress else None) as writer:
+            with Writer(out, written) as writer:
                 with session.hold(request.pause) as pause:
                     ranges = session.ranges(memory, prepared)
                     if plan is None or ranges is not plan.ranges:
                         plan = _plan(ranges, pid)
                     cpu = session.cpu_notes(memory, plan.blocks)
                     arch, arch_from, cpu = _arch(wanted, target, cpu)
+                    if guardian:
+                        guardian.beat()
                     search = VmcoreinfoSearch(arch, cpu, out.is_stdout)
                     layout = CoreLayout(arch, plan.blocks, [
                         *([cpu] if isinstance(cpu, QemuNotes) else []), provenance_note(pid),
@@ -150,17 +170,18 @@ def dump(request: Request) -> Summary:
                     else:
                         read = copy(layout, plan.private, memory, pagemap, writer)
                 writer.finish()
-            written = writer.written
+            written_bytes = writer.written
             if snapshot:
-                read, written = snapshot.write(out, layout, progress.update if progress else None,
-                                               writer.inspect)
+                read, written_bytes = snapshot.write(
+                    out, layout, progress.update if progress else None, writer.inspect)
             vmcoreinfo = search.finish(out)
             out.commit()
-        except LivedumpError:
-            # Whatever failed, QEMU's exit is the cause to report.
-            if not alive(pid):
-                raise ProcessNotFound(f"QEMU (PID {pid}) exited during the dump") from None
-            raise
+    except LivedumpError:
+        # Whatever failed, QEMU's exit is the cause to report (also from the way out:
+        # a monitor gone with QEMU fails what puts the VM back).
+        if pid is not None and not alive(pid):
+            raise ProcessNotFound(f"QEMU (PID {pid}) exited during the dump") from None
+        raise
     return Summary(
         output=request.output, pid=pid, arch=arch.name, arch_from=arch_from,
         elf_class=layout.bits,
@@ -170,7 +191,7 @@ def dump(request: Request) -> Summary:
         cpu_notes=cpu if isinstance(cpu, str) else
         f"{', '.join(sorted(set(cpu.names)))} notes from {cpu.source}",
         vmcoreinfo=vmcoreinfo,
-        file_size=layout.size, read_bytes=read, written_bytes=written,
+        file_size=layout.size, read_bytes=read, written_bytes=written_bytes,
         wall_seconds=time.monotonic() - started, pause_seconds=pause.seconds,
     )
 

@@ -121,6 +121,7 @@ def exit_codes() -> list[tuple[int, str]]:
         cls = pending.pop()
         found.setdefault(cls.exit_code, cls.meaning)
         pending.extend(cls.__subclasses__())
+    found[GuardianLost.code] = GuardianLost.meaning
     return sorted(found.items())
 
 
@@ -136,3 +137,17 @@ class Interrupted(BaseException):
     def __init__(self, signum: int, name: str) -> None:
         super().__init__(f"interrupted by {name}")
         self.exit_code = 128 + signum
+
+
+class GuardianLost(Interrupted):
+    """livedump's guardian process could not be started, or died and no new one
+    could be: livedump stops, the guest resumed on its way out. Raised like a
+    signal's :class:`Interrupted`, in the main thread, by the thread that
+    watches the guardian."""
+
+    code = 16
+    meaning = "livedump's guardian could not be started, or died and none could replace it"
+
+    def __init__(self, message: str) -> None:
+        BaseException.__init__(self, message)
+        self.exit_code = self.code

@@ -10,7 +10,13 @@ the snapshot point the guest runs again, and the pages are placed into
 the vmcore by their guest-physical address while it runs.
 
 Every migration capability and parameter livedump changes is put back,
-whatever happens; a migration it started is cancelled if the dump fails.
+whatever happens. A snapshot once started is never cancelled, nor its
+writes made to fail: QEMU write-protects guest RAM for it, and QEMU 7.2
+lifts that protection only when a snapshot completes (a guest write to a
+page left protected would block its vCPU for ever). So whatever ends the
+dump, the stream is read to its end and dropped, the settings put back
+once the migration has ended, and only then is the error reported; if
+livedump dies, its guardian, which holds a copy of the stream, does it.
 """
 
 import bisect
@@ -27,7 +33,7 @@ from .elfcore import CoreLayout
 from .errors import LivedumpError, MonitorError, SnapshotError
 from .locate_monitor import FlatRange
 from .migration import MigrationStream, Page, RamBlock
-from .guardian import MIGRATION_IDLE, Guardian
+from .guardian import MIGRATION_IDLE, Guardian, drain
 from .monitor import Command, Monitor, capabilities_command
 from .output import Output
 from .stream import Inspect
@@ -204,8 +210,9 @@ class LiveSnapshot:
     Entered before the pause: checks that QEMU can take one and sets the
     capabilities up. :meth:`start`, inside the pause, starts it and returns
     once QEMU has taken the snapshot point; :meth:`write`, after the guest
-    runs again, fills the vmcore from the stream. Leaving puts back what
-    was changed and cancels a snapshot that did not finish.
+    runs again, fills the vmcore from the stream. Leaving reads what is
+    left of the stream to its end, waits until the migration has ended,
+    and puts back what was changed.
     """
 
     def __init__(self, monitor: Monitor, target: str,
@@ -217,9 +224,10 @@ class LiveSnapshot:
         self._capabilities: dict[str, bool] = {}  # what was changed, with its old value
         self._parameters: dict[str, object] = {}
         self.ready = False  # set up for a snapshot (not if the guest was paused)
-        self._fd = -1
-        self._fd_passed = False
-        self._active = False
+        self._fd = -1  # the stream's read end
+        self._named = False  # QEMU may hold its write end, by the name _FD_NAME
+        self._started = False  # 'migrate' was sent: the stream must be read to its end
+        self._ending = ""  # the migration's final state, once it is known
         self._known: list[RamBlock] = []  # the RAM blocks, as the monitor lists them
         self._stream: MigrationStream | None = None
         self._placement: Placement | None = None
@@ -283,27 +291,29 @@ class LiveSnapshot:
                 fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
             except OSError:
                 pass  # A smaller pipe only means more wake-ups.
+            # Told first: if livedump dies from here on, the guardian lets QEMU's
+            # write end go, or reads the stream to its end.
+            self.guardian.stream(read_end, _FD_NAME)
+            self._named = True
             self.monitor.send_fd(write_end, _FD_NAME)
-            self._fd_passed = True
         finally:
             os.close(write_end)  # QEMU's copy is the only writer: EOF when it is done.
 
     def start(self, layout: CoreLayout) -> None:
-        """Inside the pause: start the snapshot; return once QEMU has taken it."""
-        try:
-            self.monitor.migrate(f"fd:{_FD_NAME}")
-            self._fd_passed = False  # The migration owns it now.
-            self._active = True
-            self._stream = MigrationStream(self._fd, self.target, self._known)
-            blocks = self._stream.read_setup()
-            self._placement = Placement(layout, self._view(), blocks)
-            self._stream.wait_snapshot()
-        except SnapshotError as e:
-            raise SnapshotError(f"{e}; migration {self._abort()}") from None
-        except BaseException:
-            # Before the guest runs again, so QEMU cannot stop it after our 'cont'.
-            self._abort()
-            raise
+        """Inside the pause: start the snapshot; return once QEMU has taken it.
+
+        If this fails, the guest is resumed first and the stream read to its
+        end after (on leaving): a guest resumed before QEMU stops it for the
+        snapshot point is resumed by QEMU too, afterwards.
+        """
+        self.guardian.streaming()
+        self._started = True
+        self.monitor.migrate(f"fd:{_FD_NAME}")
+        self._named = False  # The migration took it.
+        self._stream = MigrationStream(self._fd, self.target, self._known, self.guardian.beat)
+        blocks = self._stream.read_setup()
+        self._placement = Placement(layout, self._view(), blocks)
+        self._stream.wait_snapshot()
 
     def write(self, out: Output, layout: CoreLayout, progress: Callable[[int], None] | None,
               inspect: Inspect | None = None) -> tuple[int, int]:
@@ -325,14 +335,39 @@ class LiveSnapshot:
                     reported = stream.done
             gathered.flush()
         except SnapshotError as e:
-            raise SnapshotError(f"{e}; migration {self._abort()}") from None
-        status = self._settle()
+            raise SnapshotError(f"{e}; migration {self._finish()}") from None
+        status = self._finish()
         if status != "completed":
             raise SnapshotError(f"the snapshot did not complete: migration {status}")
-        self._active = False
         if progress:
             progress(layout.size - _progress(reported, layout))
         return received, written
+
+    def _finish(self) -> str:
+        """Read the stream to its end (what is left of it: dropped), wait until the
+        migration has ended, and let the pipe go; the migration's final state."""
+        if self._fd >= 0:
+            if self._named:
+                try:
+                    self.monitor.close_fd(_FD_NAME)  # Else no end of file would come.
+                except LivedumpError:
+                    pass  # A migration took it after all, or QEMU is gone.
+                self._named = False
+            if self._started:
+                drain(self._fd, self._ended, self.guardian.beat)
+            os.close(self._fd)
+            self._fd = -1
+            self.guardian.stream_done()
+        if self._started and not self._ending:
+            self._ending = self._settle()
+        return self._ending or "not started"
+
+    def _ended(self) -> bool:
+        """Whether the migration has ended (not known: not yet, the stream will tell)."""
+        try:
+            return self.monitor.migration_status()[0] in MIGRATION_IDLE
+        except LivedumpError:
+            return False
 
     def _settle(self) -> str:
         """Wait until QEMU's migration has ended; its final state, and why it failed."""
@@ -343,24 +378,6 @@ class LiveSnapshot:
                                     f"{_SETTLE_TIMEOUT:g} s (still {status[0]})")
             time.sleep(_POLL)
         return f"{status[0]} ({status[1]})" if status[1] else status[0]
-
-    def _abort(self) -> str:
-        """Stop a snapshot under way (QEMU's writes fail once the pipe is closed);
-        the migration's final state."""
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        try:
-            if self._fd_passed:
-                self.monitor.close_fd(_FD_NAME)
-                self._fd_passed = False
-            if self._active:
-                self.monitor.migrate_cancel()
-                self._active = False
-                return self._settle()
-        except LivedumpError as e:
-            return f"state unknown ({e})"  # The resume and restore that follow say more.
-        return "not started"
 
     def _restoring(self) -> list[Command]:
         """The commands that put back what was changed."""
@@ -374,7 +391,9 @@ class LiveSnapshot:
         self.guardian.restored()
 
     def __exit__(self, *exc: object) -> None:
-        # No signal may leave QEMU's settings half put back.
+        # No signal may leave the stream half read, or QEMU's settings half put back.
         with signals.deferred():
-            self._abort()
-            self._restore()
+            try:
+                self._finish()
+            finally:
+                self._restore()

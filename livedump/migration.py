@@ -22,7 +22,7 @@ bounded and no Python code runs per byte of guest memory.
 
 import os
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from .errors import SnapshotError
@@ -85,10 +85,13 @@ Page = tuple[int, int, memoryview | int]
 
 
 class Reader:
-    """Buffered reads of a file descriptor, whole records at a time."""
+    """Buffered reads of a file descriptor, whole records at a time; ``on_read``
+    is called after each read from it (the sign of progress)."""
 
-    def __init__(self, fd: int, size: int = BUFFER_SIZE) -> None:
+    def __init__(self, fd: int, size: int = BUFFER_SIZE,
+                 on_read: Callable[[], None] | None = None) -> None:
         self.fd = fd
+        self.on_read = on_read
         self._buf = bytearray(size)
         self._view = memoryview(self._buf)
         self._pos = 0
@@ -109,6 +112,8 @@ class Reader:
                 raise SnapshotError(
                     f"the migration stream ended early (after {self.consumed} bytes)")
             self._end += got
+            if self.on_read:
+                self.on_read()
 
     def take(self, n: int) -> memoryview:
         if self._end - self._pos < n:
@@ -143,6 +148,8 @@ class Reader:
         self._pos = self._end = 0
         while got := os.readv(self.fd, [self._view]):
             n += got
+            if self.on_read:
+                self.on_read()
         self.consumed += n
         return n
 
@@ -151,10 +158,12 @@ class MigrationStream:
     """The RAM of one migration stream: :meth:`read_setup`, :meth:`wait_snapshot`,
     then :meth:`pages`."""
 
-    def __init__(self, fd: int, target: str, known: Sequence[RamBlock]) -> None:
+    def __init__(self, fd: int, target: str, known: Sequence[RamBlock],
+                 on_read: Callable[[], None] | None = None) -> None:
         """``known``: the VM's RAM blocks as its monitor lists them; the stream may
-        list only those (so what it says cannot make livedump allocate more)."""
-        self.reader = Reader(fd)
+        list only those (so what it says cannot make livedump allocate more).
+        ``on_read``: called after each read from ``fd``."""
+        self.reader = Reader(fd, on_read=on_read)
         self.known = set(known)
         self.page_bits = min_page_bits(target)
         self.blocks: list[RamBlock] = []

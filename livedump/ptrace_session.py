@@ -4,6 +4,7 @@ vCPU state read from QEMU's own structures, through QEMU's DWARF."""
 import contextlib
 import os
 import platform
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, ContextManager
 
 from . import arch as arches
@@ -12,6 +13,7 @@ from .attach import Pause
 from .coalesce import Block, GuestRange
 from .errors import GuestMemoryError, UsageError
 from .freeze import frozen
+from .guardian import STALL_TIMEOUT, Guardian
 from .notes import QemuNotes
 from .procmem import ProcessMemory, read_maps
 from .target import qemu_executable
@@ -25,13 +27,16 @@ class PtraceSession:
 
     via = "ptrace"
 
-    def __init__(self, pid: int, debug_file: str | None, reason: str) -> None:
+    def __init__(self, pid: int, debug_file: str | None, reason: str,
+                 stall: float = STALL_TIMEOUT) -> None:
         self.pid = pid
         self.detail = reason
+        self.stall = stall
         self.exe = qemu_executable(pid)
         self.layout = dwarf.qemu_layout(f"/proc/{pid}/exe", debug_file)
         self.bias = locate_dwarf.load_bias(pid, self.layout, read_maps(pid))
         self._frozen = False
+        self._guardian: Guardian | None = None
 
     def target_arch(self) -> str:
         """The QEMU target, as ``query-target`` names it: from the binary's name
@@ -52,8 +57,26 @@ class PtraceSession:
     def hold(self, pause: bool) -> ContextManager[Pause]:
         self._frozen = pause
         if pause:
-            return frozen(self.pid)
+            return self._freeze()
         return contextlib.nullcontext(Pause(was_running=True))
+
+    @contextlib.contextmanager
+    def _freeze(self) -> Iterator[Pause]:
+        """QEMU frozen, its guardian told: should livedump stop (SIGSTOP, Ctrl-Z)
+        with QEMU frozen, only its death lets QEMU go, and the guardian kills it."""
+        guardian = self.watcher()
+        guardian.paused()
+        try:
+            with frozen(self.pid) as pause:
+                yield pause
+        finally:
+            guardian.resumed()
+
+    def watcher(self) -> Guardian:
+        """The session's guardian, started on first need."""
+        if self._guardian is None:
+            self._guardian = Guardian.over_ptrace(self.stall)
+        return self._guardian
 
     def ranges(self, memory: ProcessMemory, prepared: list[GuestRange] | None
                ) -> list[GuestRange]:
@@ -90,10 +113,11 @@ class PtraceSession:
     def _still(self) -> ContextManager[Pause]:
         """Frozen for a walk of QEMU's structures: already, or (--no-pause) just for it."""
         return contextlib.nullcontext(Pause(was_running=True)) if self._frozen \
-            else frozen(self.pid)
+            else self._freeze()
 
     def live(self, target: str) -> "LiveSnapshot":
         raise UsageError("--live needs the VM's QMP monitor (it asks QEMU for a snapshot)")
 
     def close(self) -> None:
-        pass
+        if self._guardian is not None:
+            self._guardian.close()

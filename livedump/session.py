@@ -17,7 +17,7 @@ from . import locate_monitor, notes
 from .attach import Control, Pause, not_paused, paused
 from .coalesce import Block, GuestRange
 from .errors import LivedumpError, MonitorError, MonitorUnavailable, PermissionDenied, UsageError
-from .guardian import Guardian
+from .guardian import STALL_TIMEOUT, Guardian
 from .monitor import Monitor, QMPTransport
 from .procmem import ProcessMemory, read_maps
 from .target import Address, QmpEndpoint, qemu_executable, qmp_endpoints
@@ -44,6 +44,7 @@ class Session(Protocol):
     def cpu_notes(self, memory: ProcessMemory, blocks: list[Block]
                   ) -> notes.QemuNotes | str: ...
     def live(self, target: str) -> "LiveSnapshot": ...
+    def watcher(self) -> Guardian: ...
     def close(self) -> None: ...
 
 
@@ -52,10 +53,12 @@ class MonitorSession:
 
     via = "qmp"
 
-    def __init__(self, monitor: Monitor, pid: int, detail: str) -> None:
+    def __init__(self, monitor: Monitor, pid: int, detail: str,
+                 stall: float = STALL_TIMEOUT) -> None:
         self.monitor = monitor
         self.pid = pid
         self.detail = detail
+        self.stall = stall
         self._view: list[locate_monitor.FlatRange] = []
         self._paused = False
         self._guardian: Guardian | None = None
@@ -86,8 +89,8 @@ class MonitorSession:
             yield p
 
     def watcher(self) -> Guardian:
-        """The session's guardian, started on first need: it resumes the guest,
-        and puts QEMU's migration settings back, if livedump dies."""
+        """The session's guardian, started on first need: it lets the VM go if
+        livedump dies, or stalls while it holds the VM."""
         if self._guardian is None:
             self._guardian = self.guardian()
         return self._guardian
@@ -100,7 +103,7 @@ class MonitorSession:
         """A guardian that can resume the guest without us."""
         transport = self.monitor.transport
         assert isinstance(transport, QMPTransport)
-        return Guardian.over_qmp(transport.fileno())
+        return Guardian.over_qmp(transport.fileno(), self.stall)
 
     def ranges(self, memory: ProcessMemory, prepared: list[GuestRange] | None
                ) -> list[GuestRange]:
@@ -149,12 +152,12 @@ class LibvirtSession(MonitorSession):
 
     via = "libvirt"
 
-    def __init__(self, domain: "Domain") -> None:
+    def __init__(self, domain: "Domain", stall: float = STALL_TIMEOUT) -> None:
         from .domain import PassThrough
 
         super().__init__(Monitor(PassThrough(domain)), domain.pid,
                          f"domain {domain.name} at {domain.uri}, monitor pass-through "
-                         "(libvirt now marks the domain tainted: custom-monitor)")
+                         "(libvirt now marks the domain tainted: custom-monitor)", stall)
         self.domain = domain
         try:
             # The first command: does the monitor answer (a hung QEMU's does not)?
@@ -170,7 +173,7 @@ class LibvirtSession(MonitorSession):
         return self.domain
 
     def guardian(self) -> Guardian:
-        return Guardian.over_libvirt(self.domain.uri, self.domain.uuid)
+        return Guardian.over_libvirt(self.domain.uri, self.domain.uuid, self.stall)
 
     def qemu_notes(self, gpa: int) -> notes.QemuNotes:
         # Never QEMU's dump-guest-memory through the pass-through: libvirtd 9.0
@@ -186,7 +189,7 @@ class LibvirtSession(MonitorSession):
 
 def open_session(pid: int | None, qmp: Address | None, via: str, timeout: float,
                  debug_file: str | None, domain: str | None = None,
-                 uri: str | None = None) -> Session:
+                 uri: str | None = None, stall: float = STALL_TIMEOUT) -> Session:
     """A session on the VM, by ``via``: ``qmp``, ``ptrace``, or ``auto`` (QMP if one answers).
 
     A libvirt ``domain`` is reached through libvirt's pass-through to its
@@ -201,17 +204,17 @@ def open_session(pid: int | None, qmp: Address | None, via: str, timeout: float,
         pid = found.pid
         if via == "ptrace":
             found.close()  # Not involved any further.
-        connect = functools.partial(LibvirtSession, found)
+        connect = functools.partial(LibvirtSession, found, stall)
     elif pid is None and qmp is None:
         raise UsageError("name the VM with --pid, --qmp or --domain")
     else:
-        connect = functools.partial(_monitor_session, pid, qmp, timeout)
+        connect = functools.partial(_monitor_session, pid, qmp, timeout, stall)
     if via == "ptrace":
         if pid is None:
             raise UsageError("--via ptrace needs --pid or --domain")
         from .ptrace_session import PtraceSession
 
-        return PtraceSession(pid, debug_file, "--via ptrace")
+        return PtraceSession(pid, debug_file, "--via ptrace", stall)
     try:
         return connect()
     except MonitorUnavailable as e:
@@ -221,14 +224,15 @@ def open_session(pid: int | None, qmp: Address | None, via: str, timeout: float,
     from .ptrace_session import PtraceSession
 
     try:
-        return PtraceSession(pid, debug_file, reason)
+        return PtraceSession(pid, debug_file, reason, stall)
     except LivedumpError as e:
         # Say both why the monitor could not serve and why ptrace could not.
         e.args = (f"{reason}; and for ptrace mode: {e}",)
         raise
 
 
-def _monitor_session(pid: int | None, qmp: Address | None, timeout: float) -> MonitorSession:
+def _monitor_session(pid: int | None, qmp: Address | None, timeout: float,
+                     stall: float) -> MonitorSession:
     """Connect to the VM's first answering QMP monitor."""
     if pid is not None:
         qemu_executable(pid)
@@ -253,5 +257,5 @@ def _monitor_session(pid: int | None, qmp: Address | None, timeout: float) -> Mo
             failures.append(str(e))
             continue
         assert transport.peer_pid is not None
-        return MonitorSession(Monitor(transport), transport.peer_pid, str(endpoint))
+        return MonitorSession(Monitor(transport), transport.peer_pid, str(endpoint), stall)
     raise MonitorUnavailable("no QMP monitor answered: " + "; ".join(failures))

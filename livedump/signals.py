@@ -4,31 +4,56 @@ SIGINT, SIGTERM and SIGHUP all raise :class:`~livedump.errors.Interrupted`
 so that every ``finally`` runs and a paused VM is resumed. While a monitor
 exchange or the resume itself is under way they are held pending, so no
 command is torn in half; they take effect as soon as it completes.
+
+Another thread can make the main thread stop the same way, with an
+exception of its choosing (:func:`raise_in_main`): a signal of our own
+carries it, held off like the others.
 """
 
 import contextlib
 import signal
+import threading
 from collections.abc import Iterator
 
 from .errors import Interrupted
 
 TERMINATING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# Sent by livedump to itself only: carries an exception from another thread.
+RELAYED = signal.SIGUSR2
+HELD = (*TERMINATING, RELAYED)
+
+_relayed: list[Interrupted] = []
 
 
 def _raise(signum: int, frame: object) -> None:
     raise Interrupted(signum, signal.Signals(signum).name)
 
 
+def _raise_relayed(signum: int, frame: object) -> None:
+    if _relayed:
+        raise _relayed.pop(0)
+
+
 def install() -> None:
     """Make the terminating signals raise :class:`Interrupted` (main thread only)."""
     for sig in TERMINATING:
         signal.signal(sig, _raise)
+    signal.signal(RELAYED, _raise_relayed)
+
+
+def raise_in_main(error: Interrupted) -> None:
+    """Have the main thread raise ``error`` as soon as no signal is held off there
+    (if :func:`install` was called: else the signal would end the process)."""
+    main = threading.main_thread().ident
+    if main is not None and signal.getsignal(RELAYED) is _raise_relayed:
+        _relayed.append(error)
+        signal.pthread_kill(main, RELAYED)
 
 
 @contextlib.contextmanager
 def deferred() -> Iterator[None]:
     """Hold the terminating signals pending for the duration of the block."""
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, TERMINATING)
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, HELD)
     try:
         yield
     finally:

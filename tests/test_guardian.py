@@ -1,7 +1,11 @@
-"""The guardian's rescue of a FIFO whose reader died: libvirtd's open of it must
-not wait forever (real FIFOs, a real blocked open, the real watcher process)."""
+"""The guardian, with real processes: its rescue of a FIFO whose reader died
+(libvirtd's open of it must not wait forever), what a new watcher is told,
+the end of a stream that never ends, and a livedump stopped while it holds
+the VM."""
 
 import os
+import select
+import signal
 import socket
 import subprocess
 import sys
@@ -10,7 +14,7 @@ import time
 
 import pytest
 
-from livedump.guardian import release_fifo
+from livedump.guardian import Told, drain, release_fifo
 
 
 class BlockedOpen(threading.Thread):
@@ -73,21 +77,85 @@ def test_once_released_no_open_can_wait(tmp_path):
 @pytest.mark.parametrize("paused", [True, False])
 def test_the_watcher_releases_the_fifo_when_livedump_dies(tmp_path, paused):
     # The watcher over QMP, told "paused" or not, then a FIFO; its livedump
-    # "dies" (the pipe ends). With no monitor to resume through, a paused
+    # "dies" (the socket ends). With no monitor to resume through, a paused
     # guest cannot be resumed (status 1), but the FIFO is let go either way.
     path = _fifo(tmp_path)
     opener = _started(path)
-    read_end, write_end = os.pipe()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     monitor, qemu_side = socket.socketpair()
+    pidfd = os.pidfd_open(os.getpid())
     watcher = subprocess.Popen(
-        [sys.executable, "-m", "livedump.guardian", str(os.getpid()), str(read_end), "qmp",
-         str(monitor.fileno())], pass_fds=(read_end, monitor.fileno()))
-    os.close(read_end)
-    os.write(write_end, (b"P\n" if paused else b"") + b"F" + os.fsencode(path) + b"\n")
+        [sys.executable, "-m", "livedump.guardian", str(theirs.fileno()), str(pidfd), "30",
+         "qmp", str(monitor.fileno())], pass_fds=(theirs.fileno(), pidfd, monitor.fileno()))
+    theirs.close()
+    os.close(pidfd)
+    if paused:
+        ours.send(b"P")
+    ours.send(b"F" + os.fsencode(path))
     monitor.close()
     qemu_side.close()  # No QEMU behind it.
-    os.close(write_end)
+    ours.close()
     assert watcher.wait(30) == (1 if paused else 0)
     opener.join(5)
     assert not opener.is_alive() and isinstance(opener.error, BrokenPipeError)
     assert not os.path.exists(path)
+
+
+def test_a_new_watcher_is_told_what_the_old_one_was(tmp_path):
+    said = Told()
+    r, w = os.pipe()
+    for message, fd in [(b'S[["migrate-set-capabilities", {"capabilities": []}]]', -1),
+                        (b"Mlivedump-snapshot", r), (b"A", -1), (b"P", -1),
+                        (b"F/run/x/notes", -1), (b"O/srv/.x.vmcore.0123abcd.partial", -1),
+                        (b".", -1)]:
+        said.take(message, fd)
+    again = Told()
+    for message, fd in said.replay():
+        again.take(message, fd)
+    assert again == said
+    said.take(b"E")
+    said.take(b"R")
+    said.take(b"D")
+    said.take(b"F")
+    said.take(b"O")
+    assert said == Told() and said.replay() == []
+    os.close(r)
+    os.close(w)
+
+
+def test_drain_ends_at_the_migrations_end_without_end_of_file():
+    """A write end no migration took never closes: the end of the migration says when."""
+    r, w = os.pipe()
+    os.write(w, b"x" * 1000)
+    calls = []
+    drain(r, lambda: calls.append(1) or True)
+    assert calls == [1]
+    assert select.select([r], [], [], 0)[0] == []  # What was there was read.
+    os.close(r)
+    os.close(w)
+
+
+# A livedump stand-in: its guardian (ptrace flavour: nothing to resume) is told
+# a partial file and that QEMU is held, then it stops itself.
+STOPS_HOLDING = """
+import os, signal, sys
+from livedump.guardian import Guardian
+guardian = Guardian.over_ptrace(float(sys.argv[2]))
+guardian.partial(sys.argv[1])
+guardian.paused()
+os.kill(os.getpid(), signal.SIGSTOP)
+"""
+
+
+def test_a_stopped_livedump_is_killed_and_its_file_removed(tmp_path):
+    partial = tmp_path / ".x.vmcore.0123abcd.partial"
+    partial.write_bytes(b"guest memory")
+    started = time.monotonic()
+    r = subprocess.run([sys.executable, "-c", STOPS_HOLDING, str(partial), "0.5"],
+                       stderr=subprocess.PIPE, timeout=30)
+    assert r.returncode == -signal.SIGKILL
+    assert time.monotonic() - started < 10
+    assert r.stderr == (b"livedump: made no progress for 0.5 s while it held the QEMU process "
+                        b"(stopped, or its output not read); its guardian killed it (which let "
+                        b"QEMU go) and removed " + bytes(partial) + b"\n")
+    assert not partial.exists()
