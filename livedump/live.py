@@ -21,8 +21,8 @@ livedump dies, its guardian, which holds a copy of the stream, does it.
 
 import bisect
 import fcntl
+import itertools
 import os
-import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -31,9 +31,9 @@ from typing import Protocol
 from . import signals
 from .elfcore import CoreLayout
 from .errors import LivedumpError, MonitorError, SnapshotError
+from .guardian import MIGRATION_IDLE, Guardian, drain
 from .locate_monitor import FlatRange
 from .migration import MigrationStream, Page, RamBlock
-from .guardian import MIGRATION_IDLE, Guardian, drain
 from .monitor import Command, Monitor, capabilities_command
 from .output import Output
 from .stream import Inspect
@@ -50,10 +50,6 @@ _SETTLE_TIMEOUT = 30.0
 _POLL = 0.01
 _MIN_VERSION = (6, 0)
 _PROGRESS_STEP = 64 << 20
-# "                  pc.ram    4 KiB  0x0000000000000000 0x0000000040000000 0x0000000040000000"
-# (name, page size, offset, used, total; QEMU 8.0 adds the host address).
-_RAMBLOCK = re.compile(r"^\s*(?P<name>.+?)\s+\d+(?:\.\d+)? [KMGTPE]?i?B\s+0x[0-9a-f]+"
-                       r"\s+0x(?P<used>[0-9a-f]+)\s+0x[0-9a-f]+(?:\s+0x[0-9a-f]+)?$")
 
 
 @dataclass(frozen=True)
@@ -178,7 +174,7 @@ def block_of(region: str, names: Sequence[str]) -> int:
 
 
 def _file_offset(layout: CoreLayout, gpa: int) -> int:
-    for block, offset in zip(layout.blocks, layout.offsets):
+    for block, offset in zip(layout.blocks, layout.offsets, strict=True):
         if block.gpa <= gpa < block.end:
             return offset + gpa - block.gpa
     raise SnapshotError(f"guest-physical {gpa:#x} is in no block of the vmcore")
@@ -187,21 +183,10 @@ def _file_offset(layout: CoreLayout, gpa: int) -> int:
 def _disjoint(runs: list[tuple[int, int, int]]) -> Iterator[_Segment]:
     """Split overlapping (start, end, delta) runs into disjoint segments."""
     bounds = sorted({b for start, end, _ in runs for b in (start, end)})
-    for start, end in zip(bounds, bounds[1:]):
+    for start, end in itertools.pairwise(bounds):
         deltas = tuple(d for s, e, d in runs if s <= start and end <= e)
         if deltas:
             yield _Segment(start, end, deltas)
-
-
-def parse_ramblocks(text: str) -> list[RamBlock]:
-    """The blocks (name, used length) in ``info ramblock`` output."""
-    blocks = []
-    for line in text.splitlines()[1:]:
-        m = _RAMBLOCK.match(line)
-        if not m:
-            raise MonitorError(f"unexpected line in 'info ramblock': {line.strip()!r}")
-        blocks.append(RamBlock(m["name"], int(m["used"], 16)))
-    return blocks
 
 
 class LiveSnapshot:
@@ -247,7 +232,7 @@ class LiveSnapshot:
         try:
             self._setup()
             # Checked now, while nothing is paused: every dumped region has its block.
-            self._known = parse_ramblocks(m.hmp("info ramblock"))
+            self._known = [RamBlock(b.name, b.used) for b in m.ram_blocks()]
             names = [b.name for b in self._known]
             for fr in self._view():
                 if fr.dumped:

@@ -13,25 +13,27 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from elftools.elf.elffile import ELFFile
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from elftools.elf.elffile import ELFFile
 
-from integration.firmware import X86_HALT
 from integration.capture_stream import markers
+from integration.firmware import X86_HALT
 from livedump.arch import lookup
 from livedump.coalesce import Block
 from livedump.elfcore import CoreLayout
 from livedump.errors import SnapshotError
-from livedump.live import Gathered, Placement, block_of, parse_ramblocks
+from livedump.live import Gathered, Placement, block_of
 from livedump.locate_monitor import parse_flatview
 from livedump.migration import MigrationStream, RamBlock, min_page_bits
+from livedump.monitor import parse_ram_blocks
 from livedump.output import Output
 
 DATA = Path(__file__).parent / "data" / "live"
 STREAM = (DATA / "stream.qevm").read_bytes()
 VIEW = parse_flatview((DATA / "mtree.txt").read_text())
-KNOWN = parse_ramblocks((DATA / "ramblock.txt").read_text())
+KNOWN = [RamBlock(b.name, b.used)
+         for b in parse_ram_blocks((DATA / "ramblock.txt").read_text())]
 MiB = 1 << 20
 HALT = X86_HALT.build().read_bytes()[0xFFF0:0xFFF4]  # at the reset vector: cli; hlt; jmp
 SETUP_END = 255  # where the stream's first "ram" part begins
@@ -167,17 +169,6 @@ def test_region_to_block():
         block_of("pc.bios", names)
 
 
-def test_ramblock_listing():
-    text = (
-        "              Block Name    PSize              Offset               Used              Total\n"
-        "                  pc.ram    4 KiB  0x0000000000000000 0x0000000002000000 0x0000000002000000\n"
-        "   0000:00:02.0/vga.vram    2 MiB  0x0000000002080000 0x0000000001000000 0x0000000001000000"
-        " 0x00007f1234500000\n"
-    )
-    assert parse_ramblocks(text) == [RamBlock("pc.ram", 32 * MiB),
-                                     RamBlock("0000:00:02.0/vga.vram", 16 * MiB)]
-
-
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, len(STREAM) - 1), st.integers(0, 255)),
                 min_size=1, max_size=4))
@@ -190,7 +181,7 @@ def test_altered_stream_is_read_or_refused(changes):
     with stream_of(bytes(data)) as s:
         try:
             blocks = s.read_setup()
-            for block, offset, page in all_pages_iter(s):
+            for block, offset, _page in all_pages_iter(s):
                 assert offset + s.page_size <= blocks[block].size
         except SnapshotError as e:
             assert "\n" not in str(e)
