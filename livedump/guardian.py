@@ -56,6 +56,7 @@ from dataclasses import dataclass
 
 from . import signals
 from .errors import GuardianLost
+from .qmp_framing import Framer
 
 PAUSED = b"P"
 RESUMED = b"R"
@@ -71,6 +72,7 @@ LETTING_GO = b"X"
 
 STALL_TIMEOUT = 30.0
 _REPLY_TIMEOUT = 10.0
+_MAX_MESSAGE = 1 << 24  # bytes of one QMP message at most, as qemu.qmp reads them
 _MIGRATION_END_TIMEOUT = 30.0
 _DEATH_TIMEOUT = 10.0  # for a killed livedump to be gone (one in a disk wait takes a while)
 _DRAIN_POLL = 0.2
@@ -508,11 +510,11 @@ def release_fifo(path: str, fd: int = -1) -> None:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
             pass  # Gone already: no open can be waiting on it.
-    try:
+    # Each on its own: a file never made (or gone) must not leave its directory.
+    with contextlib.suppress(OSError):
         os.unlink(path)
+    with contextlib.suppress(OSError):
         os.rmdir(os.path.dirname(path))
-    except OSError:
-        pass
     if fd >= 0:
         os.close(fd)
 
@@ -525,6 +527,7 @@ class _Monitor:
         self.fd = fd
         self._buffer = b""
         self._count = 0
+        self._framer = Framer(_MAX_MESSAGE)  # a pretty monitor's message spans lines
 
     def execute(self, command: str, arguments: dict[str, object] | None = None
                 ) -> dict[str, object] | None:
@@ -539,8 +542,11 @@ class _Monitor:
             *lines, self._buffer = self._buffer.split(b"\n")
             for line in lines:
                 try:
-                    reply = json.loads(line)
-                except ValueError:
+                    whole = self._framer.add(line + b"\n")
+                    if whole is None:
+                        continue  # More of a pretty-printed message to come.
+                    reply = json.loads(whole)
+                except ValueError:  # (TooLong too: that message is dropped.)
                     continue
                 if isinstance(reply, dict) and reply.get("id") == tag:
                     return reply

@@ -11,7 +11,8 @@ import contextlib
 import dataclasses
 import functools
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, ContextManager, Protocol
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Protocol
 
 from . import locate_monitor, notes
 from .attach import Control, Pause, not_paused, paused
@@ -38,7 +39,7 @@ class Session(Protocol):
 
     def target_arch(self) -> str: ...
     def prepare(self) -> list[GuestRange] | None: ...
-    def hold(self, pause: bool) -> ContextManager[Pause]: ...
+    def hold(self, pause: bool) -> AbstractContextManager[Pause]: ...
     def ranges(self, memory: ProcessMemory, prepared: list[GuestRange] | None
                ) -> list[GuestRange]: ...
     def cpu_notes(self, memory: ProcessMemory, blocks: list[Block]
@@ -126,7 +127,7 @@ class MonitorSession:
             return f"QEMU gave no CPU state ({e})"
 
     def qemu_notes(self, gpa: int) -> notes.QemuNotes:
-        return notes.from_qemu(self.monitor, gpa)
+        return notes.from_qemu(self.monitor, gpa, watch=self.watcher().fifo)
 
     def live(self, target: str) -> "LiveSnapshot":
         """A background snapshot, mapped by the flat view the vmcore's layout comes from."""

@@ -3,6 +3,7 @@
 the end of a stream that never ends, and a livedump stopped while it holds
 the VM."""
 
+import json
 import os
 import select
 import signal
@@ -159,3 +160,26 @@ def test_a_stopped_livedump_is_killed_and_its_file_removed(tmp_path):
                         b"(stopped, or its output not read); its guardian killed it (which let "
                         b"QEMU go) and removed " + bytes(partial) + b"\n")
     assert not partial.exists()
+
+
+@pytest.mark.parametrize("pretty", [False, True], ids=["compact", "pretty"])
+def test_the_watchers_monitor_reads_compact_and_pretty_replies(pretty):
+    """The guardian speaks QMP on the connection it inherited, which may be a
+    pretty-printed monitor's (-qmp-pretty): its replies span lines."""
+    from livedump.guardian import _Monitor
+
+    ours, qemu = socket.socketpair()
+    with ours, qemu:
+        monitor = _Monitor(ours.fileno())
+
+        def answer() -> None:
+            request = json.loads(qemu.recv(4096))
+            event = {"event": "STOP", "timestamp": {"seconds": 1, "microseconds": 2}}
+            reply = {"return": {"status": "running", "running": True}, "id": request["id"]}
+            for message in (event, reply):
+                text = json.dumps(message, indent=4) if pretty else json.dumps(message)
+                qemu.sendall(text.replace("\n", "\r\n").encode() + b"\r\n")
+
+        threading.Thread(target=answer, daemon=True).start()
+        assert monitor.execute("query-status") == {
+            "return": {"status": "running", "running": True}, "id": "livedump-guardian-1"}
