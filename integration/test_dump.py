@@ -95,7 +95,7 @@ def test_running_vm_is_dumped_and_keeps_running(scratch):
         for m in HIGH_MARKERS:  # Nothing livedump prints holds guest memory.
             assert m.data[:16] not in r.stdout + r.stderr
         assert 0 < report["pause_seconds"] <= report["wall_seconds"]
-        assert report["memory_bytes"] == sum(l.memsz for l in loads(out))
+        assert report["memory_bytes"] == sum(load.memsz for load in loads(out))
         high = report["blocks"][-1]
         assert (high["gpa"], high["size"]) == (0x1_0000_0000, 3 * GiB)
         with open(f"/proc/{vm.pid}/mem", "rb") as mem:  # The block's place in QEMU, too.

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from .firmware import COUNTER_FIRST, COUNTER_SECOND
 from .conftest import livedump
+from .firmware import COUNTER_FIRST, COUNTER_SECOND
 from .health import assert_whole
 from .vm import COUNTING_PC, HALTING_PC, SWEEPING_PC, VM, Marker, kvm_usable
 from .vmcore import first_difference, identity, read_phys

@@ -1,6 +1,5 @@
 """The QEMUs of integration/qemus.py start as the tests need: the PID is QEMU's."""
 
-import os
 import subprocess
 import tempfile
 import time

@@ -19,8 +19,17 @@ from pathlib import Path
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from .firmware import (PPC64_H_SET_MODE_LE, PPC64_HID0_HILE, S390X_SPIN, X86_64_LONG_MODE,
-                       X86_COUNTER, X86_HALT, X86_SWEEPER, Firmware, aarch64)
+from .firmware import (
+    PPC64_H_SET_MODE_LE,
+    PPC64_HID0_HILE,
+    S390X_SPIN,
+    X86_64_LONG_MODE,
+    X86_COUNTER,
+    X86_HALT,
+    X86_SWEEPER,
+    Firmware,
+    aarch64,
+)
 
 QEMU = os.environ.get("LIVEDUMP_TEST_QEMU", "qemu-system-x86_64")
 COMMAND_TIMEOUT = 30.0

@@ -5,7 +5,7 @@ import json
 import os
 import stat
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from . import __version__, signals
 from .arch import ARCHES
@@ -15,11 +15,12 @@ from .guardian import STALL_TIMEOUT
 from .session import VIAS
 
 if TYPE_CHECKING:
-    import tqdm
+    pass
 
 from .errors import Interrupted, LivedumpError, exit_codes
 from .monitor import Address
 from .output import STDOUT, Output, check_stdout, guard_standard_fds, open_to_others
+
 
 def epilog() -> str:
     """The exit codes, from errors.py, where each is defined once."""
@@ -162,7 +163,7 @@ class ProgressBar:
         self._tqdm = tqdm.tqdm
         # No monitor thread: signals must reach only the main thread.
         self._tqdm.monitor_interval = 0
-        self._bar: "tqdm.tqdm | None" = None
+        self._bar: tqdm.tqdm[NoReturn] | None = None  # a bar over no iterable
 
     def start(self, total: int) -> None:
         self._bar = self._tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,

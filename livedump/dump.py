@@ -22,8 +22,8 @@ from .elfcore import CoreLayout, Note
 from .errors import GuestMemoryError, LivedumpError, ProcessNotFound, UsageError
 from .guardian import STALL_TIMEOUT
 from .lock import VMLock
-from .notes import QemuNotes
 from .monitor import Address
+from .notes import QemuNotes
 from .output import STDOUT, Output
 from .procmem import PageMap, ProcessMemory, alive, check_blocks, read_maps
 from .session import open_session

@@ -243,7 +243,8 @@ def _why_not(pid: int, tid: int) -> str:
         return f"may not trace {what}: kernel.yama.ptrace_scope is {scope}; run livedump as root"
     uid = status.get("Uid", "").split()
     if uid and int(uid[0]) != os.geteuid() and os.geteuid() != 0:
-        return f"may not trace {what}: it belongs to uid {uid[0]}; run livedump as that user or root"
+        return (f"may not trace {what}: it belongs to uid {uid[0]}; run livedump as that user "
+                "or root")
     return f"may not trace {what} (operation not permitted)"
 
 

@@ -353,7 +353,7 @@ class MigrationStream:
                             "which it did not list")
 
     def _check_complete(self) -> None:
-        for block, seen in zip(self.blocks, self._seen):
+        for block, seen in zip(self.blocks, self._seen, strict=True):
             missing = seen.count(0)
             if missing:
                 raise SnapshotError(f"the migration stream ended without {missing} pages of "

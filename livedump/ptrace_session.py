@@ -5,7 +5,8 @@ import contextlib
 import os
 import platform
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, ContextManager
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING
 
 from . import arch as arches
 from . import cpu_state, dwarf, locate_dwarf, x86_notes
@@ -54,7 +55,7 @@ class PtraceSession:
     def prepare(self) -> None:
         return None  # QEMU may change its map until it is frozen.
 
-    def hold(self, pause: bool) -> ContextManager[Pause]:
+    def hold(self, pause: bool) -> AbstractContextManager[Pause]:
         self._frozen = pause
         if pause:
             return self._freeze()
@@ -110,7 +111,7 @@ class PtraceSession:
                            "the arithmetic flags")
         return x86_notes.qemu_notes([c.state for c in cpus], blocks, source + ")")
 
-    def _still(self) -> ContextManager[Pause]:
+    def _still(self) -> AbstractContextManager[Pause]:
         """Frozen for a walk of QEMU's structures: already, or (--no-pause) just for it."""
         return contextlib.nullcontext(Pause(was_running=True)) if self._frozen \
             else self._freeze()
