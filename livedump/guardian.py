@@ -263,9 +263,15 @@ class Guardian:
             self._replace()  # It died: a new one is told all, this message included.
 
     def _start(self) -> None:
-        """Start a watcher, and tell it everything so far."""
+        """Start a watcher, told everything so far before it exists: a livedump
+        killed the moment the watcher is there has told it all already."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
+            for message, fd in self._told.replay():
+                if fd >= 0:
+                    socket.send_fds(ours, [message], [fd])
+                else:
+                    ours.send(message)
             self._process = subprocess.Popen(
                 [sys.executable, "-m", "livedump.guardian", str(theirs.fileno()),
                  str(self._pidfd), f"{self._stall:g}", *self._how],
@@ -277,11 +283,6 @@ class Guardian:
         finally:
             theirs.close()
         self._sock = ours
-        for message, fd in self._told.replay():
-            if fd >= 0:
-                socket.send_fds(ours, [message], [fd])
-            else:
-                ours.send(message)
 
     def _replace(self) -> None:
         """With the lock held: the watcher died; start a new one, or (if none can be
