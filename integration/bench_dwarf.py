@@ -24,7 +24,7 @@ DEFAULT_QEMU = Path.home() / ".cache/livedump/qemu-debug/bin/qemu-system-x86_64"
 CHILD = """
 import json, sys, time
 start = time.perf_counter()
-from livedump import dwarf
+from livedump.ptrace import dwarf
 imported = time.perf_counter()
 layout = dwarf.qemu_layout(sys.argv[1], sys.argv[2] or None)
 done = time.perf_counter()
@@ -58,7 +58,7 @@ def main() -> None:
             results["cold"].append(run(args.qemu, args.debug_file, cache))
             results["warm"].append(run(args.qemu, args.debug_file, cache))
     print(f"{args.qemu} (build-id {results['cold'][0]['build_id']}), {args.runs} runs each")
-    print(f"{'':6}{'layout median':>15}{'min':>9}{'max':>9}{'import livedump.dwarf':>24}")
+    print(f"{'':6}{'layout median':>15}{'min':>9}{'max':>9}{'import livedump.ptrace.dwarf':>24}")
     for kind, rs in results.items():
         times = [r["layout"] for r in rs]
         print(f"{kind:6}{statistics.median(times):>13.3f} s{min(times):>7.3f} s"

@@ -13,11 +13,11 @@ so caches do not flatter.
 import os
 import time
 
-from livedump.arch import lookup
-from livedump.coalesce import Block
-from livedump.elfcore import CoreLayout
-from livedump.stream import CHUNK
-from livedump.vmcoreinfo import Search
+from livedump.transfer.copier import CHUNK
+from livedump.vmcore.arch import lookup
+from livedump.vmcore.blocks import Block
+from livedump.vmcore.elf import CoreLayout
+from livedump.vmcore.vmcoreinfo import Search
 
 GIB = 1 << 30
 DISTINCT = 64

@@ -16,8 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from livedump import locate_monitor as locate
-from livedump.monitor import Monitor, QMPTransport
+from livedump.qmp import ram_map as locate
+from livedump.qmp.monitor import Monitor, QMPTransport
 
 from .firmware_more import MORE_ARCH_PLATFORMS
 from .vm import ARCH_PLATFORMS, VM, kvm_usable

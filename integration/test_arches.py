@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from livedump.arch import for_target
+from livedump.vmcore.arch import for_target
 
 from .conftest import livedump
 from .firmware_more import MORE_ARCH_PLATFORMS

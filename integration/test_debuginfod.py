@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from livedump import debuginfo, dwarf
 from livedump.errors import DebugInfoError
+from livedump.ptrace import debuginfo, dwarf
 from tests.test_dwarf import build, split
 
 pytestmark = pytest.mark.skipif(

@@ -60,7 +60,7 @@ def guardians(pid: int) -> list[int]:
     for child in children:
         try:
             with open(f"/proc/{child}/cmdline", "rb") as f:
-                if b"livedump.guardian" in f.read():
+                if b"livedump.vm.guardian" in f.read():
                     found.append(child)
         except FileNotFoundError:
             pass
@@ -128,7 +128,7 @@ from livedump import cli
 started = []
 real = subprocess.Popen
 def popen(args, **options):
-    if "livedump.guardian" in args:
+    if "livedump.vm.guardian" in args:
         if started:
             raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
         started.append(args)

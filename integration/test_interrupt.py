@@ -12,7 +12,7 @@ import pytest
 
 from livedump import signals
 from livedump.errors import Interrupted
-from livedump.monitor import Monitor, QMPTransport
+from livedump.qmp.monitor import Monitor, QMPTransport
 
 from .conftest import sigterm_after
 from .qmp_proxy import QMPProxy

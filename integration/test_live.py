@@ -245,7 +245,8 @@ def test_cut_mid_stream_the_snapshot_still_ends(scratch, accel, sig):
 # the pause, at a moment a test cannot hit from outside every time.
 KILLED_AFTER = """
 import os, signal, sys
-from livedump import cli, monitor
+from livedump import cli
+from livedump.qmp import monitor
 command = getattr(monitor.Monitor, sys.argv[1])
 def killed(*args):
     command(*args)

@@ -114,7 +114,7 @@ def test_private_mount_dumps_and_never_clobbers(vm: VM, scratch: Path, kind: str
 @pytest.mark.parametrize("kind, driver", FILESYSTEMS)
 def test_a_file_appearing_during_the_dump_is_not_clobbered(scratch: Path, kind: str,
                                                            driver: str) -> None:
-    from livedump.output import Output, Placement
+    from livedump.transfer.output import Output, Placement
 
     with fat(kind, driver, "077", scratch) as mnt:
         path = mnt / "a.vmcore"

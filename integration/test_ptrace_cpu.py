@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from livedump.notes import QemuNotes, parse
+from livedump.vmcore.notes import QemuNotes, parse
 
 from . import linux_guest
 from .conftest import livedump

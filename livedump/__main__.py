@@ -1,10 +1,10 @@
 """``python -m livedump``: fds 0-2 are made safe before anything opens a file
 (see guard_standard_fds), so the rest is imported after that."""
 
-from .output import guard_standard_fds
+from livedump.transfer.output import guard_standard_fds
 
 guard_standard_fds()
 
-from .cli import main  # noqa: E402
+from livedump.cli import main  # noqa: E402
 
 raise SystemExit(main())

@@ -7,19 +7,25 @@ import stat
 import sys
 from typing import TYPE_CHECKING, NoReturn
 
-from . import __version__, signals
-from .arch import ARCHES
-from .arch import lookup as arch_lookup
-from .dump import Request, Summary, dump
-from .guardian import STALL_TIMEOUT
-from .session import VIAS
+from livedump import __version__, signals
+from livedump.dump import Request, Summary, dump
+from livedump.vm.guardian import STALL_TIMEOUT
+from livedump.vm.session import VIAS
+from livedump.vmcore.arch import ARCHES
+from livedump.vmcore.arch import lookup as arch_lookup
 
 if TYPE_CHECKING:
     pass
 
-from .errors import Interrupted, LivedumpError, exit_codes
-from .monitor import Address
-from .output import STDOUT, Output, check_stdout, guard_standard_fds, open_to_others
+from livedump.errors import Interrupted, LivedumpError, exit_codes
+from livedump.qmp.monitor import Address
+from livedump.transfer.output import (
+    STDOUT,
+    Output,
+    check_stdout,
+    guard_standard_fds,
+    open_to_others,
+)
 
 
 def epilog() -> str:

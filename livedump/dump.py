@@ -15,21 +15,21 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from . import __version__
-from . import arch as arches
-from .coalesce import Block, GuestRange, coalesce
-from .elfcore import CoreLayout, Note
-from .errors import GuestMemoryError, LivedumpError, ProcessNotFound, UsageError
-from .guardian import STALL_TIMEOUT
-from .lock import VMLock
-from .monitor import Address
-from .notes import QemuNotes
-from .output import STDOUT, Output
-from .procmem import PageMap, ProcessMemory, alive, check_blocks, read_maps
-from .session import open_session
-from .stream import Writer, copy
-from .vmcoreinfo import Result as VmcoreinfoResult
-from .vmcoreinfo import Search as VmcoreinfoSearch
+from livedump import __version__
+from livedump.errors import GuestMemoryError, LivedumpError, ProcessNotFound, UsageError
+from livedump.qmp.monitor import Address
+from livedump.transfer.copier import Writer, copy
+from livedump.transfer.memory import PageMap, ProcessMemory, alive, check_blocks, read_maps
+from livedump.transfer.output import STDOUT, Output
+from livedump.vm.guardian import STALL_TIMEOUT
+from livedump.vm.lock import VMLock
+from livedump.vm.session import open_session
+from livedump.vmcore import arch as arches
+from livedump.vmcore.blocks import Block, GuestRange, coalesce
+from livedump.vmcore.elf import CoreLayout, Note
+from livedump.vmcore.notes import QemuNotes
+from livedump.vmcore.vmcoreinfo import Result as VmcoreinfoResult
+from livedump.vmcore.vmcoreinfo import Search as VmcoreinfoSearch
 
 # Our own note under the "LIVEDUMP" owner: text lines saying who made the dump.
 # The type is "LVDP" in ASCII, far from the small numbers that gdb and crash
@@ -62,7 +62,7 @@ class Request:
     pause: bool = True
     live: bool = False
     progress: Progress | None = None
-    stall_timeout: float = STALL_TIMEOUT  # the guardian's: see livedump.guardian
+    stall_timeout: float = STALL_TIMEOUT  # the guardian's: see livedump.vm.guardian
 
 
 @dataclass

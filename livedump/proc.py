@@ -11,7 +11,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from .errors import PermissionDenied, ProcessNotFound
+from livedump.errors import PermissionDenied, ProcessNotFound
 
 # Process flag PF_EXITING, in field 9 of /proc/PID/stat: exit has begun.
 _PF_EXITING = 0x4

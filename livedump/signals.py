@@ -15,7 +15,7 @@ import signal
 import threading
 from collections.abc import Iterator
 
-from .errors import Interrupted
+from livedump.errors import Interrupted
 
 TERMINATING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # Sent by livedump to itself only: carries an exception from another thread.

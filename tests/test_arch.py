@@ -2,10 +2,10 @@
 
 import pytest
 
-from livedump import arch as arches
 from livedump.dump import _arch
 from livedump.errors import UsageError
-from livedump.notes import parse
+from livedump.vmcore import arch as arches
+from livedump.vmcore.notes import parse
 
 from .conftest import DATA
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from livedump.coalesce import Block, GuestRange, coalesce
 from livedump.errors import GuestMemoryError
+from livedump.vmcore.blocks import Block, GuestRange, coalesce
 
 A, B = ("pc.ram", 0x7F0000000000), ("pc.bios", 0x7F8000000000)
 

@@ -6,8 +6,8 @@ import uuid
 
 import pytest
 
-from livedump.domain import PassThrough, qemu_pid
 from livedump.errors import MonitorError, ProcessNotFound
+from livedump.libvirt.domain import PassThrough, qemu_pid
 
 
 def test_a_process_that_is_not_qemu_is_not_the_domain():

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from livedump import debuginfo, dwarf
-from livedump.debuginfo import find_debug_file
-from livedump.dwarf import QemuLayout, load_layout, qemu_layout
 from livedump.errors import DebugInfoError
+from livedump.ptrace import debuginfo, dwarf
+from livedump.ptrace.debuginfo import find_debug_file
+from livedump.ptrace.dwarf import QemuLayout, load_layout, qemu_layout
 
 FIXTURE = Path(__file__).parent / "fixtures" / "qemu_like.c"
 REAL_QEMU = Path.home() / ".cache/livedump/qemu-debug/bin/qemu-system-x86_64"

@@ -5,10 +5,10 @@ import tempfile
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from livedump.arch import ARCHES, lookup
-from livedump.coalesce import Block
 from livedump.dump import NT_LIVEDUMP_INFO
-from livedump.elfcore import DATA_ALIGN, CoreLayout, ElfStructs, Note, read_core, read_notes
+from livedump.vmcore.arch import ARCHES, lookup
+from livedump.vmcore.blocks import Block
+from livedump.vmcore.elf import DATA_ALIGN, CoreLayout, ElfStructs, Note, read_core, read_notes
 
 BLOCKS = [Block(0, 0xA0000, 0x7F00_0000_0000), Block(0xC0000, 0x3FF40000, 0x7F00_000C_0000)]
 NOTE = Note("LIVEDUMP", NT_LIVEDUMP_INFO, b"livedump test\n")

@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from livedump import cpu_state, locate_dwarf
-from livedump.coalesce import coalesce
-from livedump.dwarf import qemu_layout
 from livedump.errors import UsageError
-from livedump.freeze import frozen
-from livedump.procmem import ProcessMemory, read_maps
-from livedump.ptrace_session import PtraceSession
-from livedump.x86_notes import Segment, X86State, qemu_notes
+from livedump.ptrace import cpu_state, ram_map
+from livedump.ptrace.dwarf import qemu_layout
+from livedump.ptrace.freeze import frozen
+from livedump.ptrace.session import PtraceSession
+from livedump.transfer.memory import ProcessMemory, read_maps
+from livedump.vmcore.blocks import coalesce
+from livedump.vmcore.x86_notes import Segment, X86State, qemu_notes
 
 from .test_dwarf import built
 
@@ -59,9 +59,9 @@ def fake_qemu(request, tmp_path_factory, tmp_path):
 def test_ranges_found_through_dwarf(fake_qemu):
     proc, planted = fake_qemu
     layout = qemu_layout(f"/proc/{proc.pid}/exe")
-    bias = locate_dwarf.load_bias(proc.pid, layout, read_maps(proc.pid))
+    bias = ram_map.load_bias(proc.pid, layout, read_maps(proc.pid))
     with ProcessMemory(proc.pid) as memory, frozen(proc.pid):
-        ranges = locate_dwarf.guest_ranges(memory, layout, bias)
+        ranges = ram_map.guest_ranges(memory, layout, bias)
     # MMIO, the RAM device and the non-volatile range are left out, as QEMU does.
     assert [(r.name, r.gpa, r.size) for r in ranges] == [
         ("ram.low", 0, 0x10000), ("ram.low", 0x10000, 0x10000), ("ram.high", 1 << 32, 0x10000)]
@@ -84,7 +84,7 @@ def planted_cpu(c: int) -> X86State:
 def test_cpus_found_through_dwarf(fake_qemu):
     proc, _ = fake_qemu
     layout = qemu_layout(f"/proc/{proc.pid}/exe")
-    bias = locate_dwarf.load_bias(proc.pid, layout, read_maps(proc.pid))
+    bias = ram_map.load_bias(proc.pid, layout, read_maps(proc.pid))
     with ProcessMemory(proc.pid) as memory, frozen(proc.pid):
         assert cpu_state.accelerator(memory, layout, bias) == "tcg"
         cpus = cpu_state.read_cpus(memory, layout, bias)

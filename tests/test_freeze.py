@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 from ptrace.binding import func
 
-from livedump import freeze, signals
+from livedump import signals
 from livedump.errors import FreezeError, Interrupted, PermissionDenied, ProcessNotFound
-from livedump.freeze import frozen
+from livedump.ptrace import freeze
+from livedump.ptrace.freeze import frozen
 
 FIXTURE = Path(__file__).parent / "fixtures" / "threads.c"
 ROOT = Path(__file__).parent.parent
@@ -212,7 +213,7 @@ HOLDER = """
 import sys, time
 from livedump import signals
 from livedump.errors import Interrupted
-from livedump.freeze import frozen
+from livedump.ptrace.freeze import frozen
 signals.install()
 try:
     with frozen(int(sys.argv[1])):

@@ -6,9 +6,9 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from livedump import locate_monitor as locate
 from livedump.errors import MonitorError
-from livedump.target import parse_config, parse_qmp_options
+from livedump.qmp import ram_map as locate
+from livedump.vm.process import parse_config, parse_qmp_options
 
 from .conftest import SESSIONS
 

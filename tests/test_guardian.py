@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from livedump.guardian import Told, drain, release_fifo
+from livedump.vm.guardian import Told, drain, release_fifo
 
 
 class BlockedOpen(threading.Thread):
@@ -86,7 +86,7 @@ def test_the_watcher_releases_the_fifo_when_livedump_dies(tmp_path, paused):
     monitor, qemu_side = socket.socketpair()
     pidfd = os.pidfd_open(os.getpid())
     watcher = subprocess.Popen(
-        [sys.executable, "-m", "livedump.guardian", str(theirs.fileno()), str(pidfd), "30",
+        [sys.executable, "-m", "livedump.vm.guardian", str(theirs.fileno()), str(pidfd), "30",
          "qmp", str(monitor.fileno())], pass_fds=(theirs.fileno(), pidfd, monitor.fileno()))
     theirs.close()
     os.close(pidfd)
@@ -140,7 +140,7 @@ def test_drain_ends_at_the_migrations_end_without_end_of_file():
 # a partial file and that QEMU is held, then it stops itself.
 STOPS_HOLDING = """
 import os, signal, sys
-from livedump.guardian import Guardian
+from livedump.vm.guardian import Guardian
 guardian = Guardian.over_ptrace(float(sys.argv[2]))
 guardian.partial(sys.argv[1])
 guardian.paused()
@@ -166,7 +166,7 @@ def test_a_stopped_livedump_is_killed_and_its_file_removed(tmp_path):
 def test_the_watchers_monitor_reads_compact_and_pretty_replies(pretty):
     """The guardian speaks QMP on the connection it inherited, which may be a
     pretty-printed monitor's (-qmp-pretty): its replies span lines."""
-    from livedump.guardian import _Monitor
+    from livedump.vm.guardian import _Monitor
 
     ours, qemu = socket.socketpair()
     with ours, qemu:

@@ -5,11 +5,11 @@ import itertools
 
 import pytest
 
-from livedump import locate_monitor as locate
-from livedump.coalesce import GuestRange, coalesce
 from livedump.errors import GuestMemoryError, MonitorError
-from livedump.monitor import Monitor, RamBlock, parse_ram_blocks
-from livedump.procmem import Mapping
+from livedump.qmp import ram_map as locate
+from livedump.qmp.monitor import Monitor, RamBlock, parse_ram_blocks
+from livedump.transfer.memory import Mapping
+from livedump.vmcore.blocks import GuestRange, coalesce
 
 from .conftest import DATA, ReplayTransport
 

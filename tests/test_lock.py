@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from livedump.lock import _holder, _try_lock, is_livedump
+from livedump.vm.lock import _holder, _try_lock, is_livedump
 
 
 def test_the_holder_of_a_flock_is_found_by_inode(tmp_path):
@@ -43,6 +43,6 @@ def test_is_livedump():
     assert is_livedump(["/usr/bin/python3", "/opt/venv/bin/livedump", "--pid", "1", "x"])
     assert is_livedump(["/usr/bin/python3", "-m", "livedump", "--pid", "1", "x"])
     assert is_livedump(["livedump", "x"])
-    assert not is_livedump(["/usr/bin/python3", "-m", "livedump.guardian", "1"])
+    assert not is_livedump(["/usr/bin/python3", "-m", "livedump.vm.guardian", "1"])
     assert not is_livedump(["flock", "/proc/1/mem", "sleep", "9"])
     assert not is_livedump([])

@@ -19,15 +19,15 @@ from hypothesis import strategies as st
 
 from integration.capture_stream import markers
 from integration.firmware import X86_HALT
-from livedump.arch import lookup
-from livedump.coalesce import Block
-from livedump.elfcore import CoreLayout
 from livedump.errors import SnapshotError
-from livedump.live import Gathered, Placement, block_of
-from livedump.locate_monitor import parse_flatview
-from livedump.migration import MigrationStream, RamBlock, min_page_bits
-from livedump.monitor import parse_ram_blocks
-from livedump.output import Output
+from livedump.live.snapshot import Gathered, Placement, block_of
+from livedump.live.stream import MigrationStream, RamBlock, min_page_bits
+from livedump.qmp.monitor import parse_ram_blocks
+from livedump.qmp.ram_map import parse_flatview
+from livedump.transfer.output import Output
+from livedump.vmcore.arch import lookup
+from livedump.vmcore.blocks import Block
+from livedump.vmcore.elf import CoreLayout
 
 DATA = Path(__file__).parent / "data" / "live"
 STREAM = (DATA / "stream.qevm").read_bytes()

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from livedump import output
 from livedump.errors import DumpIOError, OutputExists, UsageError
-from livedump.output import Output, Placement
+from livedump.transfer import output
+from livedump.transfer.output import Output, Placement
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,7 +115,7 @@ def test_unusable_stdout_is_refused_before_the_vm_is_looked_at(redirection, mess
 def test_closed_fds_become_dev_null():
     """Each closed one is /dev/null at its own number, with a Python stream on it; what is
     printed to a closed standard error goes nowhere (Python's None would send it to stdout)."""
-    code = ("import os, sys; from livedump.output import guard_standard_fds; "
+    code = ("import os, sys; from livedump.transfer.output import guard_standard_fds; "
             "guard_standard_fds(); "
             "print('error', file=sys.stderr); "
             "print(*[os.readlink(f'/proc/self/fd/{fd}') for fd in (0, 2)], "

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from livedump import peer
 from livedump.errors import NotQemu
+from livedump.qmp import peer
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])

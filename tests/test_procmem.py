@@ -6,9 +6,16 @@ import os
 
 import pytest
 
-from livedump.coalesce import Block
 from livedump.errors import DumpIOError, GuestMemoryError
-from livedump.procmem import Buffer, PageMap, ProcessMemory, check_blocks, check_ram, read_maps
+from livedump.transfer.memory import (
+    Buffer,
+    PageMap,
+    ProcessMemory,
+    check_blocks,
+    check_ram,
+    read_maps,
+)
+from livedump.vmcore.blocks import Block
 
 PAGE = mmap.PAGESIZE
 

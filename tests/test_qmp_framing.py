@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from livedump.qmp_framing import Framer, TooLong
+from livedump.qmp.framing import Framer, TooLong
 
 # QEMU 7.2's -qmp-pretty, byte for byte: its greeting, then replies.
 PRETTY = (

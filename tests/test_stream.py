@@ -8,14 +8,14 @@ import time
 
 import pytest
 
-from livedump import stream
-from livedump.arch import lookup
-from livedump.coalesce import Block
-from livedump.elfcore import CoreLayout
 from livedump.errors import DumpIOError
-from livedump.output import Output
-from livedump.procmem import PageMap, ProcessMemory
-from livedump.stream import CHUNK, HOLE_GRANULE, READERS, Writer, copy
+from livedump.transfer import copier
+from livedump.transfer.copier import CHUNK, HOLE_GRANULE, READERS, Writer, copy
+from livedump.transfer.memory import PageMap, ProcessMemory
+from livedump.transfer.output import Output
+from livedump.vmcore.arch import lookup
+from livedump.vmcore.blocks import Block
+from livedump.vmcore.elf import CoreLayout
 
 MiB = 1 << 20
 
@@ -157,11 +157,11 @@ def test_into_a_stalled_pipe_the_copy_ends_once_the_last_byte_is_read():
 
 
 def test_readers_that_cannot_get_a_buffer_fail_the_copy(tmp_path, monkeypatch):
-    class NoMemory(stream.Buffer):
+    class NoMemory(copier.Buffer):
         def __init__(self, size: int) -> None:
             raise MemoryError("no buffer")
 
-    monkeypatch.setattr(stream, "Buffer", NoMemory)
+    monkeypatch.setattr(copier, "Buffer", NoMemory)
     m = mmap.mmap(-1, CHUNK, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     with pytest.raises(MemoryError, match="no buffer"):
         _dump(tmp_path, [Block(0, CHUNK, _address(m))], [False])

@@ -2,7 +2,7 @@
 
 import os
 
-from livedump.target import QmpEndpoint, parse_qmp_options
+from livedump.vm.process import QmpEndpoint, parse_qmp_options
 
 
 def endpoints(cmdline: str, cwd: str = "/run/vm") -> list[QmpEndpoint]:

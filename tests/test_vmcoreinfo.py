@@ -9,16 +9,23 @@ from pathlib import Path
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from livedump.arch import lookup
-from livedump.coalesce import Block
-from livedump.elfcore import CoreLayout, ElfStructs, Note
-from livedump.notes import QemuNotes
-from livedump.notes import parse as parse_qemu
-from livedump.output import Output
-from livedump.procmem import Buffer, PageMap, ProcessMemory
-from livedump.stream import Writer, copy
-from livedump.vmcoreinfo import NT_LIVEDUMP_FILLER, Invalid, Result, Search, parse, x86_64_translate
-from livedump.x86_notes import QEMU_CPU_STATE, x86_page_tables
+from livedump.transfer.copier import Writer, copy
+from livedump.transfer.memory import Buffer, PageMap, ProcessMemory
+from livedump.transfer.output import Output
+from livedump.vmcore.arch import lookup
+from livedump.vmcore.blocks import Block
+from livedump.vmcore.elf import CoreLayout, ElfStructs, Note
+from livedump.vmcore.notes import QemuNotes
+from livedump.vmcore.notes import parse as parse_qemu
+from livedump.vmcore.vmcoreinfo import (
+    NT_LIVEDUMP_FILLER,
+    Invalid,
+    Result,
+    Search,
+    parse,
+    x86_64_translate,
+)
+from livedump.vmcore.x86_notes import QEMU_CPU_STATE, x86_page_tables
 
 from .conftest import DATA
 

@@ -12,10 +12,10 @@ from dataclasses import replace
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from livedump.coalesce import Block
-from livedump.elfcore import CoreLayout
-from livedump.notes import QemuNotes, parse
-from livedump.x86_notes import (
+from livedump.vmcore.blocks import Block
+from livedump.vmcore.elf import CoreLayout
+from livedump.vmcore.notes import QemuNotes, parse
+from livedump.vmcore.x86_notes import (
     EFER_LMA,
     GPRS,
     QEMU_CPU_STATE,

@@ -1,0 +1,1 @@
+"""A libvirt domain: found, paused and mapped through libvirt."""

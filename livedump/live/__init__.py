@@ -1,0 +1,1 @@
+"""``--live``: guest memory from QEMU's background snapshot."""

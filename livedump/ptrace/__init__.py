@@ -1,0 +1,1 @@
+"""No monitor: QEMU frozen with ptrace, its RAM map and vCPUs read through its DWARF."""

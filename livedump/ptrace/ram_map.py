@@ -1,0 +1,127 @@
+"""Locate guest RAM from QEMU's own data structures, with no monitor at all.
+
+QEMU keeps the flat view of the guest's physical address space in memory:
+``address_space_memory.current_map`` is a FlatView whose ``ranges`` each
+name a MemoryRegion (aliases already resolved) and an offset into it; a
+RAM region's RAMBlock holds the host address of its memory. Reading that
+chain through ``process_vm_readv``, with member offsets from QEMU's DWARF
+(:mod:`livedump.ptrace.dwarf`), gives the same ranges ``info mtree -f`` lists,
+selected by the same rule as QEMU's ``dump-guest-memory``.
+
+QEMU must be frozen meanwhile: the chain is replaced (RCU) when the map
+changes.
+"""
+
+import os
+from collections.abc import Sequence
+
+from elftools.common.exceptions import ELFError
+from elftools.elf.elffile import ELFFile
+
+from livedump.errors import GuestMemoryError
+from livedump.ptrace.dwarf import Field, QemuLayout
+from livedump.transfer.memory import PAGE_SIZE, Buffer, Mapping, ProcessMemory
+from livedump.vmcore.blocks import GuestRange
+
+# More ranges than this is not a flat view but garbage (a mismatched layout).
+_MAX_RANGES = 1 << 20
+_MAX_NAME = 256
+
+
+def load_bias(pid: int, layout: QemuLayout, maps: Sequence[Mapping]) -> int:
+    """How far the kernel moved QEMU's (PIE) executable: where its first segment is mapped."""
+    if not layout.pie:
+        return 0
+    exe = f"/proc/{pid}/exe"  # The running binary, even if replaced on disk since.
+    try:
+        with open(exe, "rb") as f:
+            first = min((s for s in ELFFile(f).iter_segments() if s["p_type"] == "PT_LOAD"),
+                        key=lambda s: s["p_vaddr"])
+        path = os.readlink(exe)
+    except (OSError, ELFError, ValueError) as e:
+        raise GuestMemoryError(f"cannot read QEMU's executable: {e}") from None
+    # pyelftools' header fields are untyped; ELF's are integers.
+    file_start: int = first["p_offset"] - first["p_offset"] % max(first["p_align"], 1)
+    link_start: int = first["p_vaddr"] - (first["p_offset"] - file_start)
+    for m in maps:
+        if m.offset == file_start and m.path == path:
+            return m.start - link_start
+    raise GuestMemoryError(f"cannot find where {path} is mapped in QEMU")
+
+
+class Reader:
+    """Typed reads of QEMU's memory in QEMU's byte order and pointer size."""
+
+    def __init__(self, memory: ProcessMemory, layout: QemuLayout) -> None:
+        self.memory = memory
+        self.layout = layout
+
+    def read(self, address: int, size: int) -> bytes:
+        if address == 0:
+            raise GuestMemoryError("NULL pointer in QEMU's memory map (does the debug info match?)")
+        return bytes(self.memory.read(Buffer(size), size, address))
+
+    def number(self, data: bytes, offset: int, size: int) -> int:
+        return int.from_bytes(data[offset : offset + size], self.layout.byteorder)
+
+    def field(self, data: bytes, member: Field, at: int = 0) -> int:
+        """The integer ``member`` of the structure at ``data[at:]``."""
+        return self.number(data, at + member.offset, member.size)
+
+    def int128(self, data: bytes, offset: int) -> int:
+        i = self.layout.int128
+        if i.scalar:
+            return self.number(data, offset, 16)
+        assert i.lo is not None and i.hi is not None
+        return self.number(data, offset + i.lo, 8) | self.number(data, offset + i.hi, 8) << 64
+
+    def string(self, address: int) -> str:
+        """A C string, read without crossing into a page that may not exist."""
+        data = b""
+        while b"\0" not in data and len(data) < _MAX_NAME:
+            chunk = PAGE_SIZE - address % PAGE_SIZE
+            data += self.read(address, min(chunk, _MAX_NAME))
+            address += chunk
+        return data.partition(b"\0")[0].decode(errors="replace")
+
+
+def guest_ranges(memory: ProcessMemory, layout: QemuLayout, bias: int) -> list[GuestRange]:
+    """The RAM ranges ``dump-guest-memory`` would dump, read from QEMU's memory."""
+    r = Reader(memory, layout)
+    s = layout.structs
+    AS, FV, FR, AR, MR, RB = (s[n] for n in ("AddressSpace", "FlatView", "FlatRange",
+                                              "AddrRange", "MemoryRegion", "RAMBlock"))
+    ptr = layout.pointer_size
+    field = r.field
+
+    space = r.read(layout.address_space_memory + bias, AS.size)
+    view = r.read(field(space, AS["current_map"]), FV.size)
+    count = field(view, FV["nr"])
+    if count > _MAX_RANGES:
+        raise GuestMemoryError(f"QEMU's flat view claims {count} ranges: "
+                               "the debug info does not match this QEMU")
+    table = r.read(field(view, FV["ranges"]), count * FR.size) if count else b""
+
+    regions: dict[int, tuple[bool, int, str]] = {}
+    result = []
+    for i in range(count):
+        entry = table[i * FR.size : (i + 1) * FR.size]
+        mr = r.number(entry, FR["mr"].offset, ptr)
+        if mr not in regions:
+            region = r.read(mr, MR.size)
+            # QEMU's rule: RAM, but not RAM devices (BARs) nor non-volatile memory.
+            dumped = (field(region, MR["ram"]) and not field(region, MR["ram_device"])
+                      and not field(region, MR["nonvolatile"]))
+            host = 0
+            if dumped:
+                host = r.number(r.read(field(region, MR["ram_block"]), RB.size),
+                                RB["host"].offset, ptr)
+            regions[mr] = (bool(dumped), host, r.string(field(region, MR["name"])))
+        dumped, host, name = regions[mr]
+        if not dumped:
+            continue
+        start = r.int128(entry, FR["addr"].offset + AR["start"].offset)
+        size = r.int128(entry, FR["addr"].offset + AR["size"].offset)
+        offset = field(entry, FR["offset_in_region"])
+        result.append(GuestRange(start, size, host + offset, mr, name))
+    return result

@@ -1,0 +1,1 @@
+"""QEMU's QMP monitor: the transport, the commands, and the RAM map it gives."""

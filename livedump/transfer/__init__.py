@@ -1,0 +1,1 @@
+"""Moving the bytes: QEMU's memory, the copy, and the output file."""

@@ -1,0 +1,1 @@
+"""The vmcore itself: ELF layout, architectures, blocks, notes and VMCOREINFO."""
