@@ -17,7 +17,8 @@ import tempfile
 from pathlib import Path
 
 from livedump.qmp import ram_map as locate
-from livedump.qmp.monitor import Monitor, QMPTransport
+from livedump.qmp.monitor import Monitor
+from livedump.qmp.transport import QMPTransport
 
 from .firmware_more import MORE_ARCH_PLATFORMS
 from .vm import ARCH_PLATFORMS, VM, kvm_usable

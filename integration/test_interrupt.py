@@ -12,7 +12,8 @@ import pytest
 
 from livedump import signals
 from livedump.errors import Interrupted
-from livedump.qmp.monitor import Monitor, QMPTransport
+from livedump.qmp.monitor import Monitor
+from livedump.qmp.transport import QMPTransport
 
 from .conftest import sigterm_after
 from .qmp_proxy import QMPProxy

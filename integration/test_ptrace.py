@@ -16,7 +16,8 @@ from livedump.ptrace import ram_map as dwarf_map
 from livedump.ptrace.dwarf import qemu_layout
 from livedump.ptrace.freeze import frozen
 from livedump.qmp import ram_map as monitor_map
-from livedump.qmp.monitor import Monitor, QMPTransport
+from livedump.qmp.monitor import Monitor
+from livedump.qmp.transport import QMPTransport
 from livedump.transfer.memory import ProcessMemory, read_maps
 from livedump.vmcore.blocks import coalesce
 

@@ -2,8 +2,6 @@
 
 import argparse
 import json
-import os
-import stat
 import sys
 from typing import TYPE_CHECKING, NoReturn
 
@@ -18,14 +16,13 @@ if TYPE_CHECKING:
     pass
 
 from livedump.errors import Interrupted, LivedumpError, exit_codes
-from livedump.qmp.monitor import Address
 from livedump.transfer.output import (
     STDOUT,
-    Output,
     check_stdout,
     guard_standard_fds,
     open_to_others,
 )
+from livedump.vm.process import Address
 
 
 def epilog() -> str:
@@ -122,12 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     guard_standard_fds()  # Already done by ``python -m livedump``; not by the script.
     args = parse_args(argv)
     signals.install()
-    Output.allow_readable_by_others = args.allow_readable_by_others
     request = Request(output=args.output, pid=args.pid, qmp=args.qmp, domain=args.domain,
                       connect=args.connect, via=args.via,
                       debug_file=args.debug_file, arch=args.arch,
                       force=args.force, qmp_timeout=args.qmp_timeout, pause=args.pause,
                       live=args.live, stall_timeout=args.stall_timeout,
+                      allow_readable_by_others=args.allow_readable_by_others,
                       progress=None if args.quiet or not sys.stderr.isatty() else ProgressBar())
     try:
         if args.output == STDOUT:
@@ -137,25 +134,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"livedump: {e}", file=sys.stderr)
         return e.exit_code
     report = sys.stderr if args.output == STDOUT else sys.stdout
-    mode = file_mode(args.output)
     if args.json:
-        print(json.dumps({**as_json(summary), "file_mode": None if mode is None
-                          else f"{mode:04o}"}), file=report)
+        print(json.dumps(as_json(summary)), file=report)
     elif not args.quiet:
-        exposed = (f"; {args.output} is readable by others (mode {mode:04o}, set by its "
-                   "filesystem)" if mode is not None and open_to_others(mode) else "")
-        print(f"livedump: {summary_line(summary)}{exposed}", file=sys.stderr)
+        print(f"livedump: {summary_line(summary)}", file=sys.stderr)
     return 0
-
-
-def file_mode(output: str) -> int | None:
-    """The written vmcore's permission bits, for the report (None for standard output)."""
-    if output == STDOUT:
-        return None
-    try:
-        return stat.S_IMODE(os.lstat(output).st_mode)
-    except OSError:
-        return None
 
 
 class ProgressBar:
@@ -199,7 +182,14 @@ def summary_line(s: Summary) -> str:
             f"guest memory ({_size(s.read_bytes)} read, {_size(s.written_bytes)} written, "
             f"the rest never touched or zero) in {s.wall_seconds:.2f} s, {paused}, "
             f"{_via(s)}; {s.cpu_notes}; architecture: {s.arch_from}; "
-            f"{s.vmcoreinfo.detail}")
+            f"{s.vmcoreinfo.detail}{_exposed(s)}")
+
+
+def _exposed(s: Summary) -> str:
+    """A warning, where the file's filesystem lets others read it (asked for)."""
+    if s.file_mode is None or not open_to_others(s.file_mode):
+        return ""
+    return f"; {s.output} is readable by others (mode {s.file_mode:04o}, set by its filesystem)"
 
 
 def as_json(s: Summary) -> dict[str, object]:
@@ -213,6 +203,7 @@ def as_json(s: Summary) -> dict[str, object]:
         # Where each block lies in QEMU too (host virtual address), for a look with other tools.
         "blocks": [{"gpa": b.gpa, "size": b.size, "hva": b.hva} for b in s.blocks],
         "memory_bytes": s.memory_bytes, "file_bytes": s.file_size,
+        "file_mode": None if s.file_mode is None else f"{s.file_mode:04o}",
         "wall_seconds": round(s.wall_seconds, 6), "pause_seconds": round(s.pause_seconds, 6),
     }
 

@@ -13,23 +13,26 @@ the guest runs again).
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from livedump import __version__
 from livedump.errors import GuestMemoryError, LivedumpError, ProcessNotFound, UsageError
-from livedump.qmp.monitor import Address
 from livedump.transfer.copier import Writer, copy
 from livedump.transfer.memory import PageMap, ProcessMemory, alive, check_blocks, read_maps
 from livedump.transfer.output import STDOUT, Output
 from livedump.vm.guardian import STALL_TIMEOUT
 from livedump.vm.lock import VMLock
-from livedump.vm.session import open_session
+from livedump.vm.process import Address
+from livedump.vm.session import RamMap, SnapshotSource, check_request, open_session
 from livedump.vmcore import arch as arches
-from livedump.vmcore.blocks import Block, GuestRange, coalesce
+from livedump.vmcore.blocks import Block, coalesce
 from livedump.vmcore.elf import CoreLayout, Note
-from livedump.vmcore.notes import QemuNotes
+from livedump.vmcore.notes import CpuNotes, NoCpuNotes, QemuNotes
 from livedump.vmcore.vmcoreinfo import Result as VmcoreinfoResult
 from livedump.vmcore.vmcoreinfo import Search as VmcoreinfoSearch
+
+if TYPE_CHECKING:
+    from livedump.live.snapshot import LiveSnapshot
 
 # Our own note under the "LIVEDUMP" owner: text lines saying who made the dump.
 # The type is "LVDP" in ASCII, far from the small numbers that gdb and crash
@@ -58,6 +61,7 @@ class Request:
     debug_file: str | None = None
     arch: str | None = None
     force: bool = False
+    allow_readable_by_others: bool = False  # a file its filesystem lets others read
     qmp_timeout: float = 3.0
     pause: bool = True
     live: bool = False
@@ -83,6 +87,7 @@ class Summary:
     cpu_notes: str = ""
     blocks: list[Block] = field(default_factory=list)
     file_size: int = 0
+    file_mode: int | None = None  # the file's permission bits (None: standard output)
     read_bytes: int = 0
     written_bytes: int = 0
     wall_seconds: float = 0.0
@@ -97,9 +102,53 @@ class Summary:
 class _Plan:
     """The blocks of one RAM map, and which of them the page map can thin out."""
 
-    ranges: list[GuestRange]
     blocks: list[Block]
     private: list[bool]
+
+
+class _Copy(Protocol):
+    """How memory gets into the vmcore: chosen once, inside the hold, then
+    :meth:`inside` while the VM is held and :meth:`after` once it is let go."""
+
+    live: bool
+
+    def inside(self, layout: CoreLayout, plan: _Plan, writer: Writer) -> None: ...
+    def after(self, out: Output, layout: CoreLayout, writer: Writer,
+              progress: Progress | None) -> tuple[int, int]: ...
+
+
+class _Direct:
+    """Read from QEMU's memory while the VM is held."""
+
+    live = False
+
+    def __init__(self, memory: ProcessMemory, pagemap: PageMap) -> None:
+        self.memory, self.pagemap = memory, pagemap
+        self.read = 0
+
+    def inside(self, layout: CoreLayout, plan: _Plan, writer: Writer) -> None:
+        self.read = copy(layout, plan.private, self.memory, self.pagemap, writer)
+
+    def after(self, out: Output, layout: CoreLayout, writer: Writer,
+              progress: Progress | None) -> tuple[int, int]:
+        return self.read, writer.written
+
+
+class _Snapshot:
+    """QEMU's background snapshot: taken inside the hold, read after it."""
+
+    live = True
+
+    def __init__(self, snapshot: "LiveSnapshot") -> None:
+        self.snapshot = snapshot
+
+    def inside(self, layout: CoreLayout, plan: _Plan, writer: Writer) -> None:
+        self.snapshot.start(layout)  # Returns once QEMU took the snapshot.
+
+    def after(self, out: Output, layout: CoreLayout, writer: Writer,
+              progress: Progress | None) -> tuple[int, int]:
+        return self.snapshot.write(out, layout, progress.update if progress else None,
+                                   writer.inspect)
 
 
 def dump(request: Request) -> Summary:
@@ -109,6 +158,7 @@ def dump(request: Request) -> Summary:
     if request.live and (request.output == STDOUT or not request.pause):
         raise UsageError("--live writes the vmcore out of order: it needs an output file, "
                          "and pauses the guest (not with --no-pause)")
+    check_request(request.live, request.via, request.domain)
     pid: int | None = None
     try:
         with contextlib.ExitStack() as stack:
@@ -122,6 +172,9 @@ def dump(request: Request) -> Summary:
             pid = session.pid
             if request.pid is None:
                 stack.enter_context(VMLock(pid))
+            if request.live and not isinstance(session, SnapshotSource):
+                raise UsageError(f"--live needs the VM's QMP monitor, and none could serve "
+                                 f"({session.detail})")
             if progress:
                 stack.callback(progress.close)
             wanted = arches.lookup(request.arch) if request.arch else None
@@ -132,9 +185,10 @@ def dump(request: Request) -> Summary:
             guardian = session.watcher() if request.pause or request.output != STDOUT else None
             if guardian:
                 stack.callback(guardian.partial, None)  # Once the file is gone (or in place).
-            out = stack.enter_context(Output(request.output, request.force))
-            if guardian and not out.is_stdout:
-                guardian.partial(out._temp)
+            out = stack.enter_context(Output(request.output, request.force,
+                                             request.allow_readable_by_others))
+            if guardian and out.partial_path is not None:
+                guardian.partial(out.partial_path)
 
             def written(length: int) -> None:
                 if progress:
@@ -146,12 +200,13 @@ def dump(request: Request) -> Summary:
             pagemap = stack.enter_context(PageMap(pid))
             prepared = session.prepare()
             plan = _plan(prepared, pid) if prepared is not None else None
-            live = stack.enter_context(session.live(qemu_target)) if request.live else None
+            live = (stack.enter_context(session.live(qemu_target))
+                    if isinstance(session, SnapshotSource) and request.live else None)
             with Writer(out, written) as writer:
                 with session.hold(request.pause) as pause:
-                    ranges = session.ranges(memory, prepared)
-                    if plan is None or ranges is not plan.ranges:
-                        plan = _plan(ranges, pid)
+                    ram = session.ranges(memory, prepared)
+                    if plan is None or ram.changed:
+                        plan = _plan(ram, pid)
                     cpu = session.cpu_notes(memory, plan.blocks)
                     arch, arch_from, cpu = _arch(wanted, target, cpu)
                     if guardian:
@@ -164,16 +219,11 @@ def dump(request: Request) -> Summary:
                     if progress:
                         progress.start(layout.size)
                     # A paused guest cannot change: the normal way is as consistent.
-                    snapshot = live if live and live.ready and pause.was_running else None
-                    if snapshot:
-                        snapshot.start(layout)  # Returns once QEMU took the snapshot.
-                    else:
-                        read = copy(layout, plan.private, memory, pagemap, writer)
+                    copier: _Copy = (_Snapshot(live) if live and live.ready and pause.was_running
+                                     else _Direct(memory, pagemap))
+                    copier.inside(layout, plan, writer)
                 writer.finish()
-            written_bytes = writer.written
-            if snapshot:
-                read, written_bytes = snapshot.write(
-                    out, layout, progress.update if progress else None, writer.inspect)
+            read, written_bytes = copier.after(out, layout, writer, progress)
             vmcoreinfo = search.finish(out)
             out.commit()
     except LivedumpError:
@@ -186,25 +236,23 @@ def dump(request: Request) -> Summary:
         output=request.output, pid=pid, arch=arch.name, arch_from=arch_from,
         elf_class=layout.bits,
         via=session.via, detail=session.detail, was_running=pause.was_running,
-        paused=request.pause and pause.was_running, live=snapshot is not None,
-        blocks=layout.blocks,
-        cpu_notes=cpu if isinstance(cpu, str) else
-        f"{', '.join(sorted(set(cpu.names)))} notes from {cpu.source}",
-        vmcoreinfo=vmcoreinfo,
-        file_size=layout.size, read_bytes=read, written_bytes=written_bytes,
+        paused=request.pause and pause.was_running, live=copier.live,
+        blocks=layout.blocks, cpu_notes=cpu.summary(), vmcoreinfo=vmcoreinfo,
+        file_size=layout.size, file_mode=out.mode,
+        read_bytes=read, written_bytes=written_bytes,
         wall_seconds=time.monotonic() - started, pause_seconds=pause.seconds,
     )
 
 
-def _plan(ranges: list[GuestRange], pid: int) -> _Plan:
-    blocks = coalesce(ranges)
+def _plan(ram: RamMap, pid: int) -> _Plan:
+    blocks = coalesce(ram.ranges)
     if not blocks:
         raise GuestMemoryError("the VM has no RAM in its memory map")
-    return _Plan(ranges, blocks, check_blocks(blocks, read_maps(pid)))
+    return _Plan(blocks, check_blocks(blocks, read_maps(pid)))
 
 
 def _arch(wanted: arches.Arch | None, target: arches.TargetDefault | None,
-          cpu: QemuNotes | str) -> tuple[arches.Arch, str, QemuNotes | str]:
+          cpu: CpuNotes) -> tuple[arches.Arch, str, CpuNotes]:
     """The vmcore's architecture, where it comes from, and its CPU notes.
 
     ``--arch``, else QEMU's own judgement (the identity of its notes), else
@@ -215,8 +263,8 @@ def _arch(wanted: arches.Arch | None, target: arches.TargetDefault | None,
             return cpu.arch, "QEMU's, from the CPU state", cpu
         if (wanted.machine, wanted.byteorder) == (cpu.arch.machine, cpu.arch.byteorder):
             return cpu.arch, "--arch", cpu  # QEMU's class too: the notes are encoded for it.
-        return wanted, "--arch", (f"QEMU's CPU notes are for {cpu.arch.name}, "
-                                  f"not --arch {wanted.name}")
+        return wanted, "--arch", NoCpuNotes(f"QEMU's CPU notes are for {cpu.arch.name}, "
+                                            f"not --arch {wanted.name}")
     if wanted is not None:
         return wanted, "--arch", cpu
     assert target is not None

@@ -5,7 +5,7 @@ import pytest
 from livedump.dump import _arch
 from livedump.errors import UsageError
 from livedump.vmcore import arch as arches
-from livedump.vmcore.notes import parse
+from livedump.vmcore.notes import NoCpuNotes, parse
 
 from .conftest import DATA
 
@@ -52,7 +52,7 @@ def test_arch_agreeing_with_qemu_keeps_its_notes_and_class():
 def test_arch_disagreeing_with_qemu_drops_its_notes():
     arch, source, notes = _arch(arches.lookup("x86_64"), None, QEMU_386)
     assert (arch.name, source) == ("x86_64", "--arch")
-    assert notes == "QEMU's CPU notes are for 386, not --arch x86_64"
+    assert notes == NoCpuNotes("QEMU's CPU notes are for 386, not --arch x86_64")
 
 
 def test_without_notes_the_target_decides_and_says_what_it_assumed():

@@ -14,10 +14,11 @@ from elftools.elf.enums import ENUM_CORE_NOTE_N_TYPE
 
 from livedump.dump import provenance_note
 from livedump.errors import MonitorError, UsageError
+from livedump.qmp.notes import from_pipe, private_file
 from livedump.vmcore.arch import Arch, from_elf
 from livedump.vmcore.blocks import Block
 from livedump.vmcore.elf import CoreLayout, read_core, read_notes
-from livedump.vmcore.notes import from_pipe, parse, private_file
+from livedump.vmcore.notes import parse
 
 from .conftest import DATA
 from .test_elfcore import parse as parse_layout

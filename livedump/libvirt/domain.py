@@ -30,7 +30,7 @@ from livedump.errors import (
     PermissionDenied,
     ProcessNotFound,
 )
-from livedump.qmp.monitor import RESUME_TIMEOUT
+from livedump.qmp.transport import RESUME_TIMEOUT
 from livedump.vm.process import is_qemu
 
 DEFAULT_URI = "qemu:///system"
@@ -227,7 +227,7 @@ def _within(timeout: float, function: Callable[..., T], *args: object) -> T:
 
 
 class PassThrough:
-    """A :class:`~livedump.qmp.monitor.Transport` through libvirt's QEMU monitor pass-through.
+    """A :class:`~livedump.qmp.transport.Transport` through libvirt's QEMU monitor pass-through.
 
     libvirt marks the domain "tainted: custom-monitor" on the first command.
     No file descriptor can be passed this way, and each command waits as long

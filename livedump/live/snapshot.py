@@ -33,11 +33,10 @@ from livedump.errors import LivedumpError, MonitorError, SnapshotError
 from livedump.live.stream import MigrationStream, Page, RamBlock
 from livedump.qmp.monitor import Command, Monitor, capabilities_command
 from livedump.qmp.ram_map import FlatRange
-from livedump.transfer.copier import Inspect
 from livedump.transfer.output import Output
 from livedump.vm.guardian import MIGRATION_IDLE, Guardian, drain
 from livedump.vmcore.elf import CoreLayout
-from livedump.vmcore.vmcoreinfo import MAGIC
+from livedump.vmcore.vmcoreinfo import MAGIC, Inspect
 
 BACKGROUND_SNAPSHOT = "background-snapshot"
 # Capabilities left as they are: they do not change what the stream holds.

@@ -6,7 +6,6 @@ import os
 import platform
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING
 
 from livedump.errors import GuestMemoryError, UsageError
 from livedump.ptrace import cpu_state, dwarf, ram_map
@@ -15,13 +14,11 @@ from livedump.transfer.memory import ProcessMemory, read_maps
 from livedump.vm.guardian import STALL_TIMEOUT, Guardian
 from livedump.vm.pause import Pause
 from livedump.vm.process import qemu_executable
+from livedump.vm.session import RamMap
 from livedump.vmcore import arch as arches
 from livedump.vmcore import x86_notes
-from livedump.vmcore.blocks import Block, GuestRange
-from livedump.vmcore.notes import QemuNotes
-
-if TYPE_CHECKING:
-    from livedump.live.snapshot import LiveSnapshot
+from livedump.vmcore.blocks import Block
+from livedump.vmcore.notes import CpuNotes, NoCpuNotes
 
 
 class PtraceSession:
@@ -80,28 +77,28 @@ class PtraceSession:
             self._guardian = Guardian.over_ptrace(self.stall)
         return self._guardian
 
-    def ranges(self, memory: ProcessMemory, prepared: list[GuestRange] | None
-               ) -> list[GuestRange]:
+    def ranges(self, memory: ProcessMemory, prepared: RamMap | None) -> RamMap:
         with self._still():
-            return ram_map.guest_ranges(memory, self.layout, self.bias)
+            return RamMap(ram_map.guest_ranges(memory, self.layout, self.bias))
 
-    def cpu_notes(self, memory: ProcessMemory, blocks: list[Block]) -> QemuNotes | str:
+    def cpu_notes(self, memory: ProcessMemory, blocks: list[Block]) -> CpuNotes:
         """The vCPUs' registers from QEMU's memory (TCG only), as QEMU's notes;
         or why there are none."""
         if self.layout.cpu_list is None:
-            return f"no CPU registers ({self.layout.no_cpu_state})"
+            return NoCpuNotes(f"no CPU registers ({self.layout.no_cpu_state})")
         try:
             with self._still():
                 accel = cpu_state.accelerator(memory, self.layout, self.bias)
                 if accel is None:
-                    return "no CPU registers: QEMU runs its vCPUs under neither TCG nor KVM"
+                    return NoCpuNotes("no CPU registers: QEMU runs its vCPUs under neither "
+                                      "TCG nor KVM")
                 cpus = cpu_state.read_cpus(memory, self.layout, self.bias)
         except GuestMemoryError as e:
-            return f"no CPU registers ({e})"
+            return NoCpuNotes(f"no CPU registers ({e})")
         if accel == "kvm":
             if not all(c.synced for c in cpus):
-                return ("no CPU registers: under KVM the kernel holds them and QEMU's copy "
-                        "is stale (QMP mode has QEMU fetch them)")
+                return NoCpuNotes("no CPU registers: under KVM the kernel holds them and "
+                                  "QEMU's copy is stale (QMP mode has QEMU fetch them)")
             source = "QEMU's memory (KVM's registers, which QEMU had fetched"
         else:
             source = "QEMU's memory (TCG's vCPU state"
@@ -116,9 +113,6 @@ class PtraceSession:
         """Frozen for a walk of QEMU's structures: already, or (--no-pause) just for it."""
         return contextlib.nullcontext(Pause(was_running=True)) if self._frozen \
             else self._freeze()
-
-    def live(self, target: str) -> "LiveSnapshot":
-        raise UsageError("--live needs the VM's QMP monitor (it asks QEMU for a snapshot)")
 
     def close(self) -> None:
         if self._guardian is not None:

@@ -14,7 +14,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from livedump.errors import GuestMemoryError, MonitorError
-from livedump.qmp.monitor import Monitor, RamBlock, excerpt, unexpected
+from livedump.qmp.monitor import Monitor, RamBlock, unexpected
+from livedump.qmp.transport import excerpt
 from livedump.transfer.memory import Mapping, check_ram
 from livedump.vmcore.blocks import GuestRange
 

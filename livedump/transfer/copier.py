@@ -18,7 +18,6 @@ both become holes in a file (zeros in a pipe). The guest may run again once
 
 import ctypes
 import itertools
-import mmap
 import os
 import queue
 import threading
@@ -30,6 +29,7 @@ from livedump.transfer.memory import PAGE_SIZE, Buffer, PageMap, ProcessMemory
 from livedump.transfer.output import Output
 from livedump.vmcore.blocks import Block
 from livedump.vmcore.elf import CoreLayout
+from livedump.vmcore.vmcoreinfo import Inspect
 
 CHUNK = 1 << 20
 # Zeros within a chunk of data are looked for in granules of this size, and
@@ -48,12 +48,6 @@ _memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
 _memcmp.restype = ctypes.c_int
 
 OnWritten = Callable[[int], None]  # told the length of each part written
-Chunk = bytes | mmap.mmap  # bytes that slice, find and compare at C speed
-# Shown each chunk of memory of which something was written: its file offset,
-# and the first ``length`` bytes of a buffer. Called by one thread at a time,
-# in no set order (readers finish in any order); a reader is meanwhile not
-# reading, so it must be quick.
-Inspect = Callable[[int, Chunk, int], None]
 
 # A chunk of the vmcore's memory, in file order: its file offset, its length,
 # and where it is read from in QEMU (None: a hole, never populated).

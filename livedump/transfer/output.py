@@ -101,12 +101,8 @@ def check_stdout() -> None:
 class Output:
     """A write-once destination: a new file, or standard output for ``-``."""
 
-    # Whether a file the filesystem opens to others may be written anyway: the command
-    # line's --allow-readable-by-others (dump() makes the Output from the request).
-    allow_readable_by_others = False
-
     def __init__(self, path: str, force: bool = False,
-                 allow_readable_by_others: bool | None = None) -> None:
+                 allow_readable_by_others: bool = False) -> None:
         self.path = path
         self.force = force
         self.mode: int | None = None  # the file's permission bits, as the filesystem has them
@@ -134,8 +130,6 @@ class Output:
         except OSError as e:
             raise DumpIOError(f"creating {self._temp}: {e.strerror}") from None
         try:
-            if allow_readable_by_others is None:
-                allow_readable_by_others = self.allow_readable_by_others
             self.mode = self._restrict(allow_readable_by_others)
             self.placement = Placement.REPLACE if force else self._placement()
         except BaseException:
@@ -192,6 +186,12 @@ class Output:
             return Placement.LINK
         except OSError as e:
             raise DumpIOError(f"creating {self._temp}: {e.strerror}") from None
+
+    @property
+    def partial_path(self) -> str | None:
+        """The file's name while it is written (None once it is in place, or for
+        standard output): what to remove should this process die."""
+        return self._temp
 
     @property
     def is_stdout(self) -> bool:

@@ -1,45 +1,20 @@
-"""The vmcore's notes: the CPU state QEMU would write, taken from QEMU itself.
+"""The vmcore's CPU notes: QEMU's own, or why there are none.
 
 crash finds the kernel (and its KASLR offset) through the per-CPU notes
 (``NT_PRSTATUS`` and QEMU's own ``QEMU`` note with CR3, IDT, GDT...). QEMU
-builds them for every target it supports, from registers it synchronises
-with KVM first. So rather than rebuild them, livedump asks QEMU for a dump
-of one page while the guest is paused: the answer carries exactly the
-notes QEMU's full dump would carry (a VMCOREINFO note too, when the VM has
-the vmcoreinfo device), and its ELF header says which class, byte order
-and machine QEMU judges the guest to be (an x86 guest out of long mode is
-EM_386). The page itself is dropped. It goes through a memfd passed over
-the monitor socket, so no file is shared with QEMU. Over TCP no descriptor
-can pass, but livedump runs on QEMU's host: QEMU writes it to a file of its
-own in a new private directory, which livedump reads and removes.
-
-Where that cannot be done (libvirt's monitor pass-through passes no file
-descriptors, and libvirt 9.0's daemon crashes on the completion event of a
-dump it did not start), libvirt's own memory-only dump is pointed at a pipe,
-which livedump closes as soon as the notes have come through: the dump then
-fails, having written no guest memory anywhere.
+builds them for every target it supports, so livedump takes them from a
+vmcore QEMU writes of one page (see :mod:`livedump.qmp.notes`) or, in
+ptrace mode, builds QEMU's x86 records itself (:mod:`livedump.vmcore.x86_notes`).
+Either way they come as encoded bytes with the ELF identity QEMU judged the
+guest to be; a vmcore without them says why.
 """
 
-import contextlib
-import os
-import secrets
-import select
-import tempfile
-import threading
-import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from livedump import proc, signals
 from livedump.errors import MonitorError
-from livedump.qmp.monitor import Monitor, QMPTransport
-from livedump.vm.guardian import release_fifo
 from livedump.vmcore.arch import Arch, from_elf
 from livedump.vmcore.elf import ElfStructs, read_core, read_notes
 
-_FD_NAME = "livedump-notes"
-_PAGE = 4096
-_MAX_CORE = 1 << 24  # bytes of QEMU's one-page dump read back at most
 
 @dataclass(frozen=True)
 class QemuNotes:
@@ -54,180 +29,25 @@ class QemuNotes:
     def encode(self, structs: ElfStructs) -> bytes:
         return self.data  # Already in the class and byte order of self.arch.
 
-
-def from_qemu(monitor: Monitor, gpa: int,
-              watch: Callable[[str | None], None] | None = None) -> QemuNotes:
-    """QEMU's notes for the paused guest, from a one-page dump at guest address ``gpa``.
-
-    Into a memfd passed to QEMU; where none can pass (QMP over TCP), into a
-    file of :func:`private_file`, which ``watch`` is told of as
-    :func:`from_pipe` tells it of its FIFO.
-    """
-    transport = monitor.transport
-    if isinstance(transport, QMPTransport) and not transport.passes_fds:
-        assert transport.peer_pid is not None
-        with private_file(transport.peer_pid, watch) as (path, fd):
-            _dump_one_page(monitor, f"file:{path}", gpa)
-            return parse(os.pread(fd, _MAX_CORE, 0))
-    fd = os.memfd_create(_FD_NAME, os.MFD_CLOEXEC)
-    try:
-        monitor.send_fd(fd, _FD_NAME)
-        _dump_one_page(monitor, f"fd:{_FD_NAME}", gpa)
-        return parse(os.pread(fd, _MAX_CORE, 0))
-    finally:
-        os.close(fd)
+    def summary(self) -> str:
+        """What the report says of them: which notes, from where."""
+        return f"{', '.join(sorted(set(self.names)))} notes from {self.source}"
 
 
-def _dump_one_page(monitor: Monitor, protocol: str, gpa: int) -> None:
-    monitor.transport.execute("dump-guest-memory", {
-        "paging": False, "protocol": protocol, "begin": gpa, "length": _PAGE})
+@dataclass(frozen=True)
+class NoCpuNotes:
+    """No CPU registers for this vmcore, and why (the report says it)."""
+
+    reason: str
+
+    def summary(self) -> str:
+        return self.reason
 
 
-@contextlib.contextmanager
-def private_file(pid: int, watch: Callable[[str | None], None] | None = None
-                 ) -> Iterator[tuple[str, int]]:
-    """An empty file that process ``pid`` (QEMU) may write and no other user may
-    read: its path as QEMU sees it, and a descriptor to read it by.
-
-    It is made 0600 in a new 0700 directory in QEMU's own ``/tmp`` (reached
-    through ``/proc/PID/root``, so a private ``/tmp`` or a chroot is no
-    obstacle), both given to QEMU's user if that is not ours. Both are
-    removed on the way out, whatever the way: signals wait while they are
-    made and removed, and ``watch`` (the guardian's, if given) is told the
-    path meanwhile, so that even a killed livedump leaves nothing behind.
-    """
-    owner = _file_owner(pid)
-    made: tuple[str, int] | None = None
-    try:
-        with signals.deferred():  # Made and known to the finally below, or not made.
-            made = _make_private_file(pid, owner, watch)
-        path, fd = made
-        directory = os.path.dirname(path)
-        yield os.path.join("/tmp", os.path.basename(directory), "notes"), fd
-    finally:
-        with signals.deferred():
-            try:
-                if made is not None:
-                    _remove(*made)
-            finally:
-                if watch:
-                    watch(None)
+CpuNotes = QemuNotes | NoCpuNotes
 
 
-def _make_private_file(pid: int, owner: tuple[int, int],
-                       watch: Callable[[str | None], None] | None) -> tuple[str, int]:
-    """The file of :func:`private_file` (as we reach it), and a descriptor on it.
-
-    ``watch`` is told each name before it is made, so there is no instant
-    when a killed livedump would leave it unknown."""
-    tmp = os.path.join(proc.path(pid, "root"), "tmp")
-    while True:
-        directory = os.path.join(tmp, f"livedump-notes-{secrets.token_hex(6)}")
-        path = os.path.join(directory, "notes")
-        if watch:
-            watch(path)
-        try:
-            os.mkdir(directory, 0o700)
-            break
-        except FileExistsError:
-            continue
-        except OSError as e:
-            raise MonitorError(f"cannot make a directory in /tmp of PID {pid} for QEMU's "
-                               f"one-page dump: {e.strerror}") from None
-    fd = -1
-    try:
-        os.chmod(directory, 0o700)  # Whatever the umask.
-        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600)
-        os.fchmod(fd, 0o600)
-        if owner != (os.geteuid(), os.getegid()):
-            os.fchown(fd, *owner)
-            os.chown(directory, *owner)
-    except OSError as e:
-        _remove(path, fd)
-        raise MonitorError(f"cannot give QEMU (PID {pid}) a file for its one-page dump: "
-                           f"{e.strerror}") from None
-    return path, fd
-
-
-def _file_owner(pid: int) -> tuple[int, int]:
-    """The user and group that process ``pid`` creates files as."""
-    ids = {}
-    for line in proc.read_text(pid, "status", "inspect").splitlines():
-        name, _, values = line.partition(":")
-        if name in ("Uid", "Gid"):
-            ids[name] = int(values.split()[3])  # real, effective, saved, filesystem
-    return ids["Uid"], ids["Gid"]
-
-
-def _remove(path: str, fd: int) -> None:
-    """Remove the file ``path`` and its directory, and close ``fd`` (if open)."""
-    try:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        os.rmdir(os.path.dirname(path))
-    except OSError as e:
-        raise MonitorError(f"cannot remove {os.path.dirname(path)}, made for QEMU's "
-                           f"one-page dump: {e.strerror}") from None
-    finally:
-        if fd >= 0:
-            os.close(fd)
-
-
-def from_pipe(dump_into: Callable[[str], object], timeout: float = 10.0,
-              watch: Callable[[str | None], None] | None = None) -> QemuNotes:
-    """QEMU's notes from the start of a dump that ``dump_into(path)`` writes into a pipe.
-
-    The pipe is a FIFO, which the dumper opens by name: an open for writing
-    waits for a reader, forever if none comes (and libvirtd waits holding its
-    domain's lock). So the name goes before the reader does, and ``watch`` is
-    told the name (then None) for the guardian, which lets such an open
-    through should livedump die meanwhile.
-    """
-    path = os.path.join(tempfile.mkdtemp(prefix="livedump-"), "notes")
-    os.mkfifo(path, 0o600)
-    # Open before the writer: no end-of-file until it has come and gone.
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    failure: list[BaseException] = []
-
-    def dump() -> None:
-        try:
-            dump_into(path)
-        except Exception as e:  # Expected once the pipe is closed; else the reason.
-            failure.append(e)
-
-    worker = threading.Thread(target=dump, name="livedump-notes", daemon=True)
-    try:
-        if watch:
-            watch(path)
-        with signals.deferred():  # Signals are for the main thread, as ever.
-            worker.start()
-        core = _read_notes(fd, worker, time.monotonic() + timeout)
-    finally:
-        release_fifo(path, fd)  # The dump fails at its next write.
-        worker.join(timeout)
-        if watch:
-            watch(None)
-    if core is None:
-        raise MonitorError(f"no dump came through the pipe{f' ({failure[0]})' if failure else ''}")
-    return parse(core)
-
-
-def _read_notes(fd: int, worker: threading.Thread, deadline: float) -> bytes | None:
-    """The dump's first bytes, up to the end of its PT_NOTE (None if it never wrote)."""
-    core = b""
-    while (end := _notes_end(core)) is None or len(core) < end:
-        left = deadline - time.monotonic()
-        if left <= 0 or not (worker.is_alive() or select.select([fd], [], [], 0)[0]):
-            return None
-        if select.select([fd], [], [], min(left, 0.1))[0]:
-            if not (chunk := os.read(fd, 1 << 16)):
-                return None
-            core += chunk
-    return core
-
-
-def _notes_end(core: bytes) -> int | None:
+def notes_end(core: bytes) -> int | None:
     """Where the PT_NOTE of a partial vmcore ends, once its program headers are in."""
     try:
         found = read_core(core)
@@ -236,6 +56,7 @@ def _notes_end(core: bytes) -> int | None:
     if found is None:
         return None if len(core) < 1 << 16 else 0
     return found.note_offset + found.note_size
+
 
 
 def parse(core: bytes) -> QemuNotes:

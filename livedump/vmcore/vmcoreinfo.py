@@ -32,15 +32,15 @@ none is written, and the report says so.
 """
 
 import bisect
+import mmap
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
-from livedump.transfer.copier import Chunk, Inspect
-from livedump.transfer.output import Output
 from livedump.vmcore.arch import EM_AARCH64, EM_PPC64, EM_X86_64, Arch
 from livedump.vmcore.elf import CoreLayout, Note
-from livedump.vmcore.notes import QemuNotes
+from livedump.vmcore.notes import CpuNotes, QemuNotes
 from livedump.vmcore.x86_notes import x86_page_tables
 
 NAME = "VMCOREINFO"
@@ -74,6 +74,19 @@ _PTE_ADDRESS = 0x000F_FFFF_FFFF_F000
 _PTI_USER_BIT = 1 << 12
 
 ReadPhys = Callable[[int, int], bytes | None]  # guest-physical address, length
+Chunk = bytes | mmap.mmap  # bytes that slice, find and compare at C speed
+# Shown each chunk of memory of which something was written: its file offset,
+# and the first ``length`` bytes of a buffer. Called by one thread at a time,
+# in no set order (readers finish in any order); a reader is meanwhile not
+# reading, so it must be quick.
+Inspect = Callable[[int, Chunk, int], None]
+
+
+class VmcoreFile(Protocol):
+    """The vmcore as written so far: read back, and its note slot patched."""
+
+    def read_at(self, offset: int, length: int) -> bytes: ...
+    def write_at(self, offset: int, data: bytes | memoryview) -> None: ...
 
 
 class Invalid(ValueError):
@@ -201,7 +214,7 @@ class Search:
     otherwise the layout given to ``inspector`` is the one ``finish`` writes.
     """
 
-    def __init__(self, arch: Arch, cpu: QemuNotes | str, to_stdout: bool) -> None:
+    def __init__(self, arch: Arch, cpu: CpuNotes, to_stdout: bool) -> None:
         self.arch = arch
         self.result: Result | None = None
         self._slot = True
@@ -285,7 +298,7 @@ class Search:
     def _reject(self, gpa: int, why: Invalid) -> None:
         self._rejected = sorted([*self._rejected, (gpa, str(why))])[:_MAX_REASONS]
 
-    def finish(self, out: Output) -> Result:
+    def finish(self, out: VmcoreFile) -> Result:
         """Validate the candidates against the written vmcore; write the one that
         passes into the slot. Never raises for what the guest's memory holds."""
         if self.result:
@@ -344,7 +357,7 @@ class Search:
                    for cr3 in self._roots for root in (cr3, cr3 & ~_PTI_USER_BIT))
 
     @staticmethod
-    def _reader(layout: CoreLayout, out: Output) -> ReadPhys:
+    def _reader(layout: CoreLayout, out: VmcoreFile) -> ReadPhys:
         def read_at(gpa: int, n: int) -> bytes | None:
             for block, offset in zip(layout.blocks, layout.offsets, strict=True):
                 if block.gpa <= gpa and gpa + n <= block.end:
