@@ -24,9 +24,9 @@ The tests of ``--via ptrace`` need QEMUs with DWARF, which Debian does not
 ship: ``integration/build-qemu-debug.sh`` builds them, 7.2 from Debian 12's
 source package and 10.0 from the upstream tarball of the backport (its
 Debian changes are no longer served), each cached in its own directory.
-They are QEMUs here too, by series "7.2-debug" and "10.0-debug"; each is
-self-contained (no modules, its firmware in its own data directory), so its
-binary alone starts it.
+They are QEMUs here too, by series "7.2-debug" and "10.0-debug"; built
+without modules and knowing where their firmware is, each is started by its
+binary alone.
 
     python -m integration.qemus                the QEMUs this machine has
     python -m integration.qemus --fetch        fetch QEMU 10.0 first, unless here
