@@ -20,8 +20,8 @@ module directory bind-mounted over the built-in one (``unshare -m``, then
 with ``-L`` at its own firmware, SeaBIOS of the same backport. Making the
 namespace needs root, as the tests do.
 
-The tests of ``--via ptrace`` need QEMUs with DWARF, which Debian does not
-ship: ``integration/build-qemu-debug.sh`` builds them, 7.2 from Debian 12's
+The tests of ``--via ptrace`` need QEMUs with DWARF, which Debian's packages
+lack: ``integration/build-qemu-debug.sh`` builds them, 7.2 from Debian 12's
 source package and 10.0 from the upstream tarball of the backport (its
 Debian changes are no longer served), each cached in its own directory.
 They are QEMUs here too, by series "7.2-debug" and "10.0-debug"; built
