@@ -2,12 +2,26 @@
 # (SC2016: apt-get indextargets --format takes literal '$(FIELD)' strings.)
 # shellcheck disable=SC2016,SC1091
 # build-qemu-debug.sh - build qemu-system-x86_64 WITH DWARF debug info from
-# Debian's own QEMU source package, for livedump's integration tests (they
-# read QEMU's DWARF: AddressSpace, FlatView, FlatRange, MemoryRegion,
-# RAMBlock, address_space_memory).
+# Debian's own QEMU source, for livedump's integration tests (they read
+# QEMU's DWARF: AddressSpace, FlatView, FlatRange, MemoryRegion, RAMBlock,
+# address_space_memory, X86CPU).
 #
 # Usage:
-#   QEMU=$(integration/build-qemu-debug.sh | tail -1)
+#   QEMU=$(integration/build-qemu-debug.sh | tail -1)        # the system's (7.2)
+#   QEMU=$(integration/build-qemu-debug.sh 10.0 | tail -1)   # bookworm-backports' 10.0
+#
+# Two sources (both x86_64-softmmu, the same configure options and checks):
+#   * default: Debian's source package of the installed QEMU (apt-get
+#     source, with Debian's patches), cached in ~/.cache/livedump/qemu-debug.
+#   * 10.0: the upstream tarball bookworm-backports' QEMU 10.0 is built from
+#     (qemu_10.0.*+ds.orig.tar.xz; the archive no longer serves the
+#     backport's .dsc and Debian changes, so there are no Debian patches),
+#     fetched by integration/qemus.py through its private apt, cached in
+#     ~/.cache/livedump/qemu-10.0-debug. QEMU 10 needs meson >= 1.5 and
+#     pycotap, which bookworm lacks: the versions its pythondeps.toml names
+#     come from PyPI into a venv in the work dir, passed with
+#     configure --python. The "+ds" tarball lacks the bzip2'ed edk2 images
+#     pc-bios/meson.build unpacks: empty stand-ins do, none is installed.
 #
 # The last line on stdout is always the absolute path of the binary. All
 # progress goes to stderr; the verbose build output goes to a log file
@@ -15,12 +29,12 @@
 # failure).
 #
 # Environment:
-#   LIVEDUMP_QEMU_CACHE        install/cache dir
-#                              (default: $HOME/.cache/livedump/qemu-debug)
-#   LIVEDUMP_QEMU_SRC_VERSION  Debian source version to build, e.g.
-#                              "1:7.2+dfsg-7+deb12u18". Default: the source
-#                              version of the installed qemu-system-x86 if it
-#                              is downloadable, else the newest available.
+#   LIVEDUMP_QEMU_CACHE        install/cache dir (default: as above)
+#   LIVEDUMP_QEMU_SRC_VERSION  (default source only) Debian source version to
+#                              build, e.g. "1:7.2+dfsg-7+deb12u18". Default:
+#                              the source version of the installed
+#                              qemu-system-x86 if it is downloadable, else
+#                              the newest available.
 #   LIVEDUMP_PYTHON            python used for the QMP smoke test (needs the
 #                              qemu.qmp package, else a stdlib fallback is
 #                              used). Default: python3 from $PATH.
@@ -42,6 +56,12 @@
 #     pvh.bin) are built from source with Debian's debian/optionrom.mak (as
 #     Debian does; byte-identical to qemu-system-data's) and copied into
 #     $CACHE/share/qemu, so the system qemu-system-data package is not needed.
+#   * 10.0 has no debian/optionrom.mak, and QEMU's own option ROM build
+#     needs a 32-bit compiler: its firmware is instead that of the QEMU 10.0
+#     integration/qemus.py fetches (the backport's qemu-system-data option
+#     ROMs and SeaBIOS), copied into $CACHE/share/qemu; its --firmwarepath
+#     is only ipxe-qemu's, as the system's SeaBIOS (searched before the data
+#     dir) is older. So the build starts as itself, without -L.
 #
 # Build choices:
 #   * --enable-debug-info with QEMU's default -O2 plus Debian's
@@ -52,14 +72,27 @@
 #     (GUI, VNC, slirp, docs, tools, ...); KVM and TCG are explicitly
 #     enabled. Default devices (q35, generic loader, ...) and the QMP/HMP
 #     monitor are unaffected.
+#   * only what meson installs is built (ninja with those targets, then
+#     meson install --no-rebuild), not QEMU's unit tests and helpers.
+#   * the build runs under nice -n 10: it shares the machine with tests.
 
 set -euo pipefail
 
 log() { printf '[build-qemu-debug] %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
-CACHE="${LIVEDUMP_QEMU_CACHE:-$HOME/.cache/livedump/qemu-debug}"
+SERIES="${1:-}"
+case "$SERIES" in
+    "") DEFAULT_CACHE=qemu-debug ;;
+    10.0) DEFAULT_CACHE=qemu-10.0-debug ;;
+    *) die "usage: $0 [10.0]" ;;
+esac
+[[ $# -le 1 ]] || die "usage: $0 [10.0]"
+CACHE="${LIVEDUMP_QEMU_CACHE:-$HOME/.cache/livedump/$DEFAULT_CACHE}"
 BIN_REL="bin/qemu-system-x86_64"
+REPO="$(cd "$(dirname "$0")/.." && pwd -P)"
+# The x86 option ROMs QEMU loads from its data dir.
+OPTION_ROMS=(kvmvapic.bin linuxboot.bin linuxboot_dma.bin multiboot.bin multiboot_dma.bin pvh.bin)
 
 # --- 0. Fast path: an already complete cache -------------------------------
 cache_ok() {
@@ -146,16 +179,19 @@ run() {
 log "cache: $CACHE (not present or broken -> building)"
 log "work dir: $WORK, log: $LOG"
 
-# --- 1. deb-src entries ------------------------------------------------------
+# --- 1. deb-src entries (default source) --------------------------------------
 # apt-get source needs deb-src. If apt has no Sources target for our release
 # at all, add one (deb822 file) for every Debian mirror/suite already
-# configured with Types: deb, component main only.
+# configured with Types: deb, component main only. (The 10.0 source comes
+# through integration/qemus.py's private apt, which leaves the host's alone.)
 . /etc/os-release
 CODENAME="${VERSION_CODENAME:?cannot determine Debian codename}"
 SRC_LIST=/etc/apt/sources.list.d/livedump-deb-src.sources
 NEED_UPDATE=0
 
-if apt-get indextargets --format '$(RELEASE) $(COMPONENT)' 'Created-By: Sources' \
+if [[ -n "$SERIES" ]]; then
+    :
+elif apt-get indextargets --format '$(RELEASE) $(COMPONENT)' 'Created-By: Sources' \
         | grep -E "^${CODENAME}(-[a-z]+)? main\$" >/dev/null; then
     log "deb-src for $CODENAME already configured"
 else
@@ -190,16 +226,19 @@ fi
 # has no bundled dtc, so the system libfdt is used - which is also why
 # flex/bison are NOT needed).
 # Runtime firmware: seabios (bios-256k.bin, vgabios), ipxe-qemu (NIC ROMs).
+# 10.0 also: python3-venv (the venv for meson and pycotap), xz-utils and
+# bzip2 (the tarball, the edk2 stand-ins).
 PKGS=(build-essential dpkg-dev pkg-config ninja-build meson python3
       libglib2.0-dev libpixman-1-dev zlib1g-dev libfdt-dev
       seabios ipxe-qemu)
+[[ -z "$SERIES" ]] || PKGS+=(python3-venv xz-utils bzip2)
 MISSING=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep '^install ok installed$' >/dev/null \
         || MISSING+=("$p")
 done
 if [[ $NEED_UPDATE -eq 1 || ${#MISSING[@]} -gt 0 ]] \
-        || [[ -z "$(apt-cache showsrc qemu 2>/dev/null)" ]]; then
+        || [[ -z "$SERIES" && -z "$(apt-cache showsrc qemu 2>/dev/null)" ]]; then
     log "apt-get update"
     run "${SUDO[@]}" apt-get update
 fi
@@ -209,26 +248,53 @@ if [[ ${#MISSING[@]} -gt 0 ]]; then
 fi
 
 # --- 3. Source --------------------------------------------------------------------
-# Pick the Debian source version: explicit, else that of the installed
-# qemu-system-x86 (so the DWARF matches the distro binary on this host as
-# closely as possible), else the newest one apt knows.
-SRC_VERSION="${LIVEDUMP_QEMU_SRC_VERSION:-}"
-if [[ -z "$SRC_VERSION" ]]; then
-    inst=$(dpkg-query -W -f='${source:Version}' qemu-system-x86 2>/dev/null || true)
-    if [[ -n "$inst" ]] && apt-cache showsrc qemu 2>/dev/null \
-            | grep -xF "Version: $inst" >/dev/null; then
-        SRC_VERSION="$inst"
-    fi
-fi
-# (As root apt warns that it downloads "unsandboxed" because _apt cannot
-# write to the private work dir; that is harmless.)
 mkdir -p "$WORK/dl"
-log "apt-get source qemu${SRC_VERSION:+=$SRC_VERSION}"
-(cd "$WORK/dl" && run apt-get source --download-only "qemu${SRC_VERSION:+=$SRC_VERSION}")
-DSC=$(ls "$WORK"/dl/qemu_*.dsc)
-# dpkg-source -x unpacks the orig tarball and applies debian/patches.
-run dpkg-source -x "$DSC" "$WORK/src"
-SRC_VERSION=$(cd "$WORK/src" && dpkg-parsechangelog -S Version)
+if [[ -z "$SERIES" ]]; then
+    # Pick the Debian source version: explicit, else that of the installed
+    # qemu-system-x86 (so the DWARF matches the distro binary on this host as
+    # closely as possible), else the newest one apt knows.
+    SRC_VERSION="${LIVEDUMP_QEMU_SRC_VERSION:-}"
+    if [[ -z "$SRC_VERSION" ]]; then
+        inst=$(dpkg-query -W -f='${source:Version}' qemu-system-x86 2>/dev/null || true)
+        if [[ -n "$inst" ]] && apt-cache showsrc qemu 2>/dev/null \
+                | grep -xF "Version: $inst" >/dev/null; then
+            SRC_VERSION="$inst"
+        fi
+    fi
+    # (As root apt warns that it downloads "unsandboxed" because _apt cannot
+    # write to the private work dir; that is harmless.)
+    log "apt-get source qemu${SRC_VERSION:+=$SRC_VERSION}"
+    (cd "$WORK/dl" && run apt-get source --download-only "qemu${SRC_VERSION:+=$SRC_VERSION}")
+    DSC=$(ls "$WORK"/dl/qemu_*.dsc)
+    # dpkg-source -x unpacks the orig tarball and applies debian/patches.
+    run dpkg-source -x "$DSC" "$WORK/src"
+    SRC_VERSION=$(cd "$WORK/src" && dpkg-parsechangelog -S Version)
+    PKGVERSION="Debian $SRC_VERSION, livedump debug build"
+else
+    log "QEMU $SERIES's source tarball from bookworm-backports (integration/qemus.py)"
+    (cd "$REPO" && run python3 -m integration.qemus --source "$WORK/dl")
+    TARBALL=$(ls "$WORK"/dl/qemu_*.orig.tar.xz)
+    mkdir "$WORK/src"
+    run tar -xf "$TARBALL" -C "$WORK/src" --strip-components=1
+    SRC_VERSION="$(basename "$TARBALL" .orig.tar.xz)"
+    SRC_VERSION="${SRC_VERSION#qemu_}"
+    PKGVERSION="upstream $SRC_VERSION of bookworm-backports, livedump debug build"
+    # Empty stand-ins for the edk2 images pc-bios/meson.build unpacks.
+    for fd in $(grep -o "'edk2-[^']*\.fd'" "$WORK/src/pc-bios/meson.build" | tr -d "'"); do
+        [[ -e "$WORK/src/pc-bios/$fd.bz2" ]] || bzip2 -c </dev/null >"$WORK/src/pc-bios/$fd.bz2"
+    done
+    # The meson and pycotap QEMU names in pythondeps.toml, from PyPI.
+    mapfile -t PYDEPS < <(python3 - "$WORK/src/pythondeps.toml" <<'PY'
+import sys, tomllib
+with open(sys.argv[1], "rb") as f:
+    for name, spec in tomllib.load(f)["meson"].items():
+        print(f"{name}=={spec['installed']}")
+PY
+)
+    log "venv with ${PYDEPS[*]} from PyPI"
+    run python3 -m venv "$WORK/pyvenv"
+    run "$WORK/pyvenv/bin/python3" -m pip install --disable-pip-version-check "${PYDEPS[@]}"
+fi
 log "source: qemu $SRC_VERSION ($(cat "$WORK/src/VERSION"))"
 
 # --- 4. Configure ---------------------------------------------------------------
@@ -237,13 +303,19 @@ log "source: qemu $SRC_VERSION ($(cat "$WORK/src/VERSION"))"
 # (Run in the source dir: -ffile-prefix-map maps $PWD to "." in the DWARF.)
 CFLAGS_DEB="$(cd "$WORK/src" && dpkg-buildflags --get CFLAGS) $(dpkg-buildflags --get CPPFLAGS)"
 LDFLAGS_DEB="$(dpkg-buildflags --get LDFLAGS) -Wl,--as-needed"
+if [[ -z "$SERIES" ]]; then
+    SOURCE_OPTIONS=(--firmwarepath=/usr/share/seabios:/usr/lib/ipxe/qemu
+                    --with-git-submodules=ignore)
+else
+    SOURCE_OPTIONS=(--firmwarepath=/usr/lib/ipxe/qemu --python="$WORK/pyvenv/bin/python3")
+fi
 
 mkdir -p "$WORK/src/build"
 log "configure"
 T_BUILD0=$(date +%s)
 (cd "$WORK/src/build" && run ../configure \
     --prefix="$CACHE" \
-    --with-pkgversion="Debian $SRC_VERSION, livedump debug build" \
+    --with-pkgversion="$PKGVERSION" \
     --extra-cflags="$CFLAGS_DEB" \
     --extra-ldflags="$LDFLAGS_DEB" \
     --target-list=x86_64-softmmu \
@@ -254,37 +326,66 @@ T_BUILD0=$(date +%s)
     --disable-strip \
     --enable-fdt=system \
     --disable-install-blobs \
-    --firmwarepath=/usr/share/seabios:/usr/lib/ipxe/qemu \
-    --with-git-submodules=ignore)
+    "${SOURCE_OPTIONS[@]}")
 
-# x86 option ROMs (kvmvapic.bin, linuxboot_dma.bin, multiboot*.bin, pvh.bin).
-# QEMU's configure only builds them if "cc -m32 ... -lgcc" links, which needs
-# gcc-multilib; Debian instead builds them with its own debian/optionrom.mak
-# (plain cc -m16 + ld -m elf_i386), whose output is byte-identical to the
-# files in qemu-system-data. Do the same - first, as it takes seconds.
-log "building x86 option ROMs (debian/optionrom.mak)"
-mkdir -p "$WORK/optionrom"
-run make -f "$WORK/src/debian/optionrom.mak" -C "$WORK/optionrom" SRC_PATH="$WORK/src" all
+mkdir -p "$WORK/firmware"
+if [[ -z "$SERIES" ]]; then
+    # x86 option ROMs (kvmvapic.bin, linuxboot_dma.bin, multiboot*.bin, pvh.bin).
+    # QEMU's configure only builds them if "cc -m32 ... -lgcc" links, which needs
+    # gcc-multilib; Debian instead builds them with its own debian/optionrom.mak
+    # (plain cc -m16 + ld -m elf_i386), whose output is byte-identical to the
+    # files in qemu-system-data. Do the same - first, as it takes seconds.
+    log "building x86 option ROMs (debian/optionrom.mak)"
+    mkdir -p "$WORK/optionrom"
+    run make -f "$WORK/src/debian/optionrom.mak" -C "$WORK/optionrom" SRC_PATH="$WORK/src" all
+    for rom in "${OPTION_ROMS[@]}"; do
+        if [[ -f "$WORK/optionrom/$rom" ]]; then cp "$WORK/optionrom/$rom" "$WORK/firmware/"; fi
+    done
+else
+    # The fetched QEMU 10.0's option ROMs and SeaBIOS (fetching it if need be).
+    log "firmware of QEMU $SERIES (integration/qemus.py)"
+    mapfile -t FIRMWARE_DIRS < <(cd "$REPO" && python3 -m integration.qemus --firmware)
+    [[ ${#FIRMWARE_DIRS[@]} -gt 0 ]] || die "integration/qemus.py --firmware named no directory"
+    for d in "${FIRMWARE_DIRS[@]}"; do
+        for f in "${OPTION_ROMS[@]/#/$d/}" "$d"/bios*.bin "$d"/vgabios*.bin; do
+            if [[ -e "$f" && ! -e "$WORK/firmware/${f##*/}" ]]; then
+                cp -L "$f" "$WORK/firmware/"
+            fi
+        done
+    done
+    [[ -e "$WORK/firmware/bios-256k.bin" ]] || die "no SeaBIOS in ${FIRMWARE_DIRS[*]}"
+fi
 
 # --- 5. Build & stage-install -----------------------------------------------
+# Only what gets installed (the binary, trace-events-all): "make" would also
+# build QEMU's unit tests and helpers, a third of the work.
+BUILD="$WORK/src/build"
+MESON=$(sed -n 's/^MESON=//p' "$BUILD/config-host.mak")
+[[ -x "$MESON" ]] || die "no MESON= in $BUILD/config-host.mak"
+mapfile -t TARGETS < <("$MESON" introspect --installed "$BUILD" | python3 -c '
+import json, os, sys
+build = sys.argv[1] + "/"
+for built in json.load(sys.stdin):  # the others are installed from the source tree
+    if built.startswith(build):
+        print(os.path.relpath(built, build))
+' "$BUILD")
+[[ " ${TARGETS[*]} " == *" ${BIN_REL##*/} "* ]] || die "meson installs no ${BIN_REL##*/}"
 JOBS=$(nproc)
-log "make -j$JOBS (this takes a while)"
-run make -C "$WORK/src/build" -j"$JOBS"
+log "nice -n 10 ninja -j$JOBS ${TARGETS[*]} (this takes a while)"
+run nice -n 10 ninja -C "$BUILD" -j"$JOBS" "${TARGETS[@]}"
 T_BUILD1=$(date +%s)
 log "build took $((T_BUILD1 - T_BUILD0)) s"
 
 STAGE_ROOT="$WORK/destdir"
 STAGE="$STAGE_ROOT$CACHE"
-run make -C "$WORK/src/build" install DESTDIR="$STAGE_ROOT"
-# Our option ROMs go to the data dir ($CACHE/share/qemu), which QEMU
+run "$MESON" install -C "$BUILD" --no-rebuild --destdir "$STAGE_ROOT"
+# The firmware goes to the data dir ($CACHE/share/qemu), which QEMU
 # searches after the --firmwarepath dirs.
 mkdir -p "$STAGE/share/qemu"
-for rom in kvmvapic.bin linuxboot.bin linuxboot_dma.bin multiboot.bin \
-           multiboot_dma.bin pvh.bin; do
-    f="$WORK/optionrom/$rom"
-    [[ -f "$f" ]] || die "option ROM $rom was not built"
-    install -m 0644 "$f" "$STAGE/share/qemu/"
+for rom in "${OPTION_ROMS[@]}"; do
+    [[ -f "$WORK/firmware/$rom" ]] || die "option ROM $rom was not built or found"
 done
+install -m 0644 "$WORK"/firmware/*.bin "$STAGE/share/qemu/"
 STAGED_BIN="$STAGE/$BIN_REL"
 [[ -x "$STAGED_BIN" ]] || die "install did not produce $BIN_REL"
 
@@ -306,8 +407,9 @@ if command -v gdb >/dev/null; then
     grep -q 'type = AddressSpace' "$WORK/gdb.out" || die "gdb: address_space_memory has no DWARF"
 elif [[ -n "$VERIFY_PYTHON" ]] && "$VERIFY_PYTHON" -c 'import elftools' 2>/dev/null; then
     "$VERIFY_PYTHON" - "$STAGED_BIN" <<'PY' || die "pyelftools: DWARF check failed"
-# Only walk the CU of softmmu/physmem.c: it defines address_space_memory
-# and needs the complete FlatView/RAMBlock types (walking all CUs is slow).
+# Only walk the CU of physmem.c (softmmu/ in 7.2, system/ in 10.0): it
+# defines address_space_memory and needs the complete FlatView/RAMBlock
+# types (walking all CUs is slow).
 import sys
 from elftools.elf.elffile import ELFFile
 want = {"FlatView", "RAMBlock", "address_space_memory"}
@@ -315,7 +417,7 @@ with open(sys.argv[1], "rb") as f:
     dw = ELFFile(f).get_dwarf_info()
     for cu in dw.iter_CUs():
         name = cu.get_top_DIE().attributes.get("DW_AT_name")
-        if name is None or not name.value.decode().endswith("softmmu/physmem.c"):
+        if name is None or not name.value.decode().endswith("/physmem.c"):
             continue
         for die in cu.iter_DIEs():
             a = die.attributes

@@ -20,11 +20,22 @@ module directory bind-mounted over the built-in one (``unshare -m``, then
 with ``-L`` at its own firmware, SeaBIOS of the same backport. Making the
 namespace needs root, as the tests do.
 
-    python -m integration.qemus            the QEMUs this machine has
-    python -m integration.qemus --fetch    fetch QEMU 10.0 first, unless here
+The tests of ``--via ptrace`` need QEMUs with DWARF, which Debian's packages
+lack: ``integration/build-qemu-debug.sh`` builds them, 7.2 from Debian 12's
+source package and 10.0 from the upstream tarball of the backport (its
+Debian changes are no longer served), each cached in its own directory.
+They are QEMUs here too, by series "7.2-debug" and "10.0-debug"; built
+without modules and knowing where their firmware is, each is started by its
+binary alone.
+
+    python -m integration.qemus                the QEMUs this machine has
+    python -m integration.qemus --fetch        fetch QEMU 10.0 first, unless here
+    python -m integration.qemus --source DIR   QEMU 10.0's source tarball into DIR
+    python -m integration.qemus --firmware     QEMU 10.0's firmware directories
 """
 
 import fcntl
+import hashlib
 import os
 import re
 import shutil
@@ -38,6 +49,8 @@ from pathlib import Path
 SYSTEM = "qemu-system-x86_64"
 CACHE = Path.home() / ".cache" / "livedump" / "qemu-10.0"
 FETCHED = "10.0"
+# Where integration/build-qemu-debug.sh caches the debug builds, by series.
+DEBUG_CACHES = {"7.2": CACHE.parent / "qemu-debug", "10.0": CACHE.parent / "qemu-10.0-debug"}
 # Debian 12's backports carry QEMU 10.0; the distribution its mirror must serve.
 RELEASE, SUITE = "bookworm", "bookworm-backports"
 # qemu-system-x86 needs the others at exactly its version (seabios: the
@@ -62,11 +75,13 @@ class Qemu:
     """A qemu-system-x86_64 build and how to start it.
 
     ``root`` is the tree an unpacked QEMU came from, whose modules and
-    firmware it must use; None for an installed QEMU, which finds its own.
+    firmware it must use; None for an installed QEMU or a debug build, which
+    find their own. ``debug``: built with DWARF by build-qemu-debug.sh.
     """
 
     binary: Path
     root: Path | None = None
+    debug: bool = False
 
     def command(self) -> list[str]:
         """The argv prefix that starts this QEMU; callers append its options.
@@ -78,10 +93,16 @@ class Qemu:
             return [str(self.binary)]
         ours = _module_dir(self.root)
         built_in = Path("/") / ours.relative_to(self.root)
-        firmware = [self.root / "usr/share/qemu", self.root / "usr/share/seabios"]
         return ["unshare", "--mount", "--propagation", "private", "--",
                 "/bin/sh", "-c", SHADOW, "qemu-namespace", str(ours), str(built_in),
-                str(self.binary), *(a for d in firmware for a in ("-L", str(d)))]
+                str(self.binary), *(a for d in self.firmware for a in ("-L", str(d)))]
+
+    @property
+    def firmware(self) -> list[Path]:
+        """The directories an unpacked QEMU's firmware is in; none for the others."""
+        if self.root is None:
+            return []
+        return [self.root / "usr/share/qemu", self.root / "usr/share/seabios"]
 
     @cached_property
     def banner(self) -> str:
@@ -101,8 +122,8 @@ class Qemu:
 
     @property
     def series(self) -> str:
-        """"7.2", "10.0": what the tests are parametrised by."""
-        return "{}.{}".format(*self.version)
+        """"7.2", "10.0", "10.0-debug": what the tests are parametrised by."""
+        return "{}.{}".format(*self.version) + ("-debug" if self.debug else "")
 
 
 def system() -> Qemu | None:
@@ -129,6 +150,25 @@ def available(cache: Path = CACHE) -> dict[str, Qemu]:
     for qemu in (system(), cached(cache)):
         if qemu is not None:
             found.setdefault(qemu.series, qemu)
+    return found
+
+
+def debug_builds(caches: dict[str, Path] = DEBUG_CACHES) -> dict[str, Qemu]:
+    """The debug builds this machine has, by series ("7.2-debug"); never builds.
+
+    A cache counts once build-qemu-debug.sh put its binary there, which it
+    does last, after the build ran; one of another series than its
+    directory's is refused, so a test never runs the wrong QEMU under a name.
+    """
+    found: dict[str, Qemu] = {}
+    for series, cache in caches.items():
+        binary = cache / "bin" / SYSTEM
+        if not os.access(binary, os.X_OK):
+            continue
+        qemu = Qemu(binary, debug=True)
+        if qemu.series != f"{series}-debug":
+            raise FetchError(f"{cache} holds QEMU {qemu.series}, not {series}")
+        found[qemu.series] = qemu
     return found
 
 
@@ -171,13 +211,15 @@ def fetch(cache: Path = CACHE) -> Qemu:
     return found
 
 
-def _download(work: Path) -> list[Path]:
-    """PACKAGES from bookworm-backports, on the mirror the host uses for bookworm."""
+def _backports(work: Path, kind: str) -> list[str]:
+    """apt-get options for an apt of its own in ``work`` that knows only
+    bookworm-backports' ``kind`` ("deb", "deb-src") lists, on the host's
+    mirror, already updated."""
     mirror = _mirror()
     arch = _run(["dpkg", "--print-architecture"]).strip()
     options = [f"arch={arch}"] + ([f"signed-by={KEYRING}"] if KEYRING.exists() else [])
     sources = work / "sources.list"
-    sources.write_text(f"deb [{' '.join(options)}] {mirror} {SUITE} main\n")
+    sources.write_text(f"{kind} [{' '.join(options)}] {mirror} {SUITE} main\n")
     (work / "lists/partial").mkdir(parents=True)
     (work / "cache/archives/partial").mkdir(parents=True)
     status = work / "status"  # Nothing installed: the candidates are the backports'.
@@ -190,6 +232,12 @@ def _download(work: Path) -> list[Path]:
     if os.geteuid() == 0:  # apt's _apt user cannot reach a private directory under $HOME.
         apt.append("-oAPT::Sandbox::User=root")
     _run(["apt-get", "-q", *apt, "update"])
+    return apt
+
+
+def _download(work: Path) -> list[Path]:
+    """PACKAGES from bookworm-backports, on the mirror the host uses for bookworm."""
+    apt = _backports(work, "deb")
     debs = work / "debs"
     debs.mkdir()
     _run(["apt-get", "-q", *apt, "download", *PACKAGES], cwd=debs)
@@ -197,6 +245,41 @@ def _download(work: Path) -> list[Path]:
     if len(found) != len(PACKAGES):
         raise FetchError(f"apt-get download gave {[d.name for d in found]}, not {PACKAGES}")
     return found
+
+
+def source(dest: Path) -> Path:
+    """The upstream tarball QEMU 10.0's backport is built from, into ``dest``.
+
+    The archive still serves the backport's ``qemu_*+ds.orig.tar.xz`` but
+    no longer its .dsc and Debian changes, so ``apt-get source`` fails on
+    those after it fetched the tarball; the tarball counts if it has the
+    size and SHA256 the archive's source index gives it.
+    """
+    with tempfile.TemporaryDirectory(prefix="qemu-source.", dir=dest) as tmp:
+        work = Path(tmp)
+        apt = _backports(work, "deb-src")
+        uris = _run(["apt-get", "-q", *apt, "source", "--print-uris", "qemu"])
+        m = re.search(r"^'\S+' (qemu_(\d+\.\d+)\.\d+\+ds\.orig\.tar\.xz) (\d+) "
+                      r"SHA256:([0-9a-f]{64})$", uris, re.MULTILINE)
+        if m is None:
+            raise FetchError(f"{SUITE} names no upstream tarball of qemu:\n{uris.strip()}")
+        name, series, size, sha256 = m[1], m[2], int(m[3]), m[4]
+        if series != FETCHED:
+            raise FetchError(f"{SUITE} has the source of QEMU {series}, not {FETCHED}")
+        got = work / "got"
+        got.mkdir()
+        subprocess.run(["apt-get", "-q", *apt, "source", "--download-only", "qemu"], cwd=got,
+                       stdin=subprocess.DEVNULL, capture_output=True)
+        tarball = got / name
+        if not tarball.is_file():
+            raise FetchError(f"apt-get source qemu did not fetch {name} from {SUITE}")
+        digest = hashlib.sha256()
+        with open(tarball, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        if tarball.stat().st_size != size or digest.hexdigest() != sha256:
+            raise FetchError(f"{name} from {SUITE} is not the one its source index names")
+        return tarball.rename(dest / name)
 
 
 def _mirror() -> str:
@@ -251,21 +334,36 @@ def _run(argv: list[str], cwd: Path | None = None) -> str:
 
 def describe(qemu: Qemu) -> str:
     """One line for a person: series, how it is run, and from where."""
-    how = "the system's" if qemu.root is None else f"unpacked in {qemu.root.parent}"
+    if qemu.debug:
+        how = f"built with debug info in {qemu.binary.parent.parent}"
+    elif qemu.root is None:
+        how = "the system's"
+    else:
+        how = f"unpacked in {qemu.root.parent}"
     return f"{qemu.series}: {qemu.banner.removeprefix('QEMU emulator version ')}, {how}"
 
 
 def main(argv: list[str]) -> int:
-    if argv not in ([], ["--fetch"]):
+    if not (argv in ([], ["--fetch"], ["--firmware"])
+            or (len(argv) == 2 and argv[0] == "--source")):
         print(__doc__.rsplit("\n\n", 1)[1], file=sys.stderr)
         return 2
     try:
+        if argv[:1] == ["--source"]:
+            print(source(Path(argv[1]).resolve()))
+            return 0
         if argv:
             own = system()
             if cached() is None and (own is None or not is_new(own)):
                 print(f"qemus: fetching QEMU {FETCHED} from {SUITE}", file=sys.stderr)
-            fetch()
-        for qemu in available().values():
+            new = fetch()
+            if argv == ["--firmware"]:
+                # An installed QEMU's are where Debian's packages put them.
+                for directory in new.firmware or [Path("/usr/share/qemu"),
+                                                  Path("/usr/share/seabios")]:
+                    print(directory)
+                return 0
+        for qemu in [*available().values(), *debug_builds().values()]:
             print(describe(qemu))
     except FetchError as e:
         print(f"qemus: {e}", file=sys.stderr)

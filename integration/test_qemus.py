@@ -11,7 +11,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 from . import qemus
 
 pytestmark = pytest.mark.qemu
-AVAILABLE = qemus.available()
+AVAILABLE = qemus.available() | qemus.debug_builds()
 
 
 @pytest.mark.parametrize("series", AVAILABLE)
@@ -64,3 +64,20 @@ def test_partial_cache_is_not_taken(tmp_path):
     (tmp_path / qemus.MANIFEST).write_text("qemu-system-x86 1:10.0.2\n")
     assert qemus.cached(tmp_path) == qemus.Qemu(tmp_path / "root/usr/bin" / qemus.SYSTEM,
                                                  tmp_path / "root")
+
+
+def test_debug_build_goes_by_its_series(tmp_path):
+    """A debug build is found where build-qemu-debug.sh caches it, and only as
+    what it is: the 7.2 build in the 10.0 build's place is refused."""
+    caches = {"10.0": tmp_path / "qemu-10.0-debug"}
+    assert qemus.debug_builds(caches) == {}
+    (caches["10.0"] / "bin").mkdir(parents=True)
+    (caches["10.0"] / "bin" / qemus.SYSTEM).write_text("#!/bin/sh\n"
+                                                     "echo 'QEMU emulator version 10.0.2'\n")
+    (caches["10.0"] / "bin" / qemus.SYSTEM).chmod(0o755)
+    [found] = qemus.debug_builds(caches).values()
+    assert found.series == "10.0-debug" and found.command() == [str(found.binary)]
+    (caches["10.0"] / "bin" / qemus.SYSTEM).write_text("#!/bin/sh\n"
+                                                     "echo 'QEMU emulator version 7.2.22'\n")
+    with pytest.raises(qemus.FetchError, match="holds QEMU 7.2-debug, not 10.0"):
+        qemus.debug_builds(caches)
