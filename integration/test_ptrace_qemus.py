@@ -14,12 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from livedump import locate_dwarf, locate_monitor
-from livedump.dwarf import qemu_layout
-from livedump.freeze import frozen
-from livedump.monitor import Monitor, QMPTransport
-from livedump.notes import parse
-from livedump.procmem import ProcessMemory, read_maps
+from livedump.ptrace import ram_map as dwarf_map
+from livedump.ptrace.dwarf import qemu_layout
+from livedump.ptrace.freeze import frozen
+from livedump.qmp import ram_map as monitor_map
+from livedump.qmp.monitor import Monitor
+from livedump.qmp.transport import QMPTransport
+from livedump.transfer.memory import ProcessMemory, read_maps
+from livedump.vmcore.notes import parse
 
 from . import qemus
 from .conftest import livedump
@@ -93,13 +95,13 @@ def test_debug_info_map_equals_that_qemus_monitor_map(series):
     with VM(qemu=str(DEBUG[series].binary), machine="q35", memory="5G") as vm:
         vm.wait_running(1)
         layout = qemu_layout(f"/proc/{vm.pid}/exe")
-        bias = locate_dwarf.load_bias(vm.pid, layout, read_maps(vm.pid))
+        bias = dwarf_map.load_bias(vm.pid, layout, read_maps(vm.pid))
         monitor = Monitor(QMPTransport(str(vm.socket), 5))
         try:
             vm.command("stop")
             with ProcessMemory(vm.pid) as memory, frozen(vm.pid):
-                ours = locate_dwarf.guest_ranges(memory, layout, bias)
-            theirs = locate_monitor.guest_ranges(monitor, locate_monitor.flat_view(monitor))
+                ours = dwarf_map.guest_ranges(memory, layout, bias)
+            theirs = monitor_map.guest_ranges(monitor, monitor_map.flat_view(monitor))
         finally:
             monitor.close()
         assert [(r.gpa, r.size, r.hva, r.name) for r in ours] == \
