@@ -22,7 +22,7 @@ from livedump.transfer.output import (
     guard_standard_fds,
     open_to_others,
 )
-from livedump.vm.process import Address
+from livedump.vm.process import Address, tcp_address
 
 
 def epilog() -> str:
@@ -108,10 +108,9 @@ def _seconds(text: str) -> float:
 
 def _qmp_address(text: str) -> Address:
     if text.startswith("tcp:"):
-        host, _, port = text[4:].rpartition(":")
-        if not port.isdigit():
+        if (address := tcp_address(text)) is None:
             raise argparse.ArgumentTypeError(f"bad TCP address {text!r}: want tcp:HOST:PORT")
-        return (host.strip("[]") or "localhost", int(port))
+        return address
     return text.removeprefix("unix:")
 
 

@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Protocol
 
 from livedump import __version__
 from livedump.errors import GuestMemoryError, LivedumpError, ProcessNotFound, UsageError
+from livedump.proc import alive
 from livedump.transfer.copier import Writer, copy
-from livedump.transfer.memory import PageMap, ProcessMemory, alive, check_blocks, read_maps
+from livedump.transfer.memory import PageMap, ProcessMemory, check_blocks, read_maps
 from livedump.transfer.output import STDOUT, Output
 from livedump.vm.guardian import STALL_TIMEOUT
 from livedump.vm.lock import VMLock

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator
 from ptrace import PtraceError
 from ptrace.binding import func
 
-from livedump import signals
+from livedump import proc, signals
 from livedump.errors import FreezeError, PermissionDenied, ProcessNotFound
 from livedump.vm.pause import Pause
 
@@ -188,11 +188,10 @@ def frozen(pid: int, timeout: float = 5.0) -> Iterator[Pause]:
 
 
 def _state(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0]
-    except FileNotFoundError:
-        raise ProcessNotFound(f"no process with PID {pid}") from None
+    fields = proc.stat_fields(pid)
+    if fields is None:
+        raise ProcessNotFound(f"no process with PID {pid}")
+    return fields[0]
 
 
 def _tasks(pid: int, missing_ok: bool = False) -> list[int]:

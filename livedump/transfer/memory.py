@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 from livedump import proc
 from livedump.errors import DumpIOError, GuestMemoryError, ProcessNotFound
-from livedump.proc import alive as alive  # (dump.py imports it from here for now)
 from livedump.vmcore.blocks import Block
 
 

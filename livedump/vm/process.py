@@ -183,14 +183,23 @@ def _split_props(value: str) -> tuple[str, dict[str, str]]:
     return first, props
 
 
+def tcp_address(spec: str) -> tuple[str, int] | None:
+    """``tcp:HOST:PORT`` (HOST may be ``[v6]`` or empty, for localhost) as an
+    address; None if ``spec`` is not one."""
+    if not spec.startswith("tcp:"):
+        return None
+    host, _, port = spec[4:].rpartition(":")
+    if not port.isdigit():
+        return None
+    return (host.strip("[]") or "localhost", int(port))
+
+
 def _legacy_endpoint(value: str, cwd: str, origin: str) -> QmpEndpoint:
     spec, _ = _split_props(value)
     if spec.startswith("unix:"):
         return QmpEndpoint(os.path.join(cwd, spec[5:]), origin)
-    if spec.startswith("tcp:"):
-        host, _, port = spec[4:].rpartition(":")
-        if port.isdigit():
-            return QmpEndpoint((host.strip("[]") or "localhost", int(port)), origin)
+    if (address := tcp_address(spec)) is not None:
+        return QmpEndpoint(address, origin)
     return QmpEndpoint(None, f"{origin} (not a socket livedump can connect to)")
 
 
