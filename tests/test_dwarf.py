@@ -20,8 +20,10 @@ from elftools.elf.elffile import ELFFile
 
 from livedump.errors import DebugInfoError
 from livedump.ptrace import debuginfo, dwarf
+from livedump.ptrace import layout as layouts
 from livedump.ptrace.debuginfo import find_debug_file
-from livedump.ptrace.dwarf import QemuLayout, load_layout, qemu_layout
+from livedump.ptrace.dwarf import load_layout, qemu_layout
+from livedump.ptrace.layout import QemuLayout
 
 FIXTURE = Path(__file__).parent / "fixtures" / "qemu_like.c"
 REAL_QEMU = Path.home() / ".cache/livedump/qemu-debug/bin/qemu-system-x86_64"
@@ -100,8 +102,8 @@ def expected(exe: Path) -> dict:
             int128[key[7:]] = int(numbers[0])
         elif "." in key:
             name, member = key.split(".", 1)
-            needed = dwarf.NEEDED | dwarf.CPU_NEEDED
-            if member in needed[name] + dwarf.CPU_OPTIONAL.get(name, ()):
+            needed = layouts.NEEDED | layouts.CPU_NEEDED
+            if member in needed[name] + layouts.CPU_OPTIONAL.get(name, ()):
                 structs[name]["fields"][member] = {"offset": int(numbers[0]),
                                                    "size": int(numbers[1])}
         else:
@@ -162,7 +164,7 @@ def test_flatrange_is_found_in_another_unit_than_the_variable(exe):
 def test_slow_scan_finds_what_the_byte_search_misses(exe, monkeypatch):
     """Other toolchains (clang's DW_OP_addrx, DW_FORM_strx names) leave only a scan."""
     fast = layout_of(exe)
-    monkeypatch.setattr(dwarf, "layout_cache_dir", lambda: exe.parent / "other-cache")
+    monkeypatch.setattr(layouts, "layout_cache_dir", lambda: exe.parent / "other-cache")
     monkeypatch.setattr(dwarf, "_variable_units", lambda *args: iter(()))
     monkeypatch.setattr(dwarf._Dwarf, "name_refs", lambda self, name: [])
     assert layout_of(exe) == fast
@@ -228,7 +230,7 @@ def test_dwz_single_file(exe):
 
 
 def test_member_missing_from_this_qemu_is_named(exe, monkeypatch):
-    monkeypatch.setitem(dwarf.NEEDED, "RAMBlock", (*dwarf.NEEDED["RAMBlock"], "page_shift"))
+    monkeypatch.setitem(layouts.NEEDED, "RAMBlock", (*layouts.NEEDED["RAMBlock"], "page_shift"))
     with pytest.raises(DebugInfoError, match="QEMU's RAMBlock has no member page_shift"):
         layout_of(exe)
 
@@ -237,7 +239,7 @@ def test_qemu_of_another_target_maps_memory_without_registers(tmp_path):
     layout = layout_of(build(tmp_path, "-DOTHER_TARGET"))
     assert (layout.cpu_list, layout.no_cpu_state) == (
         None, "QEMU's CPUs are not x86 ones (ptrace mode reads x86 registers only)")
-    assert set(dwarf.NEEDED) <= set(layout.structs)
+    assert set(layouts.NEEDED) <= set(layout.structs)
     assert QemuLayout.from_json(layout.to_json()) == layout
 
 
@@ -334,7 +336,7 @@ def test_no_debug_info_says_how_to_get_it(exe):
 
 
 def cache_file(exe: Path) -> Path:
-    return dwarf.layout_cache_dir() / f"{debuginfo.read_build_id(exe)}.json"
+    return layouts.layout_cache_dir() / f"{debuginfo.read_build_id(exe)}.json"
 
 
 def test_second_load_reads_the_cache(exe, monkeypatch):

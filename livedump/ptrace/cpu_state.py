@@ -19,7 +19,7 @@ vCPU runs again. Otherwise QEMU's copy is stale.
 from dataclasses import dataclass
 
 from livedump.errors import GuestMemoryError
-from livedump.ptrace.dwarf import QemuLayout
+from livedump.ptrace.layout import QemuLayout
 from livedump.ptrace.ram_map import Reader
 from livedump.transfer.memory import ProcessMemory
 from livedump.vmcore.x86_notes import SEGMENTS, Segment, X86State

@@ -6,8 +6,8 @@ MemoryRegion and that region's RAMBlock. Those structures change between
 QEMU versions and builds, so every offset comes from the DWARF of the very
 binary that runs (matched by build-id), never from a table. This module
 reduces that DWARF (found by :mod:`livedump.ptrace.debuginfo`) to a small
-:class:`QemuLayout` (:func:`load_layout`), cached per build-id. It reads
-files only, never QEMU's memory.
+:class:`~livedump.ptrace.layout.QemuLayout` (:func:`load_layout`), cached
+per build-id. It reads files only, never QEMU's memory.
 
 pyelftools has no index to jump to a type or variable by name, and even
 reading just the top-level DIEs of all of QEMU 7.2's 994 units takes 20 s,
@@ -28,21 +28,15 @@ another target, or one whose CPU structures differ, still maps its memory
 """
 
 import bisect
-import json
-import os
-import struct
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import suppress
-from dataclasses import asdict, dataclass
 from io import BytesIO
 from pathlib import Path
-from typing import IO, TypeVar
+from typing import IO
 
 from elftools.common.exceptions import DWARFError, ELFError
 from elftools.dwarf.die import DIE, AttributeValue
 from elftools.dwarf.dwarf_expr import DWARFExprParser
 from elftools.dwarf.dwarfinfo import DWARFInfo
-from elftools.elf.elffile import ELFFile
 
 from livedump.errors import DebugInfoError
 from livedump.ptrace.debuginfo import (
@@ -52,41 +46,23 @@ from livedump.ptrace.debuginfo import (
     read_build_id,
     supplementary_file,
 )
-from livedump.transfer.output import replacing
+from livedump.ptrace.layout import (
+    ACCELERATORS,
+    CPU_LISTS,
+    CPU_NEEDED,
+    CPU_OPTIONAL,
+    CPU_STRUCTS,
+    NEEDED,
+    VARIABLE,
+    Field,
+    Int128Layout,
+    QemuLayout,
+    StructLayout,
+    read_cached,
+    write_cached,
+)
+from livedump.ptrace.symbols import Symbol, find_all, read_symbols
 from livedump.vmcore.arch import ByteOrder
-
-VARIABLE = "address_space_memory"
-
-# The members read of each structure (QEMU's names): no more, so that a
-# QEMU that renames any other member still works.
-NEEDED: dict[str, tuple[str, ...]] = {
-    "AddressSpace": ("current_map",),
-    "FlatView": ("ranges", "nr"),
-    "FlatRange": ("mr", "offset_in_region", "addr"),
-    "AddrRange": ("start", "size"),
-    "MemoryRegion": ("ram", "ram_device", "nonvolatile", "ram_block", "name"),
-    "RAMBlock": ("host",),
-}
-
-# The x86 CPU state: the list of CPUs (renamed in QEMU 8.2), the structure
-# holding a CPUState and its registers (named X86CPU before QEMU 6.0), and
-# the members read, as above. kernelgsbase exists only in qemu-system-x86_64;
-# vcpu_dirty (QEMU's copy of a KVM vCPU's registers is current) in QEMU >= 2.0.
-CPU_LISTS = ("cpus", "cpus_queue")
-CPU_STRUCTS = ("ArchCPU", "X86CPU")
-CPU_NEEDED: dict[str, tuple[str, ...]] = {
-    "CPUTailQ": ("tqh_first",),
-    "CPUState": ("node.tqe_next", "cpu_index", "running"),
-    "ArchCPU": ("parent_obj", "env"),
-    "CPUArchState": ("regs", "eip", "eflags", "segs", "ldt", "tr", "gdt", "idt", "cr",
-                     "efer"),
-    "SegmentCache": ("selector", "base", "limit", "flags"),
-}
-CPU_OPTIONAL = {"CPUState": ("vcpu_dirty",), "CPUArchState": ("kernelgsbase",)}
-
-# The flags that say which accelerator runs the vCPUs (kvm_enabled() and
-# tcg_enabled() read them); a QEMU built without one has no flag for it.
-ACCELERATORS = {"tcg": "tcg_allowed", "kvm": "kvm_allowed"}
 
 # How each structure is reached from the variable's type (AddressSpace):
 # (structure, member, the member's structure, through a pointer).
@@ -105,134 +81,11 @@ _INT128_USES = (("AddrRange", "start"), ("AddrRange", "size"))
 _TRANSPARENT = {"DW_TAG_typedef", "DW_TAG_const_type", "DW_TAG_volatile_type",
                 "DW_TAG_restrict_type", "DW_TAG_atomic_type"}
 _DW_OP_ADDR = 0x03
-# An ELF symbol per class: its struct format, where st_value, st_size, st_info
-# and st_shndx are in it.
-_SYMBOL_ENTRY = {64: ("IBBHQQ", 4, 5, 1, 3), 32: ("IIIBBH", 1, 2, 3, 5)}
-_STB_GLOBAL, _STB_WEAK = 1, 2
 
 # A member name is searched for only if it ends at most this many strings
 # (each a search of the whole .debug_info): "env" ends 15 in QEMU 7.2.
 _RARE_STRING = 4
 
-_CACHE_FORMAT = 3
-
-
-# --- the layout -------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Field:
-    """Where a member is in its structure, in bytes."""
-
-    offset: int
-    size: int
-
-
-@dataclass(frozen=True)
-class Symbol:
-    """A global variable: link-time address and size."""
-
-    address: int
-    size: int
-
-
-@dataclass(frozen=True)
-class StructLayout:
-    size: int
-    fields: dict[str, Field]
-
-    def __getitem__(self, member: str) -> Field:
-        return self.fields[member]
-
-
-@dataclass(frozen=True)
-class Int128Layout:
-    """How QEMU stores an Int128: a 16-byte integer in the binary's byte order
-    (``scalar``), or a struct of two 64-bit halves at offsets ``lo`` and ``hi``."""
-
-    scalar: bool
-    lo: int | None = None
-    hi: int | None = None
-
-
-@dataclass(frozen=True)
-class QemuLayout:
-    """What a memory walk needs to know about one QEMU binary.
-
-    ``address_space_memory`` is the variable's link-time address; in a
-    ``pie`` binary add the load bias, the start of the executable's mapping
-    at file offset 0 in ``/proc/PID/maps``.
-    ``cpu_list`` is the address of QEMU's list of CPUs, with the structures of
-    CPU_NEEDED in ``structs``; or None, and ``no_cpu_state`` says why.
-    """
-
-    build_id: str | None
-    address_space_memory: int
-    pie: bool
-    pointer_size: int
-    byteorder: ByteOrder
-    int128: Int128Layout
-    structs: dict[str, StructLayout]
-    cpu_list: int | None
-    no_cpu_state: str
-    accelerators: dict[str, Symbol]
-
-    def to_json(self) -> str:
-        return json.dumps({"format": _CACHE_FORMAT, **asdict(self)}, indent=1)
-
-    @classmethod
-    def from_json(cls, text: str) -> "QemuLayout":
-        """Parse :meth:`to_json`'s output; ValueError if it is anything else."""
-        try:
-            d = json.loads(text)
-            if d["format"] != _CACHE_FORMAT or d["byteorder"] not in ("little", "big"):
-                raise ValueError("not a layout of this livedump")
-            i = d["int128"]
-            return cls(
-                build_id=_optional(d["build_id"], str),
-                address_space_memory=_count(d["address_space_memory"]),
-                pie=_typed(d["pie"], bool),
-                pointer_size=_count(d["pointer_size"]),
-                byteorder=d["byteorder"],
-                int128=Int128Layout(_typed(i["scalar"], bool), _optional(i["lo"], int),
-                                    _optional(i["hi"], int)),
-                structs={name: StructLayout(_count(s["size"]), {
-                    m: Field(_count(f["offset"]), _count(f["size"]))
-                    for m, f in s["fields"].items()}) for name, s in d["structs"].items()},
-                cpu_list=None if d["cpu_list"] is None else _count(d["cpu_list"]),
-                no_cpu_state=_typed(d["no_cpu_state"], str),
-                accelerators={name: Symbol(_count(a["address"]), _count(a["size"]))
-                              for name, a in d["accelerators"].items()},
-            )
-        except (KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"malformed layout: {e!r}") from None
-
-    def __post_init__(self) -> None:
-        # A layout cached by another livedump may lack what this one reads.
-        needed = NEEDED | (CPU_NEEDED if self.cpu_list is not None else {})
-        for struct_name, members in needed.items():
-            fields = self.structs.get(struct_name)
-            if fields is None or not set(members) <= fields.fields.keys():
-                raise ValueError(f"layout lacks members of {struct_name}")
-
-
-_T = TypeVar("_T")
-
-
-def _typed(value: object, kind: type[_T]) -> _T:
-    if not isinstance(value, kind):
-        raise ValueError(f"{value!r} is not {kind}")
-    return value
-
-
-def _optional(value: object, kind: type[_T]) -> _T | None:
-    return None if value is None else _typed(value, kind)
-
-
-def _count(value: object) -> int:
-    if type(value) is not int or value < 0:
-        raise ValueError(f"{value!r} is not a size or offset")
-    return value
 
 
 # --- entry points -----------------------------------------------------------
@@ -247,7 +100,7 @@ def qemu_layout(exe: str, debug_file: str | None = None) -> QemuLayout:
     """
     if debug_file is None:
         build_id = read_build_id(exe)
-        cached = _read_cache(build_id) if build_id else None
+        cached = read_cached(build_id) if build_id else None
         if cached is not None:
             return cached
     return load_layout(exe, find_debug_file(exe, debug_file))
@@ -258,39 +111,13 @@ def load_layout(exe: str, debug_file: Path) -> QemuLayout:
     DWARF, or from the cache of an earlier run for the same build-id."""
     build_id = read_build_id(exe)
     if build_id:
-        cached = _read_cache(build_id)
+        cached = read_cached(build_id)
         if cached is not None:
             return cached
     layout = _read_layout(exe, Path(debug_file), build_id)
     if build_id:
-        _write_cache(layout)
+        write_cached(layout)
     return layout
-
-
-# --- the layout cache -----------------------------------------------------------
-
-
-def layout_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME", "")
-    return Path(base if os.path.isabs(base) else Path.home() / ".cache") / "livedump" / "layouts"
-
-
-def _read_cache(build_id: str) -> QemuLayout | None:
-    """The cached layout, or None if there is none or it is unusable (then rebuilt)."""
-    try:
-        layout = QemuLayout.from_json((layout_cache_dir() / f"{build_id}.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return layout if layout.build_id == build_id else None
-
-
-def _write_cache(layout: QemuLayout) -> None:
-    """Store the layout atomically; a cache that cannot be written only costs time."""
-    target = layout_cache_dir() / f"{layout.build_id}.json"
-    with suppress(OSError):
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with replacing(target, 0o644) as out:
-            out.write(layout.to_json().encode())
 
 
 # --- reading the layout from DWARF ----------------------------------------------
@@ -300,14 +127,14 @@ def _read_layout(exe: str, debug_file: Path, build_id: str | None) -> QemuLayout
     check_build_id(debug_file, build_id)
     names = (VARIABLE, *CPU_LISTS, *ACCELERATORS.values())
     with open_elf(debug_file) as elf:
-        symbols = _symbols(elf, names)
+        symbols = read_symbols(elf, names)
         info = elf.get_dwarf_info(follow_links=False)
         supplementary = supplementary_file(elf, debug_file)
     with open_elf(exe) as elf:
         pie = elf["e_type"] == "ET_DYN"
         pointer_size = elf.elfclass // 8
         byteorder: ByteOrder = "little" if elf.little_endian else "big"
-        symbols |= _symbols(elf, [n for n in names if n not in symbols])
+        symbols |= read_symbols(elf, [n for n in names if n not in symbols])
     if VARIABLE not in symbols:
         raise DebugInfoError(f"no symbol {VARIABLE} in {debug_file}: is this qemu-system-*?")
     address = symbols[VARIABLE].address
@@ -339,35 +166,6 @@ def _dwarfs(info: DWARFInfo, debug_file: Path, supplementary: Path | None,
     info.supplementary_dwarfinfo = common_info
     common = _Dwarf(common_info, supplementary, byteorder)
     return [_Dwarf(info, debug_file, byteorder, alien_strings=common.strings), common]
-
-
-def _symbols(elf: ELFFile, names: Iterable[str]) -> dict[str, Symbol]:
-    """The defined global symbols of ``names`` there are, from .symtab (else .dynsym).
-
-    Read with ``struct``: pyelftools takes seconds over QEMU's 45,000 symbols.
-    """
-    layout, value_at, size_at, info_at, section_at = _SYMBOL_ENTRY[elf.elfclass]
-    fmt = ("<" if elf.little_endian else ">") + layout
-    found: dict[str, Symbol] = {}
-    for table in (elf.get_section_by_name(".symtab"), elf.get_section_by_name(".dynsym")):
-        if table is None or table["sh_type"] == "SHT_NOBITS":
-            continue
-        strings = elf.get_section(table["sh_link"]).data()
-        wanted = {at: name for name in names if name not in found
-                  for at in _find_all(strings, name.encode() + b"\0")}
-        for entry in struct.iter_unpack(fmt, table.data()):
-            name = wanted.get(entry[0])
-            if (name is not None and name not in found and entry[section_at] != 0
-                    and entry[info_at] >> 4 in (_STB_GLOBAL, _STB_WEAK)):
-                found[name] = Symbol(entry[value_at], entry[size_at])
-    return found
-
-
-def _find_all(haystack: bytes, needle: bytes) -> Iterator[int]:
-    at = haystack.find(needle)
-    while at >= 0:
-        yield at
-        at = haystack.find(needle, at + 1)
 
 
 class _Dwarf:
@@ -403,10 +201,10 @@ class _Dwarf:
         offset into a string table with it (DW_FORM_strp, DW_FORM_GNU_strp_alt;
         also its tail, as linkers merge suffixes), or the string inline."""
         text = name.encode() + b"\0"
-        hits = set(_find_all(self.data, text))
+        hits = set(find_all(self.data, text))
         for table in (self.strings, self.alien_strings):
-            for start in _find_all(table, text):
-                hits.update(_find_all(self.data, start.to_bytes(4, self.order)))
+            for start in find_all(table, text):
+                hits.update(find_all(self.data, start.to_bytes(4, self.order)))
         return sorted(hits)
 
     def units_naming(self, names: Iterable[str]) -> set[int]:
@@ -595,7 +393,7 @@ def _variable_units(dwarf: _Dwarf, address: int, pointer_size: int) -> Iterator[
     data in .debug_aranges), then the unit .debug_aranges gives (clang's way)."""
     location = bytes([1 + pointer_size, _DW_OP_ADDR]) + address.to_bytes(pointer_size,
                                                                         dwarf.order)
-    yield from dict.fromkeys(dwarf.unit_at(hit) for hit in _find_all(dwarf.data, location))
+    yield from dict.fromkeys(dwarf.unit_at(hit) for hit in find_all(dwarf.data, location))
     aranges = dwarf.info.get_aranges()
     unit = aranges.cu_offset_at_addr(address) if aranges else None
     if unit is not None:

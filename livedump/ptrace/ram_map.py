@@ -19,7 +19,7 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
 from livedump.errors import GuestMemoryError
-from livedump.ptrace.dwarf import Field, QemuLayout
+from livedump.ptrace.layout import Field, QemuLayout
 from livedump.transfer.memory import PAGE_SIZE, Buffer, Mapping, ProcessMemory
 from livedump.vmcore.blocks import GuestRange
 
