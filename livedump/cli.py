@@ -144,8 +144,8 @@ class ProgressBar:
     """A progress bar on the terminal, with rate and time left."""
 
     def __init__(self) -> None:
-        # Imported only where there is a terminal to show it (0.1 s), and
-        # before the guest is paused.
+        # Imported only where there is a terminal to show it (the import is
+        # slow next to a small dump), and before the guest is paused.
         import tqdm
 
         self._tqdm = tqdm.tqdm

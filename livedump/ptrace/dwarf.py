@@ -10,7 +10,7 @@ reduces that DWARF (found by :mod:`livedump.ptrace.debuginfo`) to a small
 per build-id. It reads files only, never QEMU's memory.
 
 pyelftools has no index to jump to a type or variable by name, and even
-reading just the top-level DIEs of all of QEMU 7.2's 994 units takes 20 s,
+reading just the top-level DIEs of QEMU's thousand units takes many seconds,
 so the few DIEs needed are found by searching the raw section bytes: the
 variable by its location expression, ``DW_OP_addr <address>`` (the address
 from the symbol table; GCC lists no data in .debug_aranges), and a struct

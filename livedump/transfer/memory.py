@@ -111,8 +111,8 @@ class Buffer:
     """A reusable read buffer at a fixed address, as process_vm_readv needs.
 
     Page-aligned (its own mapping): a page copied to nearly the same offset
-    in another page, as into malloc's large blocks 16 bytes in, runs four
-    times slower here, the copy's loads stalling on its own stores (4K aliasing).
+    in another page, as into malloc's large blocks 16 bytes in, runs several
+    times slower, the copy's loads stalling on its own stores (4K aliasing).
     """
 
     def __init__(self, size: int) -> None:
