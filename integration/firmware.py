@@ -60,13 +60,10 @@ def _run(argv: list[str]) -> None:
         raise RuntimeError(f"{' '.join(argv)} failed:\n{r.stderr}")
 
 
-# x86: from the reset vector to long mode, then halt. QEMU's dump is
-# EM_X86_64 only when the first CPU has EFER.LMA set. The ROM is mapped at
-# the top of the first 4 GiB (-bios); the CPU starts in real mode at
-# 0xfffffff0. The way there: load a GDT, protected mode, identity-map the
-# 2 MiB that hold this ROM through page tables at 0x1000-0x3fff, enable PAE
-# and EFER.LME, then paging (which sets LMA), and jump to a 64-bit segment.
-X86_64_LONG_MODE = Firmware("x86_64-long-mode", "x86_64-linux-gnu-", r"""
+# x86: from the reset vector (real mode, CS based at the ROM) to flat 32-bit
+# protected mode, through the firmware's own GDT (gdt_pointer, selectors 0x08
+# for code and 0x10 for data); the firmwares below go on from "protected".
+_X86_PROTECTED_MODE = r"""
     .code16
     .globl _start
 _start:
@@ -82,6 +79,16 @@ protected:
     movw %ax, %ds
     movw %ax, %es
     movw %ax, %ss
+"""
+
+
+# x86: from the reset vector to long mode, then halt. QEMU's dump is
+# EM_X86_64 only when the first CPU has EFER.LMA set. The ROM is mapped at
+# the top of the first 4 GiB (-bios); the CPU starts in real mode at
+# 0xfffffff0. The way there: load a GDT, protected mode, identity-map the
+# 2 MiB that hold this ROM through page tables at 0x1000-0x3fff, enable PAE
+# and EFER.LME, then paging (which sets LMA), and jump to a 64-bit segment.
+X86_64_LONG_MODE = Firmware("x86_64-long-mode", "x86_64-linux-gnu-", _X86_PROTECTED_MODE + r"""
     movl $0x1000, %edi                  # clear three page tables
     xorl %eax, %eax
     movl $0xc00, %ecx
@@ -245,22 +252,7 @@ SWEEP_COUNTER = 0x0000_1000
 SWEEP_START = 0x4000_0000  # 1 GiB
 SWEEP_END = 0x5000_0000  # 256 MiB on
 SWEEP_STEP = 256 << 10
-X86_SWEEPER = Firmware("x86-sweeper", "x86_64-linux-gnu-", rf"""
-    .code16
-    .globl _start
-_start:
-    cli
-    lgdtl %cs:(gdt_pointer - _start)    # real mode: CS is based at the ROM
-    movl %cr0, %eax
-    orl $1, %eax                        # CR0.PE
-    movl %eax, %cr0
-    ljmpl $0x08, $protected
-    .code32
-protected:
-    movw $0x10, %ax
-    movw %ax, %ds
-    movw %ax, %es
-    movw %ax, %ss
+X86_SWEEPER = Firmware("x86-sweeper", "x86_64-linux-gnu-", _X86_PROTECTED_MODE + rf"""
     cld
     xorl %ebx, %ebx                     # steps done
     movl ${SWEEP_START:#x}, %edi

@@ -12,15 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from livedump.ptrace import ram_map as dwarf_map
-from livedump.ptrace.dwarf import qemu_layout
-from livedump.ptrace.freeze import frozen
-from livedump.qmp import ram_map as monitor_map
-from livedump.qmp.monitor import Monitor
-from livedump.qmp.transport import QMPTransport
-from livedump.transfer.memory import ProcessMemory, read_maps
-from livedump.vmcore.blocks import coalesce
-
 from .conftest import livedump
 from .test_dump import HIGH_MARKERS, MARKERS, assert_markers
 from .vm import VM, kvm_usable
@@ -67,25 +58,6 @@ def test_vm_with_its_only_monitor_held_is_dumped_through_ptrace(scratch, accel):
         assert first_difference(ours, theirs) is None
         assert vm.status() == "paused"
         assert "t" not in thread_states(vm.pid)
-
-
-def test_debug_info_map_equals_monitor_map():
-    with VM(qemu=str(DEBUG_QEMU), machine="pc", memory="1G") as vm:
-        vm.wait_running(1)
-        layout = qemu_layout(f"/proc/{vm.pid}/exe")
-        bias = dwarf_map.load_bias(vm.pid, layout, read_maps(vm.pid))
-        monitor = Monitor(QMPTransport(str(vm.socket), 5))
-        try:
-            vm.command("stop")
-            with ProcessMemory(vm.pid) as memory, frozen(vm.pid):
-                ours = dwarf_map.guest_ranges(memory, layout, bias)
-            theirs = monitor_map.guest_ranges(monitor, monitor_map.flat_view(monitor))
-        finally:
-            monitor.close()
-        # Same ranges (PAM-split low RAM included), same names, same host addresses.
-        assert [(r.gpa, r.size, r.hva, r.name) for r in ours] == \
-               [(r.gpa, r.size, r.hva, r.name) for r in theirs]
-        assert coalesce(ours) == coalesce(theirs)
 
 
 def test_mismatched_debug_file_is_refused(scratch, tmp_path):
