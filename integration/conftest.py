@@ -23,6 +23,20 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def small_disk(scratch):
+    """A 16 MiB tmpfs inside ``scratch``, for dumps that must run out of space."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    small = scratch / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(small)], check=True)
+    try:
+        yield small
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+@pytest.fixture
 def scratch():
     """A directory for vmcores: on tmpfs where there is one, as dumps are large."""
     base = "/dev/shm" if os.path.isdir("/dev/shm") else None
