@@ -18,6 +18,7 @@ JSON per line.
     qemu-system-x86_64 fake_monitor.py SOCKET LOG SCRIPT
 """
 
+import contextlib
 import ctypes
 import json
 import mmap
@@ -58,7 +59,9 @@ def main() -> None:
     with open(log_path, "a") as log:
         while True:
             client, _ = server.accept()
-            with client:
+            with client, contextlib.suppress(ConnectionError):
+                # A client that hangs up mid-reply (as livedump does on a reply it
+                # will not read to its end) leaves QEMU running, and so this.
                 pretty = bool(script.get("pretty"))
                 greeting = script.get("greeting", encode(json.loads(GREETING), pretty))
                 serve(client, greeting, replies, state, log, pretty)
