@@ -35,7 +35,7 @@ class MonitoredSession(abc.ABC):
         self.detail = detail
         self.stall = stall
         self._view: list[ram_map.FlatRange] = []
-        self._paused = False
+        self._still = False  # inside the hold: paused, by us or before us
         self._guardian: Guardian | None = None
 
     def target_arch(self) -> str:
@@ -55,12 +55,15 @@ class MonitoredSession(abc.ABC):
 
     @contextlib.contextmanager
     def hold(self, pause: bool) -> Iterator[Pause]:
-        self._paused = pause
         if not pause:
             with not_paused(self.control()) as p:
+                # A guest paused already (--no-pause asks only not to pause
+                # it) gives QEMU's notes: its one-page dump leaves it paused.
+                self._still = not p.was_running
                 yield p
             return
         with paused(self.control(), self.watcher()) as p:
+            self._still = True
             yield p
 
     def watcher(self) -> Guardian:
@@ -90,7 +93,7 @@ class MonitoredSession(abc.ABC):
 
     def cpu_notes(self, memory: ProcessMemory, blocks: list[Block]) -> CpuNotes:
         """Inside the pause: QEMU's notes for this instant, or why there are none."""
-        if not self._paused:  # QEMU's one-page dump would stop the guest.
+        if not self._still:  # QEMU's one-page dump would stop the guest.
             return NoCpuNotes("no CPU registers with --no-pause")
         try:
             return self.qemu_notes(blocks[0].gpa)
