@@ -1,6 +1,9 @@
 """Which machine a vmcore says it is, where livedump has less than QEMU's CPU
 state to go by: --no-pause, and an --arch that QEMU's target contradicts."""
 
+import json
+
+from .conftest import livedump
 from .test_arches import dump
 from .test_dump import MARKERS, assert_markers
 from .vm import VM
@@ -27,3 +30,37 @@ def test_no_pause_on_a_paused_vm_takes_qemus_notes_and_leaves_it_paused(scratch)
         assert (report["arch"], report["arch_from"]) == ("386", "QEMU's, from the CPU state")
         assert report["cpu_notes"] == "CORE, QEMU notes from QEMU's dump-guest-memory"
         assert (report["was_running"], report["paused"]) == (False, False)
+
+
+def test_arch_that_qemus_target_contradicts_is_written_with_a_warning(scratch):
+    """--arch is the user's word over livedump's sources; one that the target
+    cannot be is obeyed, and said to be a contradiction wherever it reports."""
+    warning = ("--arch ppc64-le contradicts QEMU target x86_64, whose vmcores are x86_64 "
+               "or 386: the vmcore says a machine the guest is not")
+    with VM(memory="256M", markers=MARKERS[:1]) as vm:
+        vm.wait_running(1)
+        ours = scratch / "ours.vmcore"
+        r = livedump("--pid", str(vm.pid), "--json", "--arch", "ppc64-le", str(ours))
+        assert r.returncode == 0, r.stderr
+        assert r.stderr.decode() == f"livedump: warning: {warning}\n"
+        report = json.loads(r.stdout)
+        assert (report["arch"], report["arch_from"], report["qemu_target"]) == (
+            "ppc64-le", "--arch", "x86_64")
+        assert report["warnings"] == [warning]
+        assert identity(ours) == (64, True, "EM_PPC64", [])  # As asked: no x86 notes.
+        assert_markers(ours, MARKERS[:1])
+
+        # The human report says it too, --quiet or not.
+        for quiet in ((), ("-q",)):
+            r = livedump("--pid", str(vm.pid), *quiet, "--force", "--arch", "ppc64le", str(ours))
+            assert r.returncode == 0, r.stderr
+            lines = r.stderr.decode().splitlines()
+            assert lines[0] == f"livedump: warning: {warning}"
+            assert [line.startswith("livedump: wrote ") for line in lines[1:]] == (
+                [] if quiet else [True])
+
+        # An --arch QEMU's dump of the target can have is no contradiction.
+        r = livedump("--pid", str(vm.pid), "--json", "--force", "--arch", "i386", str(ours))
+        assert r.returncode == 0 and r.stderr == b""
+        assert json.loads(r.stdout)["warnings"] == []
+        assert vm.status() == "running"

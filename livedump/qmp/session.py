@@ -15,6 +15,8 @@ from livedump.vm.guardian import STALL_TIMEOUT, Guardian
 from livedump.vm.pause import Control, Pause, not_paused, paused
 from livedump.vm.process import Address, QmpEndpoint, qemu_executable, qmp_endpoints
 from livedump.vm.session import RamMap
+from livedump.vmcore import arch as arches
+from livedump.vmcore.arch import TargetDefault
 from livedump.vmcore.blocks import Block, GuestRange
 from livedump.vmcore.notes import CpuNotes, NoCpuNotes, QemuNotes
 
@@ -40,6 +42,16 @@ class MonitoredSession(abc.ABC):
 
     def target_arch(self) -> str:
         return self.monitor.target_arch()
+
+    def target_default(self, target: str) -> TargetDefault:
+        """What ``target`` implies without the CPU state: on qemu-system-aarch64,
+        an AArch64 or AArch32 vmcore as the CPU model is, asked of QOM."""
+        if target != "aarch64":
+            return arches.for_target(target)
+        try:
+            return arches.for_target(target, self.monitor.first_cpu_is_aarch64())
+        except MonitorError as e:
+            return arches.unknown_cpu(target, f"its CPU model did not say: {e}")
 
     def prepare(self) -> RamMap:
         """The map, read and checked before the pause so its round trips cost the
