@@ -2,12 +2,17 @@
 state to go by: --no-pause, and an --arch that QEMU's target contradicts."""
 
 import json
+import subprocess
+from pathlib import Path
+
+import pytest
 
 from .conftest import livedump
+from .linux_guest import LinuxVM
 from .test_arches import dump
 from .test_dump import MARKERS, assert_markers
 from .vm import VM
-from .vmcore import first_difference, identity
+from .vmcore import first_difference, identity, loads, note_segments
 
 
 def test_no_pause_on_a_paused_vm_takes_qemus_notes_and_leaves_it_paused(scratch):
@@ -64,3 +69,38 @@ def test_arch_that_qemus_target_contradicts_is_written_with_a_warning(scratch):
         assert r.returncode == 0 and r.stderr == b""
         assert json.loads(r.stdout)["warnings"] == []
         assert vm.status() == "running"
+
+
+def readelf_notes(vmcore: Path) -> list[str]:
+    """The owner of each note ``readelf -n`` lists, which must find nothing amiss."""
+    r = subprocess.run(["readelf", "-n", "-W", str(vmcore)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    listed = r.stdout.split("Description\n", 1)[1].splitlines()
+    return [line.split()[0] for line in listed if line.startswith("  ") and
+            not line.startswith("   ")]
+
+
+@pytest.mark.linux
+def test_readers_see_the_notes_and_no_placeholder(scratch):
+    """The room kept for VMCOREINFO (found once memory is written) is outside
+    PT_NOTE: readelf lists the notes and nothing else, with the note found in a
+    file and without it on standard output; gdb reads both."""
+    with LinuxVM(machine="q35", memory="1G") as vm:
+        vm.wait_idle(timeout=300)
+        found, piped = scratch / "found.vmcore", scratch / "piped.vmcore"
+        assert dump(vm, found)["vmcoreinfo"]["source"] == "guest"
+        with open(piped, "wb") as f:
+            r = livedump("--pid", str(vm.pid), "-q", "-", stdout=f)
+        assert r.returncode == 0, r.stderr
+    assert readelf_notes(found) == ["CORE", "QEMU", "LIVEDUMP", "VMCOREINFO"]
+    assert readelf_notes(piped) == ["CORE", "QEMU", "LIVEDUMP"]
+    for vmcore in (found, piped):
+        [load, *_] = loads(vmcore)
+        [note] = [(offset, size) for offset, size in note_segments(vmcore)]
+        with open(vmcore, "rb") as f:  # The room: zeros between the notes and memory.
+            f.seek(sum(note))
+            assert f.read(load.offset - sum(note)) == bytes(load.offset - sum(note))
+        r = subprocess.run(["gdb", "-batch", "-c", str(vmcore), "-ex", "info registers rip"],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and "rip" in r.stdout, r.stdout + r.stderr

@@ -217,8 +217,8 @@ def dump(request: Request) -> Summary:
                         guardian.beat()
                     search = VmcoreinfoSearch(arch, cpu, out.is_stdout)
                     layout = CoreLayout(arch, plan.blocks, [
-                        *([cpu] if isinstance(cpu, QemuNotes) else []), provenance_note(pid),
-                        *search.notes])
+                        *([cpu] if isinstance(cpu, QemuNotes) else []), provenance_note(pid)],
+                        search.room)
                     writer.inspect = search.inspector(layout)
                     if progress:
                         progress.start(layout.size)
