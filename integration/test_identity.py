@@ -2,11 +2,13 @@
 state to go by: --no-pause, and an --arch that QEMU's target contradicts."""
 
 import json
+import shlex
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from . import qemus
 from .conftest import livedump
 from .linux_guest import LinuxVM
 from .test_arches import dump
@@ -14,11 +16,22 @@ from .test_dump import MARKERS, assert_markers
 from .vm import VM
 from .vmcore import first_difference, identity, loads, note_segments
 
+QEMUS = qemus.available()
 
-def test_no_pause_on_a_paused_vm_takes_qemus_notes_and_leaves_it_paused(scratch):
+
+def wrapper(qemu: qemus.Qemu, scratch: Path) -> str:
+    """An executable that starts ``qemu`` as its PID, for VM(qemu=...)."""
+    path = scratch / f"qemu-{qemu.series}"
+    path.write_text(f"#!/bin/sh\nexec {shlex.join(qemu.command())} \"$@\"\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+@pytest.mark.parametrize("series", QEMUS)
+def test_no_pause_on_a_paused_vm_takes_qemus_notes_and_leaves_it_paused(scratch, series):
     """--no-pause only asks not to pause: a guest paused already gives QEMU's notes
     (SeaBIOS idles out of long mode: EM_386, which the target's default is not)."""
-    with VM(memory="1G", markers=MARKERS) as vm:
+    with VM(memory="1G", markers=MARKERS, qemu=wrapper(QEMUS[series], scratch)) as vm:
         vm.wait_running(1)
         vm.command("stop")
         vm.events()
