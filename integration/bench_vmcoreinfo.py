@@ -34,7 +34,7 @@ def main() -> None:
     arch = lookup("x86_64")
     search = Search(arch, "no CPU notes", to_stdout=False)
     # File offsets are taken as guest-physical addresses: one block at 0, data at 0.
-    layout = CoreLayout(arch, [Block(0, GIB, 0)], search.notes)
+    layout = CoreLayout(arch, [Block(0, GIB, 0)], [], search.room)
     layout.offsets = [0]
     inspect = search.inspector(layout)
     random = [bytearray(os.urandom(CHUNK)) for _ in range(DISTINCT)]

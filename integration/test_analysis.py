@@ -91,7 +91,7 @@ def test_crash_and_drgn_open_a_running_guest_where_drgn_refuses_qemus_dump(scrat
         assert any(line.split()[2:] == [MARKER_PROCESS]
                    for line in lines if line.startswith("task"))
 
-        # gdb reads the notes too (the filler left in livedump's slot included).
+        # gdb reads the notes too.
         r = subprocess.run(["gdb", "-batch", "-c", str(vmcore), "-ex", "info registers rip"],
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 0 and "rip" in r.stdout, r.stdout + r.stderr

@@ -136,6 +136,11 @@ def test_no_pause_leaves_the_domain_state_as_it_was(libvirtd, files, scratch):
         assert_markers(out)
         assert domstate(dom.name) == "running (booted)"
 
+        # Suspended already: QEMU's notes, by libvirt's dump, which leaves it suspended.
+        report = dump_paused_and_compare(dom, scratch, "--no-pause")
+        ours, theirs = report["identity"]
+        assert ours == theirs and ("CORE", "NT_PRSTATUS") in ours[3]
+
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_via_ptrace_leaves_libvirt_untouched(libvirtd, files, scratch, debug_emulator, kind):

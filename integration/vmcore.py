@@ -71,3 +71,10 @@ def identity(path: Path) -> tuple:
         elf = ELFFile(f)
         header = elf.elfclass, elf.little_endian, elf["e_machine"]
     return (*header, [(name, type_) for name, type_, _ in notes(path) if name != "LIVEDUMP"])
+
+
+def note_segments(path: Path) -> list[tuple[int, int]]:
+    """File offset and size of each PT_NOTE."""
+    with open(path, "rb") as f:
+        return [(s["p_offset"], s["p_filesz"]) for s in ELFFile(f).iter_segments()
+                if s["p_type"] == "PT_NOTE"]

@@ -58,8 +58,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="QEMU's debug info for --via ptrace (default: found by build-id, "
                    ".gnu_debuglink or debuginfod)")
     p.add_argument("--arch", type=_arch, help="vmcore architecture (default: as QEMU "
-                   "judges the CPU state; with --no-pause, what the QEMU target implies): "
-                   + ", ".join(ARCHES))
+                   "judges the CPU state; with --no-pause on a running guest, what the QEMU "
+                   "target and CPU model imply; one the target cannot be is written with "
+                   "a warning): " + ", ".join(ARCHES))
     p.add_argument("--force", action="store_true", help="replace an existing output file")
     p.add_argument("--qmp-timeout", type=_seconds, default=3.0, metavar="SECONDS",
                    help="how long to wait for a monitor's greeting or reply (default 3)")
@@ -133,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"livedump: {e}", file=sys.stderr)
         return e.exit_code
     report = sys.stderr if args.output == STDOUT else sys.stdout
+    for warning in summary.warnings:  # Even with --quiet: the vmcore is not what it seems.
+        print(f"livedump: warning: {warning}", file=sys.stderr)
     if args.json:
         print(json.dumps(as_json(summary)), file=report)
     elif not args.quiet:
@@ -194,7 +197,7 @@ def _exposed(s: Summary) -> str:
 def as_json(s: Summary) -> dict[str, object]:
     return {
         "output": s.output, "pid": s.pid, "arch": s.arch, "arch_from": s.arch_from,
-        "elf_class": s.elf_class,
+        "elf_class": s.elf_class, "qemu_target": s.qemu_target, "warnings": s.warnings,
         "via": s.via, "detail": s.detail, "was_running": s.was_running,
         "paused": s.paused, "live": s.live, "read_bytes": s.read_bytes,
         "written_bytes": s.written_bytes,

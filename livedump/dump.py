@@ -85,6 +85,8 @@ class Summary:
     paused: bool
     vmcoreinfo: VmcoreinfoResult
     live: bool = False  # memory from QEMU's background snapshot, after the pause
+    qemu_target: str = ""  # as query-target names it
+    warnings: list[str] = field(default_factory=list)  # each a line of the report
     cpu_notes: str = ""
     blocks: list[Block] = field(default_factory=list)
     file_size: int = 0
@@ -180,7 +182,8 @@ def dump(request: Request) -> Summary:
                 stack.callback(progress.close)
             wanted = arches.lookup(request.arch) if request.arch else None
             qemu_target = session.target_arch()
-            target = arches.for_target(qemu_target) if wanted is None else None
+            target = session.target_default(qemu_target) if wanted is None else None
+            warnings = [w] if wanted and (w := arches.contradiction(wanted, qemu_target)) else []
             # The guardian: lets the VM go should livedump die or stall while it
             # holds it, and removes the partial file of a livedump that died.
             guardian = session.watcher() if request.pause or request.output != STDOUT else None
@@ -214,8 +217,8 @@ def dump(request: Request) -> Summary:
                         guardian.beat()
                     search = VmcoreinfoSearch(arch, cpu, out.is_stdout)
                     layout = CoreLayout(arch, plan.blocks, [
-                        *([cpu] if isinstance(cpu, QemuNotes) else []), provenance_note(pid),
-                        *search.notes])
+                        *([cpu] if isinstance(cpu, QemuNotes) else []), provenance_note(pid)],
+                        search.room)
                     writer.inspect = search.inspector(layout)
                     if progress:
                         progress.start(layout.size)
@@ -235,7 +238,7 @@ def dump(request: Request) -> Summary:
         raise
     return Summary(
         output=request.output, pid=pid, arch=arch.name, arch_from=arch_from,
-        elf_class=layout.bits,
+        elf_class=layout.bits, qemu_target=qemu_target, warnings=warnings,
         via=session.via, detail=session.detail, was_running=pause.was_running,
         paused=request.pause and pause.was_running, live=copier.live,
         blocks=layout.blocks, cpu_notes=cpu.summary(), vmcoreinfo=vmcoreinfo,
@@ -257,7 +260,8 @@ def _arch(wanted: arches.Arch | None, target: arches.TargetDefault | None,
     """The vmcore's architecture, where it comes from, and its CPU notes.
 
     ``--arch``, else QEMU's own judgement (the identity of its notes), else
-    what the target implies. QEMU's notes go only into a vmcore of their kind.
+    what the target implies, where it can tell. QEMU's notes go only into a
+    vmcore of their kind.
     """
     if isinstance(cpu, QemuNotes):
         if wanted is None:
@@ -269,6 +273,8 @@ def _arch(wanted: arches.Arch | None, target: arches.TargetDefault | None,
     if wanted is not None:
         return wanted, "--arch", cpu
     assert target is not None
+    if target.unknown:
+        raise UsageError(target.unknown)
     return target.arch, str(target), cpu
 
 

@@ -211,3 +211,24 @@ def test_records_unpack_their_integers_and_leave_byte_strings_to_slicing(bits, l
     assert all(type(value) is int for value in fields.values())
     assert (fields["e_machine"], fields["e_phoff"], fields["e_phnum"]) == (62, structs.ehdr.size, 3)
     assert data[:16] == ident
+
+
+@pytest.mark.parametrize("name", ["x86_64", "arm-be"])
+def test_room_after_the_notes_is_outside_pt_note_until_a_note_is_added(name):
+    layout = CoreLayout(lookup(name), BLOCKS, [NOTE], room=5000)
+    assert layout.data_offset == DATA_ALIGN * 2  # The notes and 5000 bytes: two pages.
+    found = read_core(layout.header)
+    assert (found.note_offset, found.note_size) == (layout.note_offset, layout.note_size)
+    assert layout.header[found.note_offset + found.note_size:] == bytes(
+        layout.data_offset - found.note_offset - found.note_size)
+
+    later = Note("VMCOREINFO", 0, b"OSRELEASE=6.1\n" * 100)
+    header = bytearray(layout.header)
+    for offset, data in layout.add_note(later.encode(layout.structs)):
+        header[offset : offset + len(data)] = data
+    assert len(header) == layout.data_offset
+    found = read_core(bytes(header))
+    span = header[found.note_offset : found.note_offset + found.note_size]
+    assert list(read_notes(found.structs, bytes(span))) == [NOTE, later]
+    with pytest.raises(ValueError, match="does not fit the 5000 reserved"):
+        layout.add_note(bytes(5004))

@@ -23,10 +23,10 @@ def fake_qemu(tmp_path_factory) -> Path:
     return exe
 
 
-def run(fake_qemu: Path, tmp_path: Path, script: dict) -> tuple[subprocess.CompletedProcess,
-                                                                 list[dict]]:
-    """livedump against a fake monitor following ``script``: its result, and
-    what the monitor was sent."""
+def run(fake_qemu: Path, tmp_path: Path, script: dict, *options: str
+        ) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """livedump (given ``options``) against a fake monitor following ``script``:
+    its result, and what the monitor was sent."""
     sock, log, script_file = tmp_path / "qmp.sock", tmp_path / "log", tmp_path / "script"
     script_file.write_text(json.dumps(script))
     fake = subprocess.Popen([str(fake_qemu), str(HERE / "fake_monitor.py"), str(sock),
@@ -40,7 +40,8 @@ def run(fake_qemu: Path, tmp_path: Path, script: dict) -> tuple[subprocess.Compl
         out.mkdir()
         result = subprocess.run(
             [sys.executable, "-m", "livedump", "--pid", str(fake.pid), "--qmp", str(sock),
-             "--qmp-timeout", "5", str(out / "x.vmcore")], capture_output=True, timeout=60)
+             "--qmp-timeout", "5", *options, str(out / "x.vmcore")], capture_output=True,
+            timeout=60)
         sent = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
         if result.returncode != 0:
             assert os.listdir(out) == []
@@ -145,3 +146,37 @@ def test_a_long_reply_in_any_message_is_cut_short(fake_qemu, tmp_path):
     assert r.returncode == 9, r.stderr
     assert one_short_line(r.stderr).startswith(
         "livedump: unexpected reply to 'gpa2hva': 'No memory yyyy")
+
+
+AARCH64_CPU = "/machine/unattached/device[0]"
+AARCH64 = {"query-target": {"return": {"arch": "aarch64"}},
+           "query-cpus-fast": {"return": [{"qom-path": AARCH64_CPU, "cpu-index": 0,
+                                           "thread-id": 1, "target": "aarch64"}]}}
+
+
+@pytest.mark.parametrize("properties, identity", [
+    # QEMU 7.2's cortex-a15 on qemu-system-aarch64: no "aarch64" property.
+    ([{"name": "midr", "type": "uint64"}, {"name": "cfgend", "type": "bool"}], (1, 40)),
+    ([{"name": "midr", "type": "uint64"}, {"name": "aarch64", "type": "bool"}], (2, 183)),
+])
+def test_no_pause_on_aarch64_takes_the_cpu_kind_from_its_model(fake_qemu, tmp_path, properties,
+                                                               identity):
+    replies = {**AARCH64, "qom-list": {"return": properties},
+               "qom-get": {"return": True}}
+    r, sent = run(fake_qemu, tmp_path, {"replies": replies}, "--no-pause")
+    assert r.returncode == 0, r.stderr
+    assert "stop" not in [m["execute"] for m in sent]
+    header = (tmp_path / "out" / "x.vmcore").read_bytes()[:20]
+    assert (header[4], int.from_bytes(header[18:20], "little")) == identity
+    [listed] = [m for m in sent if m["execute"] == "qom-list"]
+    assert listed["arguments"] == {"path": AARCH64_CPU}
+
+
+def test_no_pause_on_aarch64_refuses_a_cpu_kind_it_cannot_tell(fake_qemu, tmp_path):
+    """A monitor that does not say which kind of CPU it runs: no guess, one line."""
+    r, sent = run(fake_qemu, tmp_path, {"replies": AARCH64}, "--no-pause")
+    assert r.returncode == 2
+    assert one_short_line(r.stderr).startswith(
+        "livedump: cannot tell which kind of CPU QEMU target aarch64 runs without its "
+        "registers (its CPU model did not say: ")
+    assert "stop" not in [m["execute"] for m in sent]

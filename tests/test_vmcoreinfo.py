@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from elftools.elf.elffile import ELFFile
 
+from livedump.dump import NT_LIVEDUMP_INFO, provenance_note
 from livedump.transfer.copier import Writer, copy
 from livedump.transfer.memory import Buffer, PageMap, ProcessMemory
 from livedump.transfer.output import Output
@@ -18,7 +19,6 @@ from livedump.vmcore.elf import CoreLayout, ElfStructs, Note
 from livedump.vmcore.notes import QemuNotes
 from livedump.vmcore.notes import parse as parse_qemu
 from livedump.vmcore.vmcoreinfo import (
-    NT_LIVEDUMP_FILLER,
     Invalid,
     Result,
     Search,
@@ -60,7 +60,7 @@ def dump(path: Path, contents: dict[int, bytes], arch=X86_64, cpu="no CPU notes"
     blocks, _buffers = guest_memory(contents)
     search = Search(arch, cpu, to_stdout=False)
     with Output(str(path)) as out, Writer(out) as writer:
-        layout = CoreLayout(arch, blocks, search.notes)
+        layout = CoreLayout(arch, blocks, [provenance_note(1)], search.room)
         writer.inspect = search.inspector(layout)
         copy(layout, [False] * len(blocks), ProcessMemory(os.getpid()), PageMap(os.getpid()),
              writer)
@@ -89,21 +89,28 @@ def test_the_real_page_is_parsed():
     assert len(entries) > 100
 
 
-def test_the_real_page_is_found_and_written_where_the_filler_was(tmp_path):
+def test_the_real_page_is_found_and_written_after_the_notes(tmp_path):
     result = dump(tmp_path / "core", real_guest())
     assert (result.source, result.gpa, result.release) == ("guest", GPA, RELEASE)
     assert f"at GPA {GPA:#x}" in result.detail
-    [(name, type_, text), (filler, filler_type, _)] = notes(tmp_path / "core")
+    [(owner, ours, _), (name, type_, text)] = notes(tmp_path / "core")
+    assert (owner, ours) == ("LIVEDUMP", NT_LIVEDUMP_INFO)
     assert (name, type_, text) == ("VMCOREINFO", 0, TEXT)
-    assert (filler, filler_type) == ("LIVEDUMP", NT_LIVEDUMP_FILLER)
 
 
-def test_without_a_find_the_slot_is_one_filler_that_readers_skip(tmp_path):
+def test_without_a_find_the_room_is_zeros_outside_the_notes(tmp_path):
     result = dump(tmp_path / "core", {0x100000: b"firmware, not Linux"})
     assert result.source == "none" and "none found" in result.detail
-    [(name, type_, desc)] = notes(tmp_path / "core")
-    assert (name, type_) == ("LIVEDUMP", NT_LIVEDUMP_FILLER)
-    assert desc == bytes(len(desc)) and len(desc) >= 4096
+    [(name, type_, _)] = notes(tmp_path / "core")  # No placeholder for readers to show.
+    assert (name, type_) == ("LIVEDUMP", NT_LIVEDUMP_INFO)
+    with open(tmp_path / "core", "rb") as f:
+        elf = ELFFile(f)
+        [note] = [s for s in elf.iter_segments() if s["p_type"] == "PT_NOTE"]
+        [first, *_] = [s for s in elf.iter_segments() if s["p_type"] == "PT_LOAD"]
+        end = note["p_offset"] + note["p_filesz"]
+        f.seek(end)
+        room = f.read(first["p_offset"] - end)
+    assert room == bytes(len(room)) and len(room) >= 4096 + 24
 
 
 @pytest.mark.parametrize("arch", ["s390", "386"])
@@ -111,7 +118,7 @@ def test_the_note_is_encoded_for_every_class_and_byte_order(tmp_path, arch):
     # Neither has a rule to find init_uts_ns: found, but said to be unchecked.
     result = dump(tmp_path / "core", {GPA: PAGE}, lookup(arch))
     assert result.source == "guest" and "not cross-checked" in result.detail
-    assert notes(tmp_path / "core")[0] == ("VMCOREINFO", 0, TEXT)
+    assert notes(tmp_path / "core")[1:] == [("VMCOREINFO", 0, TEXT)]
 
 
 def test_a_page_from_an_earlier_kernel_is_refused(tmp_path):
@@ -168,22 +175,23 @@ def test_parse_refuses_what_readers_could_not_use():
 def test_qemus_own_note_is_carried_and_not_looked_for():
     qemu = QemuNotes(X86_64, b"", ("CORE", "QEMU", "VMCOREINFO"))
     search = Search(X86_64, qemu, to_stdout=False)
-    assert search.notes == []
-    layout = CoreLayout(X86_64, [Block(0, MIB, 0)], search.notes)
+    assert search.room == 0
+    layout = CoreLayout(X86_64, [Block(0, MIB, 0)], [], search.room)
     assert search.inspector(layout) is None
     assert search.finish(None).source == "qemu"
 
 
-def test_qemus_notes_without_it_get_a_slot():
+def test_qemus_notes_without_it_get_room_for_it():
     qemu = QemuNotes(X86_64, b"", ("CORE", "QEMU"))
-    assert len(Search(X86_64, qemu, to_stdout=False).notes) == 1
+    assert Search(X86_64, qemu, to_stdout=False).room == 4096 + 24
+    assert Search(lookup("aarch64-le"), qemu, to_stdout=False).room == 65536 + 24
 
 
-def test_standard_output_keeps_the_filler_and_says_why():
+def test_standard_output_keeps_the_room_unused_and_says_why():
     search = Search(X86_64, "no CPU notes", to_stdout=True)
-    [slot] = search.notes
-    assert slot.type == NT_LIVEDUMP_FILLER
-    assert search.inspector(CoreLayout(X86_64, [Block(0, MIB, 0)], search.notes)) is None
+    assert search.room == 4096 + 24  # The bytes a file would hold.
+    layout = CoreLayout(X86_64, [Block(0, MIB, 0)], [provenance_note(1)], search.room)
+    assert search.inspector(layout) is None
     result = search.finish(None)
     assert result.source == "none" and "standard output" in result.detail
 

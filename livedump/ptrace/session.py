@@ -50,6 +50,11 @@ class PtraceSession:
             return "x86_64" if regs // word == 16 else "i386"
         raise UsageError(f"cannot tell which architecture {name} emulates: give --arch")
 
+    def target_default(self, target: str) -> arches.TargetDefault:
+        """What ``target`` implies without the CPU state (the CPU model is not
+        read from QEMU's structures: on qemu-system-aarch64, AArch64 assumed)."""
+        return arches.for_target(target)
+
     def prepare(self) -> None:
         return None  # QEMU may change its map until it is frozen.
 

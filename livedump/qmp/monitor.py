@@ -93,6 +93,32 @@ class Monitor:
             raise unexpected("query-target", reply)
         return arch
 
+    def first_cpu_is_aarch64(self) -> bool:
+        """Whether the first vCPU, the one QEMU's dump judges by, is an AArch64 one
+        (qemu-system-aarch64 also runs AArch32 models, -cpu cortex-a15): its QOM
+        ``aarch64`` property, which only AArch64 models have. A QOM attribute of
+        the model, not a register: asked while the guest runs, it stops nothing."""
+        cpus = self.transport.execute("query-cpus-fast")
+        try:
+            path = cpus[0]["qom-path"]  # type: ignore[index]
+            if not isinstance(path, str):
+                raise TypeError
+        except (TypeError, KeyError, IndexError):
+            raise unexpected("query-cpus-fast", cpus) from None
+        listed = self.transport.execute("qom-list", {"path": path})
+        try:
+            names = {p["name"] for p in listed}  # type: ignore[attr-defined]
+        except (TypeError, KeyError):
+            raise unexpected("qom-list", listed) from None
+        if "aarch64" not in names:
+            if "midr" not in names:  # Every Arm CPU has its ID register's property.
+                raise MonitorError(f"CPU {path} is not an Arm CPU: it has no 'midr' property")
+            return False
+        value = self.transport.execute("qom-get", {"path": path, "property": "aarch64"})
+        if not isinstance(value, bool):
+            raise unexpected("qom-get aarch64", value)
+        return value
+
     def send_fd(self, fd: int, name: str) -> None:
         """Hand QEMU a file descriptor, known to it as ``name`` (QMP ``getfd``)."""
         self.transport.send_fd(fd)

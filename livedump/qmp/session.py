@@ -15,6 +15,8 @@ from livedump.vm.guardian import STALL_TIMEOUT, Guardian
 from livedump.vm.pause import Control, Pause, not_paused, paused
 from livedump.vm.process import Address, QmpEndpoint, qemu_executable, qmp_endpoints
 from livedump.vm.session import RamMap
+from livedump.vmcore import arch as arches
+from livedump.vmcore.arch import TargetDefault
 from livedump.vmcore.blocks import Block, GuestRange
 from livedump.vmcore.notes import CpuNotes, NoCpuNotes, QemuNotes
 
@@ -35,11 +37,21 @@ class MonitoredSession(abc.ABC):
         self.detail = detail
         self.stall = stall
         self._view: list[ram_map.FlatRange] = []
-        self._paused = False
+        self._still = False  # inside the hold: paused, by us or before us
         self._guardian: Guardian | None = None
 
     def target_arch(self) -> str:
         return self.monitor.target_arch()
+
+    def target_default(self, target: str) -> TargetDefault:
+        """What ``target`` implies without the CPU state: on qemu-system-aarch64,
+        an AArch64 or AArch32 vmcore as the CPU model is, asked of QOM."""
+        if target != "aarch64":
+            return arches.for_target(target)
+        try:
+            return arches.for_target(target, self.monitor.first_cpu_is_aarch64())
+        except MonitorError as e:
+            return arches.unknown_cpu(target, f"its CPU model did not say: {e}")
 
     def prepare(self) -> RamMap:
         """The map, read and checked before the pause so its round trips cost the
@@ -55,12 +67,15 @@ class MonitoredSession(abc.ABC):
 
     @contextlib.contextmanager
     def hold(self, pause: bool) -> Iterator[Pause]:
-        self._paused = pause
         if not pause:
             with not_paused(self.control()) as p:
+                # A guest paused already (--no-pause asks only not to pause
+                # it) gives QEMU's notes: its one-page dump leaves it paused.
+                self._still = not p.was_running
                 yield p
             return
         with paused(self.control(), self.watcher()) as p:
+            self._still = True
             yield p
 
     def watcher(self) -> Guardian:
@@ -90,7 +105,7 @@ class MonitoredSession(abc.ABC):
 
     def cpu_notes(self, memory: ProcessMemory, blocks: list[Block]) -> CpuNotes:
         """Inside the pause: QEMU's notes for this instant, or why there are none."""
-        if not self._paused:  # QEMU's one-page dump would stop the guest.
+        if not self._still:  # QEMU's one-page dump would stop the guest.
             return NoCpuNotes("no CPU registers with --no-pause")
         try:
             return self.qemu_notes(blocks[0].gpa)

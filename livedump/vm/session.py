@@ -1,7 +1,8 @@
 """How livedump gets hold of a VM: through its QMP monitor, through libvirt, or with ptrace.
 
 Every kind of session answers the same questions for the pipeline: what
-target the VM is (:meth:`target_arch`), how to hold it still (:meth:`hold`),
+target the VM is (:meth:`target_arch`, and what it implies without the CPU
+state: :meth:`target_default`), how to hold it still (:meth:`hold`),
 where its RAM is (:meth:`prepare` before the hold, :meth:`ranges` inside
 it), and what its vCPUs' registers are (:meth:`cpu_notes`, inside the
 hold). A session that can also have QEMU take a background snapshot
@@ -20,6 +21,7 @@ from livedump.transfer.memory import ProcessMemory
 from livedump.vm.guardian import STALL_TIMEOUT, Guardian
 from livedump.vm.pause import Pause
 from livedump.vm.process import Address
+from livedump.vmcore.arch import TargetDefault
 from livedump.vmcore.blocks import Block, GuestRange
 from livedump.vmcore.notes import CpuNotes
 
@@ -43,6 +45,7 @@ class Session(Protocol):
     detail: str  # For the report: which monitor or domain, or why ptrace.
 
     def target_arch(self) -> str: ...
+    def target_default(self, target: str) -> TargetDefault: ...
     def prepare(self) -> RamMap | None: ...
     def hold(self, pause: bool) -> AbstractContextManager[Pause]: ...
     def ranges(self, memory: ProcessMemory, prepared: RamMap | None) -> RamMap: ...

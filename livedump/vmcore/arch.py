@@ -100,13 +100,12 @@ def lookup(name: str) -> Arch:
         raise UsageError(f"unknown architecture {name!r} (known: {known})") from None
 
 
-# Without QEMU's notes (--no-pause: its one-page dump would stop the guest)
-# there is no CPU state to judge by. The QEMU target (QMP ``query-target``)
-# then gives the machine; where QEMU would read the rest from the CPU
-# state, the default is what most guests run, said to be an assumption.
-# qemu-system-aarch64 also runs AArch32 CPUs (-cpu cortex-a15), which QEMU
-# dumps as 32-bit Arm: the default assumes an AArch64 one. QEMU dumps every
-# RISC-V CPU little-endian, in its emulator's word size.
+# Without QEMU's notes (--no-pause on a running guest: its one-page dump would
+# stop it) there is no CPU state to judge by. The QEMU target (QMP
+# ``query-target``) then gives the machine; where QEMU would read the rest
+# from the CPU state, the default is what most guests run, said to be an
+# assumption. QEMU dumps every RISC-V CPU little-endian, in its emulator's
+# word size.
 _TARGET_DEFAULTS = {
     "x86_64": ("x86_64", "long mode assumed"),
     "i386": ("386", ""),
@@ -118,30 +117,74 @@ _TARGET_DEFAULTS = {
     "riscv32": ("riscv32", ""),
     "ppc": ("ppc-be", "big-endian assumed"),
 }
+# qemu-system-aarch64 also runs AArch32 CPUs (-cpu cortex-a15), which QEMU
+# dumps as ELF32 EM_ARM: which kind the CPU is, the CPU model says (its QOM
+# ``aarch64`` property), and then only the byte order is assumed.
+_AARCH64_CPU = {
+    True: ("aarch64-le", "an AArch64 CPU model, little-endian assumed"),
+    False: ("arm-le", "an AArch32 CPU model, little-endian assumed"),
+}
+# Every identity QEMU's dump of a target can have: an --arch beyond them
+# contradicts the target (x86 guests out of long mode are EM_386; an AArch64
+# emulator runs AArch32 CPUs too; each byte order where the CPU chooses).
+_TARGET_ARCHES = {
+    "x86_64": ("x86_64", "386"),
+    "i386": ("386",),
+    "aarch64": ("aarch64-le", "aarch64-be", "arm-le", "arm-be"),
+    "arm": ("arm-le", "arm-be"),
+    "ppc64": ("ppc64-le", "ppc64-be"),
+    "s390x": ("s390",),
+    "riscv64": ("riscv64",),
+    "riscv32": ("riscv32",),
+    "ppc": ("ppc-be", "ppc-le"),
+}
 
 
 @dataclass(frozen=True)
 class TargetDefault:
-    """The architecture a QEMU target implies when its CPU state is not known."""
+    """The architecture a QEMU target implies when its CPU state is not known;
+    ``unknown`` says why none can be told (then ``arch`` must not be written)."""
 
     target: str
     arch: Arch
     assumed: str  # "" when the target alone decides
+    unknown: str = ""
 
     def __str__(self) -> str:
         said = f"QEMU target {self.target}"
         return f"{said}, {self.assumed} (else give --arch)" if self.assumed else said
 
 
-def for_target(target: str) -> TargetDefault:
-    """What QEMU target ``target`` (as ``query-target`` names it) implies."""
+def for_target(target: str, aarch64_cpu: bool | None = None) -> TargetDefault:
+    """What QEMU target ``target`` (as ``query-target`` names it) implies; for
+    ``aarch64``, ``aarch64_cpu`` is whether its CPU model is AArch64, where known."""
     try:
         name, assumed = _TARGET_DEFAULTS[target]
     except KeyError:
         known = ", ".join(_TARGET_DEFAULTS)
         raise UsageError(f"QEMU target {target!r} is not one livedump supports ({known})"
                          ) from None
+    if target == "aarch64" and aarch64_cpu is not None:
+        name, assumed = _AARCH64_CPU[aarch64_cpu]
     return TargetDefault(target, ARCHES[name], assumed)
+
+
+def unknown_cpu(target: str, why: str) -> TargetDefault:
+    """A target whose CPU state decides more than its byte order, with that CPU
+    state unknown: a vmcore of it must not be written as a guess."""
+    return replace(for_target(target), unknown=f"cannot tell which kind of CPU QEMU target "
+                   f"{target} runs without its registers ({why}): give --arch, or let "
+                   f"livedump pause the guest")
+
+
+def contradiction(wanted: Arch, target: str) -> str:
+    """Why ``wanted`` is none of the identities QEMU's dump of ``target`` can have;
+    "" if it is one (or the target is one livedump does not know)."""
+    names = _TARGET_ARCHES.get(target)
+    if names is None or wanted.name in names:
+        return ""
+    return (f"--arch {wanted.name} contradicts QEMU target {target}, whose vmcores are "
+            f"{' or '.join(names)}: the vmcore says a machine the guest is not")
 
 
 def from_elf(machine: int, bits: int, little_endian: bool) -> Arch:

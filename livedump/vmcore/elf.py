@@ -205,14 +205,20 @@ class CoreLayout:
     ``header`` holds everything before ``data_offset`` (ELF header, program
     headers, the extended-numbering section header, notes, padding);
     block ``i`` occupies ``[offsets[i], offsets[i] + blocks[i].size)``;
-    ``notes[j]`` starts at ``note_offsets[j]`` (a note rewritten once memory is
-    written, in ``structs``, must keep its size).
+    ``notes[j]`` starts at ``note_offsets[j]``.
+
+    ``room`` bytes of zeros are reserved after the notes, outside PT_NOTE,
+    for a note learnt once memory is written (:meth:`add_note`): until then
+    they are padding like that which aligns memory, which every reader
+    passes over, and no reader sees a placeholder.
     """
 
-    def __init__(self, arch: Arch, blocks: Sequence[Block], notes: Sequence[Notes]) -> None:
+    def __init__(self, arch: Arch, blocks: Sequence[Block], notes: Sequence[Notes],
+                 room: int = 0) -> None:
         self.arch = arch
         self.blocks = list(blocks)
         self.bits = arch.bits
+        self.room = room
         notes = list(notes)
         if self.bits == 32:
             self._place(ElfStructs(32, arch.little_endian), notes)
@@ -240,7 +246,7 @@ class CoreLayout:
         sizes = [len(n.encode(s)) for n in notes]
         self.note_offsets = [self.note_offset + sum(sizes[:j]) for j in range(len(sizes))]
         self.note_size = sum(sizes)
-        self.data_offset = _align(self.note_offset + self.note_size, DATA_ALIGN)
+        self.data_offset = _align(self.note_offset + self.note_size + self.room, DATA_ALIGN)
         self.offsets = []
         offset = self.data_offset
         for b in self.blocks:
@@ -266,8 +272,7 @@ class CoreLayout:
                 e_shentsize=s.shdr.size if self.extended else 0,
                 e_shnum=1 if self.extended else 0,
             ),
-            s.phdr.pack(p_type=PT_NOTE, p_offset=self.note_offset,
-                        p_filesz=self.note_size, p_memsz=self.note_size),
+            self._note_phdr(self.note_size),
         ]
         parts += [
             s.phdr.pack(p_type=PT_LOAD, p_offset=off, p_vaddr=b.gpa, p_paddr=b.gpa,
@@ -279,3 +284,17 @@ class CoreLayout:
         head = b"".join(parts).ljust(self.note_offset, b"\0")
         body = b"".join(n.encode(s) for n in notes)
         return (head + body).ljust(self.data_offset, b"\0")
+
+    def _note_phdr(self, size: int) -> bytes:
+        return self.structs.phdr.pack(p_type=PT_NOTE, p_offset=self.note_offset,
+                                      p_filesz=size, p_memsz=size)
+
+    def add_note(self, encoded: bytes) -> list[tuple[int, bytes]]:
+        """Where to write note ``encoded`` (in ``structs``) into the reserved room,
+        and the PT_NOTE program header that then takes it in: (file offset, bytes),
+        the note first, so that the header never points at what is not there."""
+        if len(encoded) > self.room:
+            raise ValueError(f"a note of {len(encoded)} bytes does not fit the "
+                             f"{self.room} reserved")
+        return [(self.note_offset + self.note_size, encoded),
+                (self.structs.ehdr.size, self._note_phdr(self.note_size + len(encoded)))]

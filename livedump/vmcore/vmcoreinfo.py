@@ -9,13 +9,13 @@ the vmcore. So when QEMU's notes lack it, livedump finds the page itself, in
 the memory it streams anyway: no second pass over guest memory.
 
 The header, notes included, is written before memory, and readers want the
-notes before the first byte of memory. So a fixed slot at the end of PT_NOTE
-is reserved, holding a filler note of livedump's own (owner ``LIVEDUMP``,
-type "LVDF") that readers skip; once memory is written, the slot of a file
-is rewritten with the ``VMCOREINFO`` note and a smaller filler. Standard
-output cannot be rewritten: its slot stays a filler (so a pipe carries the
-bytes a file would without a find), nothing is looked for, and the report
-says why. QEMU's own note needs no slot.
+notes before the first byte of memory. So room for the note is reserved
+right after the notes, outside PT_NOTE: zeros that no reader looks at, as
+the padding that aligns memory is. Once memory is written, the note is
+written into the room of a file and PT_NOTE's size made to take it in.
+Standard output cannot be rewritten: its room stays unused zeros (so a pipe
+carries the bytes a file would without a find), nothing is looked for, and
+the report says why. QEMU's own note needs no room.
 
 A match is trusted only after strict checks, since a wrong VMCOREINFO makes
 crash and drgn misread everything: the page holds nothing but well-formed
@@ -45,17 +45,13 @@ from livedump.vmcore.x86_notes import x86_page_tables
 
 NAME = "VMCOREINFO"
 NT_VMCOREINFO = 0  # the type the kernel gives its own VMCOREINFO note
-# Filler under livedump's owner; "LVDF" in ASCII, far from the small CORE
-# types that crash and gdb read whatever the owner.
-NT_LIVEDUMP_FILLER = 0x4C564446
-_FILLER_OWNER = "LIVEDUMP"
 
 # Pages are looked for at this alignment: the smallest page of any target,
 # so a 64 KiB-page kernel's page (64 KiB-aligned) is found too.
 SCAN_ALIGN = 4096
 MAGIC = b"OSRELEASE="
 # The text fills at most one guest page: room for the largest page a target
-# may use, so the slot never turns a valid find away.
+# may use, so the room never turns a valid find away.
 _LARGEST_PAGE = {EM_AARCH64: 65536, EM_PPC64: 65536}
 _REQUIRED = ("OSRELEASE", "PAGESIZE", "SYMBOL(init_uts_ns)")
 _LINE = re.compile(rb"[A-Z][A-Z0-9_-]*(?:\([A-Za-z0-9_.]+\))?=[\x21-\x7e]+")
@@ -189,11 +185,6 @@ def _number(text: str | None, what: str, base: int = 10) -> int:
         raise Invalid(f"{what}={text} is not a number") from None
 
 
-def filler(size: int) -> Note:
-    """A note of livedump's that readers skip, taking exactly ``size`` bytes."""
-    return Note(_FILLER_OWNER, NT_LIVEDUMP_FILLER, bytes(size - _note_size(_FILLER_OWNER, 0)))
-
-
 def _note_size(owner: str, desc: int) -> int:
     """Bytes a note takes: the same in ELF32 and ELF64 (three words, 4-byte padding)."""
     return 12 + _pad4(len(owner) + 1) + _pad4(desc)
@@ -206,10 +197,10 @@ def _pad4(n: int) -> int:
 class Search:
     """VMCOREINFO for one dump: QEMU's note, or one found while memory is written.
 
-    Used in three steps: ``notes`` go into the layout (the reserved slot, or
-    nothing); ``inspector(layout)`` is the writer's hook, which sees every
+    Used in three steps: ``room`` is reserved in the layout (or none is);
+    ``inspector(layout)`` is the writer's hook, which sees every
     chunk written; ``finish(out)``, once memory is written, validates what
-    was seen, writes the note into the slot and says what was done.
+    was seen, writes the note into the room and says what was done.
     ``result`` is known from the start when there is nothing to look for;
     otherwise the layout given to ``inspector`` is the one ``finish`` writes.
     """
@@ -217,21 +208,19 @@ class Search:
     def __init__(self, arch: Arch, cpu: CpuNotes, to_stdout: bool) -> None:
         self.arch = arch
         self.result: Result | None = None
-        self._slot = True
+        self._room = True
         # The page tables the vCPUs run on, to tell the running kernel's page
         # from an earlier kernel's that survived a reboot intact.
         self._roots = (x86_page_tables(cpu) if isinstance(cpu, QemuNotes)
                        and arch.machine == EM_X86_64 else [])
         if isinstance(cpu, QemuNotes) and NAME in cpu.names:
             self.result = Result("qemu", "VMCOREINFO from QEMU's vmcoreinfo device")
-            self._slot = False
-        elif to_stdout:  # The slot stays, a filler: the same bytes as a file would hold.
+            self._room = False
+        elif to_stdout:  # The room stays zeros: the same bytes as a file would hold.
             self.result = Result("none", "no VMCOREINFO: its place in the notes precedes "
                                  "memory, which standard output cannot go back to (write "
                                  "to a file, or give the VM -device vmcoreinfo)")
         self.capacity = _LARGEST_PAGE.get(arch.machine, SCAN_ALIGN)
-        # The largest note, and the smallest filler after it.
-        self._slot_size = _note_size(NAME, self.capacity) + _note_size(_FILLER_OWNER, 0)
         self._candidates: dict[bytes, int] = {}  # text -> the lowest GPA it was seen at
         # Why candidates failed, for the report: those at the lowest addresses
         # (pages are shown in no set order, so kept by address, not by arrival).
@@ -241,8 +230,9 @@ class Search:
         self._layout: CoreLayout | None = None  # the dump looked through, once inspector() ran
 
     @property
-    def notes(self) -> list[Note]:
-        return [filler(self._slot_size)] if self._slot else []
+    def room(self) -> int:
+        """Bytes the layout must reserve after its notes: the largest note."""
+        return _note_size(NAME, self.capacity) if self._room else 0
 
     def inspector(self, layout: CoreLayout) -> Inspect | None:
         """The writer's hook for a dump of ``layout``, or None if there is nothing to find."""
@@ -337,11 +327,9 @@ class Search:
             return Result("none", "no VMCOREINFO: none found in guest memory (not a "
                           f"booted Linux guest?){why}")
         (text, (gpa, entries, checked)), = valid.items()
-        note = Note(NAME, NT_VMCOREINFO, text)
-        s = layout.structs
-        encoded = note.encode(s)
-        slot = layout.note_offsets[-1]  # dump.py puts the slot last
-        out.write_at(slot, encoded + filler(self._slot_size - len(encoded)).encode(s))
+        for offset, data in layout.add_note(Note(NAME, NT_VMCOREINFO, text).encode(
+                layout.structs)):
+            out.write_at(offset, data)
         release = entries["OSRELEASE"]
         unchecked = "" if checked else f", not cross-checked on {self.arch.name}"
         return Result("guest", f"VMCOREINFO of Linux {release} found in guest memory at "
