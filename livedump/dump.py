@@ -24,7 +24,7 @@ from livedump.transfer.output import STDOUT, Output
 from livedump.vm.guardian import STALL_TIMEOUT
 from livedump.vm.lock import VMLock
 from livedump.vm.process import Address
-from livedump.vm.session import RamMap, SnapshotSource, check_request, open_session
+from livedump.vm.session import RamMap, Session, SnapshotSource, check_request, open_session
 from livedump.vmcore import arch as arches
 from livedump.vmcore.blocks import Block, coalesce
 from livedump.vmcore.elf import CoreLayout, Note
@@ -181,9 +181,10 @@ def dump(request: Request) -> Summary:
             if progress:
                 stack.callback(progress.close)
             wanted = arches.lookup(request.arch) if request.arch else None
-            qemu_target = session.target_arch()
+            qemu_target = _target(session, wanted)
             target = session.target_default(qemu_target) if wanted is None else None
-            warnings = [w] if wanted and (w := arches.contradiction(wanted, qemu_target)) else []
+            warnings = ([w] if wanted and qemu_target
+                        and (w := arches.contradiction(wanted, qemu_target)) else [])
             # The guardian: lets the VM go should livedump die or stall while it
             # holds it, and removes the partial file of a livedump that died.
             guardian = session.watcher() if request.pause or request.output != STDOUT else None
@@ -253,6 +254,17 @@ def _plan(ram: RamMap, pid: int) -> _Plan:
     if not blocks:
         raise GuestMemoryError("the VM has no RAM in its memory map")
     return _Plan(blocks, check_blocks(blocks, read_maps(pid)))
+
+
+def _target(session: Session, wanted: arches.Arch | None) -> str:
+    """QEMU's target, as ``query-target`` names it; "" where only ``--arch``
+    could say (a QEMU binary of another name, in ptrace mode), and it did."""
+    try:
+        return session.target_arch()
+    except UsageError:
+        if wanted is None:
+            raise
+        return ""
 
 
 def _arch(wanted: arches.Arch | None, target: arches.TargetDefault | None,

@@ -1,8 +1,10 @@
 """Which architecture a vmcore gets: --arch, QEMU's judgement, or the target's default."""
 
+from typing import Any
+
 import pytest
 
-from livedump.dump import _arch
+from livedump.dump import _arch, _target
 from livedump.errors import UsageError
 from livedump.vmcore import arch as arches
 from livedump.vmcore.notes import NoCpuNotes, parse
@@ -114,3 +116,18 @@ def test_every_target_can_be_its_own_default_and_has_its_dumps_listed():
     for target in arches._TARGET_DEFAULTS:
         assert arches.contradiction(arches.for_target(target).arch, target) == ""
         assert arches.contradiction(arches.for_target(target, False).arch, target) == ""
+
+
+class _UnnamedQemu:
+    """A ptrace session whose QEMU binary names no target and whose debug info
+    holds no x86 CPU state."""
+
+    def target_arch(self) -> str:
+        raise UsageError("cannot tell which architecture qemu-custom emulates: give --arch")
+
+
+def test_arch_given_needs_no_target():
+    session: Any = _UnnamedQemu()
+    assert _target(session, arches.lookup("aarch64-le")) == ""
+    with pytest.raises(UsageError, match="give --arch"):
+        _target(session, None)
