@@ -63,8 +63,7 @@ class _Cursor:
         return self.take(1)[0]
 
     def be32(self) -> int:
-        (value,) = _BE32.unpack(self.take(4))
-        return value
+        return int.from_bytes(self.take(4), "big")
 
     def name(self) -> str:
         return self.take(self.byte()).decode("utf-8", "replace")
@@ -96,9 +95,8 @@ def sections(data: bytes) -> list[Section] | None:
         return None
     end, desc = found
     devices: dict[tuple[str, int], Mapping[str, object]] = {}
-    for device in desc["devices"]:  # type: ignore[union-attr]
-        if isinstance(device, dict):
-            devices[(str(device.get("name")), _int(device.get("instance_id", 0)))] = device
+    for device in _list(desc["devices"]):
+        devices[(str(device.get("name")), _int(device.get("instance_id", 0)))] = device
     c = _Cursor(data[:end])
     result = []
     while c.at < end:
@@ -111,11 +109,11 @@ def sections(data: bytes) -> list[Section] | None:
         section_id = c.be32()
         name = c.name()
         instance, version = c.be32(), c.be32()
-        device = devices.get((name, instance))
-        if device is None:
+        described = devices.get((name, instance))
+        if described is None:
             raise SnapshotError(f"the migration stream's description lacks section {name!r} "
                                 f"(instance {instance})")
-        result.append(Section(name, instance, version, _struct(c, device, 0)))
+        result.append(Section(name, instance, version, _struct(c, described, 0)))
         if c.at < end and c.data[c.at] == SECTION_FOOTER:
             c.byte()
             if c.be32() != section_id:

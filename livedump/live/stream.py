@@ -151,6 +151,7 @@ class Reader:
         """Read to the end of the stream; what was left of it, or None beyond ``limit``
         bytes (then dropped)."""
         kept = bytearray(self._view[self._pos:self._end])
+        self.consumed += len(kept)
         self._pos = self._end = 0
         while got := os.readv(self.fd, [self._view]):
             if len(kept) <= limit:

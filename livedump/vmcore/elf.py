@@ -206,11 +206,15 @@ class CoreLayout:
     headers, the extended-numbering section header, notes, padding);
     block ``i`` occupies ``[offsets[i], offsets[i] + blocks[i].size)``;
     ``notes[j]`` starts at ``note_offsets[j]`` (a note rewritten once memory is
-    written, in ``structs``, must keep its size).
+    written, in ``structs``, must keep its size). Memory starts at
+    ``data_offset`` or later: a dump whose notes are known only once memory
+    is written places memory where the largest notes it may get leave it.
     """
 
-    def __init__(self, arch: Arch, blocks: Sequence[Block], notes: Sequence[Notes]) -> None:
+    def __init__(self, arch: Arch, blocks: Sequence[Block], notes: Sequence[Notes],
+                 data_offset: int = 0) -> None:
         self.arch = arch
+        self._min_data_offset = data_offset
         self.blocks = list(blocks)
         self.bits = arch.bits
         notes = list(notes)
@@ -240,7 +244,8 @@ class CoreLayout:
         sizes = [len(n.encode(s)) for n in notes]
         self.note_offsets = [self.note_offset + sum(sizes[:j]) for j in range(len(sizes))]
         self.note_size = sum(sizes)
-        self.data_offset = _align(self.note_offset + self.note_size, DATA_ALIGN)
+        self.data_offset = max(_align(self.note_offset + self.note_size, DATA_ALIGN),
+                               self._min_data_offset)
         self.offsets = []
         offset = self.data_offset
         for b in self.blocks:

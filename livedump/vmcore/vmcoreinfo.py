@@ -189,6 +189,11 @@ def _number(text: str | None, what: str, base: int = 10) -> int:
         raise Invalid(f"{what}={text} is not a number") from None
 
 
+def _page_roots(arch: Arch, cpu: CpuNotes) -> list[int]:
+    return (x86_page_tables(cpu) if isinstance(cpu, QemuNotes)
+            and arch.machine == EM_X86_64 else [])
+
+
 def filler(size: int) -> Note:
     """A note of livedump's that readers skip, taking exactly ``size`` bytes."""
     return Note(_FILLER_OWNER, NT_LIVEDUMP_FILLER, bytes(size - _note_size(_FILLER_OWNER, 0)))
@@ -220,8 +225,7 @@ class Search:
         self._slot = True
         # The page tables the vCPUs run on, to tell the running kernel's page
         # from an earlier kernel's that survived a reboot intact.
-        self._roots = (x86_page_tables(cpu) if isinstance(cpu, QemuNotes)
-                       and arch.machine == EM_X86_64 else [])
+        self._roots = _page_roots(arch, cpu)
         if isinstance(cpu, QemuNotes) and NAME in cpu.names:
             self.result = Result("qemu", "VMCOREINFO from QEMU's vmcoreinfo device")
             self._slot = False
@@ -243,6 +247,17 @@ class Search:
     @property
     def notes(self) -> list[Note]:
         return [filler(self._slot_size)] if self._slot else []
+
+    def settle(self, arch: Arch, cpu: CpuNotes, layout: CoreLayout) -> None:
+        """The dump's identity, CPU notes and layout, where they are known only once
+        memory is written (``--live`` with the notes from the stream): the slot keeps
+        its place in memory's view and its size, the header is the new layout's."""
+        if _LARGEST_PAGE.get(arch.machine, SCAN_ALIGN) != self.capacity:
+            raise ValueError(f"a VMCOREINFO slot for {self.arch.name} cannot serve {arch.name}")
+        self.arch = arch
+        self._roots = _page_roots(arch, cpu)
+        if self._layout is not None:
+            self._layout = layout
 
     def inspector(self, layout: CoreLayout) -> Inspect | None:
         """The writer's hook for a dump of ``layout``, or None if there is nothing to find."""
