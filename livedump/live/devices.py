@@ -100,9 +100,7 @@ def sections(data: bytes) -> list[Section] | None:
     c = _Cursor(data[:end])
     result = []
     while c.at < end:
-        kind = c.byte()
-        if kind == EOF:
-            break
+        kind = c.byte()  # Up to the end of file, sections only.
         if kind != SECTION_FULL:
             raise SnapshotError(f"unexpected element {kind:#x} in the migration stream's "
                                 "device state")
