@@ -149,3 +149,23 @@ def test_paused_vm_stays_paused(scratch, binaries, series):
         report = json.loads(r.stdout)
         assert report["live"] is False and report["paused"] is False
         assert "QEMU" in {name for name, _, _ in cpu_notes(out)}
+
+
+def test_arch_given_keeps_our_pause_and_qemus_notes(scratch, binaries):
+    """With --arch the notes come from QEMU's one-page dump inside livedump's own
+    pause, the snapshot started in it: a whole vmcore, the guest resumed by livedump."""
+    series = next(iter(QEMUS))
+    with VM(qemu=binaries[series], platform=HALTED["long-mode"], memory="256M",
+            extra=TRACE) as vm:
+        vm.wait_running(0.5)
+        default, live = scratch / "default.vmcore", scratch / "live.vmcore"
+        assert livedump("--pid", str(vm.pid), str(default)).returncode == 0
+        done = len(sent(vm))
+        r = livedump("--pid", str(vm.pid), "--live", "--arch", "x86_64", "--json", str(live))
+        assert r.returncode == 0, r.stderr
+        commands = sent(vm)[done:]
+        assert commands.index("stop") < commands.index("dump-guest-memory") \
+            < commands.index("migrate") < commands.index("cont"), commands
+        assert json.loads(r.stdout)["live"] is True
+        assert cpu_notes(live) == cpu_notes(default)
+        assert vm.status() == "running"

@@ -213,6 +213,8 @@ def dump(request: Request) -> Summary:
                     if isinstance(session, SnapshotSource) and request.live else None)
             # The snapshot's own pause, the CPU notes from its stream.
             streamed = live is not None and live.ready and live.from_stream and wanted is None
+            if live is not None and not streamed:
+                live.own_pause()  # --arch: QEMU's notes from the pause, as without --live
             with Writer(out, written) as writer:
                 with (live.hold() if live and streamed else session.hold(request.pause)
                       ) as pause:

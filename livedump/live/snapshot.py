@@ -313,6 +313,11 @@ class LiveSnapshot:
         finally:
             os.close(write_end)  # QEMU's copy is the only writer: EOF when it is done.
 
+    def own_pause(self) -> None:
+        """The caller pauses the guest and takes QEMU's notes from its one-page dump
+        (as for other targets): the snapshot is started inside that pause."""
+        self.from_stream = False
+
     @contextlib.contextmanager
     def hold(self) -> Iterator[Pause]:
         """The pause of a snapshot whose notes come from the stream: QEMU's own,
@@ -339,9 +344,14 @@ class LiveSnapshot:
         self.monitor.migrate(f"fd:{_FD_NAME}")
         self._named = False  # The migration took it.
         self._stream = MigrationStream(self._fd, self.target, self._known, self.guardian.beat)
-        blocks = self._stream.read_setup()
-        self._placement = Placement(layout, self._view(), blocks)
-        self._stream.wait_snapshot()
+        try:
+            blocks = self._stream.read_setup()
+            self._placement = Placement(layout, self._view(), blocks)
+            self._stream.wait_snapshot()
+        except SnapshotError as e:
+            if not self.from_stream:  # The guest is ours to resume first.
+                raise
+            raise SnapshotError(f"{e}; migration {self._finish()}") from None
         if self.from_stream:
             self._resumed()
             self.guardian.resumed()
