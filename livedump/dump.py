@@ -7,7 +7,9 @@ the RAM map is confirmed (one ``info mtree -f``) or read (from QEMU's own
 structures, in ptrace mode), the vCPUs' registers are taken (from QEMU's
 one-page dump, or from its memory in ptrace mode), and memory is read.
 Each chunk is written as soon as it is read (into a pipe, the last few after
-the guest runs again).
+the guest runs again). ``--live`` on x86 holds nothing itself: QEMU's
+background snapshot is the pause, and its stream brings the CPU notes, so
+the header is written last (see :mod:`livedump.live.snapshot`).
 """
 
 import contextlib
@@ -16,7 +18,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from livedump import __version__
-from livedump.errors import GuestMemoryError, LivedumpError, ProcessNotFound, UsageError
+from livedump.errors import (
+    GuestMemoryError,
+    LivedumpError,
+    ProcessNotFound,
+    SnapshotError,
+    UsageError,
+)
 from livedump.proc import alive
 from livedump.transfer.copier import Writer, copy
 from livedump.transfer.memory import PageMap, ProcessMemory, check_blocks, read_maps
@@ -27,7 +35,7 @@ from livedump.vm.process import Address
 from livedump.vm.session import RamMap, Session, SnapshotSource, check_request, open_session
 from livedump.vmcore import arch as arches
 from livedump.vmcore.blocks import Block, coalesce
-from livedump.vmcore.elf import CoreLayout, Note
+from livedump.vmcore.elf import CoreLayout, Note, Notes
 from livedump.vmcore.notes import CpuNotes, NoCpuNotes, QemuNotes
 from livedump.vmcore.vmcoreinfo import Result as VmcoreinfoResult
 from livedump.vmcore.vmcoreinfo import Search as VmcoreinfoSearch
@@ -207,19 +215,32 @@ def dump(request: Request) -> Summary:
             plan = _plan(prepared, pid) if prepared is not None else None
             live = (stack.enter_context(session.live(qemu_target))
                     if isinstance(session, SnapshotSource) and request.live else None)
+            # The snapshot's own pause, the CPU notes from its stream.
+            streamed = live is not None and live.ready and live.from_stream and wanted is None
+            if live is not None and not streamed:
+                live.own_pause()  # --arch: QEMU's notes from the pause, as without --live
             with Writer(out, written) as writer:
-                with session.hold(request.pause) as pause:
+                with (live.hold() if live and streamed else session.hold(request.pause)
+                      ) as pause:
                     ram = session.ranges(memory, prepared)
                     if plan is None or ram.changed:
                         plan = _plan(ram, pid)
-                    cpu = session.cpu_notes(memory, plan.blocks)
+                    data_offset = 0
+                    if live and streamed and pause.was_running:
+                        # Memory goes after the largest notes the stream may give.
+                        forms = live.candidates(plan.blocks)
+                        data_offset = max(_layout(c.arch, plan.blocks, c, pid, VmcoreinfoSearch(
+                            c.arch, c, out.is_stdout).room).data_offset for c in forms)
+                        cpu: CpuNotes = forms[0]
+                    elif live and streamed:
+                        cpu = live.paused_notes(plan.blocks[0].gpa)
+                    else:
+                        cpu = session.cpu_notes(memory, plan.blocks)
                     arch, arch_from, cpu = _arch(wanted, target, cpu)
                     if guardian:
                         guardian.beat()
                     search = VmcoreinfoSearch(arch, cpu, out.is_stdout)
-                    layout = CoreLayout(arch, plan.blocks, [
-                        *([cpu] if isinstance(cpu, QemuNotes) else []), provenance_note(pid)],
-                        search.room)
+                    layout = _layout(arch, plan.blocks, cpu, pid, search.room, data_offset)
                     writer.inspect = search.inspector(layout)
                     if progress:
                         progress.start(layout.size)
@@ -229,6 +250,15 @@ def dump(request: Request) -> Summary:
                     copier.inside(layout, plan, writer)
                 writer.finish()
             read, written_bytes = copier.after(out, layout, writer, progress)
+            if live and streamed and copier.live:
+                cpu = live.cpu_notes(layout.blocks)
+                arch, arch_from, cpu = _arch(None, target, cpu)
+                final = _layout(arch, layout.blocks, cpu, pid, search.room, layout.data_offset)
+                if final.offsets != layout.offsets:
+                    raise SnapshotError("the vmcore's notes outgrew the room left for them")
+                search.settle(arch, cpu, final)
+                layout = final
+                out.write_at(0, layout.header)
             vmcoreinfo = search.finish(out)
             out.commit()
     except LivedumpError:
@@ -247,6 +277,13 @@ def dump(request: Request) -> Summary:
         read_bytes=read, written_bytes=written_bytes,
         wall_seconds=time.monotonic() - started, pause_seconds=pause.seconds,
     )
+
+
+def _layout(arch: arches.Arch, blocks: list[Block], cpu: CpuNotes, pid: int,
+            room: int, data_offset: int = 0) -> CoreLayout:
+    """The vmcore's layout: QEMU's notes, ours, then ``room`` for VMCOREINFO."""
+    notes: list[Notes] = [*([cpu] if isinstance(cpu, QemuNotes) else []), provenance_note(pid)]
+    return CoreLayout(arch, blocks, notes, room, data_offset)
 
 
 def _plan(ram: RamMap, pid: int) -> _Plan:

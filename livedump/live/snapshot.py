@@ -3,11 +3,20 @@
 QEMU (6.0 on) can take a *background snapshot*: a migration that saves the
 devices with the guest stopped, write-protects guest RAM with userfaultfd,
 lets the guest run again, and then streams RAM as it was at that instant
-(a page the guest is about to write is sent first). livedump pauses the
-guest itself, takes QEMU's CPU notes as in the normal mode, and starts
-such a migration into a pipe passed over the monitor; once QEMU has taken
-the snapshot point the guest runs again, and the pages are placed into
-the vmcore by their guest-physical address while it runs.
+(a page the guest is about to write is sent first). livedump starts such
+a migration into a pipe passed over the monitor, and the pages are placed
+into the vmcore by their guest-physical address while the guest runs.
+
+For an x86 guest the pause is QEMU's own: livedump sends no ``stop``, the
+RAM map is read before and confirmed after the snapshot point, and the CPU
+notes are built from the vCPUs' state the stream carries after RAM
+(:mod:`livedump.live.devices`), so the vmcore's header is written last, its
+memory placed where the largest notes QEMU could give leave it. QEMU
+resumes the guest itself once write protection is armed (7.2 always; later
+QEMUs when it ran before, which livedump made sure of); livedump sends
+``cont`` only if QEMU shows, by its events and status, that it did not.
+Other targets: livedump pauses the guest itself and takes QEMU's CPU notes
+from its one-page dump first, as the normal mode does.
 
 Every migration capability and parameter livedump changes is put back,
 whatever happens. A snapshot once started is never cancelled, nor its
@@ -20,6 +29,7 @@ livedump dies, its guardian, which holds a copy of the stream, does it.
 """
 
 import bisect
+import contextlib
 import fcntl
 import itertools
 import os
@@ -30,13 +40,19 @@ from typing import Protocol
 
 from livedump import signals
 from livedump.errors import LivedumpError, MonitorError, SnapshotError
+from livedump.live import devices
 from livedump.live.stream import MigrationStream, Page, RamBlock
+from livedump.qmp import notes, ram_map
 from livedump.qmp.monitor import Command, Monitor, capabilities_command
 from livedump.qmp.ram_map import FlatRange
 from livedump.transfer.output import Output
 from livedump.vm.guardian import MIGRATION_IDLE, Guardian, drain
+from livedump.vm.pause import Pause
+from livedump.vmcore.blocks import Block
 from livedump.vmcore.elf import CoreLayout
+from livedump.vmcore.notes import CpuNotes, NoCpuNotes, QemuNotes
 from livedump.vmcore.vmcoreinfo import MAGIC, Inspect
+from livedump.vmcore.x86_notes import SEGMENTS, Segment, X86State, qemu_notes
 
 BACKGROUND_SNAPSHOT = "background-snapshot"
 # Capabilities left as they are: they do not change what the stream holds.
@@ -49,6 +65,13 @@ _SETTLE_TIMEOUT = 30.0
 _POLL = 0.01
 _MIN_VERSION = (6, 0)
 _PROGRESS_STEP = 64 << 20
+# QEMU targets whose vCPU state livedump reads from the stream (the "cpu"
+# sections of target/i386), so that the snapshot is the only pause.
+X86_TARGETS = ("x86_64", "i386")
+# How long QEMU may take to resume the guest once the snapshot point is taken
+# (it does so from its main loop, at once) before livedump resumes it.
+_RESUME_GRACE = 2.0
+_STREAM_NOTES = "QEMU's background snapshot"
 
 
 @dataclass(frozen=True)
@@ -215,6 +238,10 @@ class LiveSnapshot:
         self._known: list[RamBlock] = []  # the RAM blocks, as the monitor lists them
         self._stream: MigrationStream | None = None
         self._placement: Placement | None = None
+        # The CPU notes come from the stream, and QEMU's pause is the only one.
+        self.from_stream = False
+        self._cpus = 0  # the vCPUs the monitor counts: the stream must hold as many
+        self._pause: Pause | None = None  # QEMU's, as its events time it
 
     def __enter__(self) -> "LiveSnapshot":
         m = self.monitor
@@ -236,6 +263,9 @@ class LiveSnapshot:
             for fr in self._view():
                 if fr.dumped:
                     block_of(fr.name, names)
+            if self.target in X86_TARGETS:
+                self._cpus = m.cpu_count()
+                self.from_stream = True
             self._pass_pipe()
         except BaseException:
             self.__exit__()
@@ -283,8 +313,22 @@ class LiveSnapshot:
         finally:
             os.close(write_end)  # QEMU's copy is the only writer: EOF when it is done.
 
+    def own_pause(self) -> None:
+        """The caller pauses the guest and takes QEMU's notes from its one-page dump
+        (as for other targets): the snapshot is started inside that pause."""
+        self.from_stream = False
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[Pause]:
+        """The pause of a snapshot whose notes come from the stream: QEMU's own,
+        from the snapshot's start; livedump neither stops nor resumes the guest
+        (a guest paused now stays paused, and is dumped the normal way)."""
+        self._pause = Pause(was_running=self.monitor.running())
+        yield self._pause
+
     def start(self, layout: CoreLayout) -> None:
-        """Inside the pause: start the snapshot; return once QEMU has taken it.
+        """Start the snapshot; return once QEMU has taken it (and, with the notes
+        from the stream, once the guest runs again).
 
         If this fails, the guest is resumed first and the stream read to its
         end after (on leaving): a guest resumed before QEMU stops it for the
@@ -292,19 +336,104 @@ class LiveSnapshot:
         """
         self.guardian.streaming()
         self._started = True
+        self.monitor.events()  # Those before are not this snapshot's.
+        if self.from_stream:
+            # QEMU pauses the guest now: if livedump dies before QEMU (or livedump)
+            # resumes it, the guardian does.
+            self.guardian.paused()
         self.monitor.migrate(f"fd:{_FD_NAME}")
         self._named = False  # The migration took it.
         self._stream = MigrationStream(self._fd, self.target, self._known, self.guardian.beat)
-        blocks = self._stream.read_setup()
-        self._placement = Placement(layout, self._view(), blocks)
-        self._stream.wait_snapshot()
+        try:
+            blocks = self._stream.read_setup()
+            self._placement = Placement(layout, self._view(), blocks)
+            self._stream.wait_snapshot()
+        except SnapshotError as e:
+            if not self.from_stream:  # The guest is ours to resume first.
+                raise
+            raise SnapshotError(f"{e}; migration {self._finish()}") from None
+        if self.from_stream:
+            self._resumed()
+            self.guardian.resumed()
+            # The map was read before; unchanged after, it held at the snapshot point.
+            if ram_map.flat_view(self.monitor) != list(self._view()):
+                raise SnapshotError("the VM's memory map changed while the snapshot was "
+                                    "taken; run livedump again")
+
+    def _resumed(self) -> None:
+        """Wait until QEMU runs the guest again after the snapshot point, as its events
+        and status show; resume it only if QEMU does not. QEMU's STOP and RESUME
+        events time the pause."""
+        deadline = time.monotonic() + _RESUME_GRACE
+        span: dict[str, float] = {}
+        while True:
+            running = self.monitor.running()
+            for name, stamp in self.monitor.events():
+                if name in ("STOP", "RESUME"):
+                    span.setdefault(name, stamp)
+            if running or "RESUME" in span:
+                break
+            if time.monotonic() > deadline:
+                # This QEMU leaves the guest paused at the snapshot point; it ran just
+                # before (the snapshot is taken only of a running guest).
+                self.monitor.cont()
+                span.setdefault("RESUME", time.time())
+                break
+            time.sleep(_POLL / 10)
+        if self._pause is not None and "STOP" in span:
+            self._pause.stopped_at = span["STOP"]
+            self._pause.resumed_at = span.get("RESUME", span["STOP"])
+
+    def candidates(self, blocks: Sequence[Block]) -> list[QemuNotes]:
+        """Notes of the size the stream's may have, one for each ELF identity QEMU
+        may choose (long mode first): the vmcore's memory is placed after the
+        largest, before the stream says which it is."""
+        regs = 16 if self.target == "x86_64" else 8
+        segment = Segment(0, 0, 0, 0)
+        forms = []
+        for efer in ((1 << 10, 0) if regs == 16 else (0,)):
+            cpus = [X86State(index=i, regs=(0,) * regs, rip=0, rflags=0,
+                             segs=(segment,) * len(SEGMENTS), ldt=segment, tr=segment,
+                             gdt=segment, idt=segment, cr=(0,) * 5, efer=efer)
+                    for i in range(self._cpus)]
+            forms.append(qemu_notes(cpus, blocks, _STREAM_NOTES))
+        return forms
+
+    def paused_notes(self, gpa: int) -> CpuNotes:
+        """QEMU's notes for a guest found paused (dumped the normal way): from its
+        one-page dump, which a paused guest allows."""
+        try:
+            return notes.from_qemu(self.monitor, gpa, watch=self.guardian.fifo)
+        except MonitorError as e:
+            return NoCpuNotes(f"QEMU gave no CPU state ({e})")
+
+    def cpu_notes(self, blocks: Sequence[Block]) -> CpuNotes:
+        """Once the stream was read: QEMU's notes for the snapshot point, built from
+        the vCPU state the stream carries, or why there are none."""
+        assert self._stream is not None
+        state = self._stream.device_state
+        try:
+            if state is None:
+                raise SnapshotError("its device state is larger than livedump reads")
+            found = devices.sections(state)
+            if found is None:
+                raise SnapshotError("it carries no description of its device state "
+                                    "(is the machine's suppress-vmdesc on?)")
+            cpus = devices.x86_cpus(found)
+            if len(cpus) != self._cpus:
+                raise SnapshotError(f"it holds {len(cpus)} vCPUs, the monitor counted "
+                                    f"{self._cpus}")
+        except SnapshotError as e:
+            return NoCpuNotes(f"no CPU state from QEMU's background snapshot: {e}")
+        return qemu_notes(cpus, blocks, _STREAM_NOTES)
 
     def write(self, out: Output, layout: CoreLayout, progress: Callable[[int], None] | None,
               inspect: Inspect | None = None) -> tuple[int, int]:
         """Write the vmcore from the stream: (bytes of pages received, bytes written)."""
         stream, placement = self._stream, self._placement
         assert stream is not None and placement is not None
-        out.write_at(0, layout.header)
+        if not self.from_stream:  # Else written last, once the notes are known.
+            out.write_at(0, layout.header)
         out.extend(layout.size)  # What no page fills stays a hole.
         page_size = stream.page_size
         received = written = reported = 0

@@ -5,8 +5,9 @@ writes, in order: the file header and the ``configuration`` record; the
 ``ram`` section's start, which lists every RAM block by name and length;
 ``ram`` parts, each a run of page records closed by an end-of-section
 marker, until every page was sent exactly once; then the device state,
-saved at the snapshot point, and the end of file. Only RAM is read here:
-the device state is read to the end and dropped, uninterpreted.
+saved at the snapshot point, and the end of file. Only RAM is read here;
+the device state is kept as it came (up to a bound) for
+:mod:`livedump.live.devices`.
 
 A page record is a big-endian 64-bit word, the page's offset in its block
 with flags in the bits below the target page size, then, unless the flag
@@ -63,6 +64,10 @@ _DEFAULT_PAGE_BITS = 12
 _PAGE_BITS = (10, 16)  # what QEMU's targets use (1 KiB to 64 KiB)
 
 BUFFER_SIZE = 4 << 20
+# The device state kept at most: far more than a VM's devices save (guest RAM,
+# video memory included, is not device state), so that a stream cannot make
+# livedump hold more.
+DEVICE_STATE_LIMIT = 64 << 20
 
 
 def min_page_bits(target: str) -> int:
@@ -142,16 +147,19 @@ class Reader:
         """A name as QEMU writes one: a length byte, then the bytes."""
         return bytes(self.take(self.byte())).decode("utf-8", "replace")
 
-    def drain(self) -> int:
-        """Read to the end of the stream; return how many bytes that was."""
-        n = self._end - self._pos
+    def rest(self, limit: int) -> bytes | None:
+        """Read to the end of the stream; what was left of it, or None beyond ``limit``
+        bytes (then dropped)."""
+        kept = bytearray(self._view[self._pos:self._end])
+        self.consumed += len(kept)
         self._pos = self._end = 0
         while got := os.readv(self.fd, [self._view]):
-            n += got
+            if len(kept) <= limit:
+                kept += self._view[:got]
+            self.consumed += got
             if self.on_read:
                 self.on_read()
-        self.consumed += n
-        return n
+        return bytes(kept) if len(kept) <= limit else None
 
 
 class MigrationStream:
@@ -171,6 +179,9 @@ class MigrationStream:
         self._block = -1  # the block of the last record, for CONTINUE
         self._seen: list[bytearray] = []  # per block, 1 for each page sent
         self.done = 0  # bytes of RAM sent so far
+        self._kind = EOF  # the last element read that was not a RAM part
+        # What followed RAM (from that element on), once read; None if too long.
+        self.device_state: bytes | None = None
 
     @property
     def page_size(self) -> int:
@@ -255,7 +266,8 @@ class MigrationStream:
             self._footer()
             if not self._next_part():
                 break
-        self.reader.drain()
+        rest = self.reader.rest(DEVICE_STATE_LIMIT)
+        self.device_state = None if rest is None else bytes([self._kind]) + rest
         self._check_complete()
 
     def _next_part(self) -> bool:
@@ -264,6 +276,7 @@ class MigrationStream:
         r = self.reader
         kind = r.byte()
         if kind in (SECTION_FULL, EOF):
+            self._kind = kind
             return False
         if kind not in (SECTION_PART, SECTION_END):
             raise SnapshotError(f"unexpected element {kind:#x} in the migration stream")

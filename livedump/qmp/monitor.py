@@ -189,5 +189,25 @@ class Monitor:
             raise unexpected(command_line, reply)
         return reply
 
+    def cpu_count(self) -> int:
+        """How many vCPUs the VM has (``query-cpus-fast``: the guest runs on)."""
+        reply = self.transport.execute("query-cpus-fast")
+        if not isinstance(reply, list) or not reply:
+            raise unexpected("query-cpus-fast", reply)
+        return len(reply)
+
+    def events(self) -> list[tuple[str, float]]:
+        """The events QEMU sent since the last call, by name, with QEMU's timestamps
+        (seconds); none where the transport keeps none (libvirt's pass-through)."""
+        taken = getattr(self.transport, "events", None)
+        found = []
+        for event in taken() if callable(taken) else []:
+            stamp = event.get("timestamp")
+            name = event.get("event")
+            if isinstance(stamp, dict) and isinstance(name, str):
+                found.append((name, float(stamp.get("seconds", 0))
+                              + float(stamp.get("microseconds", 0)) / 1e6))
+        return found
+
     def close(self) -> None:
         self.transport.close()

@@ -199,6 +199,11 @@ class QMPTransport:
             raise MonitorError(f"QEMU refused {command!r}: {excerpt(e.error.error.desc)}"
                                ) from None
 
+    def events(self) -> list[dict[str, object]]:
+        """The events QEMU sent since the last call (those that came with replies:
+        the client reads them only while an exchange runs)."""
+        return [dict(m) for m in self._client.events.clear()] if self._connected else []
+
     def close(self) -> None:
         if not self._connected:
             return

@@ -205,7 +205,9 @@ class CoreLayout:
     ``header`` holds everything before ``data_offset`` (ELF header, program
     headers, the extended-numbering section header, notes, padding);
     block ``i`` occupies ``[offsets[i], offsets[i] + blocks[i].size)``;
-    ``notes[j]`` starts at ``note_offsets[j]``.
+    ``notes[j]`` starts at ``note_offsets[j]``. Memory starts at
+    ``data_offset`` or later: a dump whose notes are known only once memory
+    is written places memory where the largest notes it may get leave it.
 
     ``room`` bytes of zeros are reserved after the notes, outside PT_NOTE,
     for a note learnt once memory is written (:meth:`add_note`): until then
@@ -214,8 +216,9 @@ class CoreLayout:
     """
 
     def __init__(self, arch: Arch, blocks: Sequence[Block], notes: Sequence[Notes],
-                 room: int = 0) -> None:
+                 room: int = 0, data_offset: int = 0) -> None:
         self.arch = arch
+        self._min_data_offset = data_offset
         self.blocks = list(blocks)
         self.bits = arch.bits
         self.room = room
@@ -246,7 +249,8 @@ class CoreLayout:
         sizes = [len(n.encode(s)) for n in notes]
         self.note_offsets = [self.note_offset + sum(sizes[:j]) for j in range(len(sizes))]
         self.note_size = sum(sizes)
-        self.data_offset = _align(self.note_offset + self.note_size + self.room, DATA_ALIGN)
+        self.data_offset = max(_align(self.note_offset + self.note_size + self.room, DATA_ALIGN),
+                               self._min_data_offset)
         self.offsets = []
         offset = self.data_offset
         for b in self.blocks:

@@ -185,6 +185,11 @@ def _number(text: str | None, what: str, base: int = 10) -> int:
         raise Invalid(f"{what}={text} is not a number") from None
 
 
+def _page_roots(arch: Arch, cpu: CpuNotes) -> list[int]:
+    return (x86_page_tables(cpu) if isinstance(cpu, QemuNotes)
+            and arch.machine == EM_X86_64 else [])
+
+
 def _note_size(owner: str, desc: int) -> int:
     """Bytes a note takes: the same in ELF32 and ELF64 (three words, 4-byte padding)."""
     return 12 + _pad4(len(owner) + 1) + _pad4(desc)
@@ -211,8 +216,7 @@ class Search:
         self._room = True
         # The page tables the vCPUs run on, to tell the running kernel's page
         # from an earlier kernel's that survived a reboot intact.
-        self._roots = (x86_page_tables(cpu) if isinstance(cpu, QemuNotes)
-                       and arch.machine == EM_X86_64 else [])
+        self._roots = _page_roots(arch, cpu)
         if isinstance(cpu, QemuNotes) and NAME in cpu.names:
             self.result = Result("qemu", "VMCOREINFO from QEMU's vmcoreinfo device")
             self._room = False
@@ -233,6 +237,17 @@ class Search:
     def room(self) -> int:
         """Bytes the layout must reserve after its notes: the largest note."""
         return _note_size(NAME, self.capacity) if self._room else 0
+
+    def settle(self, arch: Arch, cpu: CpuNotes, layout: CoreLayout) -> None:
+        """The dump's identity, CPU notes and layout, where they are known only once
+        memory is written (``--live`` with the notes from the stream): the slot keeps
+        its place in memory's view and its size, the header is the new layout's."""
+        if _LARGEST_PAGE.get(arch.machine, SCAN_ALIGN) != self.capacity:
+            raise ValueError(f"a VMCOREINFO slot for {self.arch.name} cannot serve {arch.name}")
+        self.arch = arch
+        self._roots = _page_roots(arch, cpu)
+        if self._layout is not None:
+            self._layout = layout
 
     def inspector(self, layout: CoreLayout) -> Inspect | None:
         """The writer's hook for a dump of ``layout``, or None if there is nothing to find."""
