@@ -11,6 +11,8 @@ kernel command line and reports on its serial console:
   data, held by a live process (``LIVEDUMP-TOUCH mib= seconds= mib_per_s=``);
 * ``livedump.marker=N``: put N known strings in N pages of a live process and
   print each page's guest-physical address (``LIVEDUMP-MARKER gpa= text=``);
+* ``livedump.kmsg=S``: log a few awkward messages (a tab, UTF-8, a control
+  character, two lines in one), then ``LIVEDUMP-KMSG n=N`` every S seconds;
 * ``livedump.panic=1``: crash the kernel once set up (the guest is booted with
   ``panic=0``, so it stays up, panicked).
 
