@@ -120,6 +120,11 @@ class QMPTransport:
         """Whether files can be passed to QEMU on this connection: on a UNIX socket only."""
         return self._sock.family == socket.AF_UNIX
 
+    def events(self) -> list[dict[str, object]]:
+        """The events QEMU sent since the last call: read along with the replies
+        to commands, so a caller that wants them sends commands now and then."""
+        return [dict(m) for m in self._client.events.clear()]
+
     def fileno(self) -> int:
         """The connection's file descriptor, for a process that must be able to speak on it."""
         return self._sock.fileno()
