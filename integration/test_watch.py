@@ -19,12 +19,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PANIC = "Kernel panic - not syncing: NMI: Not continuing"
 
 
-@pytest.fixture(scope="module")
-def panicked(tmp_path_factory):
-    """Watch a guest, make it panic; (the watch's report, its stderr, the vmcore)."""
-    out = tmp_path_factory.mktemp("watch")
+def watch_a_panic(out: Path, extra: list[str]):
+    """Watch a guest, make it panic; (the watch's report, the VM's status, the vmcore)."""
     with LinuxVM(machine="q35", memory="512M", cmdline_extra=["unknown_nmi_panic"],
-                 extra=["-name", "watched guest"]) as vm:
+                 extra=["-name", "watched guest", *extra]) as vm:
         vm.wait_idle(timeout=300)
         watch = subprocess.Popen([sys.executable, "-m", "livedump", "watch", "--once",
                                   "--json", "--pid", str(vm.pid), str(out)],
@@ -42,6 +40,26 @@ def panicked(tmp_path_factory):
         status = vm.status()
     [vmcore] = out.iterdir()
     return json.loads(stdout), status, vmcore
+
+
+@pytest.fixture(scope="module")
+def panicked(tmp_path_factory):
+    return watch_a_panic(tmp_path_factory.mktemp("watch"), [])
+
+
+def test_qemus_panic_event_gets_a_vmcore_and_the_vm_stays_paused(tmp_path):
+    # With a pvpanic device (its driver loaded by the guest's /init) QEMU hears
+    # of the panic and pauses the VM (as told: QEMU's default is to end it).
+    report, status, vmcore = watch_a_panic(tmp_path, ["-device", "pvpanic", "-action",
+                                                      "panic=pause"])
+    assert "QEMU's GUEST_PANICKED event (action pause)" in report["detail"], report
+    assert f"kernel log: {PANIC}" in report["detail"], report
+    assert status == "guest-panicked"
+    assert not report["dump"]["was_running"]  # left as QEMU left it: paused
+    text = tmp_path / "dmesg.txt"
+    subprocess.run(["makedumpfile", "--dump-dmesg", str(vmcore), str(text)], check=True,
+                   capture_output=True)
+    assert PANIC in text.read_text(errors="replace")
 
 
 def test_a_panic_in_the_log_gets_a_vmcore(panicked):

@@ -34,9 +34,9 @@ def dmesg_parser() -> argparse.ArgumentParser:
 
 def main(command: str, argv: list[str]) -> int:
     if command == "watch":
-        from livedump import cli_watch
+        from livedump.cli_watch import main as watch
 
-        return cli_watch.main(argv)
+        return watch(argv)
     p = dmesg_parser()
     args = p.parse_args(argv)
     check_vm_options(p, args)

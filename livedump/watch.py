@@ -128,7 +128,7 @@ class Watch:
 
     def take(self, trigger: Trigger) -> Taken:
         """A vmcore for ``trigger``, once the log settled; the VM reached afresh after."""
-        self._settle()
+        trigger = self._settle(trigger)
         assert self.session is not None
         pid = self.session.pid
         # A QMP monitor serves one client: the dump's own session needs it.
@@ -146,17 +146,23 @@ class Watch:
         self.open()
         return taken
 
-    def _settle(self) -> None:
-        """Follow the log until it is quiet: the report is being written."""
-        if self.guest is None:
-            return
+    def _settle(self, trigger: Trigger) -> Trigger:
+        """Follow the log until it is quiet, as the report is still being written;
+        ``trigger``, with whatever else said the guest died meanwhile."""
         quiet_since = started = time.monotonic()
         while time.monotonic() - quiet_since < SETTLE and time.monotonic() - started < SETTLE_MAX:
             time.sleep(0.2)
+            more = self._event() if trigger.kind != "pvpanic" else None
             with contextlib.suppress(GuestKernelError):
-                if self.guest.log.moved():
-                    self.guest.log.records(after=self.position)
+                if self.guest is not None and self.guest.log.moved():
+                    new = self.guest.log.records(after=self.position)
+                    self.position = self.guest.log.position(new) if new else self.position
                     quiet_since = time.monotonic()
+                    if trigger.kind == "pvpanic":
+                        more = triggered_by(new)
+            if more is not None and more.kind != trigger.kind:
+                trigger = Trigger(trigger.kind, f"{trigger.detail}; then {more.detail}")
+        return trigger
 
     def _event(self) -> Trigger | None:
         """GUEST_PANICKED among QEMU's events, or a status that turned guest-panicked."""

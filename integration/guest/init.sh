@@ -40,6 +40,9 @@ seconds_up() { read -r up _ </proc/uptime; echo "$up"; }
 # module finds no such device and does nothing): as a user would, for QEMU's
 # own dump to carry it.
 insmod /lib/qemu_fw_cfg.ko || echo "LIVEDUMP-GUEST-ERROR insmod qemu_fw_cfg failed"
+# And tell QEMU of a panic, where the VM has -device pvpanic (elsewhere the
+# driver finds no such device and is not loaded: that is no error).
+insmod /lib/pvpanic.ko && insmod /lib/pvpanic-mmio.ko 2>/dev/null
 
 # Keep the pages the markers live in where they are: no migration of mlocked
 # pages by compaction (see livedump-guest).
