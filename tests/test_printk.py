@@ -142,6 +142,7 @@ def test_a_record_recycled_while_read_is_left_out(recording):
     guest = Interfering(entries, copy(original), recycle)
     records = guest.ring.records()
     assert records == [r for r in everything if r != victim]
+    assert guest.seen == 2  # gone is gone: no need to read again
 
 
 def test_a_record_that_changes_while_read_is_read_again(recording):
