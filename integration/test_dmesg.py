@@ -114,3 +114,42 @@ def test_a_vmcore_named_like_the_command_is_written_as_such(guest, scratch):
     r = livedump("-q", "--pid", str(guest.pid), "./dmesg", cwd=scratch, env=env)
     assert r.returncode == 0, r.stderr
     assert (scratch / "dmesg").read_bytes()[:4] == b"\x7fELF"
+
+
+def test_after_a_reboot_the_running_kernels_log_is_read_and_followed(scratch):
+    # A warm reset leaves the first kernel's VMCOREINFO and log in RAM, intact:
+    # the vCPUs' page tables (the monitor's info registers) say which kernel runs.
+    with LinuxVM(machine="q35", memory="512M", cmdline_extra=["livedump.kmsg=1"],
+                 extra=["-action", "reboot=reset"]) as vm:
+        vm.wait_idle(timeout=300)
+        follow = subprocess.Popen([sys.executable, "-m", "livedump", "dmesg", "--follow",
+                                   "--pid", str(vm.pid)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, cwd=ROOT)
+        try:
+            time.sleep(3)
+            vm.command("system_reset")
+            deadline = time.monotonic() + 300
+            while vm.console_text().count("LIVEDUMP-GUEST-IDLE") < 2:
+                assert time.monotonic() < deadline, vm.console_text()
+                time.sleep(0.5)
+            time.sleep(12)  # the follower's check of the running kernel, and a few lines
+            follow.send_signal(signal.SIGINT)
+            seen, err = follow.communicate(timeout=30)
+        finally:
+            follow.kill()
+        assert b"the guest rebooted" in err, err
+        # Both boots' logs, each from its start.
+        assert seen.count(b"] Linux version ") == 2, err
+        second = seen[seen.rindex(b"] Linux version ") - 14:]
+        assert b"LIVEDUMP-KMSG n=1\n" in second
+
+        vm.command("stop")
+        ours = livedump("dmesg", "--pid", str(vm.pid))
+        assert ours.returncode == 0, ours.stderr
+        vmcore = scratch / "rebooted.vmcore"
+        assert livedump("-q", "--pid", str(vm.pid), str(vmcore)).returncode == 0
+    theirs = scratch / "makedumpfile.txt"
+    subprocess.run(["makedumpfile", "--dump-dmesg", str(vmcore), str(theirs)], check=True,
+                   capture_output=True)
+    assert ours.stdout == theirs.read_bytes()
+    assert ours.stdout.count(b"] Linux version ") == 1

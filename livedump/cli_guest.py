@@ -54,7 +54,8 @@ def main(command: str, argv: list[str]) -> int:
         sys.stdout.flush()
 
     try:
-        read_log(target, args.pause, emit, follow=args.follow)
+        read_log(target, args.pause, emit, follow=args.follow,
+                 say=lambda text: print(f"livedump: {text}", file=sys.stderr, flush=True))
     except (LivedumpError, Interrupted) as e:
         print(f"livedump: {e}", file=sys.stderr)
         return e.exit_code

@@ -8,15 +8,17 @@ on meanwhile (records are checked by their own states and sequence numbers);
 """
 
 import contextlib
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from livedump.errors import GuestKernelError, ProcessNotFound
+from livedump.errors import GuestKernelError, LivedumpError, ProcessNotFound
 from livedump.guest.kernel import Kernel
-from livedump.guest.memory import Found, GuestMemory, SeveralKernels, find_vmcoreinfo
+from livedump.guest.memory import Found, GuestMemory, SeveralKernels, find_vmcoreinfo, runs
 from livedump.guest.printk import Log, Record, open_log
 from livedump.proc import alive
+from livedump.qmp.session import MonitoredSession
 from livedump.transfer.memory import PageMap, ProcessMemory, check_blocks, read_maps
 from livedump.vm.guardian import STALL_TIMEOUT
 from livedump.vm.lock import VMLock
@@ -28,6 +30,8 @@ from livedump.vmcore.notes import QemuNotes
 from livedump.vmcore.x86_notes import x86_page_tables
 
 FOLLOW_INTERVAL = 0.5  # seconds between looks at the log's head while following
+REBOOT_CHECK = 5.0  # seconds between asking the monitor which kernel the vCPUs run
+_CR3 = re.compile(r"\bCR3=([0-9a-fA-F]+)")
 
 
 @dataclass
@@ -80,11 +84,15 @@ class Guest:
         try:
             found = self._find(None)
         except SeveralKernels:
-            if not pause:
+            roots = self.monitor_roots()
+            if roots:
+                found = self._find(roots)
+            elif not pause:
                 raise
-            with VMLock(self.pid), self.session.hold(True):
-                found = self._find(self.roots())
-        self.vmcoreinfo_gpa = found.gpa
+            else:
+                with VMLock(self.pid), self.session.hold(True):
+                    found = self._find(self.roots())
+        self.found = found
         self.kernel = Kernel(found.entries, self.arch, self.guest.read)
         return open_log(self.kernel)
 
@@ -104,12 +112,33 @@ class Guest:
         cpu = self.session.cpu_notes(self.memory, self.guest.blocks)
         return x86_page_tables(cpu) if isinstance(cpu, QemuNotes) else []
 
+    def monitor_roots(self) -> list[int]:
+        """The vCPUs' page-table roots as the monitor shows them, the guest running
+        on (``info registers``); none without a monitor."""
+        if not isinstance(self.session, MonitoredSession):
+            return []
+        try:
+            text = self.session.monitor.hmp("info registers -a")
+        except LivedumpError:
+            return []
+        return [int(cr3, 16) for cr3 in _CR3.findall(text)]
+
+    def still_runs(self) -> bool | None:
+        """Whether the kernel found is the one the vCPUs run (a reboot starts
+        another, whose log is elsewhere); None where the monitor cannot tell."""
+        roots = self.monitor_roots()
+        return runs(self.found.entries, self.arch, roots, self.guest) if roots else None
+
+    def refind(self) -> None:
+        """Find the running kernel again, and its log."""
+        self.log = self._open(False)
+
     def close(self) -> None:
         self._stack.close()
 
 
 def read_log(target: Target, pause: bool, emit: Callable[[list[Record]], None],
-             follow: bool = False) -> None:
+             follow: bool = False, say: Callable[[str], None] = print) -> None:
     """Emit the guest kernel's log; with ``follow``, then every new record, until
     interrupted or QEMU exits."""
     session = target.open()
@@ -119,7 +148,7 @@ def read_log(target: Target, pause: bool, emit: Callable[[list[Record]], None],
             records = guest.read(pause)
             emit(records)
             if follow:
-                _follow(guest, guest.log.position(records), emit)
+                _follow(guest, guest.log.position(records), emit, say)
         finally:
             guest.close()
     except GuestKernelError:
@@ -130,15 +159,35 @@ def read_log(target: Target, pause: bool, emit: Callable[[list[Record]], None],
         session.close()
 
 
-def _follow(guest: Guest, position: int | None,
-            emit: Callable[[list[Record]], None]) -> None:
-    """Emit each record logged after ``position``, once it is final."""
+def _follow(guest: Guest, position: int | None, emit: Callable[[list[Record]], None],
+            say: Callable[[str], None]) -> None:
+    """Emit each record logged after ``position``, once it is final; after a
+    reboot, the new kernel's log from its start."""
+    last_check = time.monotonic()
+    lost: str | None = None  # why the log cannot be read now
     for _ in _ticks():
         if not alive(guest.pid):
             raise ProcessNotFound(f"QEMU (PID {guest.pid}) exited")
-        if not guest.log.moved():
+        try:
+            check = time.monotonic() - last_check > REBOOT_CHECK
+            if check:
+                last_check = time.monotonic()
+            if lost is not None or (check and guest.still_runs() is False):
+                before = guest.found
+                guest.refind()
+                lost = None
+                if guest.found != before:
+                    say(f"following the log of the kernel now running (Linux "
+                        f"{guest.kernel.release}): the guest rebooted")
+                    position = None
+            if position is not None and not guest.log.moved():
+                continue
+            new = guest.log.records(after=position)
+        except GuestKernelError as e:
+            if lost is None:
+                say(f"the guest kernel's log cannot be read now ({e}); looking on")
+            lost = str(e)
             continue
-        new = guest.log.records(after=position)
         # A record still open (no newline yet) is printed once finalized.
         final = [i for i, r in enumerate(new) if r.final]
         done = new[: final[-1] + 1] if final else []

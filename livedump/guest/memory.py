@@ -89,7 +89,7 @@ def find_vmcoreinfo(guest: GuestMemory, pagemap: PageMap | None, private: list[b
             continue
         valid.append(Found(gpa, entries))
     if len(valid) > 1 and roots:
-        valid = [f for f in valid if _running(f.entries, arch, roots, guest)]
+        valid = [f for f in valid if runs(f.entries, arch, roots, guest)]
     if not valid:
         why = f" (rejected: {'; '.join(rejected[:3])})" if rejected else ""
         raise GuestKernelError("no VMCOREINFO in guest memory: not a booted Linux guest?"
@@ -104,8 +104,7 @@ def find_vmcoreinfo(guest: GuestMemory, pagemap: PageMap | None, private: list[b
     return valid[0]
 
 
-def _running(entries: dict[str, str], arch: Arch, roots: list[int],
-             guest: GuestMemory) -> bool:
+def runs(entries: dict[str, str], arch: Arch, roots: list[int], guest: GuestMemory) -> bool:
     """Whether the page tables some vCPU runs on map this kernel's init_uts_ns
     where its VMCOREINFO says."""
     va = number(entries["SYMBOL(init_uts_ns)"], "SYMBOL(init_uts_ns)", base=16)
