@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from livedump.dmesg import Guest, Target
+from livedump.dmesg import REBOOT_CHECK, Guest, Target
 from livedump.dump import Request, Summary, dump
 from livedump.errors import GuestKernelError, LivedumpError, ProcessNotFound, UsageError
 from livedump.guest.printk import Record
@@ -94,6 +94,7 @@ class Watch:
         self.position: int | None = None
         self.status: str | None = None
         self.name = target.domain
+        self._checked = time.monotonic()  # when the running kernel was last asked for
 
     def open(self) -> None:
         """Reach the VM, find its kernel, and start after the log's present end."""
@@ -182,6 +183,14 @@ class Watch:
         if self.guest is None:
             return None
         try:
+            if time.monotonic() - self._checked > REBOOT_CHECK:
+                self._checked = time.monotonic()
+                if self.guest.still_runs() is False:
+                    self.guest.refind()
+                    self.position = self.guest.log.position(self.guest.log.records())
+                    self.say(f"the guest rebooted: watching the log of Linux "
+                             f"{self.guest.kernel.release}")
+                    return None
             if not self.guest.log.moved():
                 return None
             new = self.guest.log.records(after=self.position)
