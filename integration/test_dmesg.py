@@ -153,3 +153,23 @@ def test_after_a_reboot_the_running_kernels_log_is_read_and_followed(scratch):
                    capture_output=True)
     assert ours.stdout == theirs.read_bytes()
     assert ours.stdout.count(b"] Linux version ") == 1
+
+
+def test_dmesg_through_ptrace_with_no_monitor():
+    # No QMP monitor: QEMU's RAM map from its own structures (its debug info).
+    from . import qemus
+
+    build = qemus.debug_builds().get("7.2-debug")
+    if build is None:
+        pytest.skip("no QEMU 7.2 debug build (integration/setup --test builds it)")
+    [binary] = build.command()
+    with LinuxVM(machine="q35", memory="512M", qemu=binary, livedump_socket=False) as vm:
+        vm.wait_idle(timeout=300)
+        r = livedump("dmesg", "--pid", str(vm.pid))
+        assert r.returncode == 0, r.stderr
+        assert vm.status() == "running"
+        paused = livedump("dmesg", "--pause", "--pid", str(vm.pid))
+        assert paused.returncode == 0, paused.stderr
+        assert vm.status() == "running"
+    assert r.stdout.startswith(b"[    0.000000] Linux version ")
+    assert paused.stdout.startswith(r.stdout)  # and what was logged since
