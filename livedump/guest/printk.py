@@ -229,7 +229,7 @@ class Ringbuffer:
         return records
 
     def _read_descs(self, ids: list[int]) -> list[_Desc]:
-        """The descriptors of ``ids``, in one read of the ring (or two, where it wraps)."""
+        """The descriptors of ``ids``, from one read of the whole ring."""
         if not ids:
             return []
         k, size = self.k, self._desc_size
