@@ -9,6 +9,9 @@ Scenarios (each guest started here, running while it is dumped):
      guest files of integration/linux_guest.py; built on first use)
   live  the guest of (a), livedump with --live: the guest is paused only
      until QEMU has taken its background snapshot
+  dmesg  the guest of (c): the kernel's log by ``livedump dmesg`` (running,
+     and --pause), against a vmcore by livedump then ``makedumpfile
+     --dump-dmesg`` of it, the usual way without a vmlinux (a table of its own)
 
 For each, the two tools run alternately (QEMU first on even runs, livedump
 first on odd ones), each on a freshly started guest, and the table shows
@@ -282,6 +285,51 @@ def measure(name: str, runs: int, workdir: Path) -> tuple[list[Run], list[Run], 
         f"{mem_rate:.2f} GB/s, process_vm_readv {vm_rate:.2f} GB/s")
 
 
+def dmesg_bench(runs: int, workdir: Path) -> str:
+    """``livedump dmesg`` against livedump + ``makedumpfile --dump-dmesg``, on one
+    guest of scenario (c) (reading the log changes nothing a later run would see);
+    the table's lines. Each way's text must be the same log."""
+    vm = started("c", workdir)
+    vmcore, text = workdir / "out.vmcore", workdir / "dmesg.txt"
+    command = [sys.executable, "-m", "livedump"]
+
+    def ours(*options: str) -> tuple[float, float]:
+        vm.event_log()
+        start = time.monotonic()
+        r = subprocess.run([*command, "dmesg", "--pid", str(vm.pid), *options],
+                           capture_output=True, check=True)
+        wall = time.monotonic() - start
+        assert b"Linux version" in r.stdout
+        return wall, pause_from_events(vm) if options else 0.0
+
+    def theirs() -> tuple[float, float]:
+        vm.event_log()
+        start = time.monotonic()
+        subprocess.run([*command, "-q", "--pid", str(vm.pid), str(vmcore)], check=True)
+        subprocess.run(["makedumpfile", "--dump-dmesg", str(vmcore), str(text)], check=True,
+                       capture_output=True)
+        wall = time.monotonic() - start
+        assert b"Linux version" in text.read_bytes()
+        vmcore.unlink()
+        text.unlink()
+        return wall, pause_from_events(vm)
+
+    ways = {"livedump dmesg": lambda: ours(), "livedump dmesg --pause": lambda: ours("--pause"),
+            "livedump + makedumpfile": theirs}
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in ways}
+    try:
+        for i in range(runs):
+            for name, way in ways.items() if i % 2 == 0 else reversed(ways.items()):
+                results[name].append(way())
+    finally:
+        vm.__exit__()
+    lines = [f"{'kernel log of ' + SCENARIOS['c']:48} {'wall s':>7} {'pause s':>8}"]
+    for name, got in results.items():
+        lines.append(f"  {name:46} {statistics.median(w for w, _ in got):7.2f} "
+                     f"{statistics.median(p for _, p in got):8.3f}")
+    return "\n".join(lines)
+
+
 def provenance() -> str:
     """Which code ran where and when: figures mean nothing without it."""
     top = Path(__file__).resolve().parent.parent
@@ -312,6 +360,9 @@ def main() -> None:
         workdir = args.dir / f"livedump-bench-{os.getpid()}"
         workdir.mkdir()
         try:
+            if name == "dmesg":
+                notes.append(dmesg_bench(args.runs, workdir))
+                continue
             qemu_runs, ours, note = measure(name, args.runs, workdir)
         finally:
             for f in workdir.iterdir():

@@ -3,7 +3,8 @@
 ``guest_files()`` builds (once, into a cache directory) a bootable kernel and
 an initramfs holding a static busybox, ``/init`` (``guest/init.sh``), a
 small static helper (``guest/toucher.c``) and the kernel's ``qemu_fw_cfg``
-module (loaded at boot, so ``-device vmcoreinfo`` gets the guest's VMCOREINFO).
+module (loaded at boot, so ``-device vmcoreinfo`` gets the guest's VMCOREINFO)
+and ``pvpanic-mmio`` (loaded at boot, so ``-device pvpanic`` hears of a panic).
 The guest needs no disk and no network; it is steered by switches on its
 kernel command line and reports on its serial console:
 
@@ -11,6 +12,8 @@ kernel command line and reports on its serial console:
   data, held by a live process (``LIVEDUMP-TOUCH mib= seconds= mib_per_s=``);
 * ``livedump.marker=N``: put N known strings in N pages of a live process and
   print each page's guest-physical address (``LIVEDUMP-MARKER gpa= text=``);
+* ``livedump.kmsg=S``: log a few awkward messages (a tab, UTF-8, a control
+  character, two lines in one), then ``LIVEDUMP-KMSG n=N`` every S seconds;
 * ``livedump.panic=1``: crash the kernel once set up (the guest is booted with
   ``panic=0``, so it stays up, panicked).
 
@@ -262,10 +265,24 @@ def debug_vmlinux(cache: Path | None = None) -> Path:
 
 def _fw_cfg_module(root: Path) -> Path:
     """``root/kernel/qemu_fw_cfg.ko``, the module through which the guest hands its
-    VMCOREINFO to QEMU's vmcoreinfo device. The kernel's package is fetched again
-    for it: the kernel directory was first built with ./boot only."""
+    VMCOREINFO to QEMU's vmcoreinfo device."""
+    return _kernel_module(root, "drivers/firmware/qemu_fw_cfg.ko")
+
+
+def _pvpanic_modules(root: Path) -> tuple[Path, Path]:
+    """``root/kernel/pvpanic.ko`` and ``pvpanic-mmio.ko``, the driver of QEMU's
+    ``-device pvpanic`` (ACPI's QEMU0001), through which a panicking guest tells QEMU."""
+    return (_kernel_module(root, "drivers/misc/pvpanic/pvpanic.ko"),
+            _kernel_module(root, "drivers/misc/pvpanic/pvpanic-mmio.ko"))
+
+
+def _kernel_module(root: Path, path: str) -> Path:
+    """``root/kernel/NAME.ko``, the kernel's module at ``path`` (under its release's
+    ``kernel/``). The kernel's package is fetched again for it: the kernel
+    directory was first built with ./boot only."""
     kernel = _kernel_dir(root)
-    final = kernel / "qemu_fw_cfg.ko"
+    name = Path(path).name
+    final = kernel / name
     if final.exists():
         return final
     with _Locked(root):
@@ -275,17 +292,16 @@ def _fw_cfg_module(root: Path) -> Path:
         with tempfile.TemporaryDirectory(prefix=".build-module-", dir=root) as tmp:
             work = Path(tmp)
             deb = _apt_get_download(f"linux-image-{release}", work)
-            _extract(deb, {f"./lib/modules/{release}/kernel/drivers/firmware/qemu_fw_cfg.ko":
-                           work / "qemu_fw_cfg.ko"})
-            (work / "qemu_fw_cfg.ko").rename(final)
+            _extract(deb, {f"./lib/modules/{release}/kernel/{path}": work / name})
+            (work / name).rename(final)
     return final
 
 
 def _initramfs(root: Path) -> Path:
     """``root/initramfs-<hash>.cpio.gz``, keyed by the sources that go into it."""
-    module = _fw_cfg_module(root)
+    module, pvpanic = _fw_cfg_module(root), _pvpanic_modules(root)
     digest = hashlib.sha256(f"format {INITRAMFS_FORMAT}\n".encode())
-    for source in (INIT_SCRIPT, HELPER_SOURCE, module):
+    for source in (INIT_SCRIPT, HELPER_SOURCE, module, *pvpanic):
         digest.update(source.read_bytes())
     final = root / f"initramfs-{digest.hexdigest()[:16]}.cpio.gz"
     if final.exists():
@@ -302,7 +318,7 @@ def _initramfs(root: Path) -> Path:
             _run(["gcc", "-static", "-O2", "-Wall", "-Wextra", "-o", str(helper),
                   str(HELPER_SOURCE)])
             staged = work / "initramfs.cpio.gz"
-            staged.write_bytes(_build_cpio(busybox, helper, module))
+            staged.write_bytes(_build_cpio(busybox, helper, module, pvpanic))
             os.replace(staged, final)
         # Older initramfs builds (from older sources) are of no further use.
         for old in root.glob("initramfs-*.cpio.gz"):
@@ -349,7 +365,8 @@ class _Cpio:
         return self.out.getvalue()
 
 
-def _build_cpio(busybox: Path, helper: Path, module: Path) -> bytes:
+def _build_cpio(busybox: Path, helper: Path, module: Path,
+                pvpanic: tuple[Path, Path]) -> bytes:
     """The gzipped initramfs: /init, busybox with its applet links, the helper,
     the fw_cfg module."""
     cpio = _Cpio()
@@ -362,6 +379,8 @@ def _build_cpio(busybox: Path, helper: Path, module: Path) -> bytes:
     cpio.file("bin/busybox", busybox.read_bytes(), 0o755)
     cpio.file("bin/livedump-guest", helper.read_bytes(), 0o755)
     cpio.file("lib/qemu_fw_cfg.ko", module.read_bytes())
+    for ko in pvpanic:
+        cpio.file(f"lib/{ko.name}", ko.read_bytes())
     # Busybox is static, so the host can ask it where its applets belong.
     applets = _run([str(busybox), "--list-full"]).split()
     for path in sorted(set(applets) - {"bin/busybox"}):

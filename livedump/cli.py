@@ -24,6 +24,9 @@ from livedump.transfer.output import (
 )
 from livedump.vm.process import Address, tcp_address
 
+# Commands besides the dump, recognized as the first argument only.
+SUBCOMMANDS = ("dmesg", "watch")
+
 
 def epilog() -> str:
     """The exit codes, from errors.py, where each is defined once."""
@@ -32,15 +35,8 @@ def epilog() -> str:
                       "  128+N  killed by signal N (130 SIGINT, 143 SIGTERM, 129 SIGHUP)"])
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="livedump",
-        description="Write the guest memory of a running QEMU as an ELF vmcore "
-        "(for crash, drgn, gdb), pausing the guest only while memory is copied.",
-        epilog=epilog(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("output", help=f"vmcore to write, or {STDOUT} for standard output")
+def add_vm_options(p: argparse.ArgumentParser) -> None:
+    """The options that name the VM and say how to reach it: the same for every command."""
     p.add_argument("--pid", type=int, help="the QEMU process; its QMP monitors are "
                    "found on its command line")
     p.add_argument("--qmp", metavar="SOCKET", type=_qmp_address,
@@ -57,11 +53,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--debug-file", metavar="PATH",
                    help="QEMU's debug info for --via ptrace (default: found by build-id, "
                    ".gnu_debuglink or debuginfod)")
-    p.add_argument("--arch", type=_arch, help="vmcore architecture (default: as QEMU "
-                   "judges the CPU state; with --no-pause on a running guest, what the QEMU "
-                   "target and CPU model imply; one the target cannot be is written with "
-                   "a warning): " + ", ".join(ARCHES))
-    p.add_argument("--force", action="store_true", help="replace an existing output file")
     p.add_argument("--qmp-timeout", type=_seconds, default=3.0, metavar="SECONDS",
                    help="how long to wait for a monitor's greeting or reply (default 3)")
     p.add_argument("--stall-timeout", type=_seconds, default=STALL_TIMEOUT, metavar="SECONDS",
@@ -69,6 +60,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "only it reads), how long it may make no progress (stopped, or its output "
                    "not read) before its guardian kills it and lets the VM go "
                    f"(default {STALL_TIMEOUT:g})")
+
+
+def check_vm_options(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.domain is not None and (args.pid is not None or args.qmp is not None):
+        p.error("--domain names the VM: not with --pid or --qmp")
+    if args.connect is not None and args.domain is None:
+        p.error("--connect needs --domain")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="livedump",
+        description="Write the guest memory of a running QEMU as an ELF vmcore "
+        "(for crash, drgn, gdb), pausing the guest only while memory is copied. "
+        "Also: 'livedump dmesg' (the guest kernel's log) and 'livedump watch' (a vmcore "
+        "when the guest panics); see 'livedump dmesg --help'.",
+        epilog=epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("output", help=f"vmcore to write, or {STDOUT} for standard output "
+                   f"(a file named like a command, {' or '.join(SUBCOMMANDS)}: ./NAME)")
+    add_vm_options(p)
+    p.add_argument("--arch", type=_arch, help="vmcore architecture (default: as QEMU "
+                   "judges the CPU state; with --no-pause on a running guest, what the QEMU "
+                   "target and CPU model imply; one the target cannot be is written with "
+                   "a warning): " + ", ".join(ARCHES))
+    p.add_argument("--force", action="store_true", help="replace an existing output file")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--live", action="store_true",
                       help="consistent vmcore with the guest paused only for milliseconds: "
@@ -86,10 +104,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "otherwise, as guest memory holds secrets")
     p.add_argument("--version", action="version", version=f"livedump {__version__}")
     args = p.parse_args(argv)
-    if args.domain is not None and (args.pid is not None or args.qmp is not None):
-        p.error("--domain names the VM: not with --pid or --qmp")
-    if args.connect is not None and args.domain is None:
-        p.error("--connect needs --domain")
+    check_vm_options(p, args)
+    if args.output in SUBCOMMANDS:
+        # "livedump --pid 1 dmesg" meant the log, not a vmcore of that name.
+        p.error(f"{args.output!r} is a command: give it first (livedump {args.output} "
+                f"--pid PID ...); to write a vmcore of that name, say ./{args.output}")
     return args
 
 
@@ -117,6 +136,11 @@ def _qmp_address(text: str) -> Address:
 
 def main(argv: list[str] | None = None) -> int:
     guard_standard_fds()  # Already done by ``python -m livedump``; not by the script.
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] and argv[0] in SUBCOMMANDS:
+        from livedump import cli_guest
+
+        return cli_guest.main(argv[0], argv[1:])
     args = parse_args(argv)
     signals.install()
     request = Request(output=args.output, pid=args.pid, qmp=args.qmp, domain=args.domain,

@@ -113,6 +113,15 @@ class SnapshotError(LivedumpError):
     meaning = "--live: QEMU cannot take a background snapshot, or it failed"
 
 
+class GuestKernelError(LivedumpError):
+    """The guest's kernel log cannot be read: no VMCOREINFO in its memory (not a
+    booted Linux guest), a kernel or target livedump cannot read, or a log
+    that kept changing under every read."""
+
+    exit_code = 17
+    meaning = "the guest kernel's log cannot be read (no Linux VMCOREINFO, or unsupported)"
+
+
 def exit_codes() -> list[tuple[int, str]]:
     """Every exit code and what it means, for ``--help`` and the README's table."""
     found: dict[int, str] = {0: "vmcore written"}

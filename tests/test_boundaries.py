@@ -21,6 +21,7 @@ ALLOWED = {
     "libvirt": {"qmp", "vm", "vmcore", "transfer"},
     "ptrace": {"vm", "vmcore", "transfer"},
     "live": {"qmp", "vm", "vmcore", "transfer"},
+    "guest": {"vmcore", "transfer"},
 }
 SHARED = {"errors", "signals", "proc", "__init__", "__version__"}
 # The guardian speaks QMP on the monitor connection it inherits: it reads

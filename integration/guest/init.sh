@@ -6,6 +6,8 @@
 #                         in a process that stays alive
 #   livedump.marker=N     place N known strings in N pages of a live process
 #                         and print their guest-physical addresses
+#   livedump.kmsg=S       write a few awkward messages to the kernel log, then
+#                         "LIVEDUMP-KMSG n=N" every S seconds (in the background)
 #   livedump.panic=1      crash the kernel (sysrq 'c') once all is set up; boot
 #                         with panic=0 so that the machine stays up afterwards
 #
@@ -38,6 +40,9 @@ seconds_up() { read -r up _ </proc/uptime; echo "$up"; }
 # module finds no such device and does nothing): as a user would, for QEMU's
 # own dump to carry it.
 insmod /lib/qemu_fw_cfg.ko || echo "LIVEDUMP-GUEST-ERROR insmod qemu_fw_cfg failed"
+# And tell QEMU of a panic, where the VM has -device pvpanic (elsewhere the
+# driver finds no such device and is not loaded: that is no error).
+insmod /lib/pvpanic.ko && insmod /lib/pvpanic-mmio.ko 2>/dev/null
 
 # Keep the pages the markers live in where they are: no migration of mlocked
 # pages by compaction (see livedump-guest).
@@ -72,6 +77,22 @@ if [ "$(switch panic)" = 1 ]; then
     echo "LIVEDUMP-GUEST-PANIC"
     sleep 0.2  # let the line reach the serial port before the crash
     echo c >/proc/sysrq-trigger
+fi
+
+kmsg=$(switch kmsg)
+if [ -n "$kmsg" ] && [ "$kmsg" != 0 ]; then
+    # Messages that are hard to print (a tab, UTF-8, a control character, two
+    # lines in one record), then one message every $kmsg seconds, for ever.
+    printf '<4>LIVEDUMP-KMSG-BYTES tab\there caf\303\251 bell\007 end\n' >/dev/kmsg
+    printf 'LIVEDUMP-KMSG-LINES first\nsecond\n' >/dev/kmsg
+    (
+        n=0
+        while :; do
+            n=$((n + 1))
+            echo "LIVEDUMP-KMSG n=$n" >/dev/kmsg
+            sleep "$kmsg"
+        done
+    ) &
 fi
 
 echo "LIVEDUMP-GUEST-IDLE uptime=$(seconds_up)"

@@ -200,8 +200,8 @@ class QMPTransport:
                                ) from None
 
     def events(self) -> list[dict[str, object]]:
-        """The events QEMU sent since the last call (those that came with replies:
-        the client reads them only while an exchange runs)."""
+        """The events QEMU sent since the last call: read along with the replies
+        to commands, so a caller that wants them sends commands now and then."""
         return [dict(m) for m in self._client.events.clear()] if self._connected else []
 
     def close(self) -> None:

@@ -119,7 +119,7 @@ def parse(text: bytes) -> dict[str, str]:
         raise Invalid(f"lacks {', '.join(missing)}")
     if not text.startswith(MAGIC):
         raise Invalid("does not begin with OSRELEASE")
-    page = _number(entries["PAGESIZE"], "PAGESIZE")
+    page = number(entries["PAGESIZE"], "PAGESIZE")
     if page < SCAN_ALIGN or page & (page - 1):
         raise Invalid(f"PAGESIZE {page} is not a page size")
     if len(text) >= page:
@@ -127,13 +127,29 @@ def parse(text: bytes) -> dict[str, str]:
     return entries
 
 
+def page_text(gpa: int, rest: bytes, capacity: int) -> bytes:
+    """The VMCOREINFO text of the page at ``gpa``, given ``rest``, the memory from
+    that page on: Invalid unless the page holds one whole VMCOREINFO (well-formed
+    lines, then zeros to the end of its own page) within ``capacity`` bytes."""
+    end = rest.find(b"\0", 0, capacity)
+    if end < 0:
+        raise Invalid(f"no end within {capacity} bytes")
+    text = rest[:end]
+    page = number(parse(text)["PAGESIZE"], "PAGESIZE")
+    if gpa % page or page > len(rest):
+        raise Invalid(f"not aligned to its {page}-byte page")
+    if rest.count(0, end, page) != page - end:
+        raise Invalid("not followed by zeros to the end of its page")
+    return text
+
+
 def kernel_phys(entries: dict[str, str], arch: Arch, va: int) -> int | None:
     """The physical address of kernel-image address ``va``, by the rule VMCOREINFO
     itself gives for ``arch``; None where there is no such rule (i386, s390)."""
     if arch.machine == EM_X86_64:
-        return va - _START_KERNEL_MAP + _number(entries.get("NUMBER(phys_base)"), "phys_base")
+        return va - _START_KERNEL_MAP + number(entries.get("NUMBER(phys_base)"), "phys_base")
     if arch.machine == EM_AARCH64:
-        return va - _number(entries.get("NUMBER(kimage_voffset)"), "kimage_voffset")
+        return va - number(entries.get("NUMBER(kimage_voffset)"), "kimage_voffset")
     if arch.machine == EM_PPC64 and arch.bits == 64:
         return va - _PPC64_PAGE_OFFSET
     return None
@@ -143,11 +159,11 @@ def check_release(entries: dict[str, str], arch: Arch, read_at: ReadPhys) -> boo
     """Check that ``init_uts_ns`` holds the release OSRELEASE names: a page left
     by an earlier kernel fails. ``read_at(gpa, n)`` reads the vmcore (None where
     it holds no memory). False if ``arch`` gives no way to check."""
-    va = _number(entries["SYMBOL(init_uts_ns)"], "SYMBOL(init_uts_ns)", base=16)
+    va = number(entries["SYMBOL(init_uts_ns)"], "SYMBOL(init_uts_ns)", base=16)
     pa = kernel_phys(entries, arch, va)
     if pa is None:
         return False
-    name = _number(entries.get("OFFSET(uts_namespace.name)"), "OFFSET(uts_namespace.name)")
+    name = number(entries.get("OFFSET(uts_namespace.name)"), "OFFSET(uts_namespace.name)")
     found = read_at(pa + name + _RELEASE_OFFSET, _NEW_UTS_LEN)
     if found is None:
         raise Invalid(f"init_uts_ns (physical {pa:#x}) is not in the dump")
@@ -175,7 +191,7 @@ def x86_64_translate(root: int, va: int, levels: int, read_at: ReadPhys) -> int 
     return None
 
 
-def _number(text: str | None, what: str, base: int = 10) -> int:
+def number(text: str | None, what: str, base: int = 10) -> int:
     """A VMCOREINFO number: decimal (``%ld``), or hex with 0x; SYMBOL()s are bare hex."""
     if text is None:
         raise Invalid(f"lacks {what}")
@@ -285,15 +301,7 @@ class Search:
             self._overflow = True  # A guest that fills pages with look-alikes: give up.
             return
         try:
-            end = rest.find(b"\0", 0, self.capacity)
-            if end < 0:
-                raise Invalid(f"no end within {self.capacity} bytes")
-            text = rest[:end]
-            page = _number(parse(text)["PAGESIZE"], "PAGESIZE")
-            if gpa % page or page > len(rest):
-                raise Invalid(f"not aligned to its {page}-byte page")
-            if rest.count(0, end, page) != page - end:
-                raise Invalid("not followed by zeros to the end of its page")
+            text = page_text(gpa, rest, self.capacity)
         except Invalid as e:
             self._reject(gpa, e)
             return
@@ -353,7 +361,7 @@ class Search:
     def _running(self, entries: dict[str, str], read_at: ReadPhys) -> bool:
         """Whether the page tables some vCPU runs on map this VMCOREINFO's
         init_uts_ns where it says: only the running kernel's do."""
-        va = _number(entries["SYMBOL(init_uts_ns)"], "SYMBOL(init_uts_ns)", base=16)
+        va = number(entries["SYMBOL(init_uts_ns)"], "SYMBOL(init_uts_ns)", base=16)
         pa = kernel_phys(entries, self.arch, va)
         levels = 5 if entries.get("NUMBER(pgtable_l5_enabled)") == "1" else 4
         return any(x86_64_translate(root, va, levels, read_at) == pa

@@ -1,0 +1,1 @@
+"""What livedump knows of the guest's kernel, by subsystem, from VMCOREINFO alone."""
