@@ -19,7 +19,14 @@ from livedump import __version__
 from livedump.errors import GuestMemoryError, LivedumpError, ProcessNotFound, UsageError
 from livedump.proc import alive
 from livedump.transfer.copier import Writer, copy
-from livedump.transfer.memory import PageMap, ProcessMemory, check_blocks, read_maps
+from livedump.transfer.memory import (
+    BackingFiles,
+    PageMap,
+    ProcessMemory,
+    Span,
+    check_blocks,
+    read_maps,
+)
 from livedump.transfer.output import STDOUT, Output
 from livedump.vm.guardian import STALL_TIMEOUT
 from livedump.vm.lock import VMLock
@@ -101,10 +108,10 @@ class Summary:
 
 @dataclass
 class _Plan:
-    """The blocks of one RAM map, and which of them the page map can thin out."""
+    """The blocks of one RAM map, and each one's parts by QEMU's mappings."""
 
     blocks: list[Block]
-    private: list[bool]
+    spans: list[list[Span]]
 
 
 class _Copy(Protocol):
@@ -128,7 +135,7 @@ class _Direct:
         self.read = 0
 
     def inside(self, layout: CoreLayout, plan: _Plan, writer: Writer) -> None:
-        self.read = copy(layout, plan.private, self.memory, self.pagemap, writer)
+        self.read = copy(layout, plan.spans, self.memory, self.pagemap, writer)
 
     def after(self, out: Output, layout: CoreLayout, writer: Writer,
               progress: Progress | None) -> tuple[int, int]:
@@ -199,15 +206,16 @@ def dump(request: Request) -> Summary:
 
             memory = stack.enter_context(ProcessMemory(pid))
             pagemap = stack.enter_context(PageMap(pid))
+            files = stack.enter_context(BackingFiles(pid))
             prepared = session.prepare()
-            plan = _plan(prepared, pid) if prepared is not None else None
+            plan = _plan(prepared, files) if prepared is not None else None
             live = (stack.enter_context(session.live(qemu_target))
                     if isinstance(session, SnapshotSource) and request.live else None)
             with Writer(out, written) as writer:
                 with session.hold(request.pause) as pause:
                     ram = session.ranges(memory, prepared)
                     if plan is None or ram.changed:
-                        plan = _plan(ram, pid)
+                        plan = _plan(ram, files)
                     cpu = session.cpu_notes(memory, plan.blocks)
                     arch, arch_from, cpu = _arch(wanted, target, cpu)
                     if guardian:
@@ -245,11 +253,12 @@ def dump(request: Request) -> Summary:
     )
 
 
-def _plan(ram: RamMap, pid: int) -> _Plan:
+def _plan(ram: RamMap, files: BackingFiles) -> _Plan:
     blocks = coalesce(ram.ranges)
     if not blocks:
         raise GuestMemoryError("the VM has no RAM in its memory map")
-    return _Plan(blocks, check_blocks(blocks, read_maps(pid)))
+    covering = check_blocks(blocks, read_maps(files.pid))
+    return _Plan(blocks, [files.spans(b, c) for b, c in zip(blocks, covering, strict=True)])
 
 
 def _arch(wanted: arches.Arch | None, target: arches.TargetDefault | None,

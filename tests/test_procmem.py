@@ -8,12 +8,18 @@ import pytest
 
 from livedump.errors import DumpIOError, GuestMemoryError
 from livedump.transfer.memory import (
+    ABSENT,
+    DATA,
+    ZERO,
+    BackingFiles,
     Buffer,
     PageMap,
     ProcessMemory,
     check_blocks,
     check_ram,
+    file_extents,
     read_maps,
+    zero_frames,
 )
 from livedump.vmcore.blocks import Block
 
@@ -68,8 +74,8 @@ def test_private_anonymous_blocks_are_told_apart(tmp_path, region):
     with open(backing, "r+b") as f:
         shared = mmap.mmap(f.fileno(), PAGE)
         addr = ctypes.addressof(ctypes.c_char.from_buffer(shared))
-        got = check_blocks([Block(0, PAGE, region), Block(PAGE, PAGE, addr)],
-                           read_maps(os.getpid()))
+        got = [all(m.private_anonymous for m in covering) for covering in check_blocks(
+            [Block(0, PAGE, region), Block(PAGE, PAGE, addr)], read_maps(os.getpid()))]
         shared.close()
     assert got == [True, False]
 
@@ -91,6 +97,87 @@ def test_pagemap_extents_follow_touched_pages():
     with PageMap(os.getpid()) as pagemap:
         pagemap.WINDOW = 16  # Runs must join across look-up windows.
         assert list(pagemap.extents(addr, n * PAGE)) == expected
+
+
+def _runs(pagemap, addr, size):
+    return [(offset // PAGE, length // PAGE, kind)
+            for offset, length, kind in pagemap.extents(addr, size)]
+
+
+needs_frames = pytest.mark.skipif(not zero_frames(), reason="page frames need CAP_SYS_ADMIN")
+
+
+@needs_frames
+def test_pages_only_read_are_the_zero_page_and_written_ones_data():
+    # Read as QEMU's own dump reads: the kernel maps its zero page, which holds
+    # nothing to read; pages written, even with zeros, and pages never touched
+    # are told apart from it.
+    n = 40
+    m = mmap.mmap(-1, n * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    for i in range(10, 30):
+        m[i * PAGE]
+    m[12 * PAGE] = 1
+    m[20 * PAGE] = 0
+    with PageMap(os.getpid()) as pagemap:
+        pagemap.WINDOW = 16  # Runs must join across look-up windows.
+        assert _runs(pagemap, addr, n * PAGE) == [
+            (0, 10, ABSENT), (10, 2, ZERO), (12, 1, DATA), (13, 7, ZERO), (20, 1, DATA),
+            (21, 9, ZERO), (30, 10, ABSENT)]
+
+
+@needs_frames
+def test_the_huge_zero_page_is_the_zero_page_too():
+    huge = next((count for _, count in zero_frames()[1:]), None)
+    if huge is None:
+        pytest.skip("no transparent huge zero page here")
+    size = 3 * huge * PAGE
+    m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    at = -base % (huge * PAGE)  # the first huge-page-aligned address
+    m.madvise(mmap.MADV_HUGEPAGE)
+    m[at]
+    m[at + huge * PAGE + 5 * PAGE] = 1  # a huge page of data, or small ones
+    with PageMap(os.getpid()) as pagemap:
+        runs = _runs(pagemap, base + at, 2 * huge * PAGE)
+    assert runs[0] == (0, huge, ZERO)
+    assert any(o <= huge + 5 < o + n for o, n, kind in runs if kind == DATA)
+
+
+def test_the_data_of_a_sparse_file_is_found_without_reading_it(tmp_path):
+    fd = os.memfd_create("ram")
+    try:
+        os.ftruncate(fd, 64 * PAGE)
+        os.pwrite(fd, b"x", 5 * PAGE + 7)
+        os.pwrite(fd, b"y" * 3 * PAGE, 40 * PAGE)
+        assert list(file_extents(fd, 2 * PAGE, 60 * PAGE)) == [
+            (2 * PAGE, 5 * PAGE, False), (5 * PAGE, 6 * PAGE, True), (6 * PAGE, 40 * PAGE, False),
+            (40 * PAGE, 43 * PAGE, True), (43 * PAGE, 60 * PAGE, False)]
+        assert list(file_extents(fd, 50 * PAGE, 64 * PAGE)) == [(50 * PAGE, 64 * PAGE, False)]
+    finally:
+        os.close(fd)
+
+
+def test_shared_memory_is_read_through_its_file(tmp_path):
+    # memfd memory, as QEMU's memory-backend-memfd maps it: its file is found
+    # through map_files (root) or the descriptor on it, at the right offset.
+    fd = os.memfd_create("ram")
+    os.ftruncate(fd, 16 * PAGE)
+    m = mmap.mmap(fd, 8 * PAGE, offset=8 * PAGE)
+    try:
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+        block = Block(0, 8 * PAGE, addr)
+        with BackingFiles(os.getpid()) as files:
+            [span] = files.spans(block, check_blocks([block], read_maps(os.getpid()))[0])
+            assert (span.start, span.end, span.private, span.file_offset) == (0, 8 * PAGE,
+                                                                           False, 8 * PAGE)
+            assert span.file is not None
+            os.pwrite(fd, b"seen", 9 * PAGE)
+            assert os.pread(span.file, 4, 9 * PAGE) == b"seen"
+    finally:
+        del addr
+        m.close()
+        os.close(fd)
 
 
 def test_ram_in_an_anonymous_mapping_passes(region):
