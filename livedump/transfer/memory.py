@@ -550,3 +550,17 @@ class PageMap:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def page_with_data(pid: int, blocks: Sequence[Block]) -> int | None:
+    """The guest-physical address of a page of ``blocks`` that QEMU has, with
+    data (not the zero page), if the page map shows one: where QEMU's
+    one-page dump, taken for its CPU notes, reads without creating a page (a
+    huge one, in hugetlb memory)."""
+    with PageMap(pid) as pagemap:
+        for b in blocks:
+            if (b.hva | b.size) % PAGE_SIZE == 0:
+                for offset, _, kind in pagemap.extents(b.hva, b.size):
+                    if kind == DATA:
+                        return b.gpa + offset
+    return None
