@@ -124,6 +124,8 @@ def test_pages_only_read_are_the_zero_page_and_written_ones_data():
         assert _runs(pagemap, addr, n * PAGE) == [
             (0, 10, ABSENT), (10, 2, ZERO), (12, 1, DATA), (13, 7, ZERO), (20, 1, DATA),
             (21, 9, ZERO), (30, 10, ABSENT)]
+        pagemap.WINDOW = 4  # Windows of the zero page alone, then of it and data.
+        assert _runs(pagemap, addr + 13 * PAGE, 8 * PAGE) == [(0, 7, ZERO), (7, 1, DATA)]
 
 
 @needs_frames
@@ -142,6 +144,10 @@ def test_the_huge_zero_page_is_the_zero_page_too():
         runs = _runs(pagemap, base + at, 2 * huge * PAGE)
     assert runs[0] == (0, huge, ZERO)
     assert any(o <= huge + 5 < o + n for o, n, kind in runs if kind == DATA)
+    with PageMap(os.getpid()) as pagemap:  # A window of the huge zero page alone.
+        assert _runs(pagemap, base + at, huge * PAGE) == [(0, huge, ZERO)]
+        pagemap.WINDOW = huge // 4  # Windows of parts of it, not aligned to it.
+        assert _runs(pagemap, base + at + 8 * PAGE, (huge - 8) * PAGE) == [(0, huge - 8, ZERO)]
 
 
 def test_the_data_of_a_sparse_file_is_found_without_reading_it(tmp_path):

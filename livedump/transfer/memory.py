@@ -392,7 +392,6 @@ _PM_ENTRY = 8
 # The byte holding the flags, mapped to 1 when either is set:
 _PM_FLAGS_BYTE = 7 if sys.byteorder == "little" else 0
 _PM_POPULATED = bytes(1 if b & 0xC0 else 0 for b in range(256))
-_PM_PRESENT = bytes(1 if b & 0x80 else 0 for b in range(256))  # a swap entry holds no frame
 _PFN_BITS = 55
 _KPF_ZERO_PAGE = 24  # in /proc/kpageflags
 
@@ -462,44 +461,114 @@ def _thp_size() -> int:
         return 0
 
 
-class _ZeroMatch:
-    """Tells, for a window of page map entries at a time, which map a zero page.
+class _ZeroPages:
+    """Finds the page map entries that map a zero page, a group of entries at a time.
 
-    Per entry byte ``k`` (of the seven that hold the frame number), a table
-    that maps the byte to 1 where it fits a zero page's frame; the bytes of
-    one column (every eighth byte of the window) are translated at C speed,
-    and the columns combined as big integers, one byte per entry: no Python
-    per page.
+    A group is the entries of one transparent huge page (aligned in the
+    address space), or as many. Most groups are one thing whole: the huge
+    zero page (the entries of its frames in order, each with the same flags:
+    compared as bytes with the entries of a whole one), the 4 KiB zero page
+    throughout (one entry repeated), or no zero page at all (its frame's
+    bytes nowhere in the group). Only the rest are looked at entry by entry.
     """
 
+    _PFN_MASK = (1 << _PFN_BITS) - 1
+
     def __init__(self, frames: Sequence[tuple[int, int]]) -> None:
-        self._patterns: list[list[tuple[int, bytes]]] = []
-        for first, count in frames:
-            free = (count - 1) | 1 << _PFN_BITS  # bits that may differ (and soft-dirty)
-            columns = []
-            for k in range(7):
-                mask = ~(free >> 8 * k) & 0xFF
-                want = first >> 8 * k & mask
-                if mask:
-                    at = k if sys.byteorder == "little" else 7 - k
-                    columns.append((at, bytes(int(b & mask == want) for b in range(256))))
-            self._patterns.append(columns)
+        self.small = next((first for first, count in frames if count == 1), None)
+        self.huge = next(((first, count) for first, count in frames if count > 1), None)
+        self.group = self.huge[1] if self.huge else 512
+        little = sys.byteorder == "little"
+        self._small_bytes = (b"" if self.small is None else
+                             self.small.to_bytes(8, sys.byteorder)[:6] if little else
+                             self.small.to_bytes(8, sys.byteorder)[2:])
+        self._whole_huge: dict[int, bytes] = {}  # by the entry of the first frame
+        self._whole_window: dict[tuple[int, int], bytes] = {}  # (that, length): repeated
 
     def __bool__(self) -> bool:
-        return bool(self._patterns)
+        return self.small is not None or self.huge is not None
 
-    def match(self, entries: bytes) -> int:
-        """An integer whose byte ``i`` (little-endian) is 1 where entry ``i``
-        holds a zero page's frame (whether present or not: see the caller)."""
-        found = 0
-        for columns in self._patterns:
-            fits = -1
-            for at, table in columns:
-                fits &= int.from_bytes(entries[at::_PM_ENTRY].translate(table), "little")
-                if not fits:
-                    break
-            found |= fits
-        return found
+    def ranges(self, entries: bytes, page: int) -> Iterator[tuple[int, int]]:
+        """``(start, end)`` runs of the entries (the first for page number
+        ``page``) that map a zero page, in order, apart."""
+        count, group = len(entries) // _PM_ENTRY, self.group
+        if self._all_zero(entries, page):
+            yield 0, count
+            return
+        run: tuple[int, int] | None = None
+        start = 0
+        while start < count:
+            within = (page + start) % group
+            end = min(count, start + group - within)
+            found = self._group(entries, start, end, within)
+            for zero in ([found] if found else
+                         self._entry_by_entry(entries, start, end)):
+                if run is not None and run[1] == zero[0]:
+                    run = (run[0], zero[1])
+                else:
+                    if run is not None:
+                        yield run
+                    run = zero
+            start = end
+        if run is not None:
+            yield run
+
+    def _all_zero(self, entries: bytes, page: int) -> bool:
+        """Whether every entry maps a zero page, the same way: as after a read of
+        all memory, compared whole (no copy of the entries made)."""
+        head = int.from_bytes(entries[:_PM_ENTRY], sys.byteorder)
+        if not head >> 63:
+            return False
+        frame = head & self._PFN_MASK
+        if frame == self.small:
+            return entries.count(entries[:_PM_ENTRY]) == len(entries) // _PM_ENTRY
+        if self.huge is None or frame != self.huge[0] or page % self.group:
+            return False
+        key = (head, len(entries))
+        if key not in self._whole_window:
+            if len(entries) % (self.group * _PM_ENTRY):
+                return False
+            self._whole_huge.setdefault(head, self._huge_entries(head))
+            self._whole_window.clear()  # one at a time: most windows are alike
+            self._whole_window[key] = self._whole_huge[head] * (
+                len(entries) // (self.group * _PM_ENTRY))
+        return entries == self._whole_window[key]
+
+    def _group(self, entries: bytes, start: int, end: int,
+               within: int) -> tuple[int, int] | None:
+        """``(start, end)`` if the group is a zero page throughout."""
+        part = entries[start * _PM_ENTRY : end * _PM_ENTRY]
+        head = int.from_bytes(part[:_PM_ENTRY], sys.byteorder)
+        if head >> 63 and (self._is_huge(head, within, part) or self._is_small(head, part)):
+            return start, end
+        return None
+
+    def _is_huge(self, head: int, within: int, part: bytes) -> bool:
+        if self.huge is None or (head & self._PFN_MASK) != self.huge[0] + within:
+            return False
+        first = head - within
+        whole = self._whole_huge.get(first)
+        if whole is None:
+            whole = self._whole_huge[first] = self._huge_entries(first)
+        return part == whole[within * _PM_ENTRY : within * _PM_ENTRY + len(part)]
+
+    def _huge_entries(self, first: int) -> bytes:
+        """The entries of a whole huge zero page whose first entry is ``first``."""
+        return b"".join((first + i).to_bytes(_PM_ENTRY, sys.byteorder)
+                        for i in range(self.group))
+
+    def _is_small(self, head: int, part: bytes) -> bool:
+        return ((head & self._PFN_MASK) == self.small
+                and part == part[:_PM_ENTRY] * (len(part) // _PM_ENTRY))
+
+    def _entry_by_entry(self, entries: bytes, start: int,
+                        end: int) -> Iterator[tuple[int, int]]:
+        part = entries[start * _PM_ENTRY : end * _PM_ENTRY]
+        if not self._small_bytes or self._small_bytes not in part:
+            return
+        for i, entry in enumerate(memoryview(part).cast("Q")):
+            if entry >> 63 and (entry & self._PFN_MASK) == self.small:
+                yield start + i, start + i + 1
 
 
 class PageMap:
@@ -510,7 +579,7 @@ class PageMap:
 
     def __init__(self, pid: int) -> None:
         self._fd = proc.open_fd(pid, "pagemap", "read the page map of")
-        self._zero = _ZeroMatch(zero_frames())
+        self._zero = _ZeroPages(zero_frames())
 
     def extents(self, address: int, size: int) -> Iterator[tuple[int, int, int]]:
         """Yield ``(offset, length, kind)`` runs covering ``[address, address + size)``:
@@ -525,13 +594,12 @@ class PageMap:
             entries = os.pread(self._fd, n * _PM_ENTRY, (first + base) * _PM_ENTRY)
             if len(entries) != n * _PM_ENTRY:
                 raise DumpIOError(f"short read of the page map at {address:#x}")
-            flags = entries[_PM_FLAGS_BYTE::_PM_ENTRY]
-            kinds = flags.translate(_PM_POPULATED)
+            kinds = entries[_PM_FLAGS_BYTE::_PM_ENTRY].translate(_PM_POPULATED)
             if self._zero and b"\1" in kinds:
-                zero = self._zero.match(entries) & int.from_bytes(
-                    flags.translate(_PM_PRESENT), "little")
-                if zero:
-                    kinds = (int.from_bytes(kinds, "little") + zero).to_bytes(n, "little")
+                marked = bytearray(kinds)
+                for start, end in self._zero.ranges(entries, first + base):
+                    marked[start:end] = b"\2" * (end - start)
+                kinds = bytes(marked)
             for run in _RUNS.finditer(kinds):
                 kind = kinds[run.start()]
                 if kind != run_kind:
