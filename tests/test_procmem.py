@@ -150,6 +150,35 @@ def test_the_huge_zero_page_is_the_zero_page_too():
         assert _runs(pagemap, base + at + 8 * PAGE, (huge - 8) * PAGE) == [(0, huge - 8, ZERO)]
 
 
+def _huge_pages_free():
+    with open("/proc/meminfo") as f:
+        return int(next(line for line in f if line.startswith("HugePages_Free:")).split()[1])
+
+
+@pytest.mark.skipif(_huge_pages_free() != 0, reason="needs an empty huge page pool")
+def test_a_read_the_huge_page_pool_cannot_serve_says_so():
+    # Hugetlb memory without reservation, as QEMU's reserve=off maps it, on an
+    # empty pool: a read through the mapping fails with EFAULT, which must
+    # not come out as a bare host address.
+    try:
+        fd = os.memfd_create("ram", os.MFD_HUGETLB)
+    except OSError:
+        pytest.skip("no hugetlb memfd here")
+    try:
+        os.ftruncate(fd, 2 << 20)
+        m = mmap.mmap(fd, 2 << 20, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_NORESERVE", 0x4000))
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+        block = Block(0x4000_0000, 2 << 20, addr, "ram0")
+        with ProcessMemory(os.getpid()) as mem, pytest.raises(DumpIOError) as failed:
+            mem.read(Buffer(PAGE), PAGE, addr + PAGE, block)
+        path = next(m.path for m in read_maps(os.getpid()) if m.start == addr)  # /memfd:ram...
+        assert str(failed.value) == (
+            f"reading guest memory at 0x40001000 in 'ram0' (QEMU's {addr + PAGE:#x}): "
+            f"no huge page left in the host's pool (EFAULT, {path})")
+    finally:
+        os.close(fd)
+
+
 def test_the_data_of_a_sparse_file_is_found_without_reading_it(tmp_path):
     fd = os.memfd_create("ram")
     try:
