@@ -65,8 +65,9 @@ def check_blocks(blocks: Sequence[Block], maps: Sequence[Mapping]) -> list[list[
     for b in blocks:
         covering, stop = _readable(b.hva, b.hva + b.size, maps)
         if stop < b.hva + b.size:
+            name = f"{b.name!r}, " if b.name else ""
             raise GuestMemoryError(
-                f"guest RAM at {b.gpa:#x} (host {b.hva:#x}, {b.size:#x} bytes) "
+                f"guest RAM at {b.gpa:#x} ({name}host {b.hva:#x}, {b.size:#x} bytes) "
                 f"is not mapped readable in QEMU at {stop:#x}"
             )
         found.append(covering)
@@ -156,7 +157,11 @@ class BackingFiles:
 
 
 def _open_regular(path: str) -> int | None:
+    """A descriptor on the regular file at ``path``; None for anything else
+    (looked at before it is opened: opening a device can do things)."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
@@ -231,9 +236,9 @@ def _reading(address: int, guest: Block | None) -> str:
             f"(QEMU's {address:#x})")
 
 
-def _cause(pid: int, err: int, address: int) -> str:
-    """Why reading QEMU's ``address`` failed with ``err``, as far as the
-    mapping there tells."""
+def _cause(pid: int, err: int, address: int, guest: bool) -> str:
+    """Why reading QEMU's ``address`` (``guest``: guest RAM, found mapped
+    before) failed with ``err``, as far as the mapping there tells."""
     code = errno.errorcode.get(err, str(err))
     if err == errno.EIO:
         return "I/O error (EIO): a hardware memory error, or the file behind it failed"
@@ -241,9 +246,10 @@ def _cause(pid: int, err: int, address: int) -> str:
         return f"{os.strerror(err)} ({code})"
     m = next((m for m in read_maps(pid) if m.start <= address < m.end), None)
     if m is None:
-        return "QEMU unmapped it during the dump (EFAULT)"
+        return "QEMU unmapped it during the dump (EFAULT)" if guest else "not mapped (EFAULT)"
     if "r" not in m.perms:
-        return "QEMU made it unreadable during the dump (EFAULT)"
+        return ("QEMU made it unreadable during the dump (EFAULT)" if guest else
+                "not readable (EFAULT)")
     if _page_size(pid, m) > PAGE_SIZE:
         free = _meminfo("HugePages_Free")
         why = ("no huge page left in the host's pool" if free == 0 else
@@ -371,7 +377,8 @@ class ProcessMemory:
     def _fail(self, err: int, address: int, guest: Block | None) -> typing.NoReturn:
         if err == errno.ESRCH or not proc.alive(self.pid):
             raise ProcessNotFound(f"QEMU (PID {self.pid}) exited during the dump")
-        raise DumpIOError(f"{_reading(address, guest)}: {_cause(self.pid, err, address)}")
+        cause = _cause(self.pid, err, address, guest is not None)
+        raise DumpIOError(f"{_reading(address, guest)}: {cause}")
 
     def close(self) -> None:
         if self._fd >= 0:
