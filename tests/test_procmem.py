@@ -7,6 +7,7 @@ import os
 import pytest
 
 from livedump.errors import DumpIOError, GuestMemoryError
+from livedump.transfer import memory
 from livedump.transfer.memory import (
     ABSENT,
     DATA,
@@ -209,6 +210,28 @@ def test_shared_memory_is_read_through_its_file(tmp_path):
             assert span.file is not None
             os.pwrite(fd, b"seen", 9 * PAGE)
             assert os.pread(span.file, 4, 9 * PAGE) == b"seen"
+    finally:
+        del addr
+        m.close()
+        os.close(fd)
+
+
+def test_without_map_files_the_descriptor_qemu_holds_serves(monkeypatch):
+    # Without CAP_SYS_ADMIN map_files is closed: the memfd is found among the
+    # process's descriptors by its device and inode, as maps shows them.
+    fd = os.memfd_create("ram")
+    os.ftruncate(fd, 4 * PAGE)
+    os.pwrite(fd, b"seen", PAGE)
+    m = mmap.mmap(fd, 4 * PAGE)
+    try:
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+        block = Block(0, 4 * PAGE, addr)
+        monkeypatch.setattr(memory.proc, "path", lambda pid, name: (
+            "/nonexistent" if name.startswith("map_files/") else f"/proc/{pid}/{name}"))
+        with BackingFiles(os.getpid()) as files:
+            [span] = files.spans(block, check_blocks([block], read_maps(os.getpid()))[0])
+            assert span.file is not None and span.file != fd
+            assert os.pread(span.file, 4, PAGE) == b"seen"
     finally:
         del addr
         m.close()
