@@ -5,6 +5,8 @@
 Scenarios (each guest started here, running while it is dumped):
   a  1 GiB guest with all of its RAM written (random bytes loaded at power-on)
   b  idle 8 GiB guest: only what the firmware touched
+  b0 the guest of (b) once QEMU's own dump has read all its RAM (into a
+     pipe, drained): every page it never wrote is then the kernel's zero page
   c  4 GiB guest running Linux, 1 GiB touched by a process (needs the Linux
      guest files of integration/linux_guest.py; built on first use)
   live  the guest of (a), livedump with --live: the guest is paused only
@@ -212,7 +214,7 @@ def scenario_vm(name: str, workdir: Path) -> VM:
                     f.write(os.urandom(1 << 20))
         return VM(machine="pc", memory="1G",
                   extra=["-device", f"loader,file={blob},addr=0,force-raw=on"])
-    if name == "b":
+    if name in ("b", "b0"):
         return VM(machine="q35", memory="8G")
     if name == "c":
         from .linux_guest import LinuxVM
@@ -228,6 +230,7 @@ SCENARIOS = {
     "a": "(a) 1 GiB, all RAM populated (zeros)",
     "a'": "(a') 1 GiB, all RAM random bytes",
     "b": "(b) idle 8 GiB",
+    "b0": "(b0) idle 8 GiB, after QEMU's dump",
     "c": "(c) 4 GiB Linux, 1 GiB touched",
     "live": "(live) 1 GiB populated, --live",
 }
@@ -240,6 +243,19 @@ def fmt_bytes(n: int | None) -> str:
     return f"{n / GiB:.2f} GiB" if n >= GiB / 4 else f"{n / (1 << 20):.1f} MiB"
 
 
+def dumped_once(vm: VM, workdir: Path) -> None:
+    """QEMU's own dump of the VM, read and thrown away: through a FIFO, as
+    /dev/null's write would not even read the pages."""
+    fifo = workdir / "qemu-dump.fifo"
+    os.mkfifo(fifo)
+    drain = subprocess.Popen(["dd", f"if={fifo}", "of=/dev/null", "bs=1M", "status=none"])
+    try:
+        vm.own_dump(fifo)
+    finally:
+        drain.wait()
+        fifo.unlink()
+
+
 def started(name: str, workdir: Path) -> VM:
     """A new VM of the scenario, past its firmware or boot."""
     vm = scenario_vm(name, workdir).__enter__()
@@ -248,6 +264,8 @@ def started(name: str, workdir: Path) -> VM:
             vm.wait_idle()
         else:
             vm.wait_running(2)
+        if name == "b0":
+            dumped_once(vm, workdir)
     except BaseException:
         vm.__exit__()
         raise

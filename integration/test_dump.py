@@ -32,7 +32,7 @@ GUESTS = {
     "pc-1G-prealloc": ("pc", "1G", MARKERS, [
         "-object", "memory-backend-ram,id=ram0,size=1G,prealloc=on",
         "-machine", "memory-backend=ram0"]),
-    # Shared memory: the page map cannot tell untouched pages; all is read.
+    # Shared memory: untouched pages are the holes of its file, found there, not read.
     "pc-1G-memfd": ("pc", "1G", MARKERS, [
         "-object", "memory-backend-memfd,id=ram0,size=1G,share=on",
         "-machine", "memory-backend=ram0"]),

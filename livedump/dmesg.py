@@ -68,7 +68,9 @@ class Guest:
             prepared = session.prepare()
             ram = prepared if prepared is not None else session.ranges(self.memory, None)
             blocks = coalesce(ram.ranges)
-            private = check_blocks(blocks, read_maps(self.pid))
+            # Only private anonymous RAM tells untouched pages apart (they hold nothing).
+            private = [all(m.private_anonymous for m in covering)
+                       for covering in check_blocks(blocks, read_maps(self.pid))]
             self.guest = GuestMemory(self.memory, blocks)
             self.arch = arches.for_target(session.target_arch()).arch
             self._pagemap, self._private = pagemap, private

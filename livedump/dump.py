@@ -27,7 +27,14 @@ from livedump.errors import (
 )
 from livedump.proc import alive
 from livedump.transfer.copier import Writer, copy
-from livedump.transfer.memory import PageMap, ProcessMemory, check_blocks, read_maps
+from livedump.transfer.memory import (
+    BackingFiles,
+    PageMap,
+    ProcessMemory,
+    Span,
+    check_blocks,
+    read_maps,
+)
 from livedump.transfer.output import STDOUT, Output
 from livedump.vm.guardian import STALL_TIMEOUT
 from livedump.vm.lock import VMLock
@@ -111,10 +118,10 @@ class Summary:
 
 @dataclass
 class _Plan:
-    """The blocks of one RAM map, and which of them the page map can thin out."""
+    """The blocks of one RAM map, and each one's parts by QEMU's mappings."""
 
     blocks: list[Block]
-    private: list[bool]
+    spans: list[list[Span]]
 
 
 class _Copy(Protocol):
@@ -138,7 +145,7 @@ class _Direct:
         self.read = 0
 
     def inside(self, layout: CoreLayout, plan: _Plan, writer: Writer) -> None:
-        self.read = copy(layout, plan.private, self.memory, self.pagemap, writer)
+        self.read = copy(layout, plan.spans, self.memory, self.pagemap, writer)
 
     def after(self, out: Output, layout: CoreLayout, writer: Writer,
               progress: Progress | None) -> tuple[int, int]:
@@ -211,8 +218,9 @@ def dump(request: Request) -> Summary:
 
             memory = stack.enter_context(ProcessMemory(pid))
             pagemap = stack.enter_context(PageMap(pid))
+            files = stack.enter_context(BackingFiles(pid))
             prepared = session.prepare()
-            plan = _plan(prepared, pid) if prepared is not None else None
+            plan = _plan(prepared, files) if prepared is not None else None
             live = (stack.enter_context(session.live(qemu_target))
                     if isinstance(session, SnapshotSource) and request.live else None)
             # The snapshot's own pause, the CPU notes from its stream.
@@ -224,7 +232,7 @@ def dump(request: Request) -> Summary:
                       ) as pause:
                     ram = session.ranges(memory, prepared)
                     if plan is None or ram.changed:
-                        plan = _plan(ram, pid)
+                        plan = _plan(ram, files)
                     data_offset = 0
                     if live and streamed and pause.was_running:
                         # Memory goes after the largest notes the stream may give.
@@ -286,11 +294,12 @@ def _layout(arch: arches.Arch, blocks: list[Block], cpu: CpuNotes, pid: int,
     return CoreLayout(arch, blocks, notes, room, data_offset)
 
 
-def _plan(ram: RamMap, pid: int) -> _Plan:
+def _plan(ram: RamMap, files: BackingFiles) -> _Plan:
     blocks = coalesce(ram.ranges)
     if not blocks:
         raise GuestMemoryError("the VM has no RAM in its memory map")
-    return _Plan(blocks, check_blocks(blocks, read_maps(pid)))
+    covering = check_blocks(blocks, read_maps(files.pid))
+    return _Plan(blocks, [files.spans(b, c) for b, c in zip(blocks, covering, strict=True)])
 
 
 def _target(session: Session, wanted: arches.Arch | None) -> str:

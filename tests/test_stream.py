@@ -11,7 +11,14 @@ import pytest
 from livedump.errors import DumpIOError
 from livedump.transfer import copier
 from livedump.transfer.copier import CHUNK, HOLE_GRANULE, READERS, Writer, copy
-from livedump.transfer.memory import PageMap, ProcessMemory
+from livedump.transfer.memory import (
+    BackingFiles,
+    PageMap,
+    ProcessMemory,
+    Span,
+    check_blocks,
+    read_maps,
+)
 from livedump.transfer.output import Output
 from livedump.vmcore.arch import lookup
 from livedump.vmcore.blocks import Block
@@ -24,13 +31,18 @@ def _address(m: mmap.mmap) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(m))
 
 
+def _spans(blocks, private):
+    """Each block in one mapping: private anonymous, or read in full through memory."""
+    return [[Span(0, b.size, p)] for b, p in zip(blocks, private, strict=True)]
+
+
 def _dump(tmp_path, blocks, private):
     path = tmp_path / "out.vmcore"
     layout = CoreLayout(lookup("x86_64"), blocks, [])
     pid = os.getpid()
     with Output(str(path)) as out, ProcessMemory(pid) as memory, PageMap(pid) as pagemap:
         with Writer(out) as writer:
-            read = copy(layout, private, memory, pagemap, writer)
+            read = copy(layout, _spans(blocks, private), memory, pagemap, writer)
             writer.finish()
         out.commit()
     return path, layout, read
@@ -63,14 +75,54 @@ def test_pages_never_populated_are_not_read(tmp_path):
     assert path.read_bytes()[layout.offsets[0]:] == m[:]
 
 
+def test_shared_memory_is_copied_without_creating_its_holes(tmp_path):
+    # A sparse memfd mapped shared, as memory-backend-memfd: pages the mapping
+    # has (written through it), pages only its file has (written through the
+    # descriptor), and holes. The copy has them all, the file gains no page
+    # and the mapping maps no new one.
+    size = 4 * CHUNK
+    fd = os.memfd_create("ram")
+    os.ftruncate(fd, size)
+    m = mmap.mmap(fd, size)
+    try:
+        m[5:10] = b"ours!"
+        m[3 * CHUNK - 4096:3 * CHUNK + 4096] = b"z" * 8192
+        os.pwrite(fd, b"theirs", CHUNK + 123)  # not mapped here: a reader of the file's
+        allocated = os.fstat(fd).st_blocks
+        block = Block(0, size, _address(m))
+        layout = CoreLayout(lookup("x86_64"), [block], [])
+        path = tmp_path / "out.vmcore"
+        pid = os.getpid()
+        with Output(str(path)) as out, ProcessMemory(pid) as memory, PageMap(pid) as pagemap, \
+                BackingFiles(pid) as files:
+            spans = [files.spans(block, check_blocks([block], read_maps(pid))[0])]
+            assert spans[0][0].file is not None
+            with Writer(out) as writer:
+                read = copy(layout, spans, memory, pagemap, writer)
+                writer.finish()
+            out.commit()
+        assert read == 4 * 4096 and os.fstat(fd).st_blocks == allocated
+        with PageMap(pid) as pagemap:  # Just the three pages written through m.
+            present = sum(n for _, n, kind in pagemap.extents(block.hva, size) if kind)
+        assert present == 3 * 4096
+        # (Compared with the file's read, which creates nothing either.)
+        assert path.read_bytes()[layout.offsets[0]:] == os.pread(fd, size, 0)
+        assert b"theirs" in path.read_bytes()
+    finally:
+        m.close()
+        os.close(fd)
+
+
 def test_a_failed_read_fails_the_copy_and_leaves_no_file(tmp_path):
     m = mmap.mmap(-1, 4 * CHUNK, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     m.write(b"x" * len(m))
     libc = ctypes.CDLL(None, use_errno=True)
     # Unreadable, not unmapped: a mapping made meanwhile (a read buffer) could land there.
     assert libc.mprotect(ctypes.c_void_p(_address(m) + 2 * CHUNK), CHUNK, 0) == 0  # PROT_NONE
-    with pytest.raises(DumpIOError, match="reading QEMU memory at"):
-        _dump(tmp_path, [Block(0, 4 * CHUNK, _address(m))], [False])
+    # The guest's address and region first, then QEMU's, and why.
+    with pytest.raises(DumpIOError, match=rf"reading guest memory at {2 * CHUNK:#x} in 'ram' "
+                       rf"\(QEMU's {_address(m) + 2 * CHUNK:#x}\): QEMU made it unreadable"):
+        _dump(tmp_path, [Block(0, 4 * CHUNK, _address(m), "ram")], [False])
     assert os.listdir(tmp_path) == []
 
 
@@ -85,6 +137,9 @@ def test_zeros_around_islands_of_data_become_holes_page_by_page(tmp_path):
     for at in islands:
         m[at:at + 3] = b"abc"
     first = CHUNK // page + 3 * HOLE_GRANULE // page
+    # A page of zeros of its own: one never written would be the kernel's zero
+    # page once the first copy has read it, and not read by the second.
+    m[(first + 1) * page] = 0
     pages = {0, 5 * HOLE_GRANULE // page, 9 * HOLE_GRANULE // page - 1, 9 * HOLE_GRANULE // page,
              CHUNK // page - 1, CHUNK // page, first, first + 1, first + 2}  # first + 1: zeros
     path, layout, _ = _dump(tmp_path, [Block(0, 2 * CHUNK, _address(m))], [False])
@@ -95,7 +150,7 @@ def test_zeros_around_islands_of_data_become_holes_page_by_page(tmp_path):
     with Output(str(tmp_path / "again.vmcore")) as out, ProcessMemory(os.getpid()) as memory, \
             PageMap(os.getpid()) as pagemap:
         with Writer(out) as writer:
-            copy(layout, [False], memory, pagemap, writer)
+            copy(layout, _spans(layout.blocks, [False]), memory, pagemap, writer)
             writer.finish()
         assert writer.written == len(layout.header) + len(pages) * page
 
@@ -113,7 +168,7 @@ def test_into_a_pipe_chunks_keep_their_order_and_holes_are_zeros(capfdbinary):
     pid = os.getpid()
     with Output("-") as out, ProcessMemory(pid) as memory, PageMap(pid) as pagemap:
         with Writer(out) as writer:
-            read = copy(layout, [False, True], memory, pagemap, writer)
+            read = copy(layout, _spans(blocks, [False, True]), memory, pagemap, writer)
             writer.finish()
     data = capfdbinary.readouterr().out
     assert data == layout.header + m[:] + never[:]
@@ -143,7 +198,8 @@ def test_into_a_stalled_pipe_the_copy_ends_once_the_last_byte_is_read():
                     iter(lambda: os.read(read_end, 1 << 20), b""))))
                 drain.start()
                 started = time.monotonic()
-                copy(layout, [False, True], memory, pagemap, writer, readers=1)
+                copy(layout, _spans(layout.blocks, [False, True]), memory, pagemap, writer,
+                     readers=1)
                 took = time.monotonic() - started
                 copied.set()
                 writer.finish()

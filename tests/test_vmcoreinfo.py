@@ -11,7 +11,7 @@ from elftools.elf.elffile import ELFFile
 
 from livedump.dump import NT_LIVEDUMP_INFO, provenance_note
 from livedump.transfer.copier import Writer, copy
-from livedump.transfer.memory import Buffer, PageMap, ProcessMemory
+from livedump.transfer.memory import Buffer, PageMap, ProcessMemory, Span
 from livedump.transfer.output import Output
 from livedump.vmcore.arch import lookup
 from livedump.vmcore.blocks import Block
@@ -62,8 +62,8 @@ def dump(path: Path, contents: dict[int, bytes], arch=X86_64, cpu="no CPU notes"
     with Output(str(path)) as out, Writer(out) as writer:
         layout = CoreLayout(arch, blocks, [provenance_note(1)], search.room)
         writer.inspect = search.inspector(layout)
-        copy(layout, [False] * len(blocks), ProcessMemory(os.getpid()), PageMap(os.getpid()),
-             writer)
+        copy(layout, [[Span(0, b.size, False)] for b in blocks], ProcessMemory(os.getpid()),
+             PageMap(os.getpid()), writer)
         writer.finish()
         result = search.finish(out)
         out.commit()

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from livedump.errors import GuestKernelError
-from livedump.transfer.memory import Buffer, PageMap, ProcessMemory
+from livedump.transfer.memory import DATA, Buffer, PageMap, ProcessMemory
 from livedump.vmcore.arch import Arch
 from livedump.vmcore.blocks import Block
 from livedump.vmcore.vmcoreinfo import (
@@ -120,8 +120,8 @@ def _pages(guest: GuestMemory, pagemap: PageMap | None,
     buffer = Buffer(_CHUNK)
     for block, only_populated in zip(guest.blocks, private, strict=True):
         if pagemap is not None and only_populated:
-            runs = [(o, n) for o, n, populated in pagemap.extents(block.hva, block.size)
-                    if populated]
+            runs = [(o, n) for o, n, kind in pagemap.extents(block.hva, block.size)
+                    if kind == DATA]
         else:
             runs = [(0, block.size)]
         for offset, size in runs:

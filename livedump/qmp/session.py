@@ -10,7 +10,7 @@ from livedump.errors import MonitorError, MonitorUnavailable, PermissionDenied
 from livedump.qmp import notes, ram_map
 from livedump.qmp.monitor import Monitor
 from livedump.qmp.transport import QMPTransport
-from livedump.transfer.memory import ProcessMemory, read_maps
+from livedump.transfer.memory import ProcessMemory, page_with_data, read_maps
 from livedump.vm.guardian import STALL_TIMEOUT, Guardian
 from livedump.vm.pause import Control, Pause, not_paused, paused
 from livedump.vm.process import Address, QmpEndpoint, qemu_executable, qmp_endpoints
@@ -107,8 +107,10 @@ class MonitoredSession(abc.ABC):
         """Inside the pause: QEMU's notes for this instant, or why there are none."""
         if not self._still:  # QEMU's one-page dump would stop the guest.
             return NoCpuNotes("no CPU registers with --no-pause")
+        # A page QEMU has: its dump of a hole would create the page (a huge one).
+        gpa = page_with_data(memory.pid, blocks)
         try:
-            return self.qemu_notes(blocks[0].gpa)
+            return self.qemu_notes(blocks[0].gpa if gpa is None else gpa)
         except MonitorError as e:
             return NoCpuNotes(f"QEMU gave no CPU state ({e})")
 

@@ -10,9 +10,14 @@ rate. Into a pipe, where order matters, the chunks go through one writer
 thread, in order, each reader keeping a second buffer to read into
 meanwhile.
 
-Pages QEMU never populated (private anonymous RAM only) are not read at
-all, and zeros read (whole chunks, or runs of pages in them) are not written:
-both become holes in a file (zeros in a pipe). The guest may run again once
+Pages that hold nothing are not read at all: those QEMU never populated
+(private anonymous RAM), those mapped to the kernel's shared zero page
+(read once, as by QEMU's own dump, never written), and the holes of the
+file behind shared or file-backed RAM. Pages of that file QEMU has not
+mapped are read from the file, not through QEMU: so a dump creates no
+page, huge or not, and maps nothing new into QEMU. Zeros read (whole
+chunks, or runs of pages in them) are not written; all of these become
+holes in a file (zeros in a pipe). The guest may run again once
 :func:`copy` returns: every byte has been read (and, into a file, written).
 """
 
@@ -22,10 +27,21 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 from livedump import signals
 from livedump.errors import DumpIOError
-from livedump.transfer.memory import PAGE_SIZE, Buffer, PageMap, ProcessMemory
+from livedump.transfer.memory import (
+    ABSENT,
+    DATA,
+    PAGE_SIZE,
+    Buffer,
+    PageMap,
+    ProcessMemory,
+    Span,
+    file_extents,
+    read_file,
+)
 from livedump.transfer.output import Output
 from livedump.vmcore.blocks import Block
 from livedump.vmcore.elf import CoreLayout
@@ -49,9 +65,32 @@ _memcmp.restype = ctypes.c_int
 
 OnWritten = Callable[[int], None]  # told the length of each part written
 
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where a piece of ``block`` at ``offset`` in it is read: QEMU's memory,
+    or (``file`` not None) the file behind it at ``file_offset``."""
+
+    block: Block
+    offset: int
+    file: int | None = None
+    file_offset: int = 0
+
+    def at(self, done: int) -> "_Source":
+        return _Source(self.block, self.offset + done, self.file, self.file_offset + done)
+
+    def read(self, memory: ProcessMemory, buf: Buffer, length: int) -> None:
+        address = self.block.hva + self.offset
+        if self.file is None:
+            memory.read(buf, length, address, self.block)
+        else:
+            read_file(buf, length, self.file, self.file_offset, self.block, address)
+
+
 # A chunk of the vmcore's memory, in file order: its file offset, its length,
-# and where it is read from in QEMU (None: a hole, never populated).
-_Piece = tuple[int, int, int | None]
+# and where it is read from (None: a hole, nothing there).
+_Piece = tuple[int, int, _Source | None]
 # The spans of a chunk that hold data, (start, end), in order; the rest is zeros.
 _Extents = list[tuple[int, int]]
 
@@ -219,14 +258,14 @@ class _Readers:
                     if piece is None:
                         self._all_claimed = True
                         return
-                offset, length, address = piece
-                if address is None:
+                offset, length, source = piece
+                if source is None:
                     writer.place(seq, offset, None, length)
                     continue
                 buf = self._take(free)
                 if buf is None:
                     return
-                self.memory.read(buf, length, address)
+                source.read(self.memory, buf, length)
                 with self._claim:
                     self.read += length
                 writer.place(seq, offset, buf, length, free)
@@ -295,35 +334,54 @@ def _zero(buf: Buffer, at: int, length: int) -> bool:
     return differs == 0
 
 
-def copy(layout: CoreLayout, private: Sequence[bool], memory: ProcessMemory,
+def copy(layout: CoreLayout, spans: Sequence[Sequence[Span]], memory: ProcessMemory,
          pagemap: PageMap, writer: Writer, readers: int = READERS) -> int:
     """Write the header and read every block with ``readers`` threads; return
     the bytes read once the last is read (and, into a file, written).
 
-    ``private[i]`` says block ``i`` is private anonymous memory, whose
-    never-populated pages ``pagemap`` can tell apart.
+    ``spans[i]`` are block ``i``'s parts, each in one mapping of QEMU's
+    (:meth:`BackingFiles.spans <livedump.transfer.memory.BackingFiles.spans>`):
+    they say where pages the page map finds absent are.
     """
     writer.place(0, 0, layout.header, len(layout.header))
-    copying = _Readers(memory, _pieces(layout, private, pagemap), writer, readers)
+    copying = _Readers(memory, _pieces(layout, spans, pagemap), writer, readers)
     copying.run()
     if not writer.ordered:
         writer.out.extend(layout.size)  # a trailing hole, if the last chunk was one
     return copying.read
 
 
-def _pieces(layout: CoreLayout, private: Sequence[bool], pagemap: PageMap) -> Iterator[_Piece]:
-    for block, start, is_private in zip(layout.blocks, layout.offsets, private, strict=True):
-        for offset, length, populated in _extents(block, is_private, pagemap):
-            if not populated:
+def _pieces(layout: CoreLayout, spans: Sequence[Sequence[Span]],
+            pagemap: PageMap) -> Iterator[_Piece]:
+    for block, start, parts in zip(layout.blocks, layout.offsets, spans, strict=True):
+        for offset, length, source in _extents(block, parts, pagemap):
+            if source is None:
                 yield start + offset, length, None
                 continue
             for done in range(0, length, CHUNK):
-                yield start + offset + done, min(CHUNK, length - done), block.hva + offset + done
+                yield start + offset + done, min(CHUNK, length - done), source.at(done)
 
 
-def _extents(block: Block, private: bool, pagemap: PageMap) -> Iterator[tuple[int, int, bool]]:
+def _extents(block: Block, spans: Sequence[Span],
+             pagemap: PageMap) -> Iterator[tuple[int, int, _Source | None]]:
+    """``(offset, length, source)`` runs of the block: None where nothing is."""
     # The page map speaks in whole host pages; a block that is not made of
-    # them (64 KiB host pages, say) is read in full.
-    if private and (block.hva | block.size) % PAGE_SIZE == 0:
-        return pagemap.extents(block.hva, block.size)
-    return iter([(0, block.size, True)])
+    # them (64 KiB host pages, say) is read in full, through QEMU.
+    if (block.hva | block.size) % PAGE_SIZE:
+        yield 0, block.size, _Source(block, 0)
+        return
+    for span in spans:
+        for offset, length, kind in pagemap.extents(block.hva + span.start,
+                                                    span.end - span.start):
+            offset += span.start
+            if kind == DATA or (kind == ABSENT and not span.private and span.file is None):
+                yield offset, length, _Source(block, offset)
+            elif kind != ABSENT or span.private:
+                yield offset, length, None  # the zero page, or never populated
+            else:
+                assert span.file is not None
+                base = span.file_offset - span.start  # the file's offset of the block's start
+                for start, end, data in file_extents(span.file, base + offset,
+                                                     base + offset + length):
+                    yield (start - base, end - start,
+                           _Source(block, start - base, span.file, start) if data else None)

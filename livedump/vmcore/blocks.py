@@ -8,7 +8,7 @@ Following it exactly is what makes our PT_LOAD list equal QEMU's.
 """
 
 from collections.abc import Hashable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from livedump.errors import GuestMemoryError
 
@@ -34,11 +34,15 @@ class GuestRange:
 
 @dataclass(frozen=True)
 class Block:
-    """Guest RAM contiguous in guest-physical and host-virtual space: one PT_LOAD."""
+    """Guest RAM contiguous in guest-physical and host-virtual space: one PT_LOAD.
+
+    ``name`` is its memory region's, for messages (not part of its identity).
+    """
 
     gpa: int
     size: int
     hva: int
+    name: str = field(default="", compare=False)
 
     @property
     def end(self) -> int:
@@ -56,9 +60,9 @@ def coalesce(ranges: Iterable[GuestRange]) -> list[Block]:
             raise GuestMemoryError(f"guest RAM ranges overlap or are out of order at {r.gpa:#x}")
         if blocks and last is not None and _extends(blocks[-1], last, r):
             b = blocks[-1]
-            blocks[-1] = Block(b.gpa, b.size + r.size, b.hva)
+            blocks[-1] = Block(b.gpa, b.size + r.size, b.hva, b.name)
         else:
-            blocks.append(Block(r.gpa, r.size, r.hva))
+            blocks.append(Block(r.gpa, r.size, r.hva, r.name))
         last = r
     return blocks
 
