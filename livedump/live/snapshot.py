@@ -200,11 +200,15 @@ class LiveSnapshot:
     """
 
     def __init__(self, monitor: Monitor, target: str,
-                 view: Callable[[], Sequence[FlatRange]], guardian: Guardian) -> None:
+                 view: Callable[[], Sequence[FlatRange]], guardian: Guardian,
+                 unsent: Callable[[], Sequence[FlatRange]] = lambda: ()) -> None:
+        """``view``: the RAM the vmcore shows; ``unsent``: RAM that QEMU neither
+        dumps nor migrates (a virtio-mem device's unplugged blocks)."""
         self.monitor = monitor
         self.guardian = guardian
         self.target = target
         self._view = view
+        self._unsent = unsent
         self._capabilities: dict[str, bool] = {}  # what was changed, with its old value
         self._parameters: dict[str, object] = {}
         self.ready = False  # set up for a snapshot (not if the guest was paused)
@@ -296,6 +300,8 @@ class LiveSnapshot:
         self._named = False  # The migration took it.
         self._stream = MigrationStream(self._fd, self.target, self._known, self.guardian.beat)
         blocks = self._stream.read_setup()
+        for fr in self._unsent():
+            self._stream.excuse(block_of(fr.name, [b.name for b in blocks]), fr.offset, fr.size)
         self._placement = Placement(layout, self._view(), blocks)
         self._stream.wait_snapshot()
 

@@ -345,6 +345,14 @@ class MigrationStream:
                                 f"bytes, not {total:#x}")
         self._seen = [bytearray(-(-b.size >> self.page_bits)) for b in self.blocks]
 
+    def excuse(self, block: int, offset: int, size: int) -> None:
+        """Expect no pages of ``block`` at ``offset`` (``size`` bytes): QEMU sends
+        none of a virtio-mem device's unplugged blocks."""
+        seen = self._seen[block]
+        first = offset >> self.page_bits
+        last = min(-(-(offset + size) >> self.page_bits), len(seen))
+        seen[first:last] = b"\1" * max(last - first, 0)
+
     def _block_named(self, name: str) -> int:
         for i, block in enumerate(self.blocks):
             if block.name == name:

@@ -34,6 +34,7 @@ from livedump.vm.guardian import release_fifo
 from livedump.vmcore.notes import QemuNotes, notes_end, parse
 
 _FD_NAME = "livedump-notes"
+_HEADER_FD_NAME = "livedump-header"
 _PAGE = 4096
 _MAX_CORE = 1 << 24  # bytes of QEMU's one-page dump read back at most
 
@@ -167,33 +168,77 @@ def from_pipe(dump_into: Callable[[str], object], timeout: float = 10.0,
     told the name (then None) for the guardian, which lets such an open
     through should livedump die meanwhile.
     """
+    return parse(header_from_pipe(dump_into, timeout, watch))
+
+
+def header_from_pipe(dump_into: Callable[[str], object], timeout: float = 10.0,
+                     watch: Callable[[str | None], None] | None = None) -> bytes:
+    """The headers and notes of the dump of :func:`from_pipe`, unparsed."""
     path = os.path.join(tempfile.mkdtemp(prefix="livedump-"), "notes")
     os.mkfifo(path, 0o600)
     # Open before the writer: no end-of-file until it has come and gone.
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    if watch:
+        watch(path)
+    try:
+        return _cut(fd, lambda: dump_into(path), timeout,
+                    lambda: release_fifo(path, fd))  # The dump fails at its next write.
+    finally:
+        if watch:
+            watch(None)
+
+
+def dump_header(monitor: Monitor, timeout: float = 10.0) -> bytes:
+    """The headers and notes of QEMU's whole dump (paging off) of the paused guest.
+
+    Its program headers are QEMU's own RAM selection, its notes those of
+    :func:`from_qemu`; it goes into a pipe passed over the monitor socket,
+    whose reader is closed once the notes are in: the dump then fails at its
+    next write, having given no more guest memory than the pipe holds (to
+    livedump, which drops it), and leaves ``query-dump`` at "failed". A
+    livedump that dies closes the reader all the same.
+    """
+    transport = monitor.transport
+    if isinstance(transport, QMPTransport) and not transport.passes_fds:
+        raise MonitorError("QEMU's RAM selection comes through a pipe passed to QEMU, "
+                           "and this monitor (TCP) passes none")
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    os.set_blocking(read_end, False)  # QEMU's end blocks: it writes with no retry.
+    try:
+        monitor.send_fd(write_end, _HEADER_FD_NAME)
+    except BaseException:
+        os.close(read_end)
+        raise
+    finally:
+        os.close(write_end)  # QEMU's copy is the only writer.
+    return _cut(read_end, lambda: transport.execute("dump-guest-memory", {
+        "paging": False, "protocol": f"fd:{_HEADER_FD_NAME}"}), timeout,
+        lambda: os.close(read_end))
+
+
+def _cut(fd: int, dump: Callable[[], object], timeout: float,
+         release: Callable[[], None]) -> bytes:
+    """What ``dump()``, run meanwhile, writes into the pipe ``fd``, up to the end of
+    its notes; ``release`` then closes ``fd`` so that the dump fails."""
     failure: list[BaseException] = []
 
-    def dump() -> None:
+    def run() -> None:
         try:
-            dump_into(path)
+            dump()
         except Exception as e:  # Expected once the pipe is closed; else the reason.
             failure.append(e)
 
-    worker = threading.Thread(target=dump, name="livedump-notes", daemon=True)
+    worker = threading.Thread(target=run, name="livedump-notes", daemon=True)
     try:
-        if watch:
-            watch(path)
         with signals.deferred():  # Signals are for the main thread, as ever.
             worker.start()
         core = _read_notes(fd, worker, time.monotonic() + timeout)
     finally:
-        release_fifo(path, fd)  # The dump fails at its next write.
+        release()
         worker.join(timeout)
-        if watch:
-            watch(None)
     if core is None:
         raise MonitorError(f"no dump came through the pipe{f' ({failure[0]})' if failure else ''}")
-    return parse(core)
+    return core
 
 
 def _read_notes(fd: int, worker: threading.Thread, deadline: float) -> bytes | None:
@@ -204,7 +249,11 @@ def _read_notes(fd: int, worker: threading.Thread, deadline: float) -> bytes | N
         if left <= 0 or not (worker.is_alive() or select.select([fd], [], [], 0)[0]):
             return None
         if select.select([fd], [], [], min(left, 0.1))[0]:
-            if not (chunk := os.read(fd, 1 << 16)):
+            try:
+                chunk = os.read(fd, 1 << 16)
+            except BlockingIOError:
+                continue
+            if not chunk:
                 return None
             core += chunk
     return core
