@@ -1,0 +1,142 @@
+"""Memory devices dumped as QEMU dumps them: virtio-mem and NVDIMM, on each QEMU.
+
+A virtio-mem device shows its whole backend in QEMU's memory map, but the
+guest has only the blocks it plugged, and QEMU's ``dump-guest-memory``
+takes those alone; an unplugged block may not exist on the host at all (a
+shared memfd without reservation), and reading it would allocate it. An
+NVDIMM's memory is shown through a non-volatile alias, yet QEMU dumps it.
+Each vmcore is held to QEMU's own dump of the same paused VM (PT_LOADs,
+every byte, ELF identity and notes), and QEMU's shared memory (RssShmem)
+to what it was before the dump.
+"""
+
+import json
+import shlex
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from . import qemus
+from .conftest import livedump
+from .counting import assert_counts
+from .vm import COUNTING_PC, VM
+from .vmcore import first_difference, identity, loads, read_phys
+
+QEMUS = qemus.available()
+
+
+@pytest.fixture(params=sorted(QEMUS))
+def qemu(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Each QEMU as one executable (QEMU 10.0 runs through a namespace of its own)."""
+    wrapper = tmp_path / "qemu"
+    wrapper.write_text("#!/bin/sh\nexec " + shlex.join(QEMUS[request.param].command())
+                       + ' "$@"\n')
+    wrapper.chmod(0o755)
+    yield str(wrapper)
+
+
+def rss_shmem(pid: int) -> int:
+    """QEMU's resident shared memory, in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssShmem:"):
+            return int(line.split()[1])
+    raise AssertionError("no RssShmem in /proc/PID/status")
+
+
+def virtio_mem(size: str, requested: str = "0") -> list[str]:
+    """A virtio-mem device on an unreserved shared memfd: only what is plugged
+    and written ever takes host memory."""
+    return ["-object", f"memory-backend-memfd,id=vmem0,size={size},share=on,reserve=off",
+            "-device", f"virtio-mem-pci,id=vm0,memdev=vmem0,node=0,requested-size={requested}"]
+
+
+def plugged_in(vm: VM, vmcore: Path) -> int:
+    """The bytes of the virtio-mem device's window that ``vmcore`` holds, after
+    checking that QEMU says as much is plugged."""
+    (device,) = [d["data"] for d in vm.command("query-memory-devices")
+                 if d["type"] == "virtio-mem"]
+    start, end = device["memaddr"], device["memaddr"] + device["max-size"]
+    shown = sum(max(0, min(end, load.paddr + load.memsz) - max(start, load.paddr))
+                for load in loads(vmcore))
+    assert shown == device["size"]
+    return shown
+
+
+def segments(vmcore: Path) -> list[tuple[int, int, int]]:
+    """Each PT_LOAD's guest-physical address and sizes."""
+    return [(load.paddr, load.memsz, load.filesz) for load in loads(vmcore)]
+
+
+def same_as_qemus_dump(vm: VM, scratch: Path, *args: str) -> dict:
+    """livedump ``args`` of the paused VM, then QEMU's own dump of it: the same
+    PT_LOADs and bytes (and with CPU notes, the same identity). Its report."""
+    ours, theirs = scratch / "ours.vmcore", scratch / "theirs.vmcore"
+    r = livedump("--pid", str(vm.pid), "--json", *args, str(ours))
+    assert r.returncode == 0, r.stderr
+    vm.own_dump(theirs)
+    assert first_difference(ours, theirs) is None
+    if "--no-pause" not in args:
+        assert identity(ours) == identity(theirs)
+    return json.loads(r.stdout)
+
+
+@pytest.mark.parametrize("mode", [[], ["--no-pause"]], ids=["pause", "no-pause"])
+def test_unplugged_virtio_mem_is_left_out(scratch, qemu, mode):
+    """Nothing plugged: not one byte of the device in the vmcore, nor in QEMU."""
+    with VM(qemu=qemu, platform=COUNTING_PC, memory="256M,maxmem=4G",
+            extra=virtio_mem("2G")) as vm:
+        assert_counts(vm)
+        before = rss_shmem(vm.pid)
+        r = livedump("--pid", str(vm.pid), *mode, str(scratch / "running.vmcore"))
+        assert r.returncode == 0, r.stderr
+        assert_counts(vm)
+        vm.command("stop")
+        same_as_qemus_dump(vm, scratch, *mode)
+        assert plugged_in(vm, scratch / "ours.vmcore") == 0
+        assert rss_shmem(vm.pid) - before < 1024  # KiB: no backend page was made
+
+
+def test_live_unplugged_virtio_mem(scratch, qemu):
+    """--live: QEMU's snapshot never sends unplugged blocks, and none are expected."""
+    with VM(qemu=qemu, platform=COUNTING_PC, memory="256M,maxmem=4G",
+            extra=virtio_mem("2G")) as vm:
+        assert_counts(vm)
+        before = rss_shmem(vm.pid)
+        ours, theirs = scratch / "ours.vmcore", scratch / "theirs.vmcore"
+        r = livedump("--pid", str(vm.pid), "--live", "--json", str(ours))
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["live"]
+        assert_counts(vm)
+        vm.command("stop")
+        vm.own_dump(theirs)
+        assert segments(ours) == segments(theirs)  # The count moved on: its bytes differ.
+        assert identity(ours) == identity(theirs)
+        assert rss_shmem(vm.pid) - before < 1024
+
+
+NVDIMM_MACHINE = "pc,nvdimm=on"
+NVDIMM_MARKER = b"livedump NVDIMM marker"
+
+
+@pytest.mark.parametrize("mode", [[], ["--no-pause"], ["--live"]],
+                         ids=["pause", "no-pause", "live"])
+def test_nvdimm_is_dumped(scratch, qemu, mode):
+    """An NVDIMM, shown through a non-volatile alias, is in QEMU's dump: in ours too."""
+    backend = scratch / "nvdimm"
+    with VM(qemu=qemu, platform=COUNTING_PC, machine=NVDIMM_MACHINE,
+            memory="256M,slots=2,maxmem=1G", extra=[
+                "-object", f"memory-backend-file,id=nv0,mem-path={backend},size=128M,share=on",
+                "-device", "nvdimm,id=nv0dev,memdev=nv0"]) as vm:
+        with open(backend, "r+b") as f:  # The file QEMU maps, shared: the guest sees it.
+            f.write(NVDIMM_MARKER)
+        assert_counts(vm)
+        r = livedump("--pid", str(vm.pid), *mode, str(scratch / "running.vmcore"))
+        assert r.returncode == 0, r.stderr
+        assert_counts(vm)
+        vm.command("stop")
+        same_as_qemus_dump(vm, scratch, *[m for m in mode if m != "--live"])
+        addr = vm.command("query-memory-devices")[0]["data"]["addr"]
+        assert any(load.paddr == addr and load.memsz == 128 << 20
+                   for load in loads(scratch / "ours.vmcore"))
+        assert read_phys(scratch / "ours.vmcore", addr, len(NVDIMM_MARKER)) == NVDIMM_MARKER
