@@ -27,6 +27,9 @@ from .vm import COUNTING_PC, PC, VM
 from .vmcore import first_difference, identity, loads, read_phys
 
 QEMUS = qemus.available()
+DEBUG = qemus.debug_builds()
+needs_debug = pytest.mark.skipif(not DEBUG, reason="no QEMU with debug info: run "
+                                 "integration/build-qemu-debug.sh [10.0]")
 
 
 @pytest.fixture(params=sorted(QEMUS))
@@ -235,8 +238,50 @@ def test_partly_plugged_virtio_mem(scratch, qemu):
         assert r.returncode == 10 and b"virtio-mem device vm0" in r.stderr, r.stderr
         assert vm.status() == "running"
         vm.command("stop")
-        # Plugged blocks the guest never wrote are read, as QEMU's dump reads them;
-        # not one unplugged block.
-        report = same_as_qemus_dump(vm, scratch, grows=(96 << 10) + 1024)
+        report = same_as_qemus_plugged(vm, scratch)
         assert report["cpu_notes"] == "CORE, QEMU notes from QEMU's dump-guest-memory"
-        assert plugged_in(vm, scratch / "ours.vmcore") == 96 << 20
+
+
+def same_as_qemus_plugged(vm: VM, scratch: Path, *args: str) -> dict:
+    """:func:`same_as_qemus_dump` of the guest with 96 MiB plugged: plugged
+    blocks the guest never wrote are read, as QEMU's dump reads them; not one
+    unplugged block."""
+    report = same_as_qemus_dump(vm, scratch, *args, grows=(96 << 10) + 1024)
+    assert plugged_in(vm, scratch / "ours.vmcore") == 96 << 20
+    return report
+
+
+# --------------------------------------------------------------------------
+# Ptrace mode: the same, from QEMU's own structures
+# --------------------------------------------------------------------------
+
+@needs_debug
+@pytest.mark.parametrize("series", sorted(DEBUG))
+def test_ptrace_unplugged_virtio_mem_and_nvdimm(scratch, series):
+    """An unplugged virtio-mem device (its bitmap read through the region's
+    discard manager) and an NVDIMM, through QEMU's DWARF."""
+    backend = scratch / "nvdimm"
+    with VM(qemu=str(DEBUG[series].binary), platform=COUNTING_PC, machine=NVDIMM_MACHINE,
+            memory="256M,slots=2,maxmem=4G", livedump_socket=False, extra=[
+                *virtio_mem("1G"),
+                "-object", f"memory-backend-file,id=nv0,mem-path={backend},size=128M,share=on",
+                "-device", "nvdimm,id=nv0dev,memdev=nv0"]) as vm:
+        assert_counts(vm)
+        r = livedump("--pid", str(vm.pid), "--via", "ptrace", str(scratch / "running.vmcore"))
+        assert r.returncode == 0, r.stderr
+        assert_counts(vm)
+        vm.command("stop")
+        same_as_qemus_dump(vm, scratch, "--via", "ptrace")
+        assert plugged_in(vm, scratch / "ours.vmcore") == 0
+
+
+@needs_debug
+@pytest.mark.parametrize("series", sorted(DEBUG))
+def test_ptrace_partly_plugged_virtio_mem(scratch, series):
+    console = scratch / "console.log"
+    with linux_with_virtio_mem(str(DEBUG[series].binary), scratch, console) as vm:
+        linux_guest.wait_for_console(console, VMEM_READY, 300, vm.process)
+        plug(vm, 256 << 20)
+        plug(vm, 96 << 20)
+        vm.command("stop")
+        same_as_qemus_plugged(vm, scratch, "--via", "ptrace")
