@@ -237,9 +237,14 @@ def test_partly_plugged_virtio_mem(scratch, qemu):
         r = livedump("--pid", str(vm.pid), "--no-pause", str(scratch / "refused.vmcore"))
         assert r.returncode == 10 and b"virtio-mem device vm0" in r.stderr, r.stderr
         assert vm.status() == "running"
+        live = scratch / "live.vmcore"
+        r = livedump("--pid", str(vm.pid), "--live", "--json", str(live))
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["live"] and vm.status() == "running"
         vm.command("stop")
         report = same_as_qemus_plugged(vm, scratch)
         assert report["cpu_notes"] == "CORE, QEMU notes from QEMU's dump-guest-memory"
+        assert segments(live) == segments(scratch / "theirs.vmcore")
 
 
 def same_as_qemus_plugged(vm: VM, scratch: Path, *args: str) -> dict:
