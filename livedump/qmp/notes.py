@@ -15,6 +15,10 @@ descriptors, and libvirt 9.0's daemon crashes on the completion event of a
 dump it did not start), libvirt's own memory-only dump is pointed at a pipe,
 which livedump closes as soon as the notes have come through: the dump then
 fails, having written no guest memory anywhere.
+
+The same cut-off whole dump gives QEMU's own RAM selection, in its program
+headers, where the monitor shows no other way to it (a partly plugged
+virtio-mem device's blocks): :func:`dump_header`, :func:`header_from_pipe`.
 """
 
 import contextlib
@@ -178,8 +182,12 @@ def header_from_pipe(dump_into: Callable[[str], object], timeout: float = 10.0,
     os.mkfifo(path, 0o600)
     # Open before the writer: no end-of-file until it has come and gone.
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    if watch:
-        watch(path)
+    try:
+        if watch:
+            watch(path)
+    except BaseException:
+        release_fifo(path, fd)
+        raise
     try:
         return _cut(fd, lambda: dump_into(path), timeout,
                     lambda: release_fifo(path, fd))  # The dump fails at its next write.

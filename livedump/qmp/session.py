@@ -117,7 +117,7 @@ class MonitoredSession(abc.ABC):
                 raise GuestMemoryError(
                     f"virtio-mem device {d.id} has {d.plugged:#x} of its {d.max_size:#x} "
                     "bytes plugged, and only QEMU's own dump can say which blocks, which "
-                    "stops the guest: dump without --no-pause")
+                    "stops the guest: dump without --no-pause (or with --via ptrace)")
             self._header = self.qemu_header()
             loads = read_loads(self._header)
         if view == self._view and devices == self._devices and loads is None \
