@@ -12,7 +12,9 @@ to what it was before the dump.
 
 import gzip
 import json
+import os
 import shlex
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -290,3 +292,64 @@ def test_ptrace_partly_plugged_virtio_mem(scratch, series):
         plug(vm, 96 << 20)
         vm.command("stop")
         same_as_qemus_plugged(vm, scratch, "--via", "ptrace")
+
+
+# --------------------------------------------------------------------------
+# Through libvirt: the blocks from libvirt's own memory-only dump, cut short
+# --------------------------------------------------------------------------
+
+def test_libvirt_partly_plugged_virtio_mem(scratch):
+    pytest.importorskip("libvirt", reason="libvirt's Python binding: pip install '.[libvirt]'")
+    if shutil.which("libvirtd") is None or os.geteuid() != 0:
+        pytest.skip("needs libvirtd (libvirt-daemon-system) and root")
+    from .libvirt_harness import Domain, Libvirtd, readable_dir, virsh
+
+    class LinuxDomain(Domain):
+        extra: list[str] = []
+
+        def _xml(self, qemu_args: list[str]) -> str:
+            return super()._xml([*qemu_args, *self.extra])
+
+    files = readable_dir()
+    try:
+        vmlinuz, _ = linux_guest.guest_files()
+        kernel, initrd = files / "vmlinuz", virtio_mem_initrd(files)
+        shutil.copy(vmlinuz, kernel)
+        console = files / "console.log"
+        console.touch()
+        for path in (kernel, initrd, console):
+            path.chmod(0o666 if path == console else 0o644)
+        LinuxDomain.extra = [
+            "-m", "512M,slots=2,maxmem=2G", "-kernel", str(kernel), "-initrd", str(initrd),
+            "-append", "console=ttyS0 panic=0 quiet memhp_default_state=online_movable",
+            "-serial", f"file:{console}", *virtio_mem("1G")]
+        with Libvirtd(), LinuxDomain(files) as dom:
+            linux_guest.wait_for_console(console, VMEM_READY, 300)
+            qmp = LibvirtQmp(dom.name)
+            plug(qmp, 256 << 20)  # type: ignore[arg-type]
+            plug(qmp, 96 << 20)  # type: ignore[arg-type]
+            virsh("suspend", dom.name)
+            ours, theirs = scratch / "ours.vmcore", scratch / "theirs.vmcore"
+            r = livedump("--domain", dom.name, "--json", str(ours))
+            assert r.returncode == 0, r.stderr
+            assert json.loads(r.stdout)["cpu_notes"] == "CORE, QEMU notes from libvirt's " \
+                                                        "memory-only dump"
+            virsh("dump", "--memory-only", dom.name, str(theirs))
+            assert first_difference(ours, theirs) is None
+            assert plugged_in(qmp, ours) == 96 << 20  # type: ignore[arg-type]
+    finally:
+        shutil.rmtree(files, ignore_errors=True)
+
+
+class LibvirtQmp:
+    """QMP commands to a libvirt domain's QEMU, through virsh qemu-monitor-command."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def command(self, name: str, **args: object) -> object:
+        from .libvirt_harness import virsh
+
+        reply = json.loads(virsh("qemu-monitor-command", self.name,
+                                 json.dumps({"execute": name, "arguments": args})))
+        return reply["return"]
