@@ -25,6 +25,7 @@ import pytest
 from . import linux_guest, qemus
 from .conftest import livedump
 from .counting import assert_counts
+from .test_monitors import _free_port, _notes_dirs, _tcp_monitor
 from .vm import COUNTING_PC, PC, VM
 from .vmcore import first_difference, identity, loads, read_phys
 
@@ -210,12 +211,12 @@ def virtio_mem_initrd(into: Path) -> Path:
     return initrd
 
 
-def linux_with_virtio_mem(qemu: str, into: Path, console: Path) -> VM:
+def linux_with_virtio_mem(qemu: str, into: Path, console: Path, *extra: str) -> VM:
     vmlinuz, _ = linux_guest.guest_files()
     return VM(qemu=qemu, platform=PC, machine="q35", memory="512M,maxmem=2G", extra=[
         "-kernel", str(vmlinuz), "-initrd", str(virtio_mem_initrd(into)),
         "-append", "console=ttyS0 panic=0 quiet memhp_default_state=online_movable",
-        "-serial", f"file:{console}", "-no-reboot", *virtio_mem("1G")])
+        "-serial", f"file:{console}", "-no-reboot", *virtio_mem("1G"), *extra])
 
 
 def plug(vm: VM, size: int, timeout: float = 120) -> None:
@@ -232,7 +233,8 @@ def test_partly_plugged_virtio_mem(scratch, qemu):
     blocks QEMU's dump does (from its program headers, inside the pause), and
     refuses --no-pause, which could not learn them without stopping the guest."""
     console = scratch / "console.log"
-    with linux_with_virtio_mem(qemu, scratch, console) as vm:
+    port = _free_port()
+    with linux_with_virtio_mem(qemu, scratch, console, *_tcp_monitor(port)) as vm:
         linux_guest.wait_for_console(console, VMEM_READY, 300, vm.process)
         plug(vm, 256 << 20)
         plug(vm, 96 << 20)
@@ -247,6 +249,13 @@ def test_partly_plugged_virtio_mem(scratch, qemu):
         report = same_as_qemus_plugged(vm, scratch)
         assert report["cpu_notes"] == "CORE, QEMU notes from QEMU's dump-guest-memory"
         assert segments(live) == segments(scratch / "theirs.vmcore")
+        # Over TCP no pipe passes: QEMU's dump goes into a FIFO of QEMU's /tmp, gone after.
+        before = _notes_dirs(vm.pid)
+        tcp = scratch / "tcp.vmcore"
+        r = livedump("--qmp", f"tcp:127.0.0.1:{port}", str(tcp))
+        assert r.returncode == 0, r.stderr
+        assert first_difference(tcp, scratch / "theirs.vmcore") is None
+        assert _notes_dirs(vm.pid) == before
 
 
 def same_as_qemus_plugged(vm: VM, scratch: Path, *args: str) -> dict:

@@ -72,10 +72,10 @@ def _dump_one_page(monitor: Monitor, protocol: str, gpa: int) -> None:
 
 
 @contextlib.contextmanager
-def private_file(pid: int, watch: Callable[[str | None], None] | None = None
-                 ) -> Iterator[tuple[str, int]]:
-    """An empty file that process ``pid`` (QEMU) may write and no other user may
-    read: its path as QEMU sees it, and a descriptor to read it by.
+def private_file(pid: int, watch: Callable[[str | None], None] | None = None,
+                 fifo: bool = False) -> Iterator[tuple[str, int]]:
+    """An empty file (or a FIFO) that process ``pid`` (QEMU) may write and no
+    other user may read: its path as QEMU sees it, and a descriptor to read it by.
 
     It is made 0600 in a new 0700 directory in QEMU's own ``/tmp`` (reached
     through ``/proc/PID/root``, so a private ``/tmp`` or a chroot is no
@@ -88,7 +88,7 @@ def private_file(pid: int, watch: Callable[[str | None], None] | None = None
     made: tuple[str, int] | None = None
     try:
         with signals.deferred():  # Made and known to the finally below, or not made.
-            made = _make_private_file(pid, owner, watch)
+            made = _make_private_file(pid, owner, watch, fifo)
         path, fd = made
         directory = os.path.dirname(path)
         yield os.path.join("/tmp", os.path.basename(directory), "notes"), fd
@@ -103,7 +103,8 @@ def private_file(pid: int, watch: Callable[[str | None], None] | None = None
 
 
 def _make_private_file(pid: int, owner: tuple[int, int],
-                       watch: Callable[[str | None], None] | None) -> tuple[str, int]:
+                       watch: Callable[[str | None], None] | None,
+                       fifo: bool) -> tuple[str, int]:
     """The file of :func:`private_file` (as we reach it), and a descriptor on it.
 
     ``watch`` is told each name before it is made, so there is no instant
@@ -125,8 +126,12 @@ def _make_private_file(pid: int, owner: tuple[int, int],
     fd = -1
     try:
         os.chmod(directory, 0o700)  # Whatever the umask.
-        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600)
+        if fifo:  # Its reader opened before QEMU opens it: QEMU's open never waits.
+            os.mkfifo(path, 0o600)
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+        else:
+            fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600)
         os.fchmod(fd, 0o600)
         if owner != (os.geteuid(), os.getegid()):
             os.fchown(fd, *owner)
@@ -196,7 +201,8 @@ def header_from_pipe(dump_into: Callable[[str], object], timeout: float = 10.0,
             watch(None)
 
 
-def dump_header(monitor: Monitor, timeout: float = 10.0) -> bytes:
+def dump_header(monitor: Monitor, timeout: float = 10.0,
+                watch: Callable[[str | None], None] | None = None) -> bytes:
     """The headers and notes of QEMU's whole dump (paging off) of the paused guest.
 
     Its program headers are QEMU's own RAM selection, its notes those of
@@ -204,12 +210,16 @@ def dump_header(monitor: Monitor, timeout: float = 10.0) -> bytes:
     whose reader is closed once the notes are in: the dump then fails at its
     next write, having given no more guest memory than the pipe holds (to
     livedump, which drops it), and leaves ``query-dump`` at "failed". A
-    livedump that dies closes the reader all the same.
+    livedump that dies closes the reader all the same. Where no descriptor
+    can pass (QMP over TCP), the pipe is a FIFO of :func:`private_file`.
     """
     transport = monitor.transport
     if isinstance(transport, QMPTransport) and not transport.passes_fds:
-        raise MonitorError("QEMU's RAM selection comes through a pipe passed to QEMU, "
-                           "and this monitor (TCP) passes none")
+        assert transport.peer_pid is not None
+        with private_file(transport.peer_pid, watch, fifo=True) as (path, fd):
+            return _cut(fd, lambda: transport.execute("dump-guest-memory", {
+                "paging": False, "protocol": f"file:{path}"}), timeout,
+                lambda: _drop_reader(fd))
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
     os.set_blocking(read_end, False)  # QEMU's end blocks: it writes with no retry.
     try:
@@ -222,6 +232,16 @@ def dump_header(monitor: Monitor, timeout: float = 10.0) -> bytes:
     return _cut(read_end, lambda: transport.execute("dump-guest-memory", {
         "paging": False, "protocol": f"fd:{_HEADER_FD_NAME}"}), timeout,
         lambda: os.close(read_end))
+
+
+def _drop_reader(fd: int) -> None:
+    """Close the pipe that ``fd`` reads, keeping the number open (on /dev/null)
+    for its owner to close: the writer fails at its next write."""
+    null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.dup2(null, fd, inheritable=False)
+    finally:
+        os.close(null)
 
 
 def _cut(fd: int, dump: Callable[[], object], timeout: float,

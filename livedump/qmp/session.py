@@ -139,7 +139,7 @@ class MonitoredSession(abc.ABC):
 
     def qemu_header(self) -> bytes:
         """The headers and notes of QEMU's whole dump of the paused guest."""
-        return notes.dump_header(self.monitor)
+        return notes.dump_header(self.monitor, watch=self.watcher().fifo)
 
     def qemu_notes(self, gpa: int) -> QemuNotes:
         return notes.from_qemu(self.monitor, gpa, watch=self.watcher().fifo)
