@@ -53,7 +53,7 @@ def test_the_view_cut_to_the_plugged_spans():
     view = [FlatRange(0, 512 * MiB, "ram", "pc.ram", 0),
             FlatRange(4 * GiB - 4096, 4096, "i/o", "mmio", 0),
             FlatRange(4 * GiB, GiB, "ram", "vmem0", 0)]
-    plugged = {"vm0": [(4 * GiB, 64 * MiB), (4 * GiB + 128 * MiB, 32 * MiB)]}
+    plugged = {DEVICE: [(4 * GiB, 64 * MiB), (4 * GiB + 128 * MiB, 32 * MiB)]}
     kept, cut = clip(view, [DEVICE], plugged)
     assert kept == [view[0], view[1], FlatRange(4 * GiB, 64 * MiB, "ram", "vmem0", 0),
                     FlatRange(4 * GiB + 128 * MiB, 32 * MiB, "ram", "vmem0", 128 * MiB)]
@@ -61,7 +61,7 @@ def test_the_view_cut_to_the_plugged_spans():
                    FlatRange(4 * GiB + 160 * MiB, GiB - 160 * MiB, "ram", "vmem0", 160 * MiB)]
     assert pieces_of(0, 512 * MiB, [DEVICE], plugged) is None
     # A range reaching past the window keeps what lies outside it.
-    assert pieces_of(4 * GiB - MiB, 3 * MiB, [DEVICE], {"vm0": []}) == [(4 * GiB - MiB, 4 * GiB)]
+    assert pieces_of(4 * GiB - MiB, 3 * MiB, [DEVICE], {DEVICE: []}) == [(4 * GiB - MiB, 4 * GiB)]
 
 
 # 'info mtree' and 'info mtree -f' of QEMU 7.2 with an NVDIMM (abridged).

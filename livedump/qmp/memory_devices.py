@@ -90,9 +90,9 @@ def parse_memory_devices(reply: list[object]) -> list[VirtioMem]:
 
 
 def clip(view: Iterable[FlatRange], devices: Sequence[VirtioMem],
-         plugged: dict[str, list[Span]]) -> tuple[list[FlatRange], list[FlatRange]]:
+         plugged: dict[VirtioMem, list[Span]]) -> tuple[list[FlatRange], list[FlatRange]]:
     """``view`` with the dumped ranges cut down, in each device's window, to its
-    ``plugged`` spans (by device id), what lies outside the windows as it is;
+    ``plugged`` spans, what lies outside the windows as it is;
     and the parts cut out."""
     kept: list[FlatRange] = []
     cut: list[FlatRange] = []
@@ -112,14 +112,14 @@ def clip(view: Iterable[FlatRange], devices: Sequence[VirtioMem],
 
 
 def pieces_of(gpa: int, size: int, devices: Sequence[VirtioMem],
-              plugged: dict[str, list[Span]]) -> list[tuple[int, int]] | None:
+              plugged: dict[VirtioMem, list[Span]]) -> list[tuple[int, int]] | None:
     """The (start, end) parts of the guest range ``gpa``, ``size`` that QEMU's dump
     takes, in order; None if it overlaps no device's window (all of it)."""
     end = gpa + size
     inside = [d for d in devices if gpa < d.end and d.memaddr < end]
     if not inside:
         return None
-    keep = [(start, start + length) for d in inside for start, length in plugged[d.id]]
+    keep = [(start, start + length) for d in inside for start, length in plugged[d]]
     edges = sorted({gpa, end, *(x for d in inside for x in (d.memaddr, d.end))})
     keep += [(lo, hi) for lo, hi in itertools.pairwise(edges)
              if not any(d.memaddr <= lo and hi <= d.end for d in inside)]

@@ -64,7 +64,7 @@ class MonitoredSession(abc.ABC):
         RAM blocks and mappings: in a virtio-mem device's window, its plugged
         blocks alone (from ``loads``, the PT_LOADs of QEMU's dump, where the
         plugged size does not say; none where neither does)."""
-        plugged = {d.id: d.spans(loads) if loads is not None or not d.partly_plugged else []
+        plugged = {d: d.spans(loads) if loads is not None or not d.partly_plugged else []
                    for d in self._devices}
         self._dumped, self._unplugged = memory_devices.clip(view, self._devices, plugged)
         ranges = []
