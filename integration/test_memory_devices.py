@@ -10,6 +10,7 @@ every byte, ELF identity and notes), and QEMU's shared memory (RssShmem)
 to what it was before the dump.
 """
 
+import dataclasses
 import gzip
 import json
 import os
@@ -308,13 +309,16 @@ def test_ptrace_partly_plugged_virtio_mem(scratch, series):
 # --------------------------------------------------------------------------
 
 def test_libvirt_partly_plugged_virtio_mem(scratch):
+    """libvirt's system QEMU: the blocks from libvirt's memory-only dump cut short;
+    the vmcore equals ``virsh dump --memory-only``."""
     pytest.importorskip("libvirt", reason="libvirt's Python binding: pip install '.[libvirt]'")
     if shutil.which("libvirtd") is None or os.geteuid() != 0:
         pytest.skip("needs libvirtd (libvirt-daemon-system) and root")
     from .libvirt_harness import Domain, Libvirtd, readable_dir, virsh
 
+    @dataclasses.dataclass
     class LinuxDomain(Domain):
-        extra: list[str] = []
+        extra: list[str] = dataclasses.field(default_factory=list)
 
         def _xml(self, qemu_args: list[str]) -> str:
             return super()._xml([*qemu_args, *self.extra])
@@ -328,11 +332,11 @@ def test_libvirt_partly_plugged_virtio_mem(scratch):
         console.touch()
         for path in (kernel, initrd, console):
             path.chmod(0o666 if path == console else 0o644)
-        LinuxDomain.extra = [
-            "-m", "512M,slots=2,maxmem=2G", "-kernel", str(kernel), "-initrd", str(initrd),
-            "-append", "console=ttyS0 panic=0 quiet memhp_default_state=online_movable",
-            "-serial", f"file:{console}", *virtio_mem("1G")]
-        with Libvirtd(), LinuxDomain(files) as dom:
+        # libvirt's own -m first, ours after: QEMU merges them, the last value winning.
+        extra = ["-m", "512M,slots=2,maxmem=2G", "-kernel", str(kernel), "-initrd", str(initrd),
+                 "-append", "console=ttyS0 panic=0 quiet memhp_default_state=online_movable",
+                 "-serial", f"file:{console}", *virtio_mem("1G")]
+        with Libvirtd(), LinuxDomain(files, extra=extra) as dom:
             linux_guest.wait_for_console(console, VMEM_READY, 300)
             qmp = LibvirtQmp(dom.name)
             plug(qmp, 256 << 20)  # type: ignore[arg-type]
