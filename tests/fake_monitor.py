@@ -41,6 +41,7 @@ def main() -> None:
     defaults = {
         "qmp_capabilities": {"return": {}},
         "query-target": {"return": {"arch": "x86_64"}},
+        "query-memory-devices": {"return": []},
         "hmp:info mtree -f": {"return": (
             'FlatView #0\r\n AS "memory", root: system\r\n Root memory region: system\r\n'
             f"  0000000000000000-{RAM_SIZE - 1:016x} (prio 0, ram): pc.ram\r\n\r\n")},

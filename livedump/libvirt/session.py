@@ -20,6 +20,7 @@ class LibvirtSession(MonitoredSession):
     """
 
     via = "libvirt"
+    header_source = "libvirt's memory-only dump"
 
     def __init__(self, domain: Domain, stall: float = STALL_TIMEOUT) -> None:
         super().__init__(Monitor(PassThrough(domain)), domain.pid,
@@ -48,3 +49,6 @@ class LibvirtSession(MonitoredSession):
         return dataclasses.replace(notes.from_pipe(self.domain.dump_memory_only,
                                                    watch=self.watcher().fifo),
                                    source="libvirt's memory-only dump")
+
+    def qemu_header(self) -> bytes:
+        return notes.header_from_pipe(self.domain.dump_memory_only, watch=self.watcher().fifo)

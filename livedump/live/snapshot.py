@@ -223,11 +223,20 @@ class LiveSnapshot:
     """
 
     def __init__(self, monitor: Monitor, target: str,
-                 view: Callable[[], Sequence[FlatRange]], guardian: Guardian) -> None:
+                 view: Callable[[], Sequence[FlatRange]], guardian: Guardian,
+                 unsent: Callable[[], Sequence[FlatRange]] = lambda: (),
+                 map_needs_pause: Callable[[], bool] = lambda: False) -> None:
+        """``view``: the RAM the vmcore shows; ``unsent``: RAM that QEMU neither
+        dumps nor migrates (a virtio-mem device's unplugged blocks);
+        ``map_needs_pause``: whether the map can be read only with the guest
+        paused (a partly plugged virtio-mem device's blocks come from QEMU's
+        own dump), which keeps livedump's own pause."""
         self.monitor = monitor
         self.guardian = guardian
         self.target = target
         self._view = view
+        self._unsent = unsent
+        self._map_needs_pause = map_needs_pause
         self._capabilities: dict[str, bool] = {}  # what was changed, with its old value
         self._parameters: dict[str, object] = {}
         self.ready = False  # set up for a snapshot (not if the guest was paused)
@@ -263,7 +272,7 @@ class LiveSnapshot:
             for fr in self._view():
                 if fr.dumped:
                     block_of(fr.name, names)
-            if self.target in X86_TARGETS:
+            if self.target in X86_TARGETS and not self._map_needs_pause():
                 self._cpus = m.cpu_count()
                 self.from_stream = True
             self._pass_pipe()
@@ -346,6 +355,9 @@ class LiveSnapshot:
         self._stream = MigrationStream(self._fd, self.target, self._known, self.guardian.beat)
         try:
             blocks = self._stream.read_setup()
+            names = [b.name for b in blocks]
+            for fr in self._unsent():  # Never sent: not waited for.
+                self._stream.excuse(block_of(fr.name, names), fr.offset, fr.size)
             self._placement = Placement(layout, self._view(), blocks)
             self._stream.wait_snapshot()
         except SnapshotError as e:

@@ -56,6 +56,8 @@ _BE64 = struct.Struct(">Q")  # a RAM record's offset and flags; a block's length
 _ZERO_RECORD = struct.Struct(">QB")  # a zero page's offset and flags (CONTINUE), fill byte
 
 RAM_SECTION = "ram"
+_VIRTIO_MEM_EARLY = "virtio-mem-device-early"
+_BE64_3 = struct.Struct(">QQQ")
 # Without the configuration's "target-page-bits" subsection a stream's pages
 # are the target's smallest: 1 KiB on Arm (whose page size varies), 4 KiB on
 # every other target livedump writes vmcores for.
@@ -254,8 +256,36 @@ class MigrationStream:
     def wait_snapshot(self) -> None:
         """Read up to the first ``ram`` part. QEMU writes it once it has taken the
         snapshot point: saved the devices and write-protected guest RAM."""
+        while self.reader.peek() == SECTION_FULL:
+            self._early_device()
         if not self._next_part():
             raise SnapshotError("the migration stream holds no RAM")
+
+    def _early_device(self) -> None:
+        """Skip a device's state that QEMU sends before any RAM: from QEMU 8.2
+        on, a virtio-mem device's ("virtio-mem-device-early", version 1): its
+        address, region and block sizes, node, plugged size, and the bitmap of
+        its plugged blocks (one bit a block, in 64-bit words)."""
+        r = self.reader
+        r.byte()
+        (section_id,) = r.unpack(_BE32)
+        name = r.name()
+        _, version = r.unpack(_SECTION_START)
+        if not name.endswith("/" + _VIRTIO_MEM_EARLY) or version != 1:
+            raise SnapshotError(f"the migration stream has state of device {name!r} "
+                                f"(version {version}) before its RAM, which livedump "
+                                "does not read")
+        _, region_size, block_size = r.unpack(_BE64_3)
+        r.take(4 + 8)  # node, plugged size
+        if not block_size or region_size % block_size:
+            raise SnapshotError(f"virtio-mem state in the migration stream with blocks of "
+                                f"{block_size:#x} bytes in {region_size:#x}")
+        r.take(-(-(region_size // block_size) // 64) * 8)
+        if r.peek() == SECTION_FOOTER:
+            r.byte()
+            if r.unpack(_BE32) != (section_id,):
+                raise SnapshotError(f"the migration stream's state of device {name!r} "
+                                    "is not of the form livedump knows")
 
     def pages(self) -> Iterator[Page]:
         """After :meth:`wait_snapshot`: every page that is not all zeros, as it
@@ -357,6 +387,14 @@ class MigrationStream:
             raise SnapshotError(f"the RAM blocks in the migration stream add up to {listed:#x} "
                                 f"bytes, not {total:#x}")
         self._seen = [bytearray(-(-b.size >> self.page_bits)) for b in self.blocks]
+
+    def excuse(self, block: int, offset: int, size: int) -> None:
+        """Expect no pages of ``block`` at ``offset`` (``size`` bytes): QEMU sends
+        none of a virtio-mem device's unplugged blocks."""
+        seen = self._seen[block]
+        first = offset >> self.page_bits
+        last = min(-(-(offset + size) >> self.page_bits), len(seen))
+        seen[first:last] = b"\1" * max(last - first, 0)
 
     def _block_named(self, name: str) -> int:
         for i, block in enumerate(self.blocks):

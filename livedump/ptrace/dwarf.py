@@ -28,6 +28,7 @@ another target, or one whose CPU structures differ, still maps its memory
 """
 
 import bisect
+import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from io import BytesIO
 from pathlib import Path
@@ -53,7 +54,9 @@ from livedump.ptrace.layout import (
     CPU_OPTIONAL,
     CPU_STRUCTS,
     NEEDED,
+    OPTIONAL,
     VARIABLE,
+    VIRTIO_MEM_NEEDED,
     Field,
     Int128Layout,
     QemuLayout,
@@ -334,11 +337,26 @@ class _Walk:
             if pointer:
                 found = _pointee(found, f"{role}.{member}")
             dies[target] = self.definition(found, target, NEEDED[target])
-        members = {role: _members(dies[role], role) for role in NEEDED}
+        members = {role: _members(dies[role], role, None, OPTIONAL.get(role, ()))
+                   for role in NEEDED}
+        if "rdm" in members["MemoryRegion"]:
+            with contextlib.suppress(DebugInfoError):  # A QEMU built without virtio-mem.
+                device = self.virtio_mem()
+                dies |= device
+                members |= {role: _members(device[role], role, VIRTIO_MEM_NEEDED[role])
+                            for role in VIRTIO_MEM_NEEDED}
         kinds = {self.int128(_type(members[r][m][1])) for r, m in _INT128_USES}
         if len(kinds) != 1:
             raise DebugInfoError(f"Int128 is stored in different ways in {self.path}")
         return _layouts(dies, members), kinds.pop()
+
+    def virtio_mem(self) -> dict[str, DIE]:
+        """The structures of VIRTIO_MEM_NEEDED: VirtIOMEM, and its memory backend."""
+        device = self.named(("VirtIOMEM",), VIRTIO_MEM_NEEDED["VirtIOMEM"])
+        memdev = _members(device, "VirtIOMEM", VIRTIO_MEM_NEEDED["VirtIOMEM"])["memdev"][1]
+        backend = self.definition(_pointee(_type(memdev), "VirtIOMEM.memdev"),
+                                  "HostMemoryBackend", VIRTIO_MEM_NEEDED["HostMemoryBackend"])
+        return {"VirtIOMEM": device, "HostMemoryBackend": backend}
 
     def cpus(self, symbols: dict[str, Symbol], pointer_size: int
              ) -> tuple[int, dict[str, StructLayout]]:

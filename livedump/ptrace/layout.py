@@ -33,6 +33,14 @@ NEEDED: dict[str, tuple[str, ...]] = {
     "MemoryRegion": ("ram", "ram_device", "nonvolatile", "ram_block", "name"),
     "RAMBlock": ("host",),
 }
+# Read where this QEMU has them: a RAM region's discard manager (QEMU 6.1 on),
+# in QEMU 7.2 to 10.0 only ever a virtio-mem device, whose bitmap says which
+# blocks of its memory backend's region are plugged: the only ones dumped.
+OPTIONAL: dict[str, tuple[str, ...]] = {"MemoryRegion": ("rdm",)}
+VIRTIO_MEM_NEEDED: dict[str, tuple[str, ...]] = {
+    "VirtIOMEM": ("memdev", "block_size", "bitmap", "bitmap_size"),
+    "HostMemoryBackend": ("mr",),
+}
 
 # The x86 CPU state: the list of CPUs (renamed in QEMU 8.2), the structure
 # holding a CPUState and its registers (named X86CPU before QEMU 6.0), and
@@ -54,7 +62,7 @@ CPU_OPTIONAL = {"CPUState": ("vcpu_dirty",), "CPUArchState": ("kernelgsbase",)}
 # tcg_enabled() read them); a QEMU built without one has no flag for it.
 ACCELERATORS = {"tcg": "tcg_allowed", "kvm": "kvm_allowed"}
 
-_CACHE_FORMAT = 3
+_CACHE_FORMAT = 4
 
 
 @dataclass(frozen=True)

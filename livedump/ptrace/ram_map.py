@@ -14,6 +14,7 @@ changes.
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
@@ -26,6 +27,7 @@ from livedump.vmcore.blocks import GuestRange
 # More ranges than this is not a flat view but garbage (a mismatched layout).
 _MAX_RANGES = 1 << 20
 _MAX_NAME = 256
+_MAX_BLOCKS = 1 << 32  # virtio-mem's bitmap_size is an int32
 
 
 def load_bias(pid: int, layout: QemuLayout, maps: Sequence[Mapping]) -> int:
@@ -102,7 +104,7 @@ def guest_ranges(memory: ProcessMemory, layout: QemuLayout, bias: int) -> list[G
                                "the debug info does not match this QEMU")
     table = r.read(field(view, FV["ranges"]), count * FR.size) if count else b""
 
-    regions: dict[int, tuple[bool, int, str]] = {}
+    regions: dict[int, tuple[bool, int, str, Plugged | None]] = {}
     result = []
     for i in range(count):
         entry = table[i * FR.size : (i + 1) * FR.size]
@@ -112,16 +114,72 @@ def guest_ranges(memory: ProcessMemory, layout: QemuLayout, bias: int) -> list[G
             # QEMU's rule: RAM, but not RAM devices (BARs) nor non-volatile memory.
             dumped = (field(region, MR["ram"]) and not field(region, MR["ram_device"])
                       and not field(region, MR["nonvolatile"]))
-            host = 0
+            host, name = 0, r.string(field(region, MR["name"]))
+            plugged = None
             if dumped:
                 host = r.number(r.read(field(region, MR["ram_block"]), RB.size),
                                 RB["host"].offset, ptr)
-            regions[mr] = (bool(dumped), host, r.string(field(region, MR["name"])))
-        dumped, host, name = regions[mr]
+                manager = field(region, MR["rdm"]) if "rdm" in MR.fields else 0
+                if manager:
+                    plugged = _plugged(r, manager, mr, name)
+            regions[mr] = (bool(dumped), host, name, plugged)
+        dumped, host, name, plugged = regions[mr]
         if not dumped:
             continue
         start = r.int128(entry, FR["addr"].offset + AR["start"].offset)
         size = r.int128(entry, FR["addr"].offset + AR["size"].offset)
         offset = field(entry, FR["offset_in_region"])
-        result.append(GuestRange(start, size, host + offset, mr, name))
+        for lo, hi in [(offset, offset + size)] if plugged is None else plugged.runs(offset, size):
+            result.append(GuestRange(start + lo - offset, hi - lo, host + lo, mr, name))
     return result
+
+
+@dataclass(frozen=True)
+class Plugged:
+    """A virtio-mem device's plugged blocks: bit ``i`` of ``bitmap`` is the
+    ``block_size`` bytes at ``i * block_size`` in its memory backend's region."""
+
+    block_size: int
+    bitmap: int
+    blocks: int
+
+    def runs(self, offset: int, size: int) -> list[tuple[int, int]]:
+        """The plugged (start, end) runs of the region's bytes ``offset`` to
+        ``offset + size``, as offsets in the region."""
+        bs, end = self.block_size, offset + size
+        block = offset // bs
+        last = min(-(-end // bs), self.blocks)
+        window = self.bitmap >> block & ((1 << max(last - block, 0)) - 1)
+        runs = []
+        while window:
+            skip = (window & -window).bit_length() - 1  # unplugged blocks
+            window, block = window >> skip, block + skip
+            run = (~window & (window + 1)).bit_length() - 1  # plugged ones
+            runs.append((max(block * bs, offset), min((block + run) * bs, end)))
+            window, block = window >> run, block + run
+        return runs
+
+
+def _plugged(r: Reader, manager: int, mr: int, name: str) -> Plugged:
+    """The plugged blocks of RAM region ``name`` (at ``mr`` in QEMU), whose
+    discard manager is at ``manager``: a virtio-mem device whose memory
+    backend's region is this one, or the map is refused."""
+    s = r.layout.structs
+    if "VirtIOMEM" not in s:
+        raise GuestMemoryError(f"RAM region {name!r} has a discard manager, and this QEMU's "
+                               "debug info describes no virtio-mem device")
+    VM, HMB = s["VirtIOMEM"], s["HostMemoryBackend"]
+    device = r.read(manager, VM.size)
+    if r.field(device, VM["memdev"]) + HMB["mr"].offset != mr:
+        raise GuestMemoryError(f"the discard manager of RAM region {name!r} is not the "
+                               "virtio-mem device of its memory backend")
+    block_size, blocks = r.field(device, VM["block_size"]), r.field(device, VM["bitmap_size"])
+    if block_size <= 0 or block_size % PAGE_SIZE or not 0 <= blocks <= _MAX_BLOCKS:
+        raise GuestMemoryError(f"virtio-mem device of RAM region {name!r}: {blocks} blocks of "
+                               f"{block_size:#x} bytes (does the debug info match?)")
+    word = r.layout.pointer_size
+    data = r.read(r.field(device, VM["bitmap"]), -(-blocks // (8 * word)) * word) if blocks else b""
+    bitmap = 0
+    for i in range(0, len(data), word):  # unsigned longs, bit i of word i // bits
+        bitmap |= r.number(data, i, word) << (8 * i)
+    return Plugged(block_size, bitmap, blocks)

@@ -15,6 +15,10 @@ descriptors, and libvirt 9.0's daemon crashes on the completion event of a
 dump it did not start), libvirt's own memory-only dump is pointed at a pipe,
 which livedump closes as soon as the notes have come through: the dump then
 fails, having written no guest memory anywhere.
+
+The same cut-off whole dump gives QEMU's own RAM selection, in its program
+headers, where the monitor shows no other way to it (a partly plugged
+virtio-mem device's blocks): :func:`dump_header`, :func:`header_from_pipe`.
 """
 
 import contextlib
@@ -34,6 +38,7 @@ from livedump.vm.guardian import release_fifo
 from livedump.vmcore.notes import QemuNotes, notes_end, parse
 
 _FD_NAME = "livedump-notes"
+_HEADER_FD_NAME = "livedump-header"
 _PAGE = 4096
 _MAX_CORE = 1 << 24  # bytes of QEMU's one-page dump read back at most
 
@@ -67,10 +72,10 @@ def _dump_one_page(monitor: Monitor, protocol: str, gpa: int) -> None:
 
 
 @contextlib.contextmanager
-def private_file(pid: int, watch: Callable[[str | None], None] | None = None
-                 ) -> Iterator[tuple[str, int]]:
-    """An empty file that process ``pid`` (QEMU) may write and no other user may
-    read: its path as QEMU sees it, and a descriptor to read it by.
+def private_file(pid: int, watch: Callable[[str | None], None] | None = None,
+                 fifo: bool = False) -> Iterator[tuple[str, int]]:
+    """An empty file (or a FIFO) that process ``pid`` (QEMU) may write and no
+    other user may read: its path as QEMU sees it, and a descriptor to read it by.
 
     It is made 0600 in a new 0700 directory in QEMU's own ``/tmp`` (reached
     through ``/proc/PID/root``, so a private ``/tmp`` or a chroot is no
@@ -83,7 +88,7 @@ def private_file(pid: int, watch: Callable[[str | None], None] | None = None
     made: tuple[str, int] | None = None
     try:
         with signals.deferred():  # Made and known to the finally below, or not made.
-            made = _make_private_file(pid, owner, watch)
+            made = _make_private_file(pid, owner, watch, fifo)
         path, fd = made
         directory = os.path.dirname(path)
         yield os.path.join("/tmp", os.path.basename(directory), "notes"), fd
@@ -98,7 +103,8 @@ def private_file(pid: int, watch: Callable[[str | None], None] | None = None
 
 
 def _make_private_file(pid: int, owner: tuple[int, int],
-                       watch: Callable[[str | None], None] | None) -> tuple[str, int]:
+                       watch: Callable[[str | None], None] | None,
+                       fifo: bool) -> tuple[str, int]:
     """The file of :func:`private_file` (as we reach it), and a descriptor on it.
 
     ``watch`` is told each name before it is made, so there is no instant
@@ -120,8 +126,12 @@ def _make_private_file(pid: int, owner: tuple[int, int],
     fd = -1
     try:
         os.chmod(directory, 0o700)  # Whatever the umask.
-        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600)
+        if fifo:  # Its reader opened before QEMU opens it: QEMU's open never waits.
+            os.mkfifo(path, 0o600)
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+        else:
+            fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600)
         os.fchmod(fd, 0o600)
         if owner != (os.geteuid(), os.getegid()):
             os.fchown(fd, *owner)
@@ -167,33 +177,96 @@ def from_pipe(dump_into: Callable[[str], object], timeout: float = 10.0,
     told the name (then None) for the guardian, which lets such an open
     through should livedump die meanwhile.
     """
+    return parse(header_from_pipe(dump_into, timeout, watch))
+
+
+def header_from_pipe(dump_into: Callable[[str], object], timeout: float = 10.0,
+                     watch: Callable[[str | None], None] | None = None) -> bytes:
+    """The headers and notes of the dump of :func:`from_pipe`, unparsed."""
     path = os.path.join(tempfile.mkdtemp(prefix="livedump-"), "notes")
     os.mkfifo(path, 0o600)
     # Open before the writer: no end-of-file until it has come and gone.
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    failure: list[BaseException] = []
-
-    def dump() -> None:
-        try:
-            dump_into(path)
-        except Exception as e:  # Expected once the pipe is closed; else the reason.
-            failure.append(e)
-
-    worker = threading.Thread(target=dump, name="livedump-notes", daemon=True)
     try:
         if watch:
             watch(path)
+    except BaseException:
+        release_fifo(path, fd)
+        raise
+    try:
+        return _cut(fd, lambda: dump_into(path), timeout,
+                    lambda: release_fifo(path, fd))  # The dump fails at its next write.
+    finally:
+        if watch:
+            watch(None)
+
+
+def dump_header(monitor: Monitor, timeout: float = 10.0,
+                watch: Callable[[str | None], None] | None = None) -> bytes:
+    """The headers and notes of QEMU's whole dump (paging off) of the paused guest.
+
+    Its program headers are QEMU's own RAM selection, its notes those of
+    :func:`from_qemu`; it goes into a pipe passed over the monitor socket,
+    whose reader is closed once the notes are in: the dump then fails at its
+    next write, having given no more guest memory than the pipe holds (to
+    livedump, which drops it), and leaves ``query-dump`` at "failed". A
+    livedump that dies closes the reader all the same. Where no descriptor
+    can pass (QMP over TCP), the pipe is a FIFO of :func:`private_file`.
+    """
+    transport = monitor.transport
+    if isinstance(transport, QMPTransport) and not transport.passes_fds:
+        assert transport.peer_pid is not None
+        with private_file(transport.peer_pid, watch, fifo=True) as (path, fd):
+            return _cut(fd, lambda: transport.execute("dump-guest-memory", {
+                "paging": False, "protocol": f"file:{path}"}), timeout,
+                lambda: _drop_reader(fd))
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    os.set_blocking(read_end, False)  # QEMU's end blocks: it writes with no retry.
+    try:
+        monitor.send_fd(write_end, _HEADER_FD_NAME)
+    except BaseException:
+        os.close(read_end)
+        raise
+    finally:
+        os.close(write_end)  # QEMU's copy is the only writer.
+    return _cut(read_end, lambda: transport.execute("dump-guest-memory", {
+        "paging": False, "protocol": f"fd:{_HEADER_FD_NAME}"}), timeout,
+        lambda: os.close(read_end))
+
+
+def _drop_reader(fd: int) -> None:
+    """Close the pipe that ``fd`` reads, keeping the number open (on /dev/null)
+    for its owner to close: the writer fails at its next write."""
+    null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.dup2(null, fd, inheritable=False)
+    finally:
+        os.close(null)
+
+
+def _cut(fd: int, dump: Callable[[], object], timeout: float,
+         release: Callable[[], None]) -> bytes:
+    """What ``dump()``, run meanwhile, writes into the pipe ``fd``, up to the end of
+    its notes; ``release`` then closes ``fd`` so that the dump fails."""
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            dump()
+        except Exception as e:  # Expected once the pipe is closed; else the reason.
+            failure.append(e)
+
+    worker = threading.Thread(target=run, name="livedump-notes", daemon=True)
+    try:
         with signals.deferred():  # Signals are for the main thread, as ever.
             worker.start()
         core = _read_notes(fd, worker, time.monotonic() + timeout)
     finally:
-        release_fifo(path, fd)  # The dump fails at its next write.
+        release()
         worker.join(timeout)
-        if watch:
-            watch(None)
     if core is None:
         raise MonitorError(f"no dump came through the pipe{f' ({failure[0]})' if failure else ''}")
-    return parse(core)
+    return core
 
 
 def _read_notes(fd: int, worker: threading.Thread, deadline: float) -> bytes | None:
@@ -204,7 +277,11 @@ def _read_notes(fd: int, worker: threading.Thread, deadline: float) -> bytes | N
         if left <= 0 or not (worker.is_alive() or select.select([fd], [], [], 0)[0]):
             return None
         if select.select([fd], [], [], min(left, 0.1))[0]:
-            if not (chunk := os.read(fd, 1 << 16)):
+            try:
+                chunk = os.read(fd, 1 << 16)
+            except BlockingIOError:
+                continue
+            if not chunk:
                 return None
             core += chunk
     return core

@@ -11,7 +11,7 @@ ramblock``) and mappings, so a wrong answer is refused, not dumped.
 import itertools
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from livedump.errors import GuestMemoryError, MonitorError
 from livedump.qmp.monitor import Monitor, RamBlock, unexpected
@@ -32,8 +32,12 @@ _GPA2HVA = re.compile(
 
 # What dump-guest-memory keeps: RAM, read-only RAM included. Not ROM devices
 # ("romd"), RAM devices such as passed-through BARs ("ramd"), non-volatile
-# memory ("nv-" prefix) or MMIO ("i/o").
+# memory or MMIO ("i/o"). The flat view marks a range non-volatile ("nv-"
+# prefix) if its region or an alias on the way to it is; QEMU's dump skips
+# only non-volatile regions: an NVDIMM's memory backend, shown through the
+# non-volatile alias "nvdimm-memory", is dumped.
 _DUMPED_TYPES = {"ram", "rom"}
+_NONVOLATILE = "nv-"
 
 
 # A byte of RAM is at two guest addresses at most in QEMU's flat views: the
@@ -59,9 +63,12 @@ class FlatRange:
     type: str
     name: str
     offset: int
+    volatile_region: bool = False  # non-volatile only through an alias
 
     @property
     def dumped(self) -> bool:
+        if self.volatile_region and self.type.startswith(_NONVOLATILE):
+            return self.type.removeprefix(_NONVOLATILE) in _DUMPED_TYPES
         return self.type in _DUMPED_TYPES
 
 
@@ -116,8 +123,27 @@ def parse_gpa2hva(text: str) -> tuple[int, str]:
 
 
 def flat_view(monitor: Monitor) -> list[FlatRange]:
-    """The flat view of the ``memory`` address space, as the monitor shows it now."""
-    return parse_flatview(monitor.hmp("info mtree -f"))
+    """The flat view of the ``memory`` address space, as the monitor shows it now;
+    where it shows non-volatile ranges, ``info mtree`` says which regions are."""
+    view = parse_flatview(monitor.hmp("info mtree -f"))
+    if not any(fr.type.startswith(_NONVOLATILE) for fr in view):
+        return view
+    volatile = volatile_alias_targets(monitor.hmp("info mtree"))
+    return [replace(fr, volatile_region=True) if fr.type.startswith(_NONVOLATILE)
+            and fr.name in volatile else fr for fr in view]
+
+
+def volatile_alias_targets(text: str) -> set[str]:
+    """The regions that ``info mtree`` lists as aliased (each under a
+    ``memory-region:`` line of its own) with a type that is not non-volatile."""
+    found = set()
+    lines = text.splitlines()
+    for header, first in itertools.pairwise(lines):
+        name = header.removeprefix("memory-region: ")
+        m = _RANGE.match(first) if name != header else None
+        if m and m["name"] == name and not m["type"].startswith(_NONVOLATILE):
+            found.add(name)
+    return found
 
 
 def guest_ranges(monitor: Monitor, view: Sequence[FlatRange]) -> list[GuestRange]:

@@ -3,11 +3,13 @@
 
 import abc
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from livedump.errors import MonitorError, MonitorUnavailable, PermissionDenied
-from livedump.qmp import notes, ram_map
+from livedump.errors import GuestMemoryError, MonitorError, MonitorUnavailable, PermissionDenied
+from livedump.qmp import memory_devices, notes, ram_map
+from livedump.qmp.memory_devices import VirtioMem
 from livedump.qmp.monitor import Monitor
 from livedump.qmp.transport import QMPTransport
 from livedump.transfer.memory import ProcessMemory, page_with_data, read_maps
@@ -18,7 +20,8 @@ from livedump.vm.session import RamMap
 from livedump.vmcore import arch as arches
 from livedump.vmcore.arch import TargetDefault
 from livedump.vmcore.blocks import Block, GuestRange
-from livedump.vmcore.notes import CpuNotes, NoCpuNotes, QemuNotes
+from livedump.vmcore.elf import read_loads
+from livedump.vmcore.notes import CpuNotes, NoCpuNotes, QemuNotes, parse
 
 if TYPE_CHECKING:
     from livedump.live.snapshot import LiveSnapshot
@@ -29,6 +32,7 @@ class MonitoredSession(abc.ABC):
     ramblock``): over QMP itself (:class:`MonitorSession`), or through libvirt."""
 
     via = "qmp"
+    header_source = "QEMU's dump-guest-memory"
 
     def __init__(self, monitor: Monitor, pid: int, detail: str,
                  stall: float = STALL_TIMEOUT) -> None:
@@ -38,6 +42,11 @@ class MonitoredSession(abc.ABC):
         self.stall = stall
         self._view: list[ram_map.FlatRange] = []
         self._still = False  # inside the hold: paused, by us or before us
+        self._devices: list[VirtioMem] = []
+        # The flat view cut down to what QEMU's dump takes, and what was cut out.
+        self._dumped: list[ram_map.FlatRange] = []
+        self._unplugged: list[ram_map.FlatRange] = []
+        self._header: bytes | None = None  # of QEMU's dump in this pause, if taken
         self._guardian: Guardian | None = None
 
     def target_arch(self) -> str:
@@ -55,13 +64,27 @@ class MonitoredSession(abc.ABC):
 
     def prepare(self) -> RamMap:
         """The map, read and checked before the pause so its round trips cost the
-        guest nothing."""
+        guest nothing (a partly plugged virtio-mem device's blocks excepted:
+        they are learned inside the pause)."""
         self._view = ram_map.flat_view(self.monitor)
-        return RamMap(self._checked(self._view))
+        self._devices = memory_devices.virtio_mem_devices(self.monitor)
+        return RamMap(self._checked(self._view, None))
 
-    def _checked(self, view: list[ram_map.FlatRange]) -> list[GuestRange]:
-        """The RAM ranges of ``view``, checked against QEMU's RAM blocks and mappings."""
-        ranges = ram_map.guest_ranges(self.monitor, view)
+    def _checked(self, view: list[ram_map.FlatRange],
+                 loads: list[tuple[int, int]] | None) -> list[GuestRange]:
+        """The RAM ranges of ``view`` that QEMU's dump takes, checked against QEMU's
+        RAM blocks and mappings: in a virtio-mem device's window, its plugged
+        blocks alone (from ``loads``, the PT_LOADs of QEMU's dump, where the
+        plugged size does not say; none where neither does)."""
+        plugged = {d: d.spans(loads) if loads is not None or not d.partly_plugged else []
+                   for d in self._devices}
+        self._dumped, self._unplugged = memory_devices.clip(view, self._devices, plugged)
+        ranges = []
+        for r in ram_map.guest_ranges(self.monitor, view):
+            pieces = memory_devices.pieces_of(r.gpa, r.size, self._devices, plugged)
+            ranges += [r] if pieces is None else [
+                dataclasses.replace(r, gpa=lo, size=hi - lo, hva=r.hva + lo - r.gpa)
+                for lo, hi in pieces]
         ram_map.check_map(ranges, self.monitor.ram_blocks(), read_maps(self.pid))
         return ranges
 
@@ -96,12 +119,27 @@ class MonitoredSession(abc.ABC):
     def ranges(self, memory: ProcessMemory, prepared: RamMap | None) -> RamMap:
         """Inside the pause: ``prepared`` itself if the map is unchanged, else the
         new map, checked (then QEMU's RAM blocks are read again, as they may
-        have changed with it)."""
+        have changed with it). A partly plugged virtio-mem device's blocks
+        come from QEMU's dump, whose notes then serve as the CPU notes."""
         view = ram_map.flat_view(self.monitor)
-        if view == self._view and prepared is not None:
+        # A virtio-mem device comes with a change of the view; its plugged size without.
+        devices = (memory_devices.virtio_mem_devices(self.monitor)
+                   if self._devices or view != self._view else [])
+        self._header, loads = None, None
+        if partial := [d for d in devices if d.partly_plugged]:
+            if not self._still:
+                d = partial[0]
+                raise GuestMemoryError(
+                    f"virtio-mem device {d.id} has {d.plugged:#x} of its {d.max_size:#x} "
+                    "bytes plugged, and only QEMU's own dump can say which blocks, which "
+                    "stops the guest: dump without --no-pause (or with --via ptrace)")
+            self._header = self.qemu_header()
+            loads = read_loads(self._header)
+        if view == self._view and devices == self._devices and loads is None \
+                and prepared is not None:
             return RamMap(prepared.ranges, changed=False)
-        self._view = view
-        return RamMap(self._checked(view))
+        self._view, self._devices = view, devices
+        return RamMap(self._checked(view, loads))
 
     def cpu_notes(self, memory: ProcessMemory, blocks: list[Block]) -> CpuNotes:
         """Inside the pause: QEMU's notes for this instant, or why there are none."""
@@ -110,9 +148,15 @@ class MonitoredSession(abc.ABC):
         # A page QEMU has: its dump of a hole would create the page (a huge one).
         gpa = page_with_data(memory.pid, blocks)
         try:
+            if self._header is not None:  # Taken in this pause, for the map.
+                return dataclasses.replace(parse(self._header), source=self.header_source)
             return self.qemu_notes(blocks[0].gpa if gpa is None else gpa)
         except MonitorError as e:
             return NoCpuNotes(f"QEMU gave no CPU state ({e})")
+
+    def qemu_header(self) -> bytes:
+        """The headers and notes of QEMU's whole dump of the paused guest."""
+        return notes.dump_header(self.monitor, watch=self.watcher().fifo)
 
     def qemu_notes(self, gpa: int) -> QemuNotes:
         return notes.from_qemu(self.monitor, gpa, watch=self.watcher().fifo)
@@ -139,7 +183,9 @@ class MonitorSession(MonitoredSession):
         """A background snapshot, mapped by the flat view the vmcore's layout comes from."""
         from livedump.live.snapshot import LiveSnapshot
 
-        return LiveSnapshot(self.monitor, target, lambda: self._view, self.watcher())
+        return LiveSnapshot(self.monitor, target, lambda: self._dumped, self.watcher(),
+                            lambda: self._unplugged,
+                            lambda: any(d.partly_plugged for d in self._devices))
 
 
 def connect_monitor(pid: int | None, qmp: Address | None, timeout: float,

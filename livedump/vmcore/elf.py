@@ -185,6 +185,22 @@ def read_core(data: bytes) -> CoreFile | None:
     raise ValueError("no PT_NOTE segment")
 
 
+def read_loads(data: bytes) -> list[tuple[int, int]]:
+    """The (guest-physical address, size) of each PT_LOAD of the vmcore that
+    ``data`` begins, its program headers all in (as :func:`read_core` found)."""
+    s = ElfStructs(64 if data[4] == ELFCLASS64 else 32, data[5] == ELFDATA2LSB)
+    e = s.ehdr.unpack(data[: s.ehdr.size])
+    phnum = e["e_phnum"]
+    if phnum == PN_XNUM:
+        phnum = s.shdr.unpack(data[e["e_shoff"] : e["e_shoff"] + s.shdr.size])["sh_info"]
+    loads = []
+    for at in range(e["e_phoff"], e["e_phoff"] + phnum * s.phdr.size, s.phdr.size):
+        p = s.phdr.unpack(data[at : at + s.phdr.size])
+        if p["p_type"] == PT_LOAD:
+            loads.append((p["p_paddr"], p["p_memsz"]))
+    return loads
+
+
 class Notes(Protocol):
     """Anything that encodes as ELF notes for a class and byte order."""
 
