@@ -86,17 +86,21 @@ class Qemu:
     root: Path | None = None
     debug: bool = False
 
-    def command(self) -> list[str]:
+    def command(self, unprivileged: bool = False) -> list[str]:
         """The argv prefix that starts this QEMU; callers append its options.
 
         The process it starts becomes QEMU (same PID, ``/proc/PID/exe`` the
         binary), so callers can wait for, signal and dump it as any QEMU.
+        ``unprivileged``: for a caller without CAP_SYS_ADMIN (libvirt's QEMU
+        user), the mount namespace is in a user namespace of its own, where
+        QEMU's user is root.
         """
         if self.root is None:
             return [str(self.binary)]
         ours = _module_dir(self.root)
         built_in = Path("/") / ours.relative_to(self.root)
-        return ["unshare", "--mount", "--propagation", "private", "--",
+        user = ["--user", "--map-root-user"] if unprivileged else []
+        return ["unshare", *user, "--mount", "--propagation", "private", "--",
                 "/bin/sh", "-c", SHADOW, "qemu-namespace", str(ours), str(built_in),
                 str(self.binary), *(a for d in self.firmware for a in ("-L", str(d)))]
 
