@@ -7,7 +7,7 @@ import stat
 import pytest
 
 from .conftest import livedump
-from .vm import VM, Marker, kvm_usable
+from .vm import VM, Marker, kvm_usable, pause_of
 from .vmcore import first_difference, identity, loads, read_phys
 
 GiB = 1 << 30
@@ -87,6 +87,7 @@ def test_no_pause_never_stops_the_guest(scratch, qemu):
 def test_running_vm_is_dumped_and_keeps_running(scratch, qemu, accel):
     with VM(machine="q35", memory="5G", markers=HIGH_MARKERS, qemu=qemu, accel=accel) as vm:
         vm.wait_running(1)
+        vm.events()
         out = scratch / "run.vmcore"
         r = livedump("--pid", str(vm.pid), "--json", str(out))
         assert r.returncode == 0, r.stderr
@@ -94,6 +95,8 @@ def test_running_vm_is_dumped_and_keeps_running(scratch, qemu, accel):
         assert_markers(out, HIGH_MARKERS)
         report = json.loads(r.stdout)
         assert report["was_running"] is True and report["paused"] is True
+        # As long as QEMU's STOP and RESUME say, at most.
+        assert 0 < pause_of(vm.event_log()) <= report["pause_seconds"]
         for m in HIGH_MARKERS:  # Nothing livedump prints holds guest memory.
             assert m.data[:16] not in r.stdout + r.stderr
         assert 0 < report["pause_seconds"] <= report["wall_seconds"]
