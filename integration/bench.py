@@ -1,6 +1,8 @@
-"""livedump against QEMU's own dump-guest-memory, side by side on the same guests.
+"""livedump against QEMU's own dump-guest-memory, side by side on the same guests,
+on each QEMU this machine has (integration/qemus.py: the system's and 10.0).
 
-    python3 -m integration.bench [--runs N] [--scenarios a,b,c] [--dir /dev/shm]
+    python3 -m integration.bench [--runs N] [--scenarios a,b,c] [--qemus 7.2,10.0]
+                                 [--dir /dev/shm]
 
 Scenarios (each guest started here, running while it is dumped):
   a  1 GiB guest with all of its RAM written (random bytes loaded at power-on)
@@ -15,9 +17,9 @@ Scenarios (each guest started here, running while it is dumped):
      and --pause), against a vmcore by livedump then ``makedumpfile
      --dump-dmesg`` of it, the usual way without a vmlinux (a table of its own)
 
-For each, the two tools run alternately (QEMU first on even runs, livedump
-first on odd ones), each on a freshly started guest, and the table shows
-medians of:
+For each scenario and each QEMU, the two tools run alternately (QEMU first
+on even runs, livedump first on odd ones), each on a freshly started guest
+of that QEMU, and the table shows medians of:
   wall      seconds from the command to its completion (livedump: the whole
             process, Python start-up included)
   pause     seconds between QEMU's STOP and RESUME events, read with their
@@ -45,7 +47,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .vm import VM, kvm_usable
+from . import qemus
+from .qemus import Qemu
+from .vm import VM, kvm_usable, pause_of
 
 GiB = 1 << 30
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -62,26 +66,12 @@ class Run:
     data: int | None = None  # of those, the bytes of pages that are not all zeros
 
 
-def pause_from_events(vm: VM) -> float:
-    """Seconds between the last STOP and the RESUME after it, by QEMU's timestamps."""
-    stop = resume = None
-    for e in vm.event_log():
-        ts = e["timestamp"]["seconds"] + e["timestamp"]["microseconds"] / 1e6
-        if e["event"] == "STOP":
-            stop = ts
-        elif e["event"] == "RESUME" and stop is not None:
-            resume = ts
-    if stop is None or resume is None:
-        raise RuntimeError("no STOP/RESUME pair seen")
-    return resume - stop
-
-
 def qemu_dump(vm: VM, out: Path) -> Run:
     vm.event_log()
     start = time.monotonic()
     vm.own_dump(out)
     wall = time.monotonic() - start
-    run = Run(wall, pause_from_events(vm), os.stat(out).st_blocks * 512)
+    run = Run(wall, pause_of(vm.event_log()), os.stat(out).st_blocks * 512)
     out.unlink()
     return run
 
@@ -115,7 +105,7 @@ def livedump(vm: VM, out: Path, *options: str) -> Run:
     summary = json.loads(report)
     # Counted after the dump, which populates no private page it did not find populated.
     present = present_runs(vm.pid, [(b["hva"], b["size"]) for b in summary["blocks"]])
-    run = Run(wall, pause_from_events(vm), os.stat(out).st_blocks * 512,
+    run = Run(wall, pause_of(vm.event_log()), os.stat(out).st_blocks * 512,
               rss=int(peak_file.read_text()) * 1024, read_bytes=summary["read_bytes"],
               present=sum(size for _, size in present), data=data_bytes(vm.pid, present))
     out.unlink()
@@ -201,9 +191,9 @@ def read_ceiling(pid: int, mappings: list[tuple[int, int]], syscall: bool) -> fl
     return total / (time.monotonic() - start) / 1e9
 
 
-def scenario_vm(name: str, workdir: Path) -> VM:
+def scenario_vm(name: str, workdir: Path, qemu: Qemu) -> VM:
     if name in ("a", "live"):
-        return VM(machine="pc", memory="1G", extra=[
+        return VM(machine="pc", memory="1G", qemu=qemu, extra=[
             "-object", "memory-backend-ram,id=ram0,size=1G,prealloc=on",
             "-machine", "memory-backend=ram0"])
     if name == "a'":
@@ -212,14 +202,14 @@ def scenario_vm(name: str, workdir: Path) -> VM:
             with open(blob, "wb") as f:
                 for _ in range(1024):
                     f.write(os.urandom(1 << 20))
-        return VM(machine="pc", memory="1G",
+        return VM(machine="pc", memory="1G", qemu=qemu,
                   extra=["-device", f"loader,file={blob},addr=0,force-raw=on"])
     if name in ("b", "b0"):
-        return VM(machine="q35", memory="8G")
+        return VM(machine="q35", memory="8G", qemu=qemu)
     if name == "c":
         from .linux_guest import LinuxVM
 
-        return LinuxVM(memory="4G", touch_mib=1024)
+        return LinuxVM(memory="4G", touch_mib=1024, qemu=qemu)
     raise ValueError(name)
 
 
@@ -256,9 +246,9 @@ def dumped_once(vm: VM, workdir: Path) -> None:
         fifo.unlink()
 
 
-def started(name: str, workdir: Path) -> VM:
-    """A new VM of the scenario, past its firmware or boot."""
-    vm = scenario_vm(name, workdir).__enter__()
+def started(name: str, workdir: Path, qemu: Qemu) -> VM:
+    """A new VM of the scenario on ``qemu``, past its firmware or boot."""
+    vm = scenario_vm(name, workdir, qemu).__enter__()
     try:
         if name == "c":
             vm.wait_idle()
@@ -272,8 +262,10 @@ def started(name: str, workdir: Path) -> VM:
     return vm
 
 
-def measure(name: str, runs: int, workdir: Path) -> tuple[list[Run], list[Run], str]:
-    """Alternate the two tools ``runs`` times; return their runs and a note on the guest."""
+def measure(name: str, runs: int, workdir: Path, qemu: Qemu
+            ) -> tuple[list[Run], list[Run], str]:
+    """Alternate the two tools ``runs`` times on guests of ``qemu``; return their
+    runs and a note on the guest."""
     out = workdir / "out.vmcore"
     qemu_runs: list[Run] = []
     ours: list[Run] = []
@@ -281,7 +273,7 @@ def measure(name: str, runs: int, workdir: Path) -> tuple[list[Run], list[Run], 
         pair = [(qemu_runs, qemu_dump),
                 (ours, lambda vm, out: livedump(vm, out, *OPTIONS.get(name, ())))]
         for results, tool in pair if i % 2 == 0 else list(reversed(pair)):
-            vm = started(name, workdir)
+            vm = started(name, workdir, qemu)
             try:
                 results.append(tool(vm, out))
             finally:
@@ -290,7 +282,7 @@ def measure(name: str, runs: int, workdir: Path) -> tuple[list[Run], list[Run], 
     # is slower than a second.
     rates = []
     for syscall in (False, True):
-        vm = started(name, workdir)
+        vm = started(name, workdir, qemu)
         try:
             mappings = ram_mappings(vm)
             present = present_bytes(vm.pid, mappings)
@@ -303,11 +295,11 @@ def measure(name: str, runs: int, workdir: Path) -> tuple[list[Run], list[Run], 
         f"{mem_rate:.2f} GB/s, process_vm_readv {vm_rate:.2f} GB/s")
 
 
-def dmesg_bench(runs: int, workdir: Path) -> str:
+def dmesg_bench(runs: int, workdir: Path, qemu: Qemu) -> str:
     """``livedump dmesg`` against livedump + ``makedumpfile --dump-dmesg``, on one
     guest of scenario (c) (reading the log changes nothing a later run would see);
     the table's lines. Each way's text must be the same log."""
-    vm = started("c", workdir)
+    vm = started("c", workdir, qemu)
     vmcore, text = workdir / "out.vmcore", workdir / "dmesg.txt"
     command = [sys.executable, "-m", "livedump"]
 
@@ -318,7 +310,7 @@ def dmesg_bench(runs: int, workdir: Path) -> str:
                            capture_output=True, check=True)
         wall = time.monotonic() - start
         assert b"Linux version" in r.stdout
-        return wall, pause_from_events(vm) if options else 0.0
+        return wall, pause_of(vm.event_log()) if options else 0.0
 
     def theirs() -> tuple[float, float]:
         vm.event_log()
@@ -330,7 +322,7 @@ def dmesg_bench(runs: int, workdir: Path) -> str:
         assert b"Linux version" in text.read_bytes()
         vmcore.unlink()
         text.unlink()
-        return wall, pause_from_events(vm)
+        return wall, pause_of(vm.event_log())
 
     ways = {"livedump dmesg": lambda: ours(), "livedump dmesg --pause": lambda: ours("--pause"),
             "livedump + makedumpfile": theirs}
@@ -348,17 +340,16 @@ def dmesg_bench(runs: int, workdir: Path) -> str:
     return "\n".join(lines)
 
 
-def provenance() -> str:
-    """Which code ran where and when: figures mean nothing without it."""
+def provenance(chosen: dict[str, Qemu]) -> str:
+    """Which code ran where and when, on which QEMUs: figures mean nothing without it."""
     top = Path(__file__).resolve().parent.parent
     commit = subprocess.run(["git", "-C", str(top), "describe", "--always", "--dirty"],
                             capture_output=True, text=True).stdout.strip() or "unknown"
-    qemu = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True,
-                          text=True).stdout.splitlines()[0]
     with open("/proc/cpuinfo") as f:
         model = next((line.split(":", 1)[1].strip() for line in f
                       if line.startswith("model name")), platform.machine())
-    return (f"livedump {commit}, {time.strftime('%Y-%m-%d %H:%M %Z')}; {qemu}; "
+    return (f"livedump {commit}, {time.strftime('%Y-%m-%d %H:%M %Z')}; QEMU "
+            f"{'; '.join(qemus.describe(q) for q in chosen.values())}; "
             f"{platform.node()}: {os.cpu_count()} CPUs ({model}), "
             f"{os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') >> 30} GiB, "
             f"Linux {platform.release()}; KVM {'usable' if kvm_usable() else 'not usable'}")
@@ -368,20 +359,28 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--scenarios", default="a,a',b,c,live")
+    p.add_argument("--qemus", help="the QEMUs, by series (default: every one "
+                   "`python -m integration.qemus` lists, debug builds aside)")
     p.add_argument("--dir", type=Path, default=Path("/dev/shm"))
     args = p.parse_args()
-    print(provenance(), flush=True)
-    print(f"{'scenario':36} {'tool':9} {'wall s':>7} {'pause s':>8} {'allocated':>10} "
-          f"{'peak RSS':>9}  livedump/QEMU: wall, pause", flush=True)
+    found = qemus.available()
+    wanted = args.qemus.split(",") if args.qemus else list(found)
+    if missing := [s for s in wanted if s not in found]:
+        p.error(f"no QEMU {', '.join(missing)} here (there are: {', '.join(found)})")
+    chosen = {series: found[series] for series in wanted}
+    print(provenance(chosen), flush=True)
+    print(f"{'scenario':36} {'QEMU':5} {'tool':9} {'wall s':>7} {'pause s':>8} "
+          f"{'allocated':>10} {'peak RSS':>9}  livedump/QEMU: wall, pause", flush=True)
     notes = []
-    for name in args.scenarios.split(","):
+    for name, (series, qemu) in ((n, q) for n in args.scenarios.split(",")
+                                 for q in chosen.items()):
         workdir = args.dir / f"livedump-bench-{os.getpid()}"
         workdir.mkdir()
         try:
             if name == "dmesg":
-                notes.append(dmesg_bench(args.runs, workdir))
+                notes.append(f"on QEMU {series}: " + dmesg_bench(args.runs, workdir, qemu))
                 continue
-            qemu_runs, ours, note = measure(name, args.runs, workdir)
+            qemu_runs, ours, note = measure(name, args.runs, workdir, qemu)
         finally:
             for f in workdir.iterdir():
                 f.unlink()
@@ -391,14 +390,14 @@ def main() -> None:
         o = Run(*(statistics.median(getattr(r, k) for r in ours)
                   for k in ("wall", "pause", "allocated", "rss", "read_bytes", "present",
                             "data")))
-        title = SCENARIOS[name]
-        print(f"{title:36} {'QEMU':9} {q.wall:7.2f} {q.pause:8.3f} "
+        title = SCENARIOS[name] if series == next(iter(chosen)) else ""
+        print(f"{title:36} {series:5} {'QEMU':9} {q.wall:7.2f} {q.pause:8.3f} "
               f"{fmt_bytes(q.allocated):>10} {'-':>9}")
-        print(f"{'':36} {'livedump':9} {o.wall:7.2f} {o.pause:8.3f} "
+        print(f"{'':36} {series:5} {'livedump':9} {o.wall:7.2f} {o.pause:8.3f} "
               f"{fmt_bytes(o.allocated):>10} {fmt_bytes(o.rss):>9}  "
               f"{o.wall / q.wall:.2f}x, {o.pause / q.pause:.3f}x", flush=True)
         rate = o.read_bytes / o.pause / 1e9 if o.pause else float("nan")
-        notes.append(f"{name}: {note}; livedump read {fmt_bytes(int(o.read_bytes))} "
+        notes.append(f"{name} on {series}: {note}; livedump read {fmt_bytes(int(o.read_bytes))} "
                      f"({rate:.2f} GB/s over its pause), allocated {fmt_bytes(int(o.allocated))} "
                      f"for {fmt_bytes(int(o.present))} present in the ranges it dumped, "
                      f"{fmt_bytes(int(o.data))} of them not zeros "

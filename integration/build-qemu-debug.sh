@@ -7,21 +7,25 @@
 # address_space_memory, X86CPU).
 #
 # Usage:
-#   QEMU=$(integration/build-qemu-debug.sh | tail -1)        # the system's (7.2)
+#   QEMU=$(integration/build-qemu-debug.sh | tail -1)        # the system's (7.2, 10.0)
 #   QEMU=$(integration/build-qemu-debug.sh 10.0 | tail -1)   # bookworm-backports' 10.0
 #
 # Two sources (both x86_64-softmmu, the same configure options and checks):
 #   * default: Debian's source package of the installed QEMU (apt-get
-#     source, with Debian's patches), cached in ~/.cache/livedump/qemu-debug.
-#   * 10.0: the upstream tarball bookworm-backports' QEMU 10.0 is built from
+#     source, with Debian's patches), cached in ~/.cache/livedump/qemu-debug:
+#     7.2 on Debian 12, 10.0 on Debian 13 (where "10.0" is this one too).
+#   * 10.0 (where the system's QEMU is older): the upstream tarball
+#     bookworm-backports' QEMU 10.0 is built from
 #     (qemu_10.0.*+ds.orig.tar.xz; the archive no longer serves the
 #     backport's .dsc and Debian changes, so there are no Debian patches),
 #     fetched by integration/qemus.py through its private apt, cached in
-#     ~/.cache/livedump/qemu-10.0-debug. QEMU 10 needs meson >= 1.5 and
-#     pycotap, which bookworm lacks: the versions its pythondeps.toml names
-#     come from PyPI into a venv in the work dir, passed with
-#     configure --python. The "+ds" tarball lacks the bzip2'ed edk2 images
-#     pc-bios/meson.build unpacks: empty stand-ins do, none is installed.
+#     ~/.cache/livedump/qemu-10.0-debug.
+# A source with a pythondeps.toml (QEMU >= 8.1, as 10.0 from either) needs
+# meson >= 1.5 and pycotap, which bookworm lacks and Debian's own build of
+# 10.0 does not use: the versions pythondeps.toml names come from PyPI into
+# a venv in the work dir, passed with configure --python. Its "+ds"
+# tarball lacks the bzip2'ed edk2 images pc-bios/meson.build unpacks:
+# empty stand-ins do, none is installed.
 #
 # The last line on stdout is always the absolute path of the binary. All
 # progress goes to stderr; the verbose build output goes to a log file
@@ -56,12 +60,14 @@
 #     pvh.bin) are built from source with Debian's debian/optionrom.mak (as
 #     Debian does; byte-identical to qemu-system-data's) and copied into
 #     $CACHE/share/qemu, so the system qemu-system-data package is not needed.
-#   * 10.0 has no debian/optionrom.mak, and QEMU's own option ROM build
-#     needs a 32-bit compiler: its firmware is instead that of the QEMU 10.0
-#     integration/qemus.py fetches (the backport's qemu-system-data option
-#     ROMs and SeaBIOS), copied into $CACHE/share/qemu; its --firmwarepath
-#     is only ipxe-qemu's, as the system's SeaBIOS (searched before the data
-#     dir) is older. So the build starts as itself, without -L.
+#   * 10.0 has no debian/optionrom.mak (nor has Debian 13's source), and
+#     QEMU's own option ROM build needs a 32-bit compiler: its firmware is
+#     instead that of the QEMU 10.0 integration/qemus.py finds (the
+#     system's on Debian 13; else the backport's qemu-system-data option
+#     ROMs and SeaBIOS), copied into $CACHE/share/qemu; for the backport,
+#     its --firmwarepath is only ipxe-qemu's, as the system's SeaBIOS
+#     (searched before the data dir) is older. So the build starts as
+#     itself, without -L.
 #
 # Build choices:
 #   * --enable-debug-info with QEMU's default -O2 plus Debian's
@@ -88,6 +94,15 @@ case "$SERIES" in
     *) die "usage: $0 [10.0]" ;;
 esac
 [[ $# -le 1 ]] || die "usage: $0 [10.0]"
+# Where the system's QEMU is 10.x (Debian 13), its own build is the 10.0 one.
+if [[ "$SERIES" == 10.0 ]]; then
+    installed=$(dpkg-query -W -f='${Version}' qemu-system-x86 2>/dev/null || true)
+    installed=${installed#*:}
+    if [[ "${installed%%.*}" == 10 ]]; then
+        log "the system's QEMU is $installed: its debug build is QEMU 10.0's"
+        exec "$0"
+    fi
+fi
 CACHE="${LIVEDUMP_QEMU_CACHE:-$HOME/.cache/livedump/$DEFAULT_CACHE}"
 BIN_REL="bin/qemu-system-x86_64"
 REPO="$(cd "$(dirname "$0")/.." && pwd -P)"
@@ -226,12 +241,11 @@ fi
 # has no bundled dtc, so the system libfdt is used - which is also why
 # flex/bison are NOT needed).
 # Runtime firmware: seabios (bios-256k.bin, vgabios), ipxe-qemu (NIC ROMs).
-# 10.0 also: python3-venv (the venv for meson and pycotap), xz-utils and
+# For 10.0: python3-venv (the venv for meson and pycotap), xz-utils and
 # bzip2 (the tarball, the edk2 stand-ins).
 PKGS=(build-essential dpkg-dev pkg-config ninja-build meson python3
       libglib2.0-dev libpixman-1-dev zlib1g-dev libfdt-dev
-      seabios ipxe-qemu)
-[[ -z "$SERIES" ]] || PKGS+=(python3-venv xz-utils bzip2)
+      seabios ipxe-qemu python3-venv xz-utils bzip2)
 MISSING=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep '^install ok installed$' >/dev/null \
@@ -279,6 +293,8 @@ else
     SRC_VERSION="$(basename "$TARBALL" .orig.tar.xz)"
     SRC_VERSION="${SRC_VERSION#qemu_}"
     PKGVERSION="upstream $SRC_VERSION of bookworm-backports, livedump debug build"
+fi
+if [[ -f "$WORK/src/pythondeps.toml" ]]; then
     # Empty stand-ins for the edk2 images pc-bios/meson.build unpacks.
     for fd in $(grep -o "'edk2-[^']*\.fd'" "$WORK/src/pc-bios/meson.build" | tr -d "'"); do
         [[ -e "$WORK/src/pc-bios/$fd.bz2" ]] || bzip2 -c </dev/null >"$WORK/src/pc-bios/$fd.bz2"
@@ -304,10 +320,14 @@ log "source: qemu $SRC_VERSION ($(cat "$WORK/src/VERSION"))"
 CFLAGS_DEB="$(cd "$WORK/src" && dpkg-buildflags --get CFLAGS) $(dpkg-buildflags --get CPPFLAGS)"
 LDFLAGS_DEB="$(dpkg-buildflags --get LDFLAGS) -Wl,--as-needed"
 if [[ -z "$SERIES" ]]; then
-    SOURCE_OPTIONS=(--firmwarepath=/usr/share/seabios:/usr/lib/ipxe/qemu
-                    --with-git-submodules=ignore)
+    SOURCE_OPTIONS=(--firmwarepath=/usr/share/seabios:/usr/lib/ipxe/qemu)
 else
-    SOURCE_OPTIONS=(--firmwarepath=/usr/lib/ipxe/qemu --python="$WORK/pyvenv/bin/python3")
+    SOURCE_OPTIONS=(--firmwarepath=/usr/lib/ipxe/qemu)
+fi
+if [[ -f "$WORK/src/pythondeps.toml" ]]; then
+    SOURCE_OPTIONS+=(--python="$WORK/pyvenv/bin/python3")
+else
+    SOURCE_OPTIONS+=(--with-git-submodules=ignore)
 fi
 
 mkdir -p "$WORK/src/build"
@@ -329,7 +349,7 @@ T_BUILD0=$(date +%s)
     "${SOURCE_OPTIONS[@]}")
 
 mkdir -p "$WORK/firmware"
-if [[ -z "$SERIES" ]]; then
+if [[ -f "$WORK/src/debian/optionrom.mak" ]]; then
     # x86 option ROMs (kvmvapic.bin, linuxboot_dma.bin, multiboot*.bin, pvh.bin).
     # QEMU's configure only builds them if "cc -m32 ... -lgcc" links, which needs
     # gcc-multilib; Debian instead builds them with its own debian/optionrom.mak

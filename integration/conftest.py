@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from . import qemus
+
 OPT_IN = {"analysis": "needs an 858 MB download; run with -m analysis"}
 
 
@@ -20,6 +22,34 @@ def pytest_collection_modifyitems(config, items):
             for item in items:
                 if name in item.keywords:
                     item.add_marker(pytest.mark.skip(reason=why))
+
+
+# The x86 QEMUs this machine has, by series ("7.2", "10.0"), and those built
+# with debug info for ptrace mode ("7.2-debug", "10.0-debug"): each a test id,
+# so ``-k 10.0`` picks one QEMU's runs.
+QEMUS = qemus.available()
+DEBUG_QEMUS = qemus.debug_builds()
+
+
+def _each(found: dict[str, qemus.Qemu], missing: str) -> list:
+    """The QEMUs as parameters; none found, one skipped parameter that says why."""
+    if not found:
+        return [pytest.param(None, id="no-qemu", marks=pytest.mark.skip(reason=missing))]
+    return [pytest.param(qemu, id=series) for series, qemu in found.items()]
+
+
+@pytest.fixture(params=_each(QEMUS, "no qemu-system-x86_64: run integration/setup"))
+def qemu(request) -> qemus.Qemu:
+    """Each QEMU in turn, for the tests whose outcome depends on the QEMU: the
+    system's and QEMU 10.0 (integration/qemus.py)."""
+    return request.param
+
+
+@pytest.fixture(params=_each(DEBUG_QEMUS, "no QEMU with debug info: run "
+                                          "integration/build-qemu-debug.sh [10.0]"))
+def debug_qemu(request) -> qemus.Qemu:
+    """Each QEMU built with debug info in turn, for the tests of ``--via ptrace``."""
+    return request.param
 
 
 @pytest.fixture

@@ -4,13 +4,15 @@
 without systemd) only if they are not running already, and stops only what
 it started. :class:`Domain` creates a transient domain (``virsh create``)
 with known bytes at known guest-physical addresses, and destroys it
-whatever happens. The files QEMU must read (markers, a debug-info QEMU) go
-to a directory that libvirt's unprivileged QEMU user can read, since
-root's home is closed to it: nothing in the system's configuration changes.
+whatever happens. The files QEMU must read (markers, a QEMU other than the
+system's) go to a directory that libvirt's unprivileged QEMU user can read,
+since root's home is closed to it: nothing in the system's configuration
+changes.
 """
 
 import hashlib
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
+from .qemus import Qemu
 from .vm import Marker
 
 URI = "qemu:///system"
@@ -134,6 +137,9 @@ class Domain:
   <memory unit='MiB'>{self.memory_mib}</memory>
   <vcpu>1</vcpu>
   <os><type arch='x86_64' machine='pc'>hvm</type></os>
+  <!-- ACPI on, as QEMU's default: without it libvirt 9.0 passes -no-acpi,
+       which QEMU 10 no longer has. -->
+  <features><acpi/></features>
   <devices>
     <emulator>{self.emulator}</emulator>
     <controller type='usb' model='none'/>
@@ -175,12 +181,27 @@ def readable_dir() -> Path:
     return path
 
 
-def readable_copy(binary: Path, where: Path) -> Path:
-    """``binary`` copied into ``where``, executable by libvirt's QEMU user."""
-    copy = where / binary.name
-    shutil.copy2(binary, copy)
-    copy.chmod(0o755)
-    return copy
+def emulator(qemu: Qemu, where: Path) -> Path:
+    """What a domain's ``<emulator>`` names to start ``qemu``, from ``where``.
+
+    The system's QEMU is itself; another one is copied into ``where``, as
+    libvirt's QEMU user cannot read root's home: a debug build with its data
+    directory (it finds its firmware there), an unpacked QEMU with its tree,
+    started by a script that does what :meth:`Qemu.command` does, in a user
+    namespace, as that user may not make a mount namespace otherwise.
+    """
+    if qemu.root is None and not qemu.debug:
+        return qemu.binary
+    copy = where / f"qemu-{qemu.series}"
+    if qemu.debug:  # bin/qemu-system-x86_64 and share/qemu
+        shutil.copytree(qemu.binary.parent.parent, copy, symlinks=True)
+        return copy / "bin" / qemu.binary.name
+    shutil.copytree(qemu.root, copy / "root", symlinks=True)
+    moved = Qemu(copy / "root" / qemu.binary.relative_to(qemu.root), copy / "root")
+    script = copy / qemu.binary.name
+    script.write_text(f'#!/bin/sh\nexec {shlex.join(moved.command(unprivileged=True))} "$@"\n')
+    script.chmod(0o755)
+    return script
 
 
 def forget_emulator(binary: Path) -> None:

@@ -32,6 +32,7 @@ import fcntl
 import gzip
 import hashlib
 import io
+import lzma
 import os
 import re
 import shutil
@@ -222,10 +223,11 @@ def _kernel_dir(root: Path) -> Path:
     return final
 
 
-def _extract(deb: Path, wanted: dict[str, Path]) -> None:
+def _extract(deb: Path, wanted: dict[str, Path], any_of: bool = False) -> None:
     """Extract the members ``wanted`` names (``./path`` in the package) to the paths
-    it gives. Streaming the data tarball avoids writing what is not wanted
-    (the 400 MB of modules that ``dpkg-deb -x`` would extract, say)."""
+    it gives; with ``any_of``, whichever of them the package has. Streaming the
+    data tarball avoids writing what is not wanted (the 400 MB of modules that
+    ``dpkg-deb -x`` would extract, say)."""
     with subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)],
                           stdout=subprocess.PIPE) as dpkg:
         with tarfile.open(fileobj=dpkg.stdout, mode="r|") as tar:
@@ -237,9 +239,9 @@ def _extract(deb: Path, wanted: dict[str, Path]) -> None:
                         shutil.copyfileobj(src, out, 1 << 20)
     if dpkg.returncode != 0:
         raise RuntimeError(f"dpkg-deb --fsys-tarfile {deb} failed")
-    for name, path in wanted.items():
-        if not path.exists():
-            raise RuntimeError(f"{deb.name} has no {name}")
+    missing = [name for name, path in wanted.items() if not path.exists()]
+    if missing and (not any_of or len(missing) == len(wanted)):
+        raise RuntimeError(f"{deb.name} has no {' or '.join(missing)}")
 
 
 def debug_vmlinux(cache: Path | None = None) -> Path:
@@ -292,7 +294,15 @@ def _kernel_module(root: Path, path: str) -> Path:
         with tempfile.TemporaryDirectory(prefix=".build-module-", dir=root) as tmp:
             work = Path(tmp)
             deb = _apt_get_download(f"linux-image-{release}", work)
-            _extract(deb, {f"./lib/modules/{release}/kernel/{path}": work / name})
+            # Debian 12 ships modules under /lib, uncompressed; Debian 13 under
+            # /usr/lib, compressed with xz (which busybox's insmod cannot take).
+            wanted = {f"./{prefix}lib/modules/{release}/kernel/{path}{suffix}":
+                      work / f"{i}{suffix}"
+                      for i, prefix in enumerate(("", "usr/")) for suffix in ("", ".xz")}
+            _extract(deb, wanted, any_of=True)
+            [got] = [p for p in wanted.values() if p.exists()]
+            data = got.read_bytes()
+            (work / name).write_bytes(lzma.decompress(data) if got.suffix == ".xz" else data)
             (work / name).rename(final)
     return final
 

@@ -21,8 +21,9 @@ with ``-L`` at its own firmware, SeaBIOS of the same backport. Making the
 namespace needs root, as the tests do.
 
 The tests of ``--via ptrace`` need QEMUs with DWARF, which Debian's packages
-lack: ``integration/build-qemu-debug.sh`` builds them, 7.2 from Debian 12's
-source package and 10.0 from the upstream tarball of the backport (its
+lack: ``integration/build-qemu-debug.sh`` builds them, the system's from
+Debian's source package (7.2 on Debian 12, 10.0 on Debian 13) and, where
+the system's is older, 10.0 from the upstream tarball of the backport (its
 Debian changes are no longer served), each cached in its own directory.
 They are QEMUs here too, by series "7.2-debug" and "10.0-debug"; built
 without modules and knowing where their firmware is, each is started by its
@@ -49,8 +50,10 @@ from pathlib import Path
 SYSTEM = "qemu-system-x86_64"
 CACHE = Path.home() / ".cache" / "livedump" / "qemu-10.0"
 FETCHED = "10.0"
-# Where integration/build-qemu-debug.sh caches the debug builds, by series.
-DEBUG_CACHES = {"7.2": CACHE.parent / "qemu-debug", "10.0": CACHE.parent / "qemu-10.0-debug"}
+# Where integration/build-qemu-debug.sh caches the debug builds, by the series
+# each must be: the system QEMU's (7.2 on Debian 12, 10.0 on Debian 13), and 10.0.
+OWN = "system"
+DEBUG_CACHES = {OWN: CACHE.parent / "qemu-debug", FETCHED: CACHE.parent / "qemu-10.0-debug"}
 # Debian 12's backports carry QEMU 10.0; the distribution its mirror must serve.
 RELEASE, SUITE = "bookworm", "bookworm-backports"
 # qemu-system-x86 needs the others at exactly its version (seabios: the
@@ -83,17 +86,21 @@ class Qemu:
     root: Path | None = None
     debug: bool = False
 
-    def command(self) -> list[str]:
+    def command(self, unprivileged: bool = False) -> list[str]:
         """The argv prefix that starts this QEMU; callers append its options.
 
         The process it starts becomes QEMU (same PID, ``/proc/PID/exe`` the
         binary), so callers can wait for, signal and dump it as any QEMU.
+        ``unprivileged``: for a caller without CAP_SYS_ADMIN (libvirt's QEMU
+        user), the mount namespace is in a user namespace of its own, where
+        QEMU's user is root.
         """
         if self.root is None:
             return [str(self.binary)]
         ours = _module_dir(self.root)
         built_in = Path("/") / ours.relative_to(self.root)
-        return ["unshare", "--mount", "--propagation", "private", "--",
+        user = ["--user", "--map-root-user"] if unprivileged else []
+        return ["unshare", *user, "--mount", "--propagation", "private", "--",
                 "/bin/sh", "-c", SHADOW, "qemu-namespace", str(ours), str(built_in),
                 str(self.binary), *(a for d in self.firmware for a in ("-L", str(d)))]
 
@@ -158,7 +165,9 @@ def debug_builds(caches: dict[str, Path] = DEBUG_CACHES) -> dict[str, Qemu]:
 
     A cache counts once build-qemu-debug.sh put its binary there, which it
     does last, after the build ran; one of another series than its
-    directory's is refused, so a test never runs the wrong QEMU under a name.
+    directory's (``OWN``: the system QEMU's) is refused, so a test never
+    runs the wrong QEMU under a name. Where the system's QEMU is 10.x, its
+    own debug build is the 10.0 one: build-qemu-debug.sh makes no other.
     """
     found: dict[str, Qemu] = {}
     for series, cache in caches.items():
@@ -166,9 +175,12 @@ def debug_builds(caches: dict[str, Path] = DEBUG_CACHES) -> dict[str, Qemu]:
         if not os.access(binary, os.X_OK):
             continue
         qemu = Qemu(binary, debug=True)
+        if series == OWN:
+            own = system()
+            series = own.series if own is not None else qemu.series.removesuffix("-debug")
         if qemu.series != f"{series}-debug":
             raise FetchError(f"{cache} holds QEMU {qemu.series}, not {series}")
-        found[qemu.series] = qemu
+        found.setdefault(qemu.series, qemu)
     return found
 
 

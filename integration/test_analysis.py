@@ -60,9 +60,9 @@ def dump(vm, path, *args: str) -> dict:
     return json.loads(r.stdout)
 
 
-def test_crash_and_drgn_open_a_running_guest_where_drgn_refuses_qemus_dump(scratch, vmlinux):
+def test_crash_and_drgn_open_a_running_guest_where_drgn_refuses_qemus_dump(scratch, qemu, vmlinux):
     release = kernel_release()
-    with LinuxVM(machine="q35", memory="2G", smp=2, guest_markers=2) as vm:
+    with LinuxVM(machine="q35", memory="2G", smp=2, guest_markers=2, qemu=qemu) as vm:
         vm.wait_idle(timeout=300)
         markers = vm.guest_marker_list()
         ours, snapshot = scratch / "running.vmcore", scratch / "snapshot.vmcore"
@@ -103,8 +103,8 @@ def test_crash_and_drgn_open_a_running_guest_where_drgn_refuses_qemus_dump(scrat
     assert f"RELEASE: {release}" in crash(vmlinux, bare, "sys")["sys"]
 
 
-def test_crash_shows_the_panic_of_a_panicked_guest(scratch, vmlinux):
-    with LinuxVM(machine="q35", memory="1G", panic=True) as vm:
+def test_crash_shows_the_panic_of_a_panicked_guest(scratch, qemu, vmlinux):
+    with LinuxVM(machine="q35", memory="1G", panic=True, qemu=qemu) as vm:
         vm.wait_for(f"^{PANIC}$", timeout=300)
         vm.wait_for("Kernel panic - not syncing", timeout=60, fail=None)
         vmcore = scratch / "panic.vmcore"

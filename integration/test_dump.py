@@ -7,7 +7,7 @@ import stat
 import pytest
 
 from .conftest import livedump
-from .vm import VM, Marker, kvm_usable
+from .vm import VM, Marker, kvm_usable, pause_of
 from .vmcore import first_difference, identity, loads, read_phys
 
 GiB = 1 << 30
@@ -47,9 +47,10 @@ def assert_markers(vmcore, markers):
 
 @pytest.mark.parametrize("accel", ACCELS)
 @pytest.mark.parametrize("guest", GUESTS)
-def test_paused_vm_equals_qemu_dump(scratch, guest, accel):
+def test_paused_vm_equals_qemu_dump(scratch, qemu, guest, accel):
     machine, memory, markers, extra = GUESTS[guest]
-    with VM(machine=machine, memory=memory, markers=markers, accel=accel, extra=extra) as vm:
+    with VM(machine=machine, memory=memory, markers=markers, accel=accel, extra=extra,
+            qemu=qemu) as vm:
         vm.wait_running(1)
         vm.command("stop")
         ours, theirs = scratch / "ours.vmcore", scratch / "qemu.vmcore"
@@ -69,8 +70,8 @@ def test_paused_vm_equals_qemu_dump(scratch, guest, accel):
         assert os.stat(ours).st_blocks * 512 < os.stat(theirs).st_blocks * 512 // 4
 
 
-def test_no_pause_never_stops_the_guest(scratch):
-    with VM(memory="1G", markers=MARKERS) as vm:
+def test_no_pause_never_stops_the_guest(scratch, qemu):
+    with VM(memory="1G", markers=MARKERS, qemu=qemu) as vm:
         vm.wait_running(1)
         vm.events()
         out = scratch / "fuzzy.vmcore"
@@ -82,9 +83,11 @@ def test_no_pause_never_stops_the_guest(scratch):
         assert_markers(out, MARKERS[1:])  # Firmware does not touch these.
 
 
-def test_running_vm_is_dumped_and_keeps_running(scratch):
-    with VM(machine="q35", memory="5G", markers=HIGH_MARKERS) as vm:
+@pytest.mark.parametrize("accel", ACCELS)
+def test_running_vm_is_dumped_and_keeps_running(scratch, qemu, accel):
+    with VM(machine="q35", memory="5G", markers=HIGH_MARKERS, qemu=qemu, accel=accel) as vm:
         vm.wait_running(1)
+        vm.events()
         out = scratch / "run.vmcore"
         r = livedump("--pid", str(vm.pid), "--json", str(out))
         assert r.returncode == 0, r.stderr
@@ -92,6 +95,8 @@ def test_running_vm_is_dumped_and_keeps_running(scratch):
         assert_markers(out, HIGH_MARKERS)
         report = json.loads(r.stdout)
         assert report["was_running"] is True and report["paused"] is True
+        # As long as QEMU's STOP and RESUME say, at most.
+        assert 0 < pause_of(vm.event_log()) <= report["pause_seconds"]
         for m in HIGH_MARKERS:  # Nothing livedump prints holds guest memory.
             assert m.data[:16] not in r.stdout + r.stderr
         assert 0 < report["pause_seconds"] <= report["wall_seconds"]
@@ -104,8 +109,8 @@ def test_running_vm_is_dumped_and_keeps_running(scratch):
                 assert mem.read(len(m.data)) == m.data
 
 
-def test_vm_started_paused_stays_paused(scratch):
-    with VM(memory="512M", markers=MARKERS[:2], start_paused=True) as vm:
+def test_vm_started_paused_stays_paused(scratch, qemu):
+    with VM(memory="512M", markers=MARKERS[:2], start_paused=True, qemu=qemu) as vm:
         assert vm.status() == "prelaunch"
         out = scratch / "s.vmcore"
         r = livedump("--pid", str(vm.pid), str(out))
@@ -141,9 +146,9 @@ def test_stdout_stream_equals_file(scratch):
         assert a.read_bytes() == b.read_bytes()
 
 
-def test_busy_socket_is_skipped_and_named(scratch):
+def test_busy_socket_is_skipped_and_named(scratch, qemu):
     """A monitor that another client holds never greets: try the next one."""
-    with VM(memory="128M") as vm:
+    with VM(memory="128M", qemu=qemu) as vm:
         # The harness holds harness.sock; put it first so livedump meets it first.
         out = scratch / "x.vmcore"
         r = livedump("--qmp", str(vm.harness_socket), "--qmp-timeout", "1", str(out))
@@ -154,8 +159,8 @@ def test_busy_socket_is_skipped_and_named(scratch):
         assert vm.status() == "running"
 
 
-def test_qmp_socket_alone_finds_the_pid(scratch):
-    with VM(memory="128M", markers=MARKERS[:1]) as vm:
+def test_qmp_socket_alone_finds_the_pid(scratch, qemu):
+    with VM(memory="128M", markers=MARKERS[:1], qemu=qemu) as vm:
         out = scratch / "q.vmcore"
         r = livedump("--qmp", str(vm.socket), "--json", str(out))
         assert r.returncode == 0, r.stderr

@@ -58,8 +58,8 @@ def test_full_filesystem(small_disk):
         assert vm.status() == "running"
 
 
-def test_qemu_killed_mid_dump(scratch):
-    with VM(memory="1G") as vm:
+def test_qemu_killed_mid_dump(scratch, qemu):
+    with VM(memory="1G", qemu=qemu) as vm:
         out = scratch / "x.vmcore"
         proc, fd = blocked_dump(vm)
         vm.process.kill()
@@ -71,9 +71,9 @@ def test_qemu_killed_mid_dump(scratch):
         assert not out.exists()
 
 
-def test_monitor_connection_dropped_mid_dump(scratch):
+def test_monitor_connection_dropped_mid_dump(scratch, qemu):
     """The session breaks while memory is read: livedump reconnects to resume."""
-    with VM(memory="1G") as vm, QMPProxy(vm.socket) as proxy:
+    with VM(memory="1G", qemu=qemu) as vm, QMPProxy(vm.socket) as proxy:
         proc, fd = blocked_dump(vm, "--qmp", str(proxy.path))
         proxy.drop()
         drain(fd)
@@ -95,9 +95,9 @@ def test_slow_greeting(scratch):
         assert vm.status() == "running"
 
 
-def test_slow_reply_to_stop(scratch):
+def test_slow_reply_to_stop(scratch, qemu):
     """QEMU stops the guest but its reply is late: livedump gives up and resumes it."""
-    with VM(memory="128M") as vm, QMPProxy(vm.socket, "stop", delay=5) as proxy:
+    with VM(memory="128M", qemu=qemu) as vm, QMPProxy(vm.socket, "stop", delay=5) as proxy:
         r = livedump("--pid", str(vm.pid), "--qmp", str(proxy.path), "--qmp-timeout", "1",
                      str(scratch / "x.vmcore"))
         assert r.returncode == 5
@@ -145,9 +145,9 @@ def test_unprivileged_user_is_refused(scratch):
         assert os.listdir(scratch) == []
 
 
-def test_sigkill_mid_dump_the_guardian_resumes_the_vm(scratch):
+def test_sigkill_mid_dump_the_guardian_resumes_the_vm(scratch, qemu):
     """SIGKILL gives livedump no chance to resume; its guardian process does."""
-    with VM(memory="1G") as vm:
+    with VM(memory="1G", qemu=qemu) as vm:
         proc, fd = blocked_dump(vm)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -155,9 +155,9 @@ def test_sigkill_mid_dump_the_guardian_resumes_the_vm(scratch):
         wait_for_status(vm, "running", seconds=10)
 
 
-def test_livedump_only_reads_and_pauses(scratch):
+def test_livedump_only_reads_and_pauses(scratch, qemu):
     """Every monitor command livedump sends is a query, stop, cont or a read-only HMP info."""
-    with VM(memory="512M") as vm, QMPProxy(vm.socket) as proxy:
+    with VM(memory="512M", qemu=qemu) as vm, QMPProxy(vm.socket) as proxy:
         r = livedump("--pid", str(vm.pid), "--qmp", str(proxy.path), str(scratch / "x.vmcore"))
         assert r.returncode == 0, r.stderr
         commands = [m["execute"] for m in proxy.sent]

@@ -18,7 +18,7 @@ import pytest
 
 from .health import assert_whole
 from .test_live import KILLED_AFTER, assert_left_whole, set_user_capabilities, start_live
-from .test_ptrace import DEBUG_QEMU, thread_states
+from .test_ptrace import thread_states
 from .vm import HALTING_PC, SWEEPING_PC, VM, Marker
 from .vmcore import first_difference
 
@@ -90,10 +90,10 @@ def read_into(fd: int, path: Path) -> threading.Thread:
     return reader
 
 
-def test_guardian_killed_alone_costs_nothing(scratch):
+def test_guardian_killed_alone_costs_nothing(scratch, qemu):
     """Killed mid-dump, the guardian is replaced, and the dump goes on whole."""
     marker = Marker(0x100_0000, os.urandom(1 << 20))
-    with VM(memory="256M", platform=HALTING_PC, markers=[marker]) as vm:
+    with VM(memory="256M", platform=HALTING_PC, markers=[marker], qemu=qemu) as vm:
         proc, fd = livedump_into_pipe(vm)
         kill_guardian(proc)
         ours, theirs = scratch / "ours.vmcore", scratch / "qemu.vmcore"
@@ -107,9 +107,9 @@ def test_guardian_killed_alone_costs_nothing(scratch):
         assert first_difference(ours, theirs) is None
 
 
-def test_guardian_killed_then_livedump_killed_in_the_pause(scratch):
+def test_guardian_killed_then_livedump_killed_in_the_pause(scratch, qemu):
     """The new guardian was told the guest is paused: it resumes it."""
-    with VM(**SWEEPING) as vm:
+    with VM(**SWEEPING, qemu=qemu) as vm:
         proc, fd = livedump_into_pipe(vm)
         try:
             kill_guardian(proc)
@@ -138,8 +138,8 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
-def test_no_new_guardian_resumes_the_guest_and_stops(scratch):
-    with VM(**SWEEPING) as vm:
+def test_no_new_guardian_resumes_the_guest_and_stops(scratch, qemu):
+    with VM(**SWEEPING, qemu=qemu) as vm:
         proc, fd = livedump_into_pipe(vm, script=NO_SECOND_GUARDIAN)
         try:
             wait_for(lambda: len(guardians(proc.pid)) == 1, "no guardian")
@@ -166,8 +166,8 @@ def stalled(proc: subprocess.Popen, stop: bool) -> bytes:
 
 
 @pytest.mark.parametrize("stop", [True, False], ids=["sigstop", "output-stalled"])
-def test_stall_in_the_pause(scratch, stop):
-    with VM(**SWEEPING) as vm:
+def test_stall_in_the_pause(scratch, qemu, stop):
+    with VM(**SWEEPING, qemu=qemu) as vm:
         proc, fd = livedump_into_pipe(vm, "--stall-timeout", "2")
         try:
             started = time.monotonic()
@@ -180,11 +180,9 @@ def test_stall_in_the_pause(scratch, stop):
         assert_whole(vm)
 
 
-@pytest.mark.skipif(not DEBUG_QEMU.exists(), reason="no debug-info QEMU: run "
-                    "integration/build-qemu-debug.sh")
-def test_stall_with_qemu_frozen(scratch):
+def test_stall_with_qemu_frozen(scratch, debug_qemu):
     """Only the tracer's death lets a QEMU it froze go, when the tracer is stopped."""
-    with VM(**SWEEPING, qemu=str(DEBUG_QEMU)) as vm:
+    with VM(**SWEEPING, qemu=debug_qemu) as vm:
         proc, fd = livedump_into_pipe(vm, "--via", "ptrace", "--stall-timeout", "2")
         try:
             err = stalled(proc, stop=True)
@@ -196,10 +194,10 @@ def test_stall_with_qemu_frozen(scratch):
         assert_whole(vm)
 
 
-def test_stall_mid_stream(scratch):
+def test_stall_mid_stream(scratch, qemu):
     """A stopped livedump --live: the guest would block on the first page it writes
     that the snapshot has not sent; the guardian reads the snapshot to its end."""
-    with VM(**SWEEPING) as vm:
+    with VM(**SWEEPING, qemu=qemu) as vm:
         before = set_user_capabilities(vm)
         proc = start_live(vm, scratch / "s.vmcore", "--stall-timeout", "2")
         err = stalled(proc, stop=True)
@@ -208,10 +206,10 @@ def test_stall_mid_stream(scratch):
         assert_left_whole(vm, before, scratch)
 
 
-def test_sigkill_mid_dump_leaves_no_file(scratch):
+def test_sigkill_mid_dump_leaves_no_file(scratch, qemu):
     """The partial file of a livedump killed mid-dump (the guest paused, the file
     there) is removed by its guardian."""
-    with VM(**SWEEPING) as vm:
+    with VM(**SWEEPING, qemu=qemu) as vm:
         r = subprocess.run([sys.executable, "-c", KILLED_AFTER, "stop", "--pid", str(vm.pid),
                             str(scratch / "k.vmcore")], stderr=subprocess.PIPE, timeout=60)
         assert r.returncode == -signal.SIGKILL

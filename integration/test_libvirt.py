@@ -25,12 +25,12 @@ from .libvirt_harness import (
     Domain,
     Libvirtd,
     domstate,
+    emulator,
     forget_emulator,
-    readable_copy,
     readable_dir,
     virsh,
 )
-from .test_ptrace import DEBUG_QEMU
+from .qemus import Qemu
 from .vm import Marker, kvm_usable
 from .vmcore import first_difference, identity, read_phys
 
@@ -64,12 +64,30 @@ def files():
 
 
 @pytest.fixture(scope="module")
-def debug_emulator(files):
-    if not DEBUG_QEMU.exists():
-        pytest.skip("no debug-info QEMU: run integration/build-qemu-debug.sh")
-    copy = readable_copy(DEBUG_QEMU, files)
-    yield copy
-    forget_emulator(copy)
+def emulators(files):
+    """Each QEMU's ``<emulator>``, made once; libvirt forgets them afterwards."""
+    made: dict[str, Path] = {}
+    yield made
+    for path in made.values():
+        forget_emulator(path)
+
+
+def emulator_of(qemu: Qemu, files: Path, emulators: dict[str, Path]) -> str:
+    if qemu.series not in emulators:
+        emulators[qemu.series] = emulator(qemu, files)
+    return str(emulators[qemu.series])
+
+
+@pytest.fixture
+def domain_emulator(qemu, files, emulators) -> str:
+    """Each QEMU in turn (conftest.py's ``qemu``), as libvirt starts it."""
+    return emulator_of(qemu, files, emulators)
+
+
+@pytest.fixture
+def debug_emulator(debug_qemu, files, emulators) -> str:
+    """Each QEMU built with debug info in turn, as libvirt starts it."""
+    return emulator_of(debug_qemu, files, emulators)
 
 
 def assert_markers(vmcore: Path) -> None:
@@ -92,9 +110,12 @@ def dump_paused_and_compare(dom: Domain, scratch: Path, *via: str) -> dict:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_paused_domain_equals_virsh_dump(libvirtd, files, scratch, kind):
-    with Domain(files, MARKERS, kind) as dom:
+def test_paused_domain_equals_virsh_dump(libvirtd, files, scratch, qemu, domain_emulator,
+                                         kind):
+    with Domain(files, MARKERS, kind, emulator=domain_emulator) as dom:
         dom.wait_for("running")
+        # The domain runs that QEMU, not the system's.
+        assert Qemu(Path(f"/proc/{dom.pid}/exe").resolve()).series == qemu.series
         report = dump_paused_and_compare(dom, scratch)
         assert report["via"] == "libvirt" and TAINT in report["detail"]
         assert report["was_running"] is False  # So libvirt's suspend was not used.
@@ -106,8 +127,9 @@ def test_paused_domain_equals_virsh_dump(libvirtd, files, scratch, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_running_domain_is_paused_and_resumed_by_libvirt(libvirtd, files, scratch, kind):
-    with Domain(files, MARKERS, kind) as dom:
+def test_running_domain_is_paused_and_resumed_by_libvirt(libvirtd, files, scratch,
+                                                         domain_emulator, kind):
+    with Domain(files, MARKERS, kind, emulator=domain_emulator) as dom:
         dom.wait_for("running")
         assert domstate(dom.name) == "running (booted)"
         out = scratch / "running.vmcore"
@@ -126,8 +148,8 @@ def test_running_domain_is_paused_and_resumed_by_libvirt(libvirtd, files, scratc
         assert domstate(dom.name) == "running (unpaused)"
 
 
-def test_no_pause_leaves_the_domain_state_as_it_was(libvirtd, files, scratch):
-    with Domain(files, MARKERS) as dom:
+def test_no_pause_leaves_the_domain_state_as_it_was(libvirtd, files, scratch, domain_emulator):
+    with Domain(files, MARKERS, emulator=domain_emulator) as dom:
         dom.wait_for("running")
         out = scratch / "fuzzy.vmcore"
         r = livedump("--domain", dom.name, "--no-pause", "--json", str(out))
@@ -144,7 +166,7 @@ def test_no_pause_leaves_the_domain_state_as_it_was(libvirtd, files, scratch):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_via_ptrace_leaves_libvirt_untouched(libvirtd, files, scratch, debug_emulator, kind):
-    with Domain(files, MARKERS, kind, emulator=str(debug_emulator)) as dom:
+    with Domain(files, MARKERS, kind, emulator=debug_emulator) as dom:
         dom.wait_for("running")
         before = domstate(dom.name)
         out = scratch / "ptrace.vmcore"
@@ -161,7 +183,7 @@ def test_via_ptrace_leaves_libvirt_untouched(libvirtd, files, scratch, debug_emu
 
 def test_hung_qemu_falls_back_to_ptrace(libvirtd, files, scratch, debug_emulator):
     """A QEMU whose monitor never answers (here: SIGSTOP) is dumped with ptrace."""
-    with Domain(files, MARKERS, emulator=str(debug_emulator)) as dom:
+    with Domain(files, MARKERS, emulator=debug_emulator) as dom:
         dom.wait_for("running")
         before = domstate(dom.name)
         out = scratch / "hung.vmcore"
@@ -194,8 +216,9 @@ def blocked_dump(dom: Domain) -> Iterator[subprocess.Popen]:
         proc.kill()
 
 
-def test_sigkill_mid_dump_the_guardian_resumes_through_libvirt(libvirtd, files):
-    with Domain(files, MARKERS) as dom:
+def test_sigkill_mid_dump_the_guardian_resumes_through_libvirt(libvirtd, files,
+                                                               domain_emulator):
+    with Domain(files, MARKERS, emulator=domain_emulator) as dom:
         with blocked_dump(dom) as proc:
             proc.kill()
             proc.wait()

@@ -21,9 +21,9 @@ pytestmark = [pytest.mark.qemu, pytest.mark.linux]
 MARKERS = 4
 
 
-def test_linux_guest_dump_has_markers_and_equals_qemu_dump(scratch):
+def test_linux_guest_dump_has_markers_and_equals_qemu_dump(scratch, qemu):
     # 4 GiB on q35: RAM below and above 4 GiB, so markers may land in either.
-    with LinuxVM(machine="q35", memory="4G", touch_mib=256, guest_markers=MARKERS) as vm:
+    with LinuxVM(machine="q35", memory="4G", touch_mib=256, guest_markers=MARKERS, qemu=qemu) as vm:
         vm.wait_ready(timeout=300)
         vm.wait_idle(timeout=300)
         touch = vm.touch_report()
@@ -64,10 +64,10 @@ def test_linux_guest_dump_has_markers_and_equals_qemu_dump(scratch):
         assert first_difference(ours, theirs) is None
 
 
-def test_qemus_vmcoreinfo_is_carried_not_found_again(scratch):
+def test_qemus_vmcoreinfo_is_carried_not_found_again(scratch, qemu):
     # With the vmcoreinfo device (and qemu_fw_cfg loaded, as /init does), QEMU's
     # notes hold VMCOREINFO: livedump carries it, once, as QEMU's own dump does.
-    with LinuxVM(machine="q35", memory="1G", extra=["-device", "vmcoreinfo"]) as vm:
+    with LinuxVM(machine="q35", memory="1G", extra=["-device", "vmcoreinfo"], qemu=qemu) as vm:
         vm.wait_idle(timeout=300)
         ours, theirs = scratch / "ours.vmcore", scratch / "qemu.vmcore"
         r = livedump("--pid", str(vm.pid), "--json", str(ours))
@@ -82,11 +82,11 @@ def test_qemus_vmcoreinfo_is_carried_not_found_again(scratch):
     assert [name for name, _, _ in notes(ours) if name == "LIVEDUMP"] == ["LIVEDUMP"]
 
 
-def test_after_a_reboot_the_running_kernels_vmcoreinfo_is_chosen(scratch):
+def test_after_a_reboot_the_running_kernels_vmcoreinfo_is_chosen(scratch, qemu):
     # A warm reset leaves RAM as it was: the first kernel's VMCOREINFO page and
     # image survive, and pass every check on their own. The vCPUs' page tables
     # say which kernel runs.
-    with LinuxVM(machine="q35", memory="1G", extra=["-action", "reboot=reset"]) as vm:
+    with LinuxVM(machine="q35", memory="1G", extra=["-action", "reboot=reset"], qemu=qemu) as vm:
         vm.wait_idle(timeout=300)
         before = vm.kernel_facts()
         vm.command("system_reset")

@@ -43,14 +43,14 @@ def test_a_relay_is_refused(scratch, tcp, with_pid):
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
-def test_tcp_monitor_alone_finds_qemu(scratch, host):
+def test_tcp_monitor_alone_finds_qemu(scratch, qemu, host):
     """``--qmp tcp:HOST:PORT`` with no --pid: QEMU is the process holding the other end."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family) as s:  # A free port, for QEMU to listen on.
         s.bind((host, 0))
         port = s.getsockname()[1]
     address = f"[{host}]" if ":" in host else host
-    with VM(memory="128M", livedump_socket=False, extra=[
+    with VM(memory="128M", livedump_socket=False, qemu=qemu, extra=[
             "-chardev", f"socket,id=tcpqmp,host={host},port={port},server=on,wait=off",
             "-mon", "chardev=tcpqmp,mode=control"]) as vm:
         out = scratch / "x.vmcore"
@@ -99,9 +99,14 @@ def _same_mib_1024_times(request: dict, reply: dict) -> dict:
     ("1024", r"memory region 'pc.ram': its bytes at offset 0x0 are shown at 3 guest "
              r"addresses or more \(QEMU shows RAM at 2 at most\)"),
 ])
-def test_a_map_that_does_not_fit_qemu_is_refused(scratch, lie, message):
+def test_a_map_that_does_not_fit_qemu_is_refused(scratch, qemu, lie, message):
     """Even from a relay that passes for QEMU: refused before the guest is paused."""
-    with VM(memory="128M") as vm:
+    if lie == "heap" and qemu.version >= (8, 0):
+        # 'info ramblock' shows where each block lies in QEMU: the lie is
+        # caught against that before the mappings are looked at.
+        message = (r"memory region 'pc.bios' would start at 0x[0-9a-f]+ in QEMU, where "
+                   r"QEMU has no RAM block of that name")
+    with VM(memory="128M", qemu=qemu) as vm:
         rewrite = _onto_heap(_heap(vm.pid)) if lie == "heap" else _same_mib_1024_times
         with QMPProxy(vm.socket, rewrite=rewrite) as proxy:
             vm.events()
@@ -114,12 +119,12 @@ def test_a_map_that_does_not_fit_qemu_is_refused(scratch, lie, message):
             assert os.listdir(scratch) == []
 
 
-def test_a_stop_that_does_not_pause_is_refused(scratch):
+def test_a_stop_that_does_not_pause_is_refused(scratch, qemu):
     """A relay that answers 'stop' itself, passing it on to no one."""
     def answer(request: dict) -> dict | None:
         return {"return": {}} if request.get("execute") == "stop" else None
 
-    with VM(memory="128M") as vm, QMPProxy(vm.socket, answer=answer) as proxy:
+    with VM(memory="128M", qemu=qemu) as vm, QMPProxy(vm.socket, answer=answer) as proxy:
         vm.events()
         r = livedump("--pid", str(vm.pid), "--qmp", proxy.qmp, str(scratch / "x.vmcore"))
         assert r.returncode == 9, r.stderr

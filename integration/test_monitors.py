@@ -1,4 +1,5 @@
-"""Every kind of QMP monitor QEMU 7.2 offers gives the vmcore QEMU's own dump would be.
+"""Every kind of QMP monitor QEMU offers gives the vmcore QEMU's own dump would be,
+on each QEMU (conftest.py's ``qemu``).
 
 Pretty-printed monitors (``-qmp-pretty``, ``-mon ...,pretty=on``), monitors
 defined in a ``-readconfig`` file, and monitors on TCP, where no file
@@ -15,6 +16,7 @@ import glob
 import json
 import os
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -29,7 +31,8 @@ import pytest
 
 from .conftest import livedump
 from .counting import assert_counts
-from .vm import COUNTING_PC, QEMU, VM
+from .qemus import Qemu
+from .vm import COUNTING_PC, VM
 from .vmcore import first_difference, identity
 
 
@@ -59,14 +62,15 @@ def dumps_as_qemu(vm: VM, scratch: Path, *args: str) -> dict:
 
 
 @pytest.mark.parametrize("option", ["qmp-pretty", "mon-pretty"])
-def test_pretty_printed_monitor(scratch, tmp_path, option):
+def test_pretty_printed_monitor(scratch, tmp_path, qemu, option):
     path = tmp_path / "qmp.sock"
     if option == "qmp-pretty":
         extra = ["-qmp-pretty", f"unix:{path},server=on,wait=off"]
     else:
         extra = ["-chardev", f"socket,id=pretty,path={path},server=on,wait=off",
                  "-mon", "chardev=pretty,mode=control,pretty=on"]
-    with VM(memory="32M", platform=COUNTING_PC, livedump_socket=False, extra=extra) as vm:
+    with VM(memory="32M", platform=COUNTING_PC, livedump_socket=False, extra=extra,
+            qemu=qemu) as vm:
         dumps_as_qemu(vm, scratch, "--qmp", str(path))
 
 
@@ -83,13 +87,13 @@ CONFIG = """# A QMP monitor, as -writeconfig would write it
 """
 
 
-def test_monitor_in_a_readconfig_file(scratch, tmp_path):
+def test_monitor_in_a_readconfig_file(scratch, tmp_path, qemu):
     """Found from QEMU's PID alone; the file and the socket in it named relative
     to QEMU's working directory, as QEMU takes them."""
     (tmp_path / "vm.cfg").write_text(CONFIG.format(path="cfg.sock"))
     with contextlib.ExitStack() as stack:
         with contextlib.chdir(tmp_path):  # QEMU's working directory, not livedump's.
-            vm = stack.enter_context(VM(memory="32M", platform=COUNTING_PC,
+            vm = stack.enter_context(VM(memory="32M", platform=COUNTING_PC, qemu=qemu,
                                         livedump_socket=False, extra=["-readconfig", "vm.cfg"]))
         # The harness's monitor comes first and is held: it never greets.
         report = dumps_as_qemu(vm, scratch, "--pid", str(vm.pid), "--qmp-timeout", "1")
@@ -112,34 +116,41 @@ def _notes_dirs(pid: int) -> list[str]:
     return glob.glob(f"/proc/{pid}/root/tmp/livedump-notes-*")
 
 
-def _private_tmp(base: Path) -> str:
-    """A QEMU that sees a /tmp of its own (as with systemd's PrivateTmp)."""
+def _private_tmp(base: Path, qemu: Qemu) -> str:
+    """``qemu``, seeing a /tmp of its own (as with systemd's PrivateTmp)."""
     wrapper = base / "qemu-private-tmp"
     wrapper.write_text(
         "#!/bin/sh\nexec unshare --mount --propagation private sh -c "
-        "'mount -t tmpfs -o mode=1777 livedump-private-tmp /tmp && exec \"$0\" \"$@\"' "
-        f"{shutil.which(QEMU)} \"$@\"\n")
+        "'mount -t tmpfs -o mode=1777 livedump-private-tmp /tmp && exec \"$@\"' "
+        f"private-tmp {shlex.join(qemu.command())} \"$@\"\n")
     wrapper.chmod(0o755)
     return str(wrapper)
 
 
+def _as_user(qemu: Qemu, user: str) -> list[str]:
+    """The options that have ``qemu`` drop to ``user``: ``-runas`` until QEMU 10.0
+    removed it for ``-run-with user=``, as its ``-help`` shows."""
+    shown = subprocess.run([*qemu.command(), "-help"], capture_output=True, text=True).stdout
+    return ["-runas", user] if "\n-runas " in shown else ["-run-with", f"user={user}"]
+
+
 @pytest.mark.parametrize("qemu_as", ["us", "another-user", "private-tmp"])
-def test_tcp_monitor_gets_qemus_cpu_notes(scratch, monkeypatch, qemu_as):
+def test_tcp_monitor_gets_qemus_cpu_notes(scratch, monkeypatch, qemu, qemu_as):
     """Over TCP no descriptor passes: QEMU's one-page dump goes to a private file,
     which is gone afterwards."""
-    extra, qemu = _tcp_monitor(port := _free_port()), None
+    extra, started = _tcp_monitor(port := _free_port()), qemu
     if qemu_as != "us" and os.geteuid() != 0:
         pytest.skip("running QEMU as another user, or in a mount namespace, takes root")
     if qemu_as == "another-user":
-        extra += ["-runas", "nobody"]
+        extra += _as_user(qemu, "nobody")
         scratch.chmod(0o1777)  # Where QEMU's own dump goes.
     elif qemu_as == "private-tmp":
         # The VM's sockets must be where QEMU sees them: not in /tmp.
         base = Path(tempfile.mkdtemp(prefix="livedump-test-", dir="/dev/shm"))
         monkeypatch.setattr(tempfile, "tempdir", str(base))
-        qemu = _private_tmp(base)
+        started = _private_tmp(base, qemu)
     try:
-        with VM(memory="32M", platform=COUNTING_PC, extra=extra, qemu=qemu) as vm:
+        with VM(memory="32M", platform=COUNTING_PC, extra=extra, qemu=started) as vm:
             before = _notes_dirs(vm.pid)
             dumps_as_qemu(vm, scratch, "--qmp", f"tcp:127.0.0.1:{port}")
             assert _notes_dirs(vm.pid) == before
@@ -171,9 +182,10 @@ def _created(fd: int, prefix: str, deadline: float) -> str | None:
     return None
 
 
-def test_an_interrupt_while_qemu_writes_its_notes_leaves_no_file(scratch):
+def test_an_interrupt_while_qemu_writes_its_notes_leaves_no_file(scratch, qemu):
     """SIGTERM while the private file exists: no file left, the guest running."""
-    with VM(memory="32M", platform=COUNTING_PC, extra=_tcp_monitor(port := _free_port())) as vm:
+    with VM(memory="32M", platform=COUNTING_PC, extra=_tcp_monitor(port := _free_port()),
+            qemu=qemu) as vm:
         watch = _libc.inotify_init1(os.O_CLOEXEC)
         assert watch >= 0 and _libc.inotify_add_watch(watch, b"/tmp", _IN_CREATE) >= 0
         try:

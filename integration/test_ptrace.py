@@ -35,9 +35,9 @@ def thread_states(pid: int) -> set[str]:
 
 
 @pytest.mark.parametrize("accel", ACCELS)
-def test_vm_with_its_only_monitor_held_is_dumped_through_ptrace(scratch, accel):
+def test_vm_with_its_only_monitor_held_is_dumped_through_ptrace(scratch, debug_qemu, accel):
     """As with libvirt: the one QMP socket is taken, so auto mode falls back to ptrace."""
-    with VM(qemu=str(DEBUG_QEMU), machine="q35", memory="5G", accel=accel,
+    with VM(qemu=debug_qemu, machine="q35", memory="5G", accel=accel,
             markers=MARKERS[:2] + HIGH_MARKERS, livedump_socket=False) as vm:
         vm.wait_running(1)
         ours = scratch / "ours.vmcore"
@@ -79,9 +79,9 @@ def test_mismatched_debug_file_is_refused(scratch, tmp_path):
         assert os.listdir(scratch) == []
 
 
-def test_no_debug_info_and_no_monitor_says_how_to_get_it(scratch):
-    """Debian's own QEMU has no DWARF; with its only monitor held there is no way in."""
-    with VM(memory="128M", livedump_socket=False) as vm:
+def test_no_debug_info_and_no_monitor_says_how_to_get_it(scratch, qemu):
+    """Debian's own QEMUs have no DWARF; with its only monitor held there is no way in."""
+    with VM(memory="128M", livedump_socket=False, qemu=qemu) as vm:
         r = livedump("--pid", str(vm.pid), "--qmp-timeout", "1", str(scratch / "x.vmcore"))
         assert r.returncode == 11
         err = r.stderr.decode()
@@ -112,8 +112,8 @@ def frozen_dump(vm: VM) -> Iterator[subprocess.Popen]:
         proc.wait()
 
 
-def test_signal_while_frozen_thaws_qemu(scratch):
-    with VM(qemu=str(DEBUG_QEMU), memory="1G") as vm:
+def test_signal_while_frozen_thaws_qemu(scratch, debug_qemu):
+    with VM(qemu=debug_qemu, memory="1G") as vm:
         with frozen_dump(vm) as proc:
             proc.terminate()
             _, err = proc.communicate(timeout=30)
@@ -122,9 +122,9 @@ def test_signal_while_frozen_thaws_qemu(scratch):
         assert vm.status() == "running"
 
 
-def test_sigkill_while_frozen_lets_qemu_run(scratch):
+def test_sigkill_while_frozen_lets_qemu_run(scratch, debug_qemu):
     """The kernel detaches a dead tracer's tracees: nothing stays stopped."""
-    with VM(qemu=str(DEBUG_QEMU), memory="1G") as vm:
+    with VM(qemu=debug_qemu, memory="1G") as vm:
         with frozen_dump(vm) as proc:
             proc.kill()
             proc.wait()

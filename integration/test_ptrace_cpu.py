@@ -17,12 +17,11 @@ from livedump.vmcore.notes import QemuNotes, parse
 from . import linux_guest
 from .conftest import livedump
 from .linux_guest import LinuxVM
-from .test_ptrace import DEBUG_QEMU, thread_states
+from .test_ptrace import thread_states
 from .vm import VM, kvm_usable
 from .vmcore import identity
 
-pytestmark = [pytest.mark.qemu, pytest.mark.skipif(
-    not DEBUG_QEMU.exists(), reason="no debug-info QEMU: run integration/build-qemu-debug.sh")]
+pytestmark = pytest.mark.qemu
 
 
 def qemu_notes(vm: VM, path: Path) -> QemuNotes:
@@ -53,10 +52,10 @@ def assert_same_notes(ours: QemuNotes, theirs: QemuNotes) -> None:
     assert ours.data[:len(theirs.data)] == theirs.data
 
 
-def test_firmware_guest_registers_equal_qemus(scratch):
+def test_firmware_guest_registers_equal_qemus(scratch, debug_qemu):
     """SeaBIOS with nothing to boot idles in real mode: i386 notes, ELF64 as the
     BIOS ROM ends at 4 GiB."""
-    with VM(qemu=str(DEBUG_QEMU), memory="1G", extra=["-smp", "2"]) as vm:
+    with VM(qemu=debug_qemu, memory="1G", extra=["-smp", "2"]) as vm:
         vm.wait_running(1)
         vm.command("stop")
         ours, report = ptrace_dump(vm, scratch)
@@ -69,9 +68,9 @@ def test_firmware_guest_registers_equal_qemus(scratch):
 
 
 @pytest.mark.linux
-def test_long_mode_guest_registers_equal_qemus(scratch):
+def test_long_mode_guest_registers_equal_qemus(scratch, debug_qemu):
     """A 64-bit Linux kernel on two vCPUs: x86_64 notes with its CR3, IDT, GDT."""
-    with LinuxVM(qemu=str(DEBUG_QEMU), memory="1G", smp=2) as vm:
+    with LinuxVM(qemu=debug_qemu, memory="1G", smp=2) as vm:
         vm.wait_ready(timeout=300)
         vm.command("stop")
         ours, report = ptrace_dump(vm, scratch)
@@ -83,12 +82,12 @@ def test_long_mode_guest_registers_equal_qemus(scratch):
 
 @pytest.mark.linux
 @pytest.mark.analysis
-def test_crash_finds_the_kernel_of_a_running_guest_through_the_notes(scratch):
+def test_crash_finds_the_kernel_of_a_running_guest_through_the_notes(scratch, debug_qemu):
     """No VMCOREINFO: crash finds the KASLR offset from the QEMU notes' CR3 and
     IDT, and unwinds both vCPUs from their NT_PRSTATUS registers. (In the
     opt-in analysis tier: it needs the guest kernel's vmlinux.)"""
     vmlinux = linux_guest.debug_vmlinux()
-    with LinuxVM(qemu=str(DEBUG_QEMU), memory="1G", smp=2) as vm:
+    with LinuxVM(qemu=debug_qemu, memory="1G", smp=2) as vm:
         vm.wait_ready(timeout=300)
         vmcore = scratch / "live.vmcore"
         r = livedump("--pid", str(vm.pid), "--via", "ptrace", str(vmcore))
@@ -104,8 +103,8 @@ def test_crash_finds_the_kernel_of_a_running_guest_through_the_notes(scratch):
 
 
 @pytest.mark.skipif(not kvm_usable(), reason="no usable /dev/kvm")
-def test_kvm_guest_has_registers_only_once_qemu_fetched_them(scratch):
-    with VM(qemu=str(DEBUG_QEMU), memory="1G", accel="kvm", extra=["-smp", "2"]) as vm:
+def test_kvm_guest_has_registers_only_once_qemu_fetched_them(scratch, debug_qemu):
+    with VM(qemu=debug_qemu, memory="1G", accel="kvm", extra=["-smp", "2"]) as vm:
         vm.wait_running(1)
         vm.command("stop")
         ours = scratch / "ours.vmcore"

@@ -81,3 +81,20 @@ def test_debug_build_goes_by_its_series(tmp_path):
                                                      "echo 'QEMU emulator version 7.2.22'\n")
     with pytest.raises(qemus.FetchError, match="holds QEMU 7.2-debug, not 10.0"):
         qemus.debug_builds(caches)
+
+
+@pytest.mark.skipif(qemus.system() is None, reason="no qemu-system-x86_64 installed")
+def test_the_systems_debug_build_goes_by_the_systems_series(tmp_path):
+    """The debug build of Debian's own source is of the system QEMU's series:
+    7.2 on Debian 12, 10.0 on Debian 13; of any other, it is refused."""
+    own = qemus.system()
+    assert own is not None
+    caches = {qemus.OWN: tmp_path / "qemu-debug"}
+    binary = caches[qemus.OWN] / "bin" / qemus.SYSTEM
+    binary.parent.mkdir(parents=True)
+    binary.write_text(f"#!/bin/sh\necho 'QEMU emulator version {own.series}.1'\n")
+    binary.chmod(0o755)
+    assert list(qemus.debug_builds(caches)) == [f"{own.series}-debug"]
+    binary.write_text("#!/bin/sh\necho 'QEMU emulator version 9.9.1'\n")
+    with pytest.raises(qemus.FetchError, match=f"holds QEMU 9.9-debug, not {own.series}$"):
+        qemus.debug_builds(caches)

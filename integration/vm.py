@@ -30,9 +30,17 @@ from .firmware import (
     Firmware,
     aarch64,
 )
+from .qemus import Qemu
 
-QEMU = os.environ.get("LIVEDUMP_TEST_QEMU", "qemu-system-x86_64")
+# The x86 QEMU of the tests that do not run on every QEMU (conftest.py's
+# ``qemu`` fixture gives each of them to the tests that do).
+QEMU = Qemu(Path(os.environ.get("LIVEDUMP_TEST_QEMU", "qemu-system-x86_64")))
 COMMAND_TIMEOUT = 30.0
+
+
+def emulator(qemu: Qemu | str) -> Qemu:
+    """``qemu`` as a Qemu: a bare string names a binary (on PATH, or a path)."""
+    return qemu if isinstance(qemu, Qemu) else Qemu(Path(qemu))
 
 
 @dataclass(frozen=True)
@@ -43,7 +51,7 @@ class Platform:
     (``-bios``, ``-kernel``); ``ram_base`` is where the machine's RAM starts.
     """
 
-    qemu: str
+    qemu: Qemu | str
     machine: str
     args: tuple[str, ...] = ()
     firmware: tuple[str, Firmware] | None = None
@@ -51,7 +59,7 @@ class Platform:
 
     def command(self) -> list[str]:
         """The emulator and the options for this platform, with the firmware built."""
-        args = [self.qemu, "-M", self.machine, *self.args]
+        args = [*emulator(self.qemu).command(), "-M", self.machine, *self.args]
         if self.firmware is not None:
             option, firmware = self.firmware
             args += [option, str(firmware.build())]
@@ -64,6 +72,21 @@ PC = Platform(QEMU, "pc", ("-vga", "std"))
 HALTING_PC = replace(PC, firmware=("-bios", X86_HALT))
 COUNTING_PC = replace(PC, firmware=("-bios", X86_COUNTER))
 SWEEPING_PC = replace(PC, firmware=("-bios", X86_SWEEPER))
+
+
+def pause_of(events: list[dict]) -> float:
+    """Seconds from the last STOP among QMP ``events`` to the first RESUME after
+    it, by QEMU's own timestamps: how long QEMU held the guest."""
+    stop = resume = None
+    for e in events:
+        ts = e["timestamp"]["seconds"] + e["timestamp"]["microseconds"] / 1e6
+        if e["event"] == "STOP":
+            stop, resume = ts, None
+        elif e["event"] == "RESUME" and stop is not None and resume is None:
+            resume = ts
+    if stop is None or resume is None:
+        raise RuntimeError("no STOP/RESUME pair seen")
+    return resume - stop
 
 
 def kvm_usable() -> bool:
@@ -89,7 +112,7 @@ class VM:
     accel: str = "tcg"
     extra: list[str] = field(default_factory=list)
     platform: Platform = PC
-    qemu: str | None = None  # another build of the platform's emulator
+    qemu: Qemu | str | None = None  # another build of the platform's emulator
     # False: the harness's socket is the VM's only monitor, as with libvirt.
     livedump_socket: bool = True
 

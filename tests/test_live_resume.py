@@ -30,7 +30,7 @@ class Monitor:
 
 
 def resumed(monitor: Monitor) -> Pause:
-    live = LiveSnapshot(monitor, "x86_64", list, None)  # type: ignore[arg-type]
+    live = LiveSnapshot(monitor, "x86_64", None, None)  # type: ignore[arg-type]
     pause = Pause(was_running=True)
     live._pause = pause
     live._resumed()

@@ -42,7 +42,7 @@ from livedump import signals
 from livedump.errors import LivedumpError, MonitorError, SnapshotError
 from livedump.live import devices
 from livedump.live.stream import MigrationStream, Page, RamBlock
-from livedump.qmp import notes, ram_map
+from livedump.qmp import notes
 from livedump.qmp.monitor import Command, Monitor, capabilities_command
 from livedump.qmp.ram_map import FlatRange
 from livedump.transfer.output import Output
@@ -211,6 +211,25 @@ def _disjoint(runs: list[tuple[int, int, int]]) -> Iterator[_Segment]:
             yield _Segment(start, end, deltas)
 
 
+class SnapshotMap(Protocol):
+    """What a snapshot needs of the session's RAM map."""
+
+    def dumped(self) -> Sequence[FlatRange]:
+        """The RAM the vmcore shows, as the layout was made from it."""
+
+    def unsent(self) -> Sequence[FlatRange]:
+        """RAM QEMU neither dumps nor migrates (a virtio-mem device's unplugged
+        blocks): not waited for in the stream."""
+
+    def needs_pause(self) -> bool:
+        """Whether the map can be read only with the guest paused (a partly
+        plugged virtio-mem device's blocks come from QEMU's own dump): then
+        livedump keeps its own pause."""
+
+    def changed(self) -> bool:
+        """Read again: whether the map differs from the one the layout came from."""
+
+
 class LiveSnapshot:
     """A background snapshot of a VM through its monitor.
 
@@ -222,21 +241,12 @@ class LiveSnapshot:
     and puts back what was changed.
     """
 
-    def __init__(self, monitor: Monitor, target: str,
-                 view: Callable[[], Sequence[FlatRange]], guardian: Guardian,
-                 unsent: Callable[[], Sequence[FlatRange]] = lambda: (),
-                 map_needs_pause: Callable[[], bool] = lambda: False) -> None:
-        """``view``: the RAM the vmcore shows; ``unsent``: RAM that QEMU neither
-        dumps nor migrates (a virtio-mem device's unplugged blocks);
-        ``map_needs_pause``: whether the map can be read only with the guest
-        paused (a partly plugged virtio-mem device's blocks come from QEMU's
-        own dump), which keeps livedump's own pause."""
+    def __init__(self, monitor: Monitor, target: str, ram: SnapshotMap,
+                 guardian: Guardian) -> None:
         self.monitor = monitor
         self.guardian = guardian
         self.target = target
-        self._view = view
-        self._unsent = unsent
-        self._map_needs_pause = map_needs_pause
+        self._ram = ram
         self._capabilities: dict[str, bool] = {}  # what was changed, with its old value
         self._parameters: dict[str, object] = {}
         self.ready = False  # set up for a snapshot (not if the guest was paused)
@@ -269,10 +279,10 @@ class LiveSnapshot:
             # Checked now, while nothing is paused: every dumped region has its block.
             self._known = [RamBlock(b.name, b.used) for b in m.ram_blocks()]
             names = [b.name for b in self._known]
-            for fr in self._view():
+            for fr in self._ram.dumped():
                 if fr.dumped:
                     block_of(fr.name, names)
-            if self.target in X86_TARGETS and not self._map_needs_pause():
+            if self.target in X86_TARGETS and not self._ram.needs_pause():
                 self._cpus = m.cpu_count()
                 self.from_stream = True
             self._pass_pipe()
@@ -356,9 +366,9 @@ class LiveSnapshot:
         try:
             blocks = self._stream.read_setup()
             names = [b.name for b in blocks]
-            for fr in self._unsent():  # Never sent: not waited for.
+            for fr in self._ram.unsent():  # Never sent: not waited for.
                 self._stream.excuse(block_of(fr.name, names), fr.offset, fr.size)
-            self._placement = Placement(layout, self._view(), blocks)
+            self._placement = Placement(layout, self._ram.dumped(), blocks)
             self._stream.wait_snapshot()
         except SnapshotError as e:
             if not self.from_stream:  # The guest is ours to resume first.
@@ -368,7 +378,7 @@ class LiveSnapshot:
             self._resumed()
             self.guardian.resumed()
             # The map was read before; unchanged after, it held at the snapshot point.
-            if ram_map.flat_view(self.monitor) != list(self._view()):
+            if self._ram.changed():
                 raise SnapshotError("the VM's memory map changed while the snapshot was "
                                     "taken; run livedump again")
 

@@ -183,9 +183,21 @@ class MonitorSession(MonitoredSession):
         """A background snapshot, mapped by the flat view the vmcore's layout comes from."""
         from livedump.live.snapshot import LiveSnapshot
 
-        return LiveSnapshot(self.monitor, target, lambda: self._dumped, self.watcher(),
-                            lambda: self._unplugged,
-                            lambda: any(d.partly_plugged for d in self._devices))
+        return LiveSnapshot(self.monitor, target, self, self.watcher())
+
+    # The RAM map as a snapshot needs it (live.snapshot.SnapshotMap).
+
+    def dumped(self) -> list[ram_map.FlatRange]:
+        return self._dumped
+
+    def unsent(self) -> list[ram_map.FlatRange]:
+        return self._unplugged
+
+    def needs_pause(self) -> bool:
+        return any(d.partly_plugged for d in self._devices)
+
+    def changed(self) -> bool:
+        return ram_map.flat_view(self.monitor) != self._view
 
 
 def connect_monitor(pid: int | None, qmp: Address | None, timeout: float,

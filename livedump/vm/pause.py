@@ -55,8 +55,9 @@ def paused(monitor: Control, guardian: Guardian | None = None) -> Iterator[Pause
             if pause.was_running:
                 if guardian:
                     guardian.paused()
-                monitor.stop()  # If this fails, it may have stopped the guest still.
+                # From before the command: QEMU stops the guest before it replies.
                 pause.stopped_at = time.monotonic()
+                monitor.stop()  # If this fails, it may have stopped the guest still.
         yield pause
     finally:
         if pause.was_running:
