@@ -71,8 +71,9 @@ def test_live_vmcore_equals_qemu_dump(scratch, qemu, accel):
         names = [e["event"] for e in events]
         assert "STOP" in names and "RESUME" in names[names.index("STOP"):]
         # QEMU's own STOP and RESUME say how long the guest was held: within
-        # the pause livedump reports.
-        assert 0 < pause_of(events) <= report["pause_seconds"]
+        # the pause livedump reports (on x86 that pause is QEMU's, from the same
+        # events, rounded to the microsecond).
+        assert 0 < pause_of(events) <= report["pause_seconds"] + 1e-6
         assert settings(vm) == before
         assert vm.command("query-migrate")["status"] == "completed"
 
