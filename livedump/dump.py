@@ -19,6 +19,7 @@ from livedump import __version__
 from livedump.errors import GuestMemoryError, LivedumpError, ProcessNotFound, UsageError
 from livedump.proc import alive
 from livedump.transfer.copier import Writer, copy
+from livedump.transfer.kdump_copy import write_kdump
 from livedump.transfer.memory import PageMap, ProcessMemory, check_blocks, read_maps
 from livedump.transfer.output import STDOUT, Output
 from livedump.vm.guardian import STALL_TIMEOUT
@@ -28,6 +29,7 @@ from livedump.vm.session import RamMap, Session, SnapshotSource, check_request, 
 from livedump.vmcore import arch as arches
 from livedump.vmcore.blocks import Block, coalesce
 from livedump.vmcore.elf import CoreLayout, Note
+from livedump.vmcore.kdump import DEFAULT_COMPRESSION, check_format
 from livedump.vmcore.notes import CpuNotes, NoCpuNotes, QemuNotes
 from livedump.vmcore.vmcoreinfo import Result as VmcoreinfoResult
 from livedump.vmcore.vmcoreinfo import Search as VmcoreinfoSearch
@@ -68,6 +70,9 @@ class Request:
     live: bool = False
     progress: Progress | None = None
     stall_timeout: float = STALL_TIMEOUT  # the guardian's: see livedump.vm.guardian
+    format: str = "elf"  # or "kdump": makedumpfile's kdump-compressed format
+    compress: str | None = None  # kdump's page compression (default zstd)
+    dump_level: int = 0  # makedumpfile's -d: the classes of pages left out
 
 
 @dataclass
@@ -95,6 +100,8 @@ class Summary:
     written_bytes: int = 0
     wall_seconds: float = 0.0
     pause_seconds: float = 0.0
+    format: str = "elf"
+    kdump: dict[str, object] | None = None  # pages kept and left out, bytes (kdump only)
 
     @property
     def memory_bytes(self) -> int:
@@ -162,6 +169,7 @@ def dump(request: Request) -> Summary:
         raise UsageError("--live writes the vmcore out of order: it needs an output file, "
                          "and pauses the guest (not with --no-pause)")
     check_request(request.live, request.via, request.domain)
+    check_format(request.format, request.compress, request.dump_level, request.live)
     pid: int | None = None
     try:
         with contextlib.ExitStack() as stack:
@@ -207,6 +215,31 @@ def dump(request: Request) -> Summary:
             plan = _plan(prepared, pid) if prepared is not None else None
             live = (stack.enter_context(session.live(qemu_target))
                     if isinstance(session, SnapshotSource) and request.live else None)
+            if request.format == "kdump":
+                with session.hold(request.pause) as pause:
+                    ram = session.ranges(memory, prepared)
+                    if plan is None or ram.changed:
+                        plan = _plan(ram, pid)
+                    cpu = session.cpu_notes(memory, plan.blocks)
+                    arch, arch_from, cpu = _arch(wanted, target, cpu)
+                    if guardian:
+                        guardian.beat()
+                    if progress:
+                        progress.start(sum(b.size for b in plan.blocks))
+                    made = write_kdump(out, arch, cpu, plan.blocks, plan.private, memory,
+                                       pagemap, request.compress or DEFAULT_COMPRESSION,
+                                       request.dump_level, provenance_note(pid), written)
+                out.commit()
+                return Summary(
+                    output=request.output, pid=pid, arch=arch.name, arch_from=arch_from,
+                    elf_class=64, qemu_target=qemu_target,
+                    warnings=warnings + made.warnings, via=session.via, detail=session.detail,
+                    was_running=pause.was_running, paused=request.pause and pause.was_running,
+                    blocks=plan.blocks, cpu_notes=cpu.summary(), vmcoreinfo=made.vmcoreinfo,
+                    file_size=made.size, file_mode=out.mode,
+                    read_bytes=made.stats.read_bytes, written_bytes=made.size,
+                    wall_seconds=time.monotonic() - started, pause_seconds=pause.seconds,
+                    format="kdump", kdump=made.report())
             with Writer(out, written) as writer:
                 with session.hold(request.pause) as pause:
                     ram = session.ranges(memory, prepared)
