@@ -19,7 +19,7 @@ from livedump import __version__
 from livedump.errors import GuestMemoryError, LivedumpError, ProcessNotFound, UsageError
 from livedump.proc import alive
 from livedump.transfer.copier import Writer, copy
-from livedump.transfer.kdump_copy import write_kdump
+from livedump.transfer.kdump_copy import find_vmcoreinfo, write_kdump
 from livedump.transfer.memory import PageMap, ProcessMemory, check_blocks, read_maps
 from livedump.transfer.output import STDOUT, Output
 from livedump.vm.guardian import STALL_TIMEOUT
@@ -216,6 +216,12 @@ def dump(request: Request) -> Summary:
             live = (stack.enter_context(session.live(qemu_target))
                     if isinstance(session, SnapshotSource) and request.live else None)
             if request.format == "kdump":
+                # VMCOREINFO does not move while the kernel runs: found before the
+                # hold (the struct page array and where the kernel's memory ends
+                # are read before the copy), confirmed inside.
+                hint = (find_vmcoreinfo(arches.lookup(request.arch or "x86_64"),
+                                        NoCpuNotes("not yet"), memory, plan.blocks)
+                        if plan is not None else None)
                 with session.hold(request.pause) as pause:
                     ram = session.ranges(memory, prepared)
                     if plan is None or ram.changed:
@@ -228,7 +234,8 @@ def dump(request: Request) -> Summary:
                         progress.start(sum(b.size for b in plan.blocks))
                     made = write_kdump(out, arch, cpu, plan.blocks, plan.private, memory,
                                        pagemap, request.compress or DEFAULT_COMPRESSION,
-                                       request.dump_level, provenance_note(pid), written)
+                                       request.dump_level, provenance_note(pid), written,
+                                       hint=hint)
                 out.commit()
                 return Summary(
                     output=request.output, pid=pid, arch=arch.name, arch_from=arch_from,

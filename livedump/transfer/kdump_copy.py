@@ -38,6 +38,7 @@ from livedump.vmcore.kdump import (
     find_note,
 )
 from livedump.vmcore.notes import CpuNotes, QemuNotes
+from livedump.vmcore.pagefilter import STRUCT_PAGE_LEVELS, decide
 from livedump.vmcore.vmcoreinfo import (
     NAME,
     NT_VMCOREINFO,
@@ -243,6 +244,14 @@ def _pieces(layout: KdumpLayout, private: Sequence[bool], pagemap: PageMap) -> I
                        block.hva + offset + done if populated else None)
 
 
+@dataclass(frozen=True)
+class Found:
+    """A VMCOREINFO page found in guest memory: where, and its text."""
+
+    gpa: int
+    text: bytes
+
+
 @dataclass
 class Made:
     """A kdump file written: its size, what went in, and what the report says."""
@@ -268,22 +277,39 @@ def write_kdump(out: Output, arch: Arch, cpu: CpuNotes, blocks: Sequence[Block],
                 private: Sequence[bool], memory: ProcessMemory, pagemap: PageMap,
                 compression: str, dump_level: int, provenance: Note,
                 on_written: Callable[[int], None] | None = None,
-                workers: int = WORKERS) -> Made:
+                workers: int = WORKERS, hint: Found | None = None) -> Made:
     """Write the kdump file of guest memory into ``out`` (flattened into a pipe).
 
     Called while the VM is held: VMCOREINFO is looked for in the memory read,
     as for an ELF vmcore, then checked against guest memory, and with it the
     guest's utsname read, so the headers written last describe this memory.
+    Levels that read the struct page array need VMCOREINFO first: QEMU's, or
+    ``hint`` (found before the hold) once confirmed, or else a search now.
     """
     search = Search(arch, cpu, to_stdout=False)  # Flattened: the headers may come last.
     s64 = ElfStructs(64, True)
     notes = (cpu.data if isinstance(cpu, QemuNotes) else b"") + provenance.encode(s64)
     layout = KdumpLayout(arch, blocks, PAGE, note_room=len(notes) + search.room)
+    read_at = guest_reader(memory, blocks)
+    qemus = find_note(notes, NAME)
+    known = _entries(notes[qemus[0]:qemus[0] + qemus[1]]) if qemus else None
+    if known is None and hint is not None and read_at(hint.gpa, len(hint.text)) == hint.text:
+        known = _entries(hint.text)
+    if known is None and dump_level & STRUCT_PAGE_LEVELS:
+        found = find_vmcoreinfo(arch, cpu, memory, blocks)
+        known = _entries(found.text) if found else None
+    decision = decide(known, arch, read_at, layout.ram.__contains__, layout.max_mapnr,
+                      dump_level)
+    if decision.end_pfn is not None and decision.end_pfn < layout.max_mapnr:
+        # As makedumpfile: the file ends with the kernel's memory.
+        blocks, private = _clip(blocks, private, decision.end_pfn * PAGE)
+        layout = KdumpLayout(arch, blocks, PAGE, note_room=len(notes) + search.room)
+    layout.exclude(decision.pfns())
     flat = FlatSink(out.write) if out.is_stdout else None
     sink: Sink = flat or out
     stats = copy_kdump(layout, private, memory, pagemap, sink, compression, dump_level,
                        None if search.result else search.look, on_written, workers)
-    read_at = guest_reader(memory, blocks)
+    stats.excluded = decision.counts()
     result, text = search.validate(read_at)
     if text is not None:
         notes += Note(NAME, NT_VMCOREINFO, text).encode(s64)
@@ -301,11 +327,18 @@ def write_kdump(out: Output, arch: Arch, cpu: CpuNotes, blocks: Sequence[Block],
     else:
         out.extend(stats.end)
     warnings = []
-    if dump_level & ~DL_ZERO:
-        warnings.append(f"dump level {dump_level}: only zero pages were left out; page "
-                        "cache, user and free pages are kept, as livedump does not yet "
-                        "read the guest's struct page array")
+    if decision.undecided:
+        warnings.append(f"dump level {dump_level}: only zero pages could be told apart, "
+                        f"so page cache, user and free pages were kept: {decision.undecided}")
     return Made(stats.end, stats, result, compression, dump_level, warnings)
+
+
+def _clip(blocks: Sequence[Block], private: Sequence[bool],
+          end: int) -> tuple[list[Block], list[bool]]:
+    """The blocks (and their private flags) below guest-physical ``end``."""
+    kept = [(Block(b.gpa, min(b.size, end - b.gpa), b.hva), p)
+            for b, p in zip(blocks, private, strict=True) if b.gpa < end]
+    return [b for b, _ in kept], [p for _, p in kept]
 
 
 def _entries(text: bytes) -> dict[str, str] | None:
@@ -341,3 +374,17 @@ def guest_utsname(entries: dict[str, str] | None, arch: Arch, read_at: ReadPhys)
     if raw is None:
         return Utsname(release=entries["OSRELEASE"].encode())
     return Utsname.unpack(raw)
+
+
+def find_vmcoreinfo(arch: Arch, cpu: CpuNotes, memory: ProcessMemory,
+                    blocks: Sequence[Block]) -> Found | None:
+    """VMCOREINFO, looked for through all of guest memory as the copy would, and
+    checked as it is; None where none (or more than one) passes."""
+    search = Search(arch, cpu, to_stdout=False)
+    buf = Buffer(CHUNK)
+    for b in blocks:
+        for done in range(0, b.size, CHUNK):
+            n = min(CHUNK, b.size - done)
+            search.look(b.gpa + done, bytes(memory.read(buf, n, b.hva + done)), n)
+    result, text = search.validate(guest_reader(memory, blocks))
+    return Found(result.gpa, text) if text is not None and result.gpa is not None else None

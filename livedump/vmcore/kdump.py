@@ -27,7 +27,7 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -193,7 +193,7 @@ class KdumpLayout:
     """
 
     def __init__(self, arch: Arch, blocks: Sequence[Block], page_size: int, note_room: int,
-                 excluded: Sequence[int] = ()) -> None:
+                 excluded: Iterable[int] = ()) -> None:
         if (arch.machine not in _MACHINES or arch.bits != 64 or not arch.little_endian):
             raise UsageError(f"--format kdump writes x86_64 vmcores, "
                              f"not {arch.name}: use --format elf")
@@ -207,17 +207,21 @@ class KdumpLayout:
         self.ram = Bitmap(self.max_mapnr)
         for b in self.blocks:
             self.ram.set_range(b.gpa // page_size, b.size // page_size)
-        self.dumpable = Bitmap(self.max_mapnr)
-        self.dumpable.bits[:] = self.ram.bits
-        for pfn in excluded:
-            self.dumpable.clear(pfn)
-        self.num_dumpable = self.dumpable.count()
         self.bitmap_size = _round_up(len(self.ram.bits), page_size)
         self.note_offset = page_size + _SUB_HEADER.size
         self.sub_blocks = -(-(_SUB_HEADER.size + note_room) // page_size)
         self.note_room = self.sub_blocks * page_size - _SUB_HEADER.size
         self.bitmap_offset = (1 + self.sub_blocks) * page_size
         self.desc_offset = self.bitmap_offset + 2 * self.bitmap_size
+        self.dumpable = Bitmap(self.max_mapnr)
+        self.dumpable.bits[:] = self.ram.bits
+        self.exclude(excluded)
+
+    def exclude(self, pfns: Iterable[int]) -> None:
+        """Leave ``pfns`` out of the second bitmap (before any page is written)."""
+        for pfn in pfns:
+            self.dumpable.clear(pfn)
+        self.num_dumpable = self.dumpable.count()
         self.data_offset = self.desc_offset + PAGE_DESC.size * self.num_dumpable
 
     def bitmaps(self) -> list[tuple[int, bytes]]:
