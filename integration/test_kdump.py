@@ -20,6 +20,7 @@ from tests.kdump_file import read, unflatten
 from .conftest import livedump
 from .linux_guest import LinuxVM, kernel_release
 from .test_analysis import crash, drgn, vmlinux  # noqa: F401 (a fixture)
+from .vmcore import loads
 
 pytestmark = [pytest.mark.qemu, pytest.mark.linux]
 
@@ -75,6 +76,36 @@ def test_keeps_the_pages_makedumpfile_keeps_byte_for_byte(guest, level):
         assert report["excluded_pages"]["user"] >= 32 << 8
     if level & 1:
         assert report["zero_pages"] > 0 and a.dump_level == level
+
+
+def elf_pages(path) -> dict[int, bytes]:
+    """Every page an ELF vmcore's PT_LOADs hold in the file, by pfn."""
+    pages = {}
+    with open(path, "rb") as f:
+        for load in loads(path):
+            f.seek(load.offset)
+            data = f.read(load.filesz)
+            for at in range(0, load.filesz - load.filesz % 4096, 4096):
+                pages[(load.paddr + at) // 4096] = data[at:at + 4096]
+    return pages
+
+
+@pytest.mark.parametrize("level", [31, 16])
+def test_elf_holds_the_pages_makedumpfile_keeps(guest, level):
+    # The pages of makedumpfile's kdump file at the same level. (Its -E output
+    # fills runs of under 256 excluded pages with zeros rather than split its
+    # PT_LOADs, and keeps some free blocks its kdump output leaves out.)
+    vm, where, elf = guest
+    ours, theirs = where / f"livedump.elf.d{level}", where / f"makedumpfile.kdump.d{level}"
+    r = livedump("--pid", str(vm.pid), "--json", "-d", str(level), str(ours))
+    assert r.returncode == 0 and b"warning" not in r.stderr, r.stderr
+    left = json.loads(r.stdout)["pages"]["excluded_pages"]
+    makedumpfile("-c", "-d", str(level), str(elf), str(theirs))
+    a, b = elf_pages(ours), read(theirs.read_bytes())
+    kept = b.pfns(b.dumpable)
+    assert sorted(a) == kept  # zero pages too: holes in livedump's file
+    assert all(a[p] == b.page_at(p) for p in kept)
+    assert left["free"] > len(kept)
 
 
 def test_flattened_stream_converts_back_with_makedumpfile(guest):

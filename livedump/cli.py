@@ -86,10 +86,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compress", choices=COMPRESSIONS, default=None,
                    help=f"page compression of --format kdump (default {DEFAULT_COMPRESSION})")
     p.add_argument("-d", "--dump-level", type=int, default=0, metavar="N",
-                   help="makedumpfile's dump level for --format kdump, the sum of the page "
-                   "classes left out: 1 zero pages, 2 page cache, 4 cache with private "
-                   "data, 8 user data, 16 free pages (31: all). Only zero pages are left out "
-                   "yet; the others are kept, with a warning")
+                   help="makedumpfile's dump level, the sum of the page classes left out: "
+                   "1 zero pages, 2 page cache, 4 cache with private data, 8 user data, "
+                   "16 free pages (31: all), decided from the guest kernel's struct page "
+                   "array (x86_64; what cannot be decided is kept, with a warning). With "
+                   "--format elf the pages are left out of the PT_LOADs, as makedumpfile "
+                   "-E does (zero pages are holes in the file anyway)")
     p.add_argument("--json", action="store_true", help="report as JSON")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="no progress bar and no summary line (errors are still reported)")
@@ -205,7 +207,12 @@ def _kdump(s: Summary) -> str:
     """What a kdump file holds: pages kept and left out, and the compression."""
     k = s.kdump
     if k is None:
-        return ""
+        if s.pages is None:
+            return ""
+        left = s.pages["excluded_pages"]
+        assert isinstance(left, dict)
+        return (f"; dump level {s.pages['dump_level']}: pages left out: "
+                + (", ".join(f"{n} {c}" for c, n in left.items()) or "none"))
     excluded = k["excluded_pages"]
     assert isinstance(excluded, dict)
     out = ", ".join(f"{n} {c}" for c, n in excluded.items()) or "none"
@@ -235,7 +242,7 @@ def as_json(s: Summary) -> dict[str, object]:
         "memory_bytes": s.memory_bytes, "file_bytes": s.file_size,
         "file_mode": None if s.file_mode is None else f"{s.file_mode:04o}",
         "wall_seconds": round(s.wall_seconds, 6), "pause_seconds": round(s.pause_seconds, 6),
-        "format": s.format, "kdump": s.kdump,
+        "format": s.format, "kdump": s.kdump, "pages": s.pages,
     }
 
 

@@ -19,7 +19,7 @@ from livedump import __version__
 from livedump.errors import GuestMemoryError, LivedumpError, ProcessNotFound, UsageError
 from livedump.proc import alive
 from livedump.transfer.copier import Writer, copy
-from livedump.transfer.kdump_copy import find_vmcoreinfo, write_kdump
+from livedump.transfer.kdump_copy import Found, find_vmcoreinfo, page_decision, write_kdump
 from livedump.transfer.memory import PageMap, ProcessMemory, check_blocks, read_maps
 from livedump.transfer.output import STDOUT, Output
 from livedump.vm.guardian import STALL_TIMEOUT
@@ -27,10 +27,11 @@ from livedump.vm.lock import VMLock
 from livedump.vm.process import Address
 from livedump.vm.session import RamMap, Session, SnapshotSource, check_request, open_session
 from livedump.vmcore import arch as arches
-from livedump.vmcore.blocks import Block, coalesce
+from livedump.vmcore.blocks import Block, coalesce, without_pages
 from livedump.vmcore.elf import CoreLayout, Note
-from livedump.vmcore.kdump import DEFAULT_COMPRESSION, check_format
+from livedump.vmcore.kdump import DEFAULT_COMPRESSION, PAGE, Bitmap, check_format
 from livedump.vmcore.notes import CpuNotes, NoCpuNotes, QemuNotes
+from livedump.vmcore.pagefilter import STRUCT_PAGE_LEVELS
 from livedump.vmcore.vmcoreinfo import Result as VmcoreinfoResult
 from livedump.vmcore.vmcoreinfo import Search as VmcoreinfoSearch
 
@@ -102,6 +103,7 @@ class Summary:
     pause_seconds: float = 0.0
     format: str = "elf"
     kdump: dict[str, object] | None = None  # pages kept and left out, bytes (kdump only)
+    pages: dict[str, object] | None = None  # pages left out of an ELF vmcore (-d)
 
     @property
     def memory_bytes(self) -> int:
@@ -215,13 +217,15 @@ def dump(request: Request) -> Summary:
             plan = _plan(prepared, pid) if prepared is not None else None
             live = (stack.enter_context(session.live(qemu_target))
                     if isinstance(session, SnapshotSource) and request.live else None)
+            # VMCOREINFO does not move while the kernel runs: found before the
+            # hold where the struct page array (or, for kdump, where the kernel's
+            # memory ends) is read before the copy; confirmed inside.
+            hint = (find_vmcoreinfo(arches.lookup(request.arch or "x86_64"),
+                                    NoCpuNotes("not yet"), memory, plan.blocks)
+                    if plan is not None and (request.format == "kdump"
+                                             or request.dump_level & STRUCT_PAGE_LEVELS)
+                    else None)
             if request.format == "kdump":
-                # VMCOREINFO does not move while the kernel runs: found before the
-                # hold (the struct page array and where the kernel's memory ends
-                # are read before the copy), confirmed inside.
-                hint = (find_vmcoreinfo(arches.lookup(request.arch or "x86_64"),
-                                        NoCpuNotes("not yet"), memory, plan.blocks)
-                        if plan is not None else None)
                 with session.hold(request.pause) as pause:
                     ram = session.ranges(memory, prepared)
                     if plan is None or ram.changed:
@@ -256,6 +260,10 @@ def dump(request: Request) -> Summary:
                     arch, arch_from, cpu = _arch(wanted, target, cpu)
                     if guardian:
                         guardian.beat()
+                    pages = None
+                    if request.dump_level & STRUCT_PAGE_LEVELS:
+                        plan, pages = _filter(plan, arch, cpu, memory, request.dump_level,
+                                              hint, warnings)
                     search = VmcoreinfoSearch(arch, cpu, out.is_stdout)
                     layout = CoreLayout(arch, plan.blocks, [
                         *([cpu] if isinstance(cpu, QemuNotes) else []), provenance_note(pid)],
@@ -285,8 +293,29 @@ def dump(request: Request) -> Summary:
         blocks=layout.blocks, cpu_notes=cpu.summary(), vmcoreinfo=vmcoreinfo,
         file_size=layout.size, file_mode=out.mode,
         read_bytes=read, written_bytes=written_bytes,
-        wall_seconds=time.monotonic() - started, pause_seconds=pause.seconds,
+        wall_seconds=time.monotonic() - started, pause_seconds=pause.seconds, pages=pages,
     )
+
+
+def _filter(plan: _Plan, arch: arches.Arch, cpu: CpuNotes, memory: ProcessMemory,
+            dump_level: int, hint: Found | None,
+            warnings: list[str]) -> tuple[_Plan, dict[str, object]]:
+    """The plan less the pages ``dump_level`` leaves out (``makedumpfile -E``'s ELF),
+    and what the report says of them; zero pages need no help, as they are holes."""
+    try:
+        ram = Bitmap.of_ram(plan.blocks, PAGE)
+    except ValueError:
+        ram = Bitmap(0)
+    notes = cpu.data if isinstance(cpu, QemuNotes) and arch.bits == 64 else b""
+    decision = page_decision(arch, cpu, notes, memory, plan.blocks, ram, dump_level, hint)
+    if decision.undecided:
+        warnings.append(f"dump level {dump_level}: page cache, user and free pages were kept: "
+                        f"{decision.undecided}")
+    # As makedumpfile, up to where the kernel's memory ends (device memory beyond).
+    end = decision.end_pfn * PAGE if decision.end_pfn is not None else None
+    blocks, private = without_pages(plan.blocks, plan.private, decision.pfns(), PAGE, end)
+    return _Plan(blocks, private), {"dump_level": dump_level,
+                                    "excluded_pages": decision.counts()}
 
 
 def _plan(ram: RamMap, pid: int) -> _Plan:

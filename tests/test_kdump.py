@@ -12,7 +12,7 @@ from livedump.transfer.kdump_copy import write_kdump
 from livedump.transfer.memory import PageMap, ProcessMemory
 from livedump.transfer.output import Output
 from livedump.vmcore.arch import ARCHES
-from livedump.vmcore.blocks import Block
+from livedump.vmcore.blocks import Block, without_pages
 from livedump.vmcore.elf import Note
 from livedump.vmcore.kdump import COMPRESSIONS, KdumpLayout, check_format
 from livedump.vmcore.notes import NoCpuNotes
@@ -177,7 +177,6 @@ def test_layout_places_parts_on_block_boundaries():
 @pytest.mark.parametrize("args, message", [
     (("kdump", None, 32, False), "dump level 32"),
     (("elf", "zstd", 0, False), "--compress is for --format kdump"),
-    (("elf", None, 31, False), "--dump-level is for --format kdump"),
     (("kdump", None, 1, True), "--live"),
 ])
 def test_what_cannot_be_written_is_refused_up_front(args, message):
@@ -188,3 +187,16 @@ def test_what_cannot_be_written_is_refused_up_front(args, message):
 def test_other_targets_are_refused():
     with pytest.raises(UsageError, match="x86_64"):
         KdumpLayout(ARCHES["aarch64-le"], [Block(0, PAGE, 0)], PAGE, 0)
+
+
+def test_pages_left_out_split_the_blocks_that_held_them():
+    blocks = [Block(0, 10 * PAGE, 1 << 30), Block(20 * PAGE, 5 * PAGE, 2 << 30)]
+    kept, private = without_pages(blocks, [True, False], [0, 3, 4, 9, 21, 24, 24], PAGE)
+    assert kept == [Block(PAGE, 2 * PAGE, (1 << 30) + PAGE),
+                    Block(5 * PAGE, 4 * PAGE, (1 << 30) + 5 * PAGE),
+                    Block(20 * PAGE, PAGE, 2 << 30),
+                    Block(22 * PAGE, 2 * PAGE, (2 << 30) + 2 * PAGE)]
+    assert private == [True, True, False, False]
+    kept, _ = without_pages(blocks, [True, False], [2], PAGE, end=22 * PAGE)
+    assert kept == [Block(0, 2 * PAGE, 1 << 30), Block(3 * PAGE, 7 * PAGE, (1 << 30) + 3 * PAGE),
+                    Block(20 * PAGE, 2 * PAGE, 2 << 30)]

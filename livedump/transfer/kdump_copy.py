@@ -27,6 +27,7 @@ from livedump.vmcore.kdump import (
     COMPRESS_FLAGS,
     DL_ZERO,
     PAGE,
+    Bitmap,
     FlatSink,
     KdumpLayout,
     Sink,
@@ -38,7 +39,7 @@ from livedump.vmcore.kdump import (
     find_note,
 )
 from livedump.vmcore.notes import CpuNotes, QemuNotes
-from livedump.vmcore.pagefilter import STRUCT_PAGE_LEVELS, decide
+from livedump.vmcore.pagefilter import STRUCT_PAGE_LEVELS, Decision, decide
 from livedump.vmcore.vmcoreinfo import (
     NAME,
     NT_VMCOREINFO,
@@ -291,15 +292,7 @@ def write_kdump(out: Output, arch: Arch, cpu: CpuNotes, blocks: Sequence[Block],
     notes = (cpu.data if isinstance(cpu, QemuNotes) else b"") + provenance.encode(s64)
     layout = KdumpLayout(arch, blocks, PAGE, note_room=len(notes) + search.room)
     read_at = guest_reader(memory, blocks)
-    qemus = find_note(notes, NAME)
-    known = _entries(notes[qemus[0]:qemus[0] + qemus[1]]) if qemus else None
-    if known is None and hint is not None and read_at(hint.gpa, len(hint.text)) == hint.text:
-        known = _entries(hint.text)
-    if known is None and dump_level & STRUCT_PAGE_LEVELS:
-        found = find_vmcoreinfo(arch, cpu, memory, blocks)
-        known = _entries(found.text) if found else None
-    decision = decide(known, arch, read_at, layout.ram.__contains__, layout.max_mapnr,
-                      dump_level)
+    decision = page_decision(arch, cpu, notes, memory, blocks, layout.ram, dump_level, hint)
     if decision.end_pfn is not None and decision.end_pfn < layout.max_mapnr:
         # As makedumpfile: the file ends with the kernel's memory.
         blocks, private = _clip(blocks, private, decision.end_pfn * PAGE)
@@ -331,6 +324,23 @@ def write_kdump(out: Output, arch: Arch, cpu: CpuNotes, blocks: Sequence[Block],
         warnings.append(f"dump level {dump_level}: only zero pages could be told apart, "
                         f"so page cache, user and free pages were kept: {decision.undecided}")
     return Made(stats.end, stats, result, compression, dump_level, warnings)
+
+
+def page_decision(arch: Arch, cpu: CpuNotes, notes: bytes, memory: ProcessMemory,
+                  blocks: Sequence[Block], ram: Bitmap, dump_level: int,
+                  hint: Found | None) -> Decision:
+    """The pages ``dump_level`` leaves out, decided while the VM is held, with
+    VMCOREINFO from QEMU's ``notes`` (64-bit), else ``hint`` once confirmed, else
+    (where the level needs it) looked for now."""
+    read_at = guest_reader(memory, blocks)
+    qemus = find_note(notes, NAME)
+    known = _entries(notes[qemus[0]:qemus[0] + qemus[1]]) if qemus else None
+    if known is None and hint is not None and read_at(hint.gpa, len(hint.text)) == hint.text:
+        known = _entries(hint.text)
+    if known is None and dump_level & STRUCT_PAGE_LEVELS:
+        found = find_vmcoreinfo(arch, cpu, memory, blocks)
+        known = _entries(found.text) if found else None
+    return decide(known, arch, read_at, ram.__contains__, ram.size, dump_level)
 
 
 def _clip(blocks: Sequence[Block], private: Sequence[bool],

@@ -117,9 +117,6 @@ def check_format(fmt: str, compress: str | None, dump_level: int, live: bool) ->
     if fmt == "elf":
         if compress is not None:
             raise UsageError("--compress is for --format kdump: an ELF vmcore is not compressed")
-        if dump_level:
-            raise UsageError("--dump-level is for --format kdump (an ELF vmcore keeps "
-                             "every page)")
         return
     if live:
         raise UsageError("--live writes --format elf only")
@@ -159,7 +156,16 @@ class Bitmap:
     """One bit per pfn, least significant bit first, as the readers index it."""
 
     def __init__(self, pfns: int) -> None:
+        self.size = pfns
         self.bits = bytearray((pfns + 7) // 8)
+
+    @classmethod
+    def of_ram(cls, blocks: Sequence[Block], page: int) -> "Bitmap":
+        """The pfns of ``blocks`` (whole pages of ``page`` bytes)."""
+        ram = cls(max(b.end for b in blocks) // page)
+        for b in blocks:
+            ram.set_range(b.gpa // page, b.size // page)
+        return ram
 
     def set_range(self, first: int, count: int) -> None:
         pfn, end = first, first + count
@@ -203,10 +209,8 @@ class KdumpLayout:
             if (b.gpa | b.size) % page_size:
                 raise UsageError(f"guest RAM at {b.gpa:#x}-{b.end - 1:#x} is not made of whole "
                                  f"{page_size}-byte pages: --format kdump cannot hold it")
-        self.max_mapnr = max(b.end for b in self.blocks) // page_size
-        self.ram = Bitmap(self.max_mapnr)
-        for b in self.blocks:
-            self.ram.set_range(b.gpa // page_size, b.size // page_size)
+        self.ram = Bitmap.of_ram(self.blocks, page_size)
+        self.max_mapnr = self.ram.size
         self.bitmap_size = _round_up(len(self.ram.bits), page_size)
         self.note_offset = page_size + _SUB_HEADER.size
         self.sub_blocks = -(-(_SUB_HEADER.size + note_room) // page_size)
