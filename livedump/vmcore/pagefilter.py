@@ -216,6 +216,9 @@ class _Reader:
         dtor_off = self.num("OFFSET(page.compound_dtor)", -1)
         max_order = self.num("LENGTH(zone.free_area)", 64)
         level, size = self.level, self.size
+        if size % 8 or any(off[k] % 8 for k in ("flags", "mapping", "private", "compound_head")) \
+                or off["_mapcount"] % 4:
+            raise _Unreadable("struct page has unaligned fields")
 
         def flag(flags: int, name: str) -> bool:
             return bit[name] >= 0 and bool(flags >> bit[name] & 1)
@@ -228,22 +231,23 @@ class _Reader:
             count = min(self.section_pages, max_pfn - first)
             end = first + count
             array = self.read_virtual(mem_map, count * size)
+            # Each field of every struct page, as one list: strided views of the array.
+            words, ints = memoryview(array).cast("Q"), memoryview(array).cast("i")
+            field_flags = words[off["flags"] // 8::size // 8].tolist()
+            field_mapping = words[off["mapping"] // 8::size // 8].tolist()
+            field_private = words[off["private"] // 8::size // 8].tolist()
+            field_head = words[off["compound_head"] // 8::size // 8].tolist()
+            field_mapcount = ints[off["_mapcount"] // 4::size // 4].tolist()
+            all_ram = all(map(ram, range(first, end)))
             i = 0
             while i < count:
                 pfn = first + i
-                if not ram(pfn):
+                if not all_ram and not ram(pfn):
                     i += 1
                     continue
                 at = i * size
-                flags = int.from_bytes(array[at + off["flags"]:at + off["flags"] + 8], "little")
-                mapcount = int.from_bytes(array[at + off["_mapcount"]:at + off["_mapcount"] + 4],
-                                          "little", signed=True)
-                mapping = int.from_bytes(array[at + off["mapping"]:at + off["mapping"] + 8],
-                                         "little")
-                private = int.from_bytes(array[at + off["private"]:at + off["private"] + 8],
-                                         "little")
-                chead = int.from_bytes(
-                    array[at + off["compound_head"]:at + off["compound_head"] + 8], "little")
+                flags, mapcount = field_flags[i], field_mapcount[i]
+                mapping, private, chead = field_mapping[i], field_private[i], field_head[i]
                 order, dtor = 0, -1
                 # The next struct page is in the array: a section is 512-aligned,
                 # and makedumpfile looks no further at 511 either.
@@ -297,6 +301,7 @@ class _Reader:
                     i += 1
                     continue
                 stop = min(pfn + n, max_pfn)
-                out[kind].extend(p for p in range(pfn, stop) if ram(p))
+                out[kind].extend(range(pfn, stop) if all_ram and stop <= end
+                                 else (p for p in range(pfn, stop) if ram(p)))
                 i += stop - pfn
         return Decision({c: p for c, p in out.items() if p}, end_pfn=end or None)
