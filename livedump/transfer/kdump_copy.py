@@ -293,16 +293,19 @@ def write_kdump(out: Output, arch: Arch, cpu: CpuNotes, blocks: Sequence[Block],
     layout = KdumpLayout(arch, blocks, PAGE, note_room=len(notes) + search.room)
     read_at = guest_reader(memory, blocks)
     decision = page_decision(arch, cpu, notes, memory, blocks, layout.ram, dump_level, hint)
+    ram_pages = layout.ram.count()
     if decision.end_pfn is not None and decision.end_pfn < layout.max_mapnr:
         # As makedumpfile: the file ends with the kernel's memory.
         blocks, private = _clip(blocks, private, decision.end_pfn * PAGE)
         layout = KdumpLayout(arch, blocks, PAGE, note_room=len(notes) + search.room)
+    beyond = ram_pages - layout.ram.count()
     layout.exclude(decision.pfns())
     flat = FlatSink(out.write) if out.is_stdout else None
     sink: Sink = flat or out
     stats = copy_kdump(layout, private, memory, pagemap, sink, compression, dump_level,
                        None if search.result else search.look, on_written, workers)
-    stats.excluded = decision.counts()
+    stats.ram_pages = ram_pages
+    stats.excluded = decision.counts() | ({"beyond_kernel_memory": beyond} if beyond else {})
     result, text = search.validate(read_at)
     if text is not None:
         notes += Note(NAME, NT_VMCOREINFO, text).encode(s64)

@@ -19,8 +19,10 @@ Into a pipe the file goes as makedumpfile's flattened format: records of
 (offset, length, data), which ``makedumpfile -R`` turns back into the file
 and which libkdumpfile (drgn) reads as it is.
 
-Only 64-bit little-endian targets are written: the headers hold the target's
-``long`` and ``off_t`` in its byte order, and the readers know these best.
+Only x86_64 is written: the headers hold the target's ``long`` and ``off_t``
+in its byte order, and the layout is fixed (one page size) before memory is
+read; the struct page decision (:mod:`livedump.vmcore.pagefilter`) walks
+x86_64 page tables.
 """
 
 import struct
