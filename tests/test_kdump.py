@@ -14,7 +14,7 @@ from livedump.transfer.output import Output
 from livedump.vmcore.arch import ARCHES
 from livedump.vmcore.blocks import Block, without_pages
 from livedump.vmcore.elf import Note
-from livedump.vmcore.kdump import COMPRESSIONS, KdumpLayout, check_format
+from livedump.vmcore.kdump import COMPRESSIONS, Bitmap, KdumpLayout, check_format
 from livedump.vmcore.notes import NoCpuNotes
 
 from .kdump_file import read, unflatten
@@ -200,3 +200,12 @@ def test_pages_left_out_split_the_blocks_that_held_them():
     kept, _ = without_pages(blocks, [True, False], [2], PAGE, end=22 * PAGE)
     assert kept == [Block(0, 2 * PAGE, 1 << 30), Block(3 * PAGE, 7 * PAGE, (1 << 30) + 3 * PAGE),
                     Block(20 * PAGE, 2 * PAGE, 2 << 30)]
+
+
+def test_bitmap_counts_and_runs():
+    ram = Bitmap.of_ram([Block(0, 640 << 10, 0), Block(1 << 20, 3 << 20, 0)], PAGE)
+    assert ram.size == 1024 and ram.count() == 160 + 768
+    assert ram.all_set(0, 160) and ram.all_set(256, 768) and ram.all_set(3, 5)
+    assert not ram.all_set(152, 16) and not ram.all_set(1016, 16)
+    ram.clear([3, 300])
+    assert ram.count() == 160 + 768 - 2 and not ram.all_set(0, 8) and 4 in ram

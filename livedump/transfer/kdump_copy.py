@@ -343,7 +343,7 @@ def page_decision(arch: Arch, cpu: CpuNotes, notes: bytes, memory: ProcessMemory
     if known is None and dump_level & STRUCT_PAGE_LEVELS:
         found = find_vmcoreinfo(arch, cpu, memory, blocks)
         known = _entries(found.text) if found else None
-    return decide(known, arch, read_at, ram.__contains__, ram.size, dump_level)
+    return decide(known, arch, read_at, ram, ram.size, dump_level)
 
 
 def _clip(blocks: Sequence[Block], private: Sequence[bool],

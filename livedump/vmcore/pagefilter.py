@@ -24,8 +24,9 @@ entries; the translation is :func:`livedump.vmcore.vmcoreinfo.x86_64_translate`.
 """
 
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from livedump.vmcore.arch import EM_X86_64, Arch
 from livedump.vmcore.vmcoreinfo import ReadPhys, kernel_phys, x86_64_translate
@@ -69,7 +70,14 @@ class Decision:
         return {c: len(p) for c, p in self.excluded.items() if p}
 
 
-def decide(entries: dict[str, str] | None, arch: Arch, read: ReadPhys, ram: Callable[[int], bool],
+class Ram(Protocol):
+    """Which pfns are RAM (a bitmap)."""
+
+    def __contains__(self, pfn: int) -> bool: ...
+    def all_set(self, first: int, count: int) -> bool: ...
+
+
+def decide(entries: dict[str, str] | None, arch: Arch, read: ReadPhys, ram: Ram,
            max_pfn: int, dump_level: int) -> Decision:
     """The pages ``dump_level`` leaves out among pfns ``< max_pfn`` that ``ram``
     says are RAM; never raises for what guest memory holds."""
@@ -194,7 +202,7 @@ class _Reader:
         ends = [first + self.section_pages for first, _ in self.mem_maps(max_pfn)]
         return min(max(ends), max_pfn) if ends else None
 
-    def decide(self, ram: Callable[[int], bool], max_pfn: int) -> Decision:
+    def decide(self, ram: Ram, max_pfn: int) -> Decision:
         out: dict[str, list[int]] = {c: [] for c in CLASSES}
         e = self.e
         off = {k: self.num(f"OFFSET(page.{k})") for k in
@@ -238,11 +246,11 @@ class _Reader:
             field_private = words[off["private"] // 8::size // 8].tolist()
             field_head = words[off["compound_head"] // 8::size // 8].tolist()
             field_mapcount = ints[off["_mapcount"] // 4::size // 4].tolist()
-            all_ram = all(map(ram, range(first, end)))
+            all_ram = ram.all_set(first, count)
             i = 0
             while i < count:
                 pfn = first + i
-                if not all_ram and not ram(pfn):
+                if not all_ram and pfn not in ram:
                     i += 1
                     continue
                 at = i * size
@@ -302,6 +310,6 @@ class _Reader:
                     continue
                 stop = min(pfn + n, max_pfn)
                 out[kind].extend(range(pfn, stop) if all_ram and stop <= end
-                                 else (p for p in range(pfn, stop) if ram(p)))
+                                 else (p for p in range(pfn, stop) if p in ram))
                 i += stop - pfn
         return Decision({c: p for c, p in out.items() if p}, end_pfn=end or None)
