@@ -167,3 +167,20 @@ def test_without_a_compression_library_nothing_is_touched(guest, tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 2, r.stderr
     assert "zstandard" in r.stderr and not (tmp_path / "x").exists()
+
+
+def test_qemus_vmcoreinfo_serves_without_a_search(tmp_path):
+    # With the vmcoreinfo device QEMU's notes carry VMCOREINFO: the level is decided
+    # from it, and the sub-header points at it inside the notes.
+    with LinuxVM(machine="q35", memory="512M", extra=["-device", "vmcoreinfo"]) as vm:
+        vm.wait_idle(timeout=300)
+        vm.command("stop")
+        elf, ours, theirs = tmp_path / "elf", tmp_path / "ours", tmp_path / "theirs"
+        assert livedump("--pid", str(vm.pid), str(elf)).returncode == 0
+        report = kdump(vm, ours, "-d", "31")
+    assert report["vmcoreinfo"]["source"] == "qemu"
+    assert report["kdump"]["excluded_pages"]["free"] > 0
+    makedumpfile("-c", "-d", "31", str(elf), str(theirs))
+    a, b = read(ours.read_bytes()), read(theirs.read_bytes())
+    assert a.vmcoreinfo == b.vmcoreinfo and a.vmcoreinfo.startswith(b"OSRELEASE=")
+    assert a.pfns(a.dumpable) == b.pfns(b.dumpable)
