@@ -19,7 +19,13 @@ from livedump import __version__
 from livedump.errors import GuestMemoryError, LivedumpError, ProcessNotFound, UsageError
 from livedump.proc import alive
 from livedump.transfer.copier import Writer, copy
-from livedump.transfer.kdump_copy import Found, find_vmcoreinfo, page_decision, write_kdump
+from livedump.transfer.kdump_copy import (
+    Found,
+    find_vmcoreinfo,
+    page_decision,
+    stage_kdump,
+    staging_budget,
+)
 from livedump.transfer.memory import PageMap, ProcessMemory, check_blocks, read_maps
 from livedump.transfer.output import STDOUT, Output
 from livedump.vm.guardian import STALL_TIMEOUT
@@ -236,10 +242,12 @@ def dump(request: Request) -> Summary:
                         guardian.beat()
                     if progress:
                         progress.start(sum(b.size for b in plan.blocks))
-                    made = write_kdump(out, arch, cpu, plan.blocks, plan.private, memory,
-                                       pagemap, request.compress or DEFAULT_COMPRESSION,
-                                       request.dump_level, provenance_note(pid), written,
-                                       hint=hint)
+                    # Pages may wait uncompressed: compression out of the guest's pause.
+                    pending = stage_kdump(out, arch, cpu, plan.blocks, plan.private, memory,
+                                          pagemap, request.compress or DEFAULT_COMPRESSION,
+                                          request.dump_level, provenance_note(pid), written,
+                                          hint=hint, budget=staging_budget())
+                made = pending.finish()
                 out.commit()
                 return Summary(
                     output=request.output, pid=pid, arch=arch.name, arch_from=arch_from,

@@ -66,20 +66,23 @@ def _address(m: mmap.mmap) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(m))
 
 
-def dump(guest: Guest, out: Output, compression: str, level: int):
+def dump(guest: Guest, out: Output, compression: str, level: int, budget: int = 0):
     with ProcessMemory(os.getpid()) as memory, PageMap(os.getpid()) as pagemap:
         return write_kdump(out, X86_64, NoCpuNotes("none"), guest.blocks, [True, True],
                            memory, pagemap, compression, level,
-                           Note("LIVEDUMP", 0x4C564450, b"livedump test\n"), workers=2)
+                           Note("LIVEDUMP", 0x4C564450, b"livedump test\n"), workers=2,
+                           budget=budget)
 
 
+# Pages compressed as read (no budget), all waiting, or some of each.
+@pytest.mark.parametrize("budget", [0, 1 << 30, 2 * PAGE])
 @pytest.mark.parametrize("compression", COMPRESSIONS)
 @pytest.mark.parametrize("level", [0, 1])
-def test_every_page_reads_back_as_it_was(tmp_path, compression, level):
+def test_every_page_reads_back_as_it_was(tmp_path, compression, level, budget):
     guest = Guest()
     path = tmp_path / "vmcore"
     with Output(str(path)) as out:
-        made = dump(guest, out, compression, level)
+        made = dump(guest, out, compression, level, budget)
         out.commit()
     k = read(path.read_bytes())
     assert os.stat(path).st_mode & 0o777 == 0o600

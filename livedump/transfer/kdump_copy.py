@@ -14,6 +14,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from livedump import signals
 from livedump.errors import DumpIOError
@@ -62,6 +63,7 @@ _Piece = tuple[int, int, int | None]
 # A page as a worker left it: None for a page of zeros (dump level 1), else the
 # bytes to store and their descriptor flags.
 _Page = tuple[bytes, int] | None
+T = TypeVar("T")
 
 
 @dataclass
@@ -81,136 +83,103 @@ class KdumpStats:
 @dataclass
 class _Chunk:
     pages: list[_Page]
-    read: int
+    read: int  # bytes read from QEMU
+    length: int  # bytes of guest memory it covers
 
 
 def copy_kdump(layout: KdumpLayout, private: Sequence[bool], memory: ProcessMemory,
                pagemap: PageMap, sink: Sink, compression: str, dump_level: int,
                inspect: Inspect | None = None, on_written: Callable[[int], None] | None = None,
-               workers: int = WORKERS) -> KdumpStats:
-    """Write every page ``layout`` keeps, with its descriptor, through ``sink``;
-    return once all are written. ``inspect(gpa, data, length)`` sees each chunk
-    read (the VMCOREINFO search). The headers and bitmaps are the caller's."""
-    run = _Run(layout, memory, sink, compression, dump_level, inspect, on_written)
-    return run.run(_pieces(layout, private, pagemap), workers)
+               workers: int = WORKERS, budget: int = 0) -> "Staged":
+    """Read every page ``layout`` keeps; ``inspect(gpa, data, length)`` sees each
+    chunk read (the VMCOREINFO search). Up to ``budget`` bytes of pages are kept
+    as read, to be compressed by :meth:`Staged.finish` once the guest runs again;
+    the rest is compressed as it is read. The headers and bitmaps are the caller's."""
+    run = _Run(layout, memory, sink, compression, dump_level, inspect, on_written, workers,
+               budget)
+    return Staged(run, list(run.results(list(_pieces(layout, private, pagemap)), run.read)))
+
+
+class Staged:
+    """Guest memory read, partly compressed: :meth:`finish` writes it all."""
+
+    def __init__(self, run: "_Run", chunks: list["_Chunk"]) -> None:
+        self._run, self._chunks = run, chunks
+
+    def finish(self) -> KdumpStats:
+        """Compress what was kept as read, and write every page and descriptor."""
+        chunks, self._chunks = self._chunks, []
+        return self._run.write(self._run.results(chunks, self._run.compress_rest))
+
+
+_RAW = -1  # a page's flags while it waits for compression
 
 
 class _Run:
     def __init__(self, layout: KdumpLayout, memory: ProcessMemory, sink: Sink,
                  compression: str, dump_level: int, inspect: Inspect | None,
-                 on_written: Callable[[int], None] | None) -> None:
+                 on_written: Callable[[int], None] | None, workers: int, budget: int) -> None:
         self.layout, self.memory, self.sink = layout, memory, sink
         self.compress, self.flag = compressor(compression), COMPRESS_FLAGS[compression]
         self.zeros = bytes(layout.page)
         self.skip_zero = bool(dump_level & DL_ZERO)
         self.inspect, self.on_written = inspect, on_written
-        self.error: BaseException | None = None
-        self._claim = threading.Lock()
-        self._ready = threading.Condition()
-        self._done: dict[int, _Chunk] = {}
-        self._next_written = 0
+        self.workers = workers
+        self.budget = budget  # bytes of pages that may wait, uncompressed, for finish()
         self._zero_stored: _Page = None  # a zero page as stored, where level 1 is off
+        self._count_lock = threading.Lock()
 
-    def run(self, pieces: Iterator[_Piece], count: int) -> KdumpStats:
+    def results(self, items: Sequence[T], work: Callable[[T, Buffer], "_Chunk"]
+                ) -> Iterator["_Chunk"]:
+        """``work`` done on each of ``items`` by the worker threads, in order; a
+        worker runs at most a few items ahead of the one taken."""
+        return _Ordered(items, work, self.workers).results()
+
+    def write(self, chunks: Iterator["_Chunk"]) -> KdumpStats:
         stats = KdumpStats(ram_pages=self.layout.ram.count())
         data_at = self.layout.data_offset
         if self.skip_zero:  # makedumpfile's pd_zero: one page of zeros, first
             self.sink.write_at(data_at, self.zeros)
             data_at += self.layout.page
         zero_desc = descriptor(self.layout.data_offset, self.layout.page, 0)
-        order = list(pieces)
-        feed = iter(enumerate(order))
-        ended = [threading.Event() for _ in range(count)]
-        with signals.deferred():  # Signals are for the main thread.
-            for i, e in enumerate(ended):
-                threading.Thread(target=self._work, args=(feed, e, count), daemon=True,
-                                 name=f"livedump-kdump-{i}").start()
         index = 0  # descriptors written
-        try:
-            for seq, (_, length, _) in enumerate(order):
-                chunk = self._take(seq)
-                stats.read_bytes += chunk.read
-                descs, data = [], []
-                for page in chunk.pages:
-                    if page is None:
-                        descs.append(zero_desc)
-                        stats.zero_pages += 1
-                        continue
-                    stored, flags = page
-                    descs.append(descriptor(data_at, len(stored), flags))
-                    data.append(stored)
-                    data_at += len(stored)
-                    stats.stored_pages += 1
-                    stats.data_bytes += self.layout.page
-                    stats.compressed_bytes += len(stored)
-                blob = b"".join(data)
-                self.sink.write_at(data_at - len(blob), blob)
-                self.sink.write_at(self.layout.desc_offset + index * len(zero_desc),
-                                   b"".join(descs))
-                index += len(descs)
-                if self.on_written:
-                    self.on_written(length)
-        except BaseException as e:
-            self._fail(e)
-            for e2 in ended:
-                e2.wait(10.0)
-            raise
-        for e2 in ended:
-            while not e2.wait(_WAIT_STEP):
-                pass
+        for chunk in chunks:
+            stats.read_bytes += chunk.read
+            descs, data = [], []
+            for page in chunk.pages:
+                if page is None:
+                    descs.append(zero_desc)
+                    stats.zero_pages += 1
+                    continue
+                stored, flags = page
+                descs.append(descriptor(data_at, len(stored), flags))
+                data.append(stored)
+                data_at += len(stored)
+                stats.stored_pages += 1
+                stats.data_bytes += self.layout.page
+                stats.compressed_bytes += len(stored)
+            blob = b"".join(data)
+            self.sink.write_at(data_at - len(blob), blob)
+            self.sink.write_at(self.layout.desc_offset + index * len(zero_desc),
+                               b"".join(descs))
+            index += len(descs)
+            if self.on_written:
+                self.on_written(chunk.length)
         if index != self.layout.num_dumpable:
             raise DumpIOError(f"{index} page descriptors written for "
                               f"{self.layout.num_dumpable} pages kept")
         stats.end = data_at
         return stats
 
-    def _fail(self, error: BaseException) -> None:
-        with self._ready:
-            if self.error is None:
-                self.error = error
-            self._ready.notify_all()
-
-    def _take(self, seq: int) -> _Chunk:
-        """Chunk ``seq`` once a worker has done it; in steps, so signals are handled."""
-        with self._ready:
-            self._next_written = seq
-            self._ready.notify_all()
-            while seq not in self._done:
-                if self.error is not None:
-                    raise self.error
-                self._ready.wait(_WAIT_STEP)
-            return self._done.pop(seq)
-
-    def _work(self, feed: Iterator[tuple[int, _Piece]], ended: threading.Event,
-              count: int) -> None:
-        try:
-            buf = Buffer(CHUNK)
-            while self.error is None:
-                with self._claim:
-                    item = next(feed, None)
-                if item is None:
-                    return
-                seq, piece = item
-                with self._ready:  # Not too far ahead of the writing.
-                    while seq > self._next_written + _AHEAD * count and self.error is None:
-                        self._ready.wait(_WAIT_STEP)
-                chunk = self._chunk(piece, buf)
-                with self._ready:
-                    self._done[seq] = chunk
-                    self._ready.notify_all()
-        except BaseException as e:  # Raised in the main thread.
-            self._fail(e)
-        finally:
-            ended.set()
-
-    def _chunk(self, piece: _Piece, buf: Buffer) -> _Chunk:
+    def read(self, piece: _Piece, buf: Buffer) -> "_Chunk":
         gpa, length, hva = piece
         size = self.layout.page
         kept = self.layout.dumpable
         first = gpa // size
-        pfns = [i for i in range(length // size) if first + i in kept]
+        pfns = ([*range(length // size)] if kept.all_set(first, length // size)
+                else [i for i in range(length // size) if first + i in kept])
         if hva is None:
-            return _Chunk([self._zero_page() for _ in pfns], 0)
+            return _Chunk([self._zero_page() for _ in pfns], 0, length)
         data = bytes(self.memory.read(buf, length, hva))
         if self.inspect:
             self.inspect(gpa, data, length)
@@ -219,9 +188,23 @@ class _Run:
             page = data[i * size:(i + 1) * size]
             if page == self.zeros:
                 pages.append(self._zero_page())
+            elif self._may_wait(size):
+                pages.append((page, _RAW))
             else:
                 pages.append(compress_page(page, self.compress, self.flag))
-        return _Chunk(pages, length)
+        return _Chunk(pages, length, length)
+
+    def _may_wait(self, size: int) -> bool:
+        with self._count_lock:
+            if self.budget < size:
+                return False
+            self.budget -= size
+            return True
+
+    def compress_rest(self, chunk: "_Chunk", buf: Buffer) -> "_Chunk":
+        pages = [compress_page(p[0], self.compress, self.flag) if p and p[1] == _RAW else p
+                 for p in chunk.pages]
+        return _Chunk(pages, chunk.read, chunk.length)
 
     def _zero_page(self) -> _Page:
         if self.skip_zero:
@@ -229,6 +212,77 @@ class _Run:
         if self._zero_stored is None:
             self._zero_stored = compress_page(self.zeros, self.compress, self.flag)
         return self._zero_stored
+
+
+class _Ordered(Generic[T]):
+    """Worker threads, one per CPU, doing ``work`` on items taken in turn; their
+    results taken back in order by the main thread, in steps (signals are handled
+    meanwhile). The first error stops them all and is raised in the main thread."""
+
+    def __init__(self, items: Sequence[T], work: Callable[[T, Buffer], "_Chunk"],
+                 count: int) -> None:
+        self.items, self.work, self.count = items, work, count
+        self.error: BaseException | None = None
+        self._claim = threading.Lock()
+        self._ready = threading.Condition()
+        self._done: dict[int, _Chunk] = {}
+        self._next = 0
+        self._feed = iter(enumerate(items))
+
+    def results(self) -> Iterator["_Chunk"]:
+        ended = [threading.Event() for _ in range(self.count)]
+        with signals.deferred():  # Signals are for the main thread.
+            for i, e in enumerate(ended):
+                threading.Thread(target=self._work, args=(e,), daemon=True,
+                                 name=f"livedump-kdump-{i}").start()
+        try:
+            for seq in range(len(self.items)):
+                yield self._take(seq)
+        except BaseException as e:  # GeneratorExit too: the taker gave up
+            self._fail(e)
+            for e2 in ended:
+                e2.wait(10.0)
+            raise
+        for e2 in ended:
+            while not e2.wait(_WAIT_STEP):
+                pass
+
+    def _fail(self, error: BaseException) -> None:
+        with self._ready:
+            if self.error is None:
+                self.error = error
+            self._ready.notify_all()
+
+    def _take(self, seq: int) -> "_Chunk":
+        with self._ready:
+            self._next = seq
+            self._ready.notify_all()
+            while seq not in self._done:
+                if self.error is not None:
+                    raise self.error
+                self._ready.wait(_WAIT_STEP)
+            return self._done.pop(seq)
+
+    def _work(self, ended: threading.Event) -> None:
+        try:
+            buf = Buffer(CHUNK)
+            while self.error is None:
+                with self._claim:
+                    item = next(self._feed, None)
+                if item is None:
+                    return
+                seq, piece = item
+                with self._ready:  # Not too far ahead of the taking.
+                    while seq > self._next + _AHEAD * self.count and self.error is None:
+                        self._ready.wait(_WAIT_STEP)
+                chunk = self.work(piece, buf)
+                with self._ready:
+                    self._done[seq] = chunk
+                    self._ready.notify_all()
+        except BaseException as e:  # Raised in the main thread.
+            self._fail(e)
+        finally:
+            ended.set()
 
 
 def _pieces(layout: KdumpLayout, private: Sequence[bool], pagemap: PageMap) -> Iterator[_Piece]:
@@ -278,14 +332,41 @@ def write_kdump(out: Output, arch: Arch, cpu: CpuNotes, blocks: Sequence[Block],
                 private: Sequence[bool], memory: ProcessMemory, pagemap: PageMap,
                 compression: str, dump_level: int, provenance: Note,
                 on_written: Callable[[int], None] | None = None,
-                workers: int = WORKERS, hint: Found | None = None) -> Made:
-    """Write the kdump file of guest memory into ``out`` (flattened into a pipe).
+                workers: int = WORKERS, hint: Found | None = None, budget: int = 0) -> Made:
+    """:func:`stage_kdump`, then its finish: all of it while the VM is held."""
+    return stage_kdump(out, arch, cpu, blocks, private, memory, pagemap, compression,
+                       dump_level, provenance, on_written, workers, hint, budget).finish()
+
+
+def staging_budget() -> int:
+    """Bytes of pages that may wait uncompressed in memory until the guest runs
+    again: a quarter of what the host has available."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 4
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def stage_kdump(out: Output, arch: Arch, cpu: CpuNotes, blocks: Sequence[Block],
+                private: Sequence[bool], memory: ProcessMemory, pagemap: PageMap,
+                compression: str, dump_level: int, provenance: Note,
+                on_written: Callable[[int], None] | None = None,
+                workers: int = WORKERS, hint: Found | None = None,
+                budget: int = 0) -> "PendingKdump":
+    """Read the guest memory of a kdump file into ``out`` (flattened into a pipe);
+    its :meth:`~PendingKdump.finish` compresses what waits and writes the rest.
 
     Called while the VM is held: VMCOREINFO is looked for in the memory read,
     as for an ELF vmcore, then checked against guest memory, and with it the
     guest's utsname read, so the headers written last describe this memory.
     Levels that read the struct page array need VMCOREINFO first: QEMU's, or
     ``hint`` (found before the hold) once confirmed, or else a search now.
+    Up to ``budget`` bytes of pages wait uncompressed for ``finish``, which
+    may run once the guest runs again: compression is then out of its pause.
     """
     search = Search(arch, cpu, to_stdout=False)  # Flattened: the headers may come last.
     s64 = ElfStructs(64, True)
@@ -302,10 +383,8 @@ def write_kdump(out: Output, arch: Arch, cpu: CpuNotes, blocks: Sequence[Block],
     layout.exclude(decision.pfns())
     flat = FlatSink(out.write) if out.is_stdout else None
     sink: Sink = flat or out
-    stats = copy_kdump(layout, private, memory, pagemap, sink, compression, dump_level,
-                       None if search.result else search.look, on_written, workers)
-    stats.ram_pages = ram_pages
-    stats.excluded = decision.counts() | ({"beyond_kernel_memory": beyond} if beyond else {})
+    staged = copy_kdump(layout, private, memory, pagemap, sink, compression, dump_level,
+                        None if search.result else search.look, on_written, workers, budget)
     result, text = search.validate(read_at)
     if text is not None:
         notes += Note(NAME, NT_VMCOREINFO, text).encode(s64)
@@ -314,19 +393,33 @@ def write_kdump(out: Output, arch: Arch, cpu: CpuNotes, blocks: Sequence[Block],
     uts = guest_utsname(entries, arch, read_at)
     # "%ld": negative where KASLR put the kernel below its link address.
     phys_base = int(entries.get("NUMBER(phys_base)", "0"), 0) & (1 << 64) - 1 if entries else 0
-    for offset, data in [*layout.bitmaps(), *layout.headers(
-            notes=notes, vmcoreinfo=info, uts=uts, compression=compression,
-            dump_level=dump_level, phys_base=phys_base, nr_cpus=count_prstatus(notes))]:
-        sink.write_at(offset, data)
-    if flat:
-        flat.end()
-    else:
-        out.extend(stats.end)
+    headers = [*layout.bitmaps(), *layout.headers(
+        notes=notes, vmcoreinfo=info, uts=uts, compression=compression,
+        dump_level=dump_level, phys_base=phys_base, nr_cpus=count_prstatus(notes))]
     warnings = []
     if decision.undecided:
         warnings.append(f"dump level {dump_level}: only zero pages could be told apart, "
                         f"so page cache, user and free pages were kept: {decision.undecided}")
-    return Made(stats.end, stats, result, compression, dump_level, warnings)
+    excluded = decision.counts() | ({"beyond_kernel_memory": beyond} if beyond else {})
+
+    def finish() -> Made:
+        stats = staged.finish()
+        stats.ram_pages, stats.excluded = ram_pages, excluded
+        for offset, data in headers:
+            sink.write_at(offset, data)
+        if flat:
+            flat.end()
+        else:
+            out.extend(stats.end)
+        return Made(stats.end, stats, result, compression, dump_level, warnings)
+    return PendingKdump(finish)
+
+
+@dataclass
+class PendingKdump:
+    """Guest memory read for a kdump file: ``finish()`` writes the file."""
+
+    finish: Callable[[], Made]
 
 
 def page_decision(arch: Arch, cpu: CpuNotes, notes: bytes, memory: ProcessMemory,
