@@ -11,6 +11,7 @@ from livedump.vm.guardian import STALL_TIMEOUT
 from livedump.vm.session import VIAS
 from livedump.vmcore.arch import ARCHES
 from livedump.vmcore.arch import lookup as arch_lookup
+from livedump.vmcore.kdump import COMPRESSIONS, DEFAULT_COMPRESSION
 
 if TYPE_CHECKING:
     pass
@@ -95,6 +96,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     mode.add_argument("--no-pause", dest="pause", action="store_false",
                       help="do not pause the guest: faster for it, but the vmcore is fuzzy "
                       "(memory changes while it is read)")
+    p.add_argument("--format", choices=("elf", "kdump"), default="elf",
+                   help="elf (default): an ELF vmcore, every page of guest RAM; kdump: "
+                   "makedumpfile's kdump-compressed format (x86_64 guests), pages compressed "
+                   "one by one, flattened when written to standard output "
+                   "(makedumpfile -R restores the file; drgn reads either)")
+    p.add_argument("--compress", choices=COMPRESSIONS, default=None,
+                   help=f"page compression of --format kdump (default {DEFAULT_COMPRESSION})")
+    p.add_argument("-d", "--dump-level", type=int, default=0, metavar="N",
+                   help="makedumpfile's dump level, the sum of the page classes left out: "
+                   "1 zero pages, 2 page cache, 4 cache with private data, 8 user data, "
+                   "16 free pages (31: all), decided from the guest kernel's struct page "
+                   "array (x86_64; what cannot be decided is kept, with a warning). With "
+                   "--format elf the pages are left out of the PT_LOADs, as makedumpfile "
+                   "-E does (zero pages are holes in the file anyway)")
     p.add_argument("--json", action="store_true", help="report as JSON")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="no progress bar and no summary line (errors are still reported)")
@@ -148,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                       debug_file=args.debug_file, arch=args.arch,
                       force=args.force, qmp_timeout=args.qmp_timeout, pause=args.pause,
                       live=args.live, stall_timeout=args.stall_timeout,
+                      format=args.format, compress=args.compress, dump_level=args.dump_level,
                       allow_readable_by_others=args.allow_readable_by_others,
                       progress=None if args.quiet or not sys.stderr.isatty() else ProgressBar())
     try:
@@ -208,7 +224,26 @@ def summary_line(s: Summary) -> str:
             f"guest memory ({_size(s.read_bytes)} read, {_size(s.written_bytes)} written, "
             f"the rest never touched or zero) in {s.wall_seconds:.2f} s, {paused}, "
             f"{_via(s)}; {s.cpu_notes}; architecture: {s.arch_from}; "
-            f"{s.vmcoreinfo.detail}{_exposed(s)}")
+            f"{s.vmcoreinfo.detail}{_kdump(s)}{_exposed(s)}")
+
+
+def _kdump(s: Summary) -> str:
+    """What a kdump file holds: pages kept and left out, and the compression."""
+    k = s.kdump
+    if k is None:
+        if s.pages is None:
+            return ""
+        left = s.pages["excluded_pages"]
+        assert isinstance(left, dict)
+        return (f"; dump level {s.pages['dump_level']}: pages left out: "
+                + (", ".join(f"{n} {c}" for c, n in left.items()) or "none"))
+    excluded = k["excluded_pages"]
+    assert isinstance(excluded, dict)
+    out = ", ".join(f"{n} {c}" for c, n in excluded.items()) or "none"
+    return (f"; kdump, dump level {k['dump_level']}, {k['compression']}: {k['kept_pages']} "
+            f"of {k['ram_pages']} pages kept ({k['zero_pages']} of them as the page of "
+            f"zeros), pages left out: {out}; {_size(int(str(k['bytes_before_compression'])))} "
+            f"of pages in {_size(int(str(k['bytes_after_compression'])))}")
 
 
 def _exposed(s: Summary) -> str:
@@ -231,6 +266,7 @@ def as_json(s: Summary) -> dict[str, object]:
         "memory_bytes": s.memory_bytes, "file_bytes": s.file_size,
         "file_mode": None if s.file_mode is None else f"{s.file_mode:04o}",
         "wall_seconds": round(s.wall_seconds, 6), "pause_seconds": round(s.pause_seconds, 6),
+        "format": s.format, "kdump": s.kdump, "pages": s.pages,
     }
 
 

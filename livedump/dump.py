@@ -27,6 +27,13 @@ from livedump.errors import (
 )
 from livedump.proc import alive
 from livedump.transfer.copier import Writer, copy
+from livedump.transfer.kdump_copy import (
+    Found,
+    find_vmcoreinfo,
+    page_decision,
+    stage_kdump,
+    staging_budget,
+)
 from livedump.transfer.memory import (
     BackingFiles,
     PageMap,
@@ -41,9 +48,11 @@ from livedump.vm.lock import VMLock
 from livedump.vm.process import Address
 from livedump.vm.session import RamMap, Session, SnapshotSource, check_request, open_session
 from livedump.vmcore import arch as arches
-from livedump.vmcore.blocks import Block, coalesce
+from livedump.vmcore.blocks import Block, coalesce, without_pages
 from livedump.vmcore.elf import CoreLayout, Note, Notes
+from livedump.vmcore.kdump import DEFAULT_COMPRESSION, PAGE, Bitmap, check_format
 from livedump.vmcore.notes import CpuNotes, NoCpuNotes, QemuNotes
+from livedump.vmcore.pagefilter import STRUCT_PAGE_LEVELS
 from livedump.vmcore.vmcoreinfo import Result as VmcoreinfoResult
 from livedump.vmcore.vmcoreinfo import Search as VmcoreinfoSearch
 
@@ -83,6 +92,9 @@ class Request:
     live: bool = False
     progress: Progress | None = None
     stall_timeout: float = STALL_TIMEOUT  # the guardian's: see livedump.vm.guardian
+    format: str = "elf"  # or "kdump": makedumpfile's kdump-compressed format
+    compress: str | None = None  # kdump's page compression (default zstd)
+    dump_level: int = 0  # makedumpfile's -d: the classes of pages left out
 
 
 @dataclass
@@ -110,6 +122,9 @@ class Summary:
     written_bytes: int = 0
     wall_seconds: float = 0.0
     pause_seconds: float = 0.0
+    format: str = "elf"
+    kdump: dict[str, object] | None = None  # pages kept and left out, bytes (kdump only)
+    pages: dict[str, object] | None = None  # pages left out of an ELF vmcore (-d)
 
     @property
     def memory_bytes(self) -> int:
@@ -122,6 +137,11 @@ class _Plan:
 
     blocks: list[Block]
     spans: list[list[Span]]
+
+    def private(self) -> list[bool]:
+        """Per block, whether it is all private anonymous memory: there, and only
+        there, a page QEMU never populated holds nothing."""
+        return [all(s.private for s in spans) for spans in self.spans]
 
 
 class _Copy(Protocol):
@@ -177,6 +197,7 @@ def dump(request: Request) -> Summary:
         raise UsageError("--live writes the vmcore out of order: it needs an output file, "
                          "and pauses the guest (not with --no-pause)")
     check_request(request.live, request.via, request.domain)
+    check_format(request.format, request.compress, request.dump_level, request.live)
     pid: int | None = None
     try:
         with contextlib.ExitStack() as stack:
@@ -227,6 +248,42 @@ def dump(request: Request) -> Summary:
             streamed = live is not None and live.ready and live.from_stream and wanted is None
             if live is not None and not streamed:
                 live.own_pause()  # --arch: QEMU's notes from the pause, as without --live
+            # VMCOREINFO does not move while the kernel runs: found before the
+            # hold where the struct page array (or, for kdump, where the kernel's
+            # memory ends) is read before the copy; confirmed inside.
+            hint = (find_vmcoreinfo(arches.lookup(request.arch or "x86_64"),
+                                    NoCpuNotes("not yet"), memory, plan.blocks)
+                    if plan is not None and (request.format == "kdump"
+                                             or request.dump_level & STRUCT_PAGE_LEVELS)
+                    else None)
+            if request.format == "kdump":
+                with session.hold(request.pause) as pause:
+                    ram = session.ranges(memory, prepared)
+                    if plan is None or ram.changed:
+                        plan = _plan(ram, files)
+                    cpu = session.cpu_notes(memory, plan.blocks)
+                    arch, arch_from, cpu = _arch(wanted, target, cpu)
+                    if guardian:
+                        guardian.beat()
+                    if progress:
+                        progress.start(sum(b.size for b in plan.blocks))
+                    # Pages may wait uncompressed: compression out of the guest's pause.
+                    pending = stage_kdump(out, arch, cpu, plan.blocks, plan.private(), memory,
+                                          pagemap, request.compress or DEFAULT_COMPRESSION,
+                                          request.dump_level, provenance_note(pid), written,
+                                          hint=hint, budget=staging_budget())
+                made = pending.finish()
+                out.commit()
+                return Summary(
+                    output=request.output, pid=pid, arch=arch.name, arch_from=arch_from,
+                    elf_class=64, qemu_target=qemu_target,
+                    warnings=warnings + made.warnings, via=session.via, detail=session.detail,
+                    was_running=pause.was_running, paused=request.pause and pause.was_running,
+                    blocks=plan.blocks, cpu_notes=cpu.summary(), vmcoreinfo=made.vmcoreinfo,
+                    file_size=made.size, file_mode=out.mode,
+                    read_bytes=made.stats.read_bytes, written_bytes=made.size,
+                    wall_seconds=time.monotonic() - started, pause_seconds=pause.seconds,
+                    format="kdump", kdump=made.report())
             with Writer(out, written) as writer:
                 with (live.hold() if live and streamed else session.hold(request.pause)
                       ) as pause:
@@ -239,7 +296,7 @@ def dump(request: Request) -> Summary:
                         forms = live.candidates(plan.blocks)
                         data_offset = max(_layout(c.arch, plan.blocks, c, pid, VmcoreinfoSearch(
                             c.arch, c, out.is_stdout).room).data_offset for c in forms)
-                        cpu: CpuNotes = forms[0]
+                        cpu = forms[0]
                     elif live and streamed:
                         cpu = live.paused_notes(plan.blocks[0].gpa)
                     else:
@@ -247,6 +304,10 @@ def dump(request: Request) -> Summary:
                     arch, arch_from, cpu = _arch(wanted, target, cpu)
                     if guardian:
                         guardian.beat()
+                    pages = None
+                    if request.dump_level & STRUCT_PAGE_LEVELS:
+                        plan, pages = _filter(plan, arch, cpu, memory, files,
+                                              request.dump_level, hint, warnings)
                     search = VmcoreinfoSearch(arch, cpu, out.is_stdout)
                     layout = _layout(arch, plan.blocks, cpu, pid, search.room, data_offset)
                     writer.inspect = search.inspector(layout)
@@ -283,8 +344,29 @@ def dump(request: Request) -> Summary:
         blocks=layout.blocks, cpu_notes=cpu.summary(), vmcoreinfo=vmcoreinfo,
         file_size=layout.size, file_mode=out.mode,
         read_bytes=read, written_bytes=written_bytes,
-        wall_seconds=time.monotonic() - started, pause_seconds=pause.seconds,
+        wall_seconds=time.monotonic() - started, pause_seconds=pause.seconds, pages=pages,
     )
+
+
+def _filter(plan: _Plan, arch: arches.Arch, cpu: CpuNotes, memory: ProcessMemory,
+            files: BackingFiles, dump_level: int, hint: Found | None,
+            warnings: list[str]) -> tuple[_Plan, dict[str, object]]:
+    """The plan less the pages ``dump_level`` leaves out (``makedumpfile -E``'s ELF),
+    and what the report says of them; zero pages need no help, as they are holes."""
+    try:
+        ram = Bitmap.of_ram(plan.blocks, PAGE)
+    except ValueError:
+        ram = Bitmap(0)
+    notes = cpu.data if isinstance(cpu, QemuNotes) and arch.bits == 64 else b""
+    decision = page_decision(arch, cpu, notes, memory, plan.blocks, ram, dump_level, hint)
+    if decision.undecided:
+        warnings.append(f"dump level {dump_level}: page cache, user and free pages were kept: "
+                        f"{decision.undecided}")
+    # As makedumpfile, up to where the kernel's memory ends (device memory beyond).
+    end = decision.end_pfn * PAGE if decision.end_pfn is not None else None
+    blocks, _ = without_pages(plan.blocks, plan.private(), decision.pfns(), PAGE, end)
+    return _plan_of(blocks, files), {"dump_level": dump_level,
+                                    "excluded_pages": decision.counts()}
 
 
 def _layout(arch: arches.Arch, blocks: list[Block], cpu: CpuNotes, pid: int,
@@ -298,6 +380,11 @@ def _plan(ram: RamMap, files: BackingFiles) -> _Plan:
     blocks = coalesce(ram.ranges)
     if not blocks:
         raise GuestMemoryError("the VM has no RAM in its memory map")
+    return _plan_of(blocks, files)
+
+
+def _plan_of(blocks: list[Block], files: BackingFiles) -> _Plan:
+    """The plan for ``blocks``: each one's parts by the mappings that cover it."""
     covering = check_blocks(blocks, read_maps(files.pid))
     return _Plan(blocks, [files.spans(b, c) for b, c in zip(blocks, covering, strict=True)])
 

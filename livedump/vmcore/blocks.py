@@ -7,7 +7,7 @@ ends in QEMU's address space, and belongs to the same memory region.
 Following it exactly is what makes our PT_LOAD list equal QEMU's.
 """
 
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from livedump.errors import GuestMemoryError
@@ -73,3 +73,27 @@ def _extends(block: Block, last: GuestRange, r: GuestRange) -> bool:
         and block.hva + block.size == r.hva
         and last.region == r.region
     )
+
+
+def without_pages(blocks: Sequence[Block], private: Sequence[bool], pfns: Iterable[int],
+                  page: int, end: int | None = None) -> tuple[list[Block], list[bool]]:
+    """``blocks`` less the pages ``pfns`` (of ``page`` bytes) and all memory from
+    guest-physical ``end`` on, each piece keeping its block's private flag."""
+    cuts = sorted(pfns)
+    out: list[tuple[Block, bool]] = []
+    at = 0
+    for b, p in zip(blocks, private, strict=True):
+        stop = b.end if end is None else min(b.end, end)
+        start = b.gpa
+        while at < len(cuts) and cuts[at] * page < b.gpa:
+            at += 1
+        while start < stop:
+            cut = cuts[at] * page if at < len(cuts) else stop
+            cut = min(cut, stop)
+            if cut > start:
+                out.append((Block(start, cut - start, b.hva + start - b.gpa, b.name), p))
+            if cut >= stop:
+                break
+            start = max(start, cut + page)  # (a pfn given twice cuts once)
+            at += 1
+    return [b for b, _ in out], [p for _, p in out]

@@ -283,7 +283,13 @@ class Search:
         i = bisect.bisect_right(layout.offsets, offset) - 1
         if i < 0 or self._overflow or offset + length > layout.offsets[i] + layout.blocks[i].size:
             return  # the header; too many look-alikes; (never: chunks lie within blocks)
-        gpa = layout.blocks[i].gpa + offset - layout.offsets[i]
+        self.look(layout.blocks[i].gpa + offset - layout.offsets[i], data, length)
+
+    def look(self, gpa: int, data: Chunk, length: int) -> None:
+        """Look for VMCOREINFO pages in the ``length`` bytes of guest memory at
+        ``gpa`` that ``data`` begins with (by any thread, one at a time)."""
+        if self._overflow:
+            return
         first = -gpa % SCAN_ALIGN
         starts = data[first:length:SCAN_ALIGN]
         page = starts.find(MAGIC[0])
@@ -319,22 +325,34 @@ class Search:
         layout = self._layout
         if layout is None:
             raise RuntimeError("VMCOREINFO search finished before inspector() was given a layout")
+        result, text = self.validate(self._reader(layout, out))
+        if text is not None:
+            for offset, data in layout.add_note(Note(NAME, NT_VMCOREINFO, text).encode(
+                    layout.structs)):
+                out.write_at(offset, data)
+        return result
+
+    def validate(self, read_at: ReadPhys) -> tuple[Result, bytes | None]:
+        """The candidates seen, checked against guest memory as ``read_at`` reads it:
+        what the report says, and the one text to write (None: none is trusted)."""
+        if self.result:
+            return self.result, None
         valid: dict[bytes, tuple[int, dict[str, str], bool]] = {}
         for text, gpa in self._candidates.items():
             entries = parse(text)
             try:
-                checked = check_release(entries, self.arch, self._reader(layout, out))
+                checked = check_release(entries, self.arch, read_at)
             except Invalid as e:
                 self._reject(gpa, e)
                 continue
             valid[text] = (gpa, entries, checked)
         if self._overflow:
             return Result("none", f"no VMCOREINFO: more than {_MAX_LOOKS} pages in guest "
-                          "memory start like it; none was trusted")
+                          "memory start like it; none was trusted"), None
         earlier = ""
         if len(valid) > 1:
             running = {t: v for t, v in valid.items()
-                       if self._running(v[1], self._reader(layout, out))}
+                       if self._running(v[1], read_at)}
             if len(running) == 1:
                 earlier = "; " + ", ".join(
                     f"GPA {g:#x} is an earlier kernel's (not mapped by the running one)"
@@ -343,20 +361,17 @@ class Search:
         if len(valid) > 1:
             where = ", ".join(f"{g:#x}" for g, _, _ in valid.values())
             return Result("none", f"no VMCOREINFO: {len(valid)} different valid-looking "
-                          f"pages in guest memory (GPA {where}); none was trusted")
+                          f"pages in guest memory (GPA {where}); none was trusted"), None
         if not valid:
             why = (f" (rejected: {'; '.join(f'{gpa:#x}: {r}' for gpa, r in self._rejected)})"
                    if self._rejected else "")
             return Result("none", "no VMCOREINFO: none found in guest memory (not a "
-                          f"booted Linux guest?){why}")
+                          f"booted Linux guest?){why}"), None
         (text, (gpa, entries, checked)), = valid.items()
-        for offset, data in layout.add_note(Note(NAME, NT_VMCOREINFO, text).encode(
-                layout.structs)):
-            out.write_at(offset, data)
         release = entries["OSRELEASE"]
         unchecked = "" if checked else f", not cross-checked on {self.arch.name}"
         return Result("guest", f"VMCOREINFO of Linux {release} found in guest memory at "
-                      f"GPA {gpa:#x}{unchecked}{earlier}", gpa, release)
+                      f"GPA {gpa:#x}{unchecked}{earlier}", gpa, release), text
 
     def _running(self, entries: dict[str, str], read_at: ReadPhys) -> bool:
         """Whether the page tables some vCPU runs on map this VMCOREINFO's
