@@ -10,7 +10,7 @@ from livedump.errors import MonitorError, MonitorUnavailable, PermissionDenied
 from livedump.qmp import notes, ram_map
 from livedump.qmp.monitor import Monitor
 from livedump.qmp.transport import QMPTransport
-from livedump.transfer.memory import ProcessMemory, read_maps
+from livedump.transfer.memory import MemorySource, read_maps
 from livedump.vm.guardian import STALL_TIMEOUT, Guardian
 from livedump.vm.pause import Control, Pause, not_paused, paused
 from livedump.vm.process import Address, QmpEndpoint, qemu_executable, qmp_endpoints
@@ -78,7 +78,7 @@ class MonitoredSession(abc.ABC):
     def guardian(self) -> Guardian:
         """A guardian that can resume the guest without us."""
 
-    def ranges(self, memory: ProcessMemory, prepared: RamMap | None) -> RamMap:
+    def ranges(self, memory: MemorySource, prepared: RamMap | None) -> RamMap:
         """Inside the pause: ``prepared`` itself if the map is unchanged, else the
         new map, checked (then QEMU's RAM blocks are read again, as they may
         have changed with it)."""
@@ -88,7 +88,7 @@ class MonitoredSession(abc.ABC):
         self._view = view
         return RamMap(self._checked(view))
 
-    def cpu_notes(self, memory: ProcessMemory, blocks: list[Block]) -> CpuNotes:
+    def cpu_notes(self, memory: MemorySource, blocks: list[Block]) -> CpuNotes:
         """Inside the pause: QEMU's notes for this instant, or why there are none."""
         if not self._paused:  # QEMU's one-page dump would stop the guest.
             return NoCpuNotes("no CPU registers with --no-pause")

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 from livedump import signals
 from livedump.errors import DumpIOError
-from livedump.transfer.memory import PAGE_SIZE, Buffer, PageMap, ProcessMemory
+from livedump.transfer.memory import PAGE_SIZE, Buffer, MemorySource, Populated
 from livedump.transfer.output import Output
 from livedump.vmcore.blocks import Block
 from livedump.vmcore.elf import CoreLayout
@@ -181,7 +181,7 @@ class Writer:
 class _Readers:
     """Threads that take the chunks in turn, read them and place them."""
 
-    def __init__(self, memory: ProcessMemory, pieces: Iterator[_Piece], writer: Writer,
+    def __init__(self, memory: MemorySource, pieces: Iterator[_Piece], writer: Writer,
                  count: int = READERS) -> None:
         self.memory, self.writer = memory, writer
         self.read = 0  # bytes read
@@ -295,8 +295,8 @@ def _zero(buf: Buffer, at: int, length: int) -> bool:
     return differs == 0
 
 
-def copy(layout: CoreLayout, private: Sequence[bool], memory: ProcessMemory,
-         pagemap: PageMap, writer: Writer, readers: int = READERS) -> int:
+def copy(layout: CoreLayout, private: Sequence[bool], memory: MemorySource,
+         pagemap: Populated, writer: Writer, readers: int = READERS) -> int:
     """Write the header and read every block with ``readers`` threads; return
     the bytes read once the last is read (and, into a file, written).
 
@@ -311,7 +311,7 @@ def copy(layout: CoreLayout, private: Sequence[bool], memory: ProcessMemory,
     return copying.read
 
 
-def _pieces(layout: CoreLayout, private: Sequence[bool], pagemap: PageMap) -> Iterator[_Piece]:
+def _pieces(layout: CoreLayout, private: Sequence[bool], pagemap: Populated) -> Iterator[_Piece]:
     for block, start, is_private in zip(layout.blocks, layout.offsets, private, strict=True):
         for offset, length, populated in _extents(block, is_private, pagemap):
             if not populated:
@@ -321,7 +321,7 @@ def _pieces(layout: CoreLayout, private: Sequence[bool], pagemap: PageMap) -> It
                 yield start + offset + done, min(CHUNK, length - done), block.hva + offset + done
 
 
-def _extents(block: Block, private: bool, pagemap: PageMap) -> Iterator[tuple[int, int, bool]]:
+def _extents(block: Block, private: bool, pagemap: Populated) -> Iterator[tuple[int, int, bool]]:
     # The page map speaks in whole host pages; a block that is not made of
     # them (64 KiB host pages, say) is read in full.
     if private and (block.hva | block.size) % PAGE_SIZE == 0:

@@ -8,6 +8,7 @@ import sys
 import typing
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from livedump import proc
 from livedump.errors import DumpIOError, GuestMemoryError, ProcessNotFound
@@ -94,6 +95,20 @@ def _readable(start: int, end: int, maps: Sequence[Mapping]) -> tuple[list[Mappi
             if addr >= end:
                 return covering, end
     return covering, addr
+
+
+class MemorySource(Protocol):
+    """Where QEMU's memory is read from: a live process (:class:`ProcessMemory`)
+    or the core file of one. The RAM-map walk, the vCPU reader and the copy
+    read through this alone."""
+
+    def read(self, buf: "Buffer", length: int, address: int) -> memoryview: ...
+
+
+class Populated(Protocol):
+    """Which pages of a memory source hold data (:class:`PageMap` for a process)."""
+
+    def extents(self, address: int, size: int) -> Iterator[tuple[int, int, bool]]: ...
 
 
 class _IOVec(ctypes.Structure):
