@@ -11,20 +11,30 @@ the guest runs again).
 """
 
 import contextlib
+import functools
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from livedump import __version__
 from livedump.errors import GuestMemoryError, LivedumpError, ProcessNotFound, UsageError
 from livedump.proc import alive
 from livedump.transfer.copier import Writer, copy
-from livedump.transfer.memory import PageMap, ProcessMemory, check_blocks, read_maps
+from livedump.transfer.memory import (
+    Mapping,
+    MemorySource,
+    PageMap,
+    Populated,
+    ProcessMemory,
+    check_blocks,
+    read_maps,
+)
 from livedump.transfer.output import STDOUT, Output
 from livedump.vm.guardian import STALL_TIMEOUT
 from livedump.vm.lock import VMLock
 from livedump.vm.process import Address
-from livedump.vm.session import RamMap, SnapshotSource, check_request, open_session
+from livedump.vm.session import RamMap, Session, SnapshotSource, check_request, open_session
 from livedump.vmcore import arch as arches
 from livedump.vmcore.blocks import Block, coalesce
 from livedump.vmcore.elf import CoreLayout, Note
@@ -68,6 +78,7 @@ class Request:
     live: bool = False
     progress: Progress | None = None
     stall_timeout: float = STALL_TIMEOUT  # the guardian's: see livedump.vm.guardian
+    core: str | None = None  # a core file of QEMU, instead of a running VM
 
 
 @dataclass
@@ -107,6 +118,18 @@ class _Plan:
     private: list[bool]
 
 
+@runtime_checkable
+class _Image(Protocol):
+    """A session over an image of QEMU's memory (a core file) rather than a
+    process: nothing to lock or watch, its memory and mappings its own."""
+
+    memory: "_ImageMemory"
+
+
+class _ImageMemory(MemorySource, Populated, Protocol):
+    def maps(self) -> list[Mapping]: ...
+
+
 class _Copy(Protocol):
     """How memory gets into the vmcore: chosen once, inside the hold, then
     :meth:`inside` while the VM is held and :meth:`after` once it is let go."""
@@ -123,7 +146,7 @@ class _Direct:
 
     live = False
 
-    def __init__(self, memory: ProcessMemory, pagemap: PageMap) -> None:
+    def __init__(self, memory: MemorySource, pagemap: Populated) -> None:
         self.memory, self.pagemap = memory, pagemap
         self.read = 0
 
@@ -166,12 +189,11 @@ def dump(request: Request) -> Summary:
             # Claim the VM before touching it, where its PID is known up front.
             if request.pid is not None:
                 stack.enter_context(VMLock(request.pid))
-            session = open_session(request.pid, request.qmp, request.via, request.qmp_timeout,
-                                   request.debug_file, request.domain, request.connect,
-                                   request.stall_timeout)
+            session = _open(request)
             stack.callback(session.close)
             pid = session.pid
-            if request.pid is None:
+            image = session if isinstance(session, _Image) else None
+            if request.pid is None and image is None:
                 stack.enter_context(VMLock(pid))
             if request.live and not isinstance(session, SnapshotSource):
                 raise UsageError(f"--live needs the VM's QMP monitor, and none could serve "
@@ -183,7 +205,8 @@ def dump(request: Request) -> Summary:
             target = arches.for_target(qemu_target) if wanted is None else None
             # The guardian: lets the VM go should livedump die or stall while it
             # holds it, and removes the partial file of a livedump that died.
-            guardian = session.watcher() if request.pause or request.output != STDOUT else None
+            guardian = (session.watcher() if image is None and (request.pause or
+                        request.output != STDOUT) else None)
             if guardian:
                 stack.callback(guardian.partial, None)  # Once the file is gone (or in place).
             out = stack.enter_context(Output(request.output, request.force,
@@ -197,24 +220,33 @@ def dump(request: Request) -> Summary:
                 if guardian:
                     guardian.beat()  # Progress: the stall limit starts again.
 
-            memory = stack.enter_context(ProcessMemory(pid))
-            pagemap = stack.enter_context(PageMap(pid))
+            memory: MemorySource
+            pagemap: Populated
+            maps: Callable[[], Sequence[Mapping]]
+            if image is not None:
+                memory = pagemap = image.memory
+                maps = image.memory.maps
+            else:
+                memory = stack.enter_context(ProcessMemory(pid))
+                pagemap = stack.enter_context(PageMap(pid))
+                maps = functools.partial(read_maps, pid)
             prepared = session.prepare()
-            plan = _plan(prepared, pid) if prepared is not None else None
+            plan = _plan(prepared, maps) if prepared is not None else None
             live = (stack.enter_context(session.live(qemu_target))
                     if isinstance(session, SnapshotSource) and request.live else None)
             with Writer(out, written) as writer:
                 with session.hold(request.pause) as pause:
                     ram = session.ranges(memory, prepared)
                     if plan is None or ram.changed:
-                        plan = _plan(ram, pid)
+                        plan = _plan(ram, maps)
                     cpu = session.cpu_notes(memory, plan.blocks)
                     arch, arch_from, cpu = _arch(wanted, target, cpu)
                     if guardian:
                         guardian.beat()
                     search = VmcoreinfoSearch(arch, cpu, out.is_stdout)
                     layout = CoreLayout(arch, plan.blocks, [
-                        *([cpu] if isinstance(cpu, QemuNotes) else []), provenance_note(pid),
+                        *([cpu] if isinstance(cpu, QemuNotes) else []),
+                        provenance_note(pid, request.core),
                         *search.notes])
                     writer.inspect = search.inspector(layout)
                     if progress:
@@ -230,7 +262,7 @@ def dump(request: Request) -> Summary:
     except LivedumpError:
         # Whatever failed, QEMU's exit is the cause to report (also from the way out:
         # a monitor gone with QEMU fails what puts the VM back).
-        if pid is not None and not alive(pid):
+        if pid is not None and request.core is None and not alive(pid):
             raise ProcessNotFound(f"QEMU (PID {pid}) exited during the dump") from None
         raise
     return Summary(
@@ -245,11 +277,22 @@ def dump(request: Request) -> Summary:
     )
 
 
-def _plan(ram: RamMap, pid: int) -> _Plan:
+def _open(request: Request) -> Session:
+    """The session the request names: a core file, or a running VM."""
+    if request.core is not None:
+        from livedump.coredump.session import CoreSession
+
+        return CoreSession(request.core, request.debug_file)
+    return open_session(request.pid, request.qmp, request.via, request.qmp_timeout,
+                        request.debug_file, request.domain, request.connect,
+                        request.stall_timeout)
+
+
+def _plan(ram: RamMap, maps: Callable[[], Sequence[Mapping]]) -> _Plan:
     blocks = coalesce(ram.ranges)
     if not blocks:
         raise GuestMemoryError("the VM has no RAM in its memory map")
-    return _Plan(blocks, check_blocks(blocks, read_maps(pid)))
+    return _Plan(blocks, check_blocks(blocks, maps()))
 
 
 def _arch(wanted: arches.Arch | None, target: arches.TargetDefault | None,
@@ -272,6 +315,6 @@ def _arch(wanted: arches.Arch | None, target: arches.TargetDefault | None,
     return target.arch, str(target), cpu
 
 
-def provenance_note(pid: int) -> Note:
-    text = f"livedump {__version__}\npid {pid}\n"
+def provenance_note(pid: int, core: str | None = None) -> Note:
+    text = f"livedump {__version__}\npid {pid}\n" + (f"core {core}\n" if core else "")
     return Note("LIVEDUMP", NT_LIVEDUMP_INFO, text.encode())
