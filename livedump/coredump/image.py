@@ -8,17 +8,19 @@ decompressed by the ``zstd`` program (its own process, so decompression
 runs beside livedump's copy) in order, with nothing written to disk.
 Random access is served three ways: the small segments (QEMU's heap,
 stacks, ROMs: everything the RAM-map walk reads) are kept in memory from a
-first pass, which also proves the core whole; the last few MiB read are
+first pass; the last few MiB read are
 kept, for the copy's readers that ask slightly out of order; a read before
 those starts the decompression again (measured: one restart per dump,
 where the guest's RAM lies in two blocks in the wrong order).
 """
 
 import bisect
+import io
 import os
 import shutil
 import subprocess
 import threading
+import typing
 from collections import deque
 from typing import IO, Protocol
 
@@ -128,12 +130,13 @@ class ZstdCore:
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._pos = 0  # the offset of the next byte the stream gives
+        self._ended = False  # the stream gave its last byte
         self._recent: deque[tuple[int, bytes]] = deque()  # (offset, bytes), in order
         self._recent_bytes = 0
         self._kept_starts: list[int] = []
         self._kept: list[bytes] = []
         self.restarts = 0
-        self.size: int | None = None  # known once the stream was read to its end
+        self._scratch = bytearray(_PIECE)
 
     # -- reading --------------------------------------------------------------------
 
@@ -183,6 +186,9 @@ class ZstdCore:
     def _advance(self, at: int) -> bool:
         """Decompress until ``at`` is among the recent bytes; False at the end."""
         while self._pos <= at:
+            if at - self._pos > _WINDOW + _PIECE:  # far behind: skip, keeping nothing
+                self._skip(at - _WINDOW - self._pos)
+                continue
             data = self._next_piece()
             if not data:
                 return False
@@ -191,6 +197,8 @@ class ZstdCore:
         return True
 
     def _next_piece(self) -> bytes:
+        if self._ended:
+            return b""
         if self._proc is None:
             self._start()
         assert self._proc is not None and self._proc.stdout is not None
@@ -198,6 +206,25 @@ class ZstdCore:
         if len(data) < _PIECE:
             self._end_of_stream(self._pos + len(data))
         return data
+
+    def _skip(self, length: int) -> None:
+        """Decompress ``length`` bytes and drop them."""
+        if self._ended:
+            return
+        if self._proc is None:
+            self._start()
+        assert self._proc is not None and self._proc.stdout is not None
+        self._recent.clear()
+        self._recent_bytes = 0
+        scratch = memoryview(self._scratch)
+        while length > 0:
+            stream = typing.cast(io.BufferedReader, self._proc.stdout)
+            n = stream.readinto(scratch[: min(length, len(scratch))])
+            if not n:
+                self._end_of_stream(self._pos)
+                return
+            self._pos += n
+            length -= n
 
     def _remember(self, start: int, data: bytes) -> None:
         self._recent.append((start, data))
@@ -210,7 +237,6 @@ class ZstdCore:
         self._proc = subprocess.Popen([self._zstd, "-dcq", "--", self.path],
                                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, bufsize=_PIECE)
-        self._pos = 0
 
     def _end_of_stream(self, end: int) -> None:
         """The stream ended at ``end``: whole, or cut short (zstd says so)."""
@@ -220,17 +246,18 @@ class ZstdCore:
         error = self._proc.stderr.read().decode(errors="replace").strip()
         code = self._proc.returncode
         self._proc = None
+        self._ended = True
         if code != 0:
             reason = error.splitlines()[-1] if error else f"zstd exited with {code}"
             raise CoreFileError(f"{self.path} cannot be decompressed after {end:#x} bytes: "
                                 f"{reason} (truncated?)")
-        self.size = end
 
     def _restart(self) -> None:
         self._stop()
         self._recent.clear()
         self._recent_bytes = 0
         self._pos = 0
+        self._ended = False
         self.restarts += 1
 
     def _stop(self) -> None:
@@ -244,10 +271,10 @@ class ZstdCore:
 
     # -- the first pass -------------------------------------------------------------
 
-    def keep(self, spans: list[tuple[int, int]], needed: int) -> None:
-        """Read the whole stream once, keeping in memory the file ranges
-        ``spans`` (``(offset, size)``, the small segments, within limits), and
-        fail unless it holds at least ``needed`` bytes."""
+    def keep(self, spans: list[tuple[int, int]]) -> None:
+        """Keep in memory the file ranges ``spans`` (``(offset, size)``: the
+        small segments, within limits), read in one pass from the start. A core
+        cut short is found where a read needs what is not there."""
         wanted = sorted(s for s in spans if 0 < s[1] <= _KEEP_SEGMENT)
         chosen, total = [], 0
         for offset, size in sorted(wanted, key=lambda s: s[1]):
@@ -257,20 +284,12 @@ class ZstdCore:
             total += size
         chosen.sort()
         with self._lock:
-            self._restart()
-            self.restarts = 0
             for offset, size in chosen:
                 buf = bytearray(size)
                 self._fill(memoryview(buf), offset, short_ok=False)
                 self._kept_starts.append(offset)
                 self._kept.append(bytes(buf))
-            while self._advance(self._pos):  # to the end: is the core whole?
-                pass
-            self._restart()
             self.restarts = 0
-        if self.size is not None and self.size < needed:
-            raise CoreFileError(f"{self.path} holds {self.size:#x} bytes (decompressed), "
-                                f"its segments need {needed:#x}: truncated")
 
     def close(self) -> None:
         with self._lock:

@@ -124,7 +124,7 @@ class CoreSession:
         loads = [s for s in header.segments if s.type == elfcore.PT_LOAD]
         needed = max((s.offset + s.filesz for s in header.segments), default=0)
         if isinstance(data, ZstdCore):
-            data.keep([(s.offset, s.filesz) for s in loads], needed)
+            data.keep([(s.offset, s.filesz) for s in loads])
         elif data.size < needed:
             raise CoreFileError(f"{path} is truncated: {data.size:#x} bytes, its segments "
                                 f"need {needed:#x}")
