@@ -226,7 +226,7 @@ def _via(s: Summary) -> str:
     if s.via == "libvirt":
         return f"via libvirt: {s.detail}"
     if s.via == "core":
-        return f"from the core {s.detail} and QEMU's debug info"
+        return f"from the core {s.detail}"
     return f"via ptrace and QEMU's debug info ({s.detail})"
 
 

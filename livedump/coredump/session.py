@@ -85,21 +85,27 @@ class CoreMemory:
 
     def extents(self, address: int, size: int) -> Iterator[tuple[int, int, bool]]:
         """The populated runs, as :class:`~livedump.transfer.memory.PageMap` gives
-        them: the core file's holes are pages the kernel found never populated."""
+        them: the core file's holes are pages the kernel found never populated,
+        and a segment with no bytes in the file one never written (see
+        :meth:`CoreSession.ranges`)."""
         done = 0
         while done < size:
-            s = self.segment(address + done)
+            at = address + done
+            s = self.segment(at)
             assert s is not None  # checked by the session before the copy
-            n = min(size - done, s.vaddr + s.filesz - address - done)
-            for offset, length, data in self.data.data_runs(s.offset + address + done -
-                                                            s.vaddr, n):
-                yield done + offset, length, data
+            if s.filesz == 0:
+                n = min(size - done, s.vaddr + s.memsz - at)
+                yield done, n, False
+            else:
+                n = min(size - done, s.vaddr + s.filesz - at)
+                for offset, length, data in self.data.data_runs(s.offset + at - s.vaddr, n):
+                    yield done + offset, length, data
             done += n
 
     def maps(self) -> list[Mapping]:
-        """The dumped memory as mappings: private, readable, and nothing else."""
-        return [Mapping(s.vaddr, s.vaddr + s.filesz, "r--p", 0, "") for s in self.loads
-                if s.filesz]
+        """The core's memory as mappings: private, readable, and nothing else."""
+        return [Mapping(s.vaddr, s.vaddr + (s.memsz if s.filesz == 0 else s.filesz), "r--p",
+                        0, "") for s in self.loads]
 
 
 class CoreSession:
@@ -147,7 +153,8 @@ class CoreSession:
         self.build_id, exe_header = self._exe_header(header)
         self.layout = self._layout(debug_file)
         self.bias = self._bias(exe_header)
-        self.detail = f"{path}, of QEMU PID {self.pid}" if self.pid else path
+        self.detail = (f"{path}, of QEMU PID {self.pid}" if self.pid else path) + \
+            ", mapped through QEMU's debug info"
 
     def _executable(self, files: list[FileMapping], aux: dict[int, int]) -> str:
         """The path of the process's executable: the file mapped where its
@@ -235,25 +242,36 @@ class CoreSession:
             found = ram_map.guest_ranges(memory, self.layout, self.bias)
         except GuestMemoryError as e:
             raise GuestMemoryError(f"{e} (is {self.path} a core of this QEMU build?)") from None
-        missing = [r for r in found if not self._dumped(r.hva, r.size)]
-        if missing and len(missing) == len(found):
+        states = [self._dumped(r.hva, r.size) for r in found]
+        if found and all(st == "empty" for st in states):
             raise NoGuestRam(f"{self.path} holds none of the guest's RAM: QEMU ran with "
                              "-machine dump-guest-core=off (or its RAM was excluded from "
                              "the core)")
-        if missing:
-            r = missing[0]
-            raise NoGuestRam(f"{self.path} lacks the guest's RAM {r.name} at {r.gpa:#x} "
-                             f"({r.size:#x} bytes): excluded from the core")
+        for r, st in zip(found, states, strict=True):
+            if st == "missing":
+                raise NoGuestRam(f"{self.path} lacks the guest's RAM {r.name} at {r.gpa:#x} "
+                                 f"({r.size:#x} bytes): excluded from the core, or cut short")
+        # The kernel leaves out an anonymous mapping nobody ever wrote to: its
+        # pages are all zeros (a ROM the firmware never used, say).
+        unwritten = sorted({r.name for r, st in zip(found, states, strict=True)
+                            if st == "empty"})
+        if unwritten:
+            self.detail += f"; never written, so not in the core, written as zeros: " \
+                           f"{', '.join(unwritten)}"
         return RamMap(found)
 
-    def _dumped(self, address: int, size: int) -> bool:
-        end = address + size
+    def _dumped(self, address: int, size: int) -> str:
+        """Whether ``[address, address + size)`` is all in the core file
+        (``"dumped"``), all in segments with no bytes in the file (``"empty"``),
+        or partly outside any segment or its bytes (``"missing"``)."""
+        end, kinds = address + size, set()
         while address < end:
             s = self.memory.segment(address)
-            if s is None or address >= s.vaddr + s.filesz:
-                return False
-            address = s.vaddr + s.filesz
-        return True
+            if s is None or (s.filesz and address >= s.vaddr + s.filesz):
+                return "missing"
+            kinds.add("empty" if s.filesz == 0 else "dumped")
+            address = s.vaddr + (s.memsz if s.filesz == 0 else s.filesz)
+        return kinds.pop() if len(kinds) == 1 else "missing"
 
     def cpu_notes(self, memory: MemorySource, blocks: list[Block]) -> CpuNotes:
         return cpu_state.notes(memory, self.layout, self.bias, blocks)
