@@ -243,7 +243,7 @@ class CoreSession:
         except GuestMemoryError as e:
             raise GuestMemoryError(f"{e} (is {self.path} a core of this QEMU build?)") from None
         states = [self._dumped(r.hva, r.size) for r in found]
-        if found and all(st == "empty" for st in states):
+        if found and all(st != "dumped" for st in states):
             raise NoGuestRam(f"{self.path} holds none of the guest's RAM: QEMU ran with "
                              "-machine dump-guest-core=off (or its RAM was excluded from "
                              "the core)")
