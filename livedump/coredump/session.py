@@ -30,9 +30,8 @@ from livedump.errors import (
     NotQemu,
     UsageError,
 )
-from livedump.ptrace import cpu_state, dwarf, ram_map
-from livedump.ptrace.debuginfo import check_build_id, read_build_id
-from livedump.ptrace.layout import QemuLayout
+from livedump.ptrace import cpu_state, ram_map
+from livedump.ptrace.layout import QemuLayout, read_cached
 from livedump.transfer.memory import Buffer, Mapping, MemorySource
 from livedump.vm.guardian import Guardian
 from livedump.vm.pause import Pause
@@ -198,7 +197,16 @@ class CoreSession:
 
     def _layout(self, debug_file: str | None) -> QemuLayout:
         """QEMU's layout for the build in the core: from the binary on disk if it
-        is that build, else from ``--debug-file`` alone; another build is refused."""
+        is that build, else from ``--debug-file`` alone; another build is refused.
+        A layout cached for the core's build-id is used as it is: then no ELF
+        or DWARF code is even loaded (it takes long to import)."""
+        if self.build_id is not None and debug_file is None:
+            cached = read_cached(self.build_id)
+            if cached is not None:
+                return cached
+        from livedump.ptrace import dwarf
+        from livedump.ptrace.debuginfo import check_build_id, read_build_id
+
         on_disk = self.exe.removesuffix(" (deleted)")
         disk_id: str | None = None
         with contextlib.suppress(DebugInfoError, OSError):

@@ -15,9 +15,6 @@ changes.
 import os
 from collections.abc import Sequence
 
-from elftools.common.exceptions import ELFError
-from elftools.elf.elffile import ELFFile
-
 from livedump.errors import GuestMemoryError
 from livedump.ptrace.layout import Field, QemuLayout
 from livedump.transfer.memory import PAGE_SIZE, Buffer, Mapping, MemorySource
@@ -32,6 +29,9 @@ def load_bias(pid: int, layout: QemuLayout, maps: Sequence[Mapping]) -> int:
     """How far the kernel moved QEMU's (PIE) executable: where its first segment is mapped."""
     if not layout.pie:
         return 0
+    from elftools.common.exceptions import ELFError  # Slow to import: only where needed.
+    from elftools.elf.elffile import ELFFile
+
     exe = f"/proc/{pid}/exe"  # The running binary, even if replaced on disk since.
     try:
         with open(exe, "rb") as f:
