@@ -220,3 +220,20 @@ def test_debug_info_of_another_build_is_refused(scratch, cores):
                  str(scratch / "out"))
     assert r.returncode == DebugInfoError.exit_code, r.stderr
     assert "refusing it" in r.stderr.decode() and r.stderr.decode().count("\n") == 1
+
+
+def test_core_without_the_binarys_elf_header_uses_the_file(scratch, cores):
+    """A coredump_filter without ELF headers (bit 4): the core has no build-id
+    of QEMU, whose binary on disk then gives its header and layout."""
+    series = next(iter(DEBUG))
+    with kernel_cores(cores), paused_vm(series, memory="256M", markers=MARKERS[:1]) as vm:
+        Path(f"/proc/{vm.pid}/coredump_filter").write_text("0x23")
+        vm.command("stop")
+        theirs = scratch / "qemu.vmcore"
+        vm.own_dump(theirs)
+        core = abort(vm, cores)
+    ours = scratch / "ours.vmcore"
+    dump_core(core, ours)
+    assert first_difference(ours, theirs) is None
+    assert_markers(ours, MARKERS[:1])
+    assert identity(ours) == identity(theirs)

@@ -231,8 +231,18 @@ class CoreSession:
             return 0
         if exe_header is not None:
             return _exe_bias(exe_header, self.exe, self.maps)
-        raise GuestMemoryError(f"{self.path} keeps no ELF header of {self.exe}: cannot tell "
-                               "where it was loaded")
+        # The core kept no page of the binary (coredump_filter without ELF
+        # headers): its program headers from the file, which the layout was
+        # read from, so it is that build.
+        on_disk = self.exe.removesuffix(" (deleted)")
+        try:
+            with open(on_disk, "rb") as f:
+                header = elfcore.read_header(lambda at, n: os.pread(f.fileno(), n, at), on_disk)
+        except (OSError, CoreFileError) as e:
+            raise GuestMemoryError(f"{self.path} keeps no ELF header of {self.exe}, and the "
+                                   f"file cannot be read ({e}): cannot tell where it was "
+                                   "loaded") from None
+        return _exe_bias(header, self.exe, self.maps)
 
     # -- the session, as the pipeline asks -------------------------------------------
 
