@@ -26,11 +26,13 @@ from livedump.vmcore.notes import parse
 
 from . import qemus
 from .conftest import livedump
+from .linux_guest import LinuxVM
 from .test_dump import MARKERS, assert_markers
+from .test_linux_guest import kernel_vmcoreinfo
 from .test_ptrace_cpu import assert_same_notes
 from .test_ptrace_qemus import first_mib
 from .vm import COUNTING_PC, VM, kvm_usable
-from .vmcore import first_difference, identity, notes
+from .vmcore import first_difference, identity, notes, read_phys
 
 DEBUG = qemus.debug_builds()
 ACCELS = ["tcg"] + (["kvm"] if kvm_usable() else [])
@@ -237,3 +239,25 @@ def test_core_without_the_binarys_elf_header_uses_the_file(scratch, cores):
     assert first_difference(ours, theirs) is None
     assert_markers(ours, MARKERS[:1])
     assert identity(ours) == identity(theirs)
+
+
+@pytest.mark.linux
+def test_crashed_linux_guests_core_has_its_memory_and_vmcoreinfo(scratch, cores):
+    """QEMU aborts under a running Linux guest: the vmcore from its core has the
+    guest's markers and the kernel's own VMCOREINFO, found in guest RAM."""
+    series = next(iter(DEBUG))
+    with kernel_cores(cores), LinuxVM(qemu=str(DEBUG[series].binary), memory="1G",
+                                      guest_markers=2) as vm:
+        vm.wait_ready(timeout=300)
+        vm.wait_idle(timeout=300)
+        markers, facts = vm.guest_marker_list(), vm.kernel_facts()
+        assert len(markers) == 2 and facts is not None
+        core = abort(vm, cores)
+    ours = scratch / "ours.vmcore"
+    report = dump_core(core, ours)
+    for m in markers:
+        assert read_phys(ours, m.gpa, len(m.text)) == m.text.encode(), hex(m.gpa)
+    [found] = [desc for name, _, desc in notes(ours) if name == "VMCOREINFO"]
+    assert found == kernel_vmcoreinfo(ours, facts)
+    assert report["vmcoreinfo"]["source"] == "guest"
+    assert report["cpu_notes"].startswith("CORE, QEMU notes from QEMU's memory (TCG")
