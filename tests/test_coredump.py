@@ -141,3 +141,22 @@ def test_truncated_zstd_core_is_refused_where_read(tmp_path):
     with pytest.raises(CoreFileError, match="truncated"):
         core.readinto(memoryview(bytearray(1 << 20)), 0)
     core.close()
+
+
+@pytest.mark.skipif(shutil.which("zstd") is None, reason="needs zstd")
+def test_zstd_core_keeps_zeros_as_references(tmp_path, monkeypatch):
+    """A kept segment mostly zeros (TCG's code buffer) costs memory only for its data."""
+    monkeypatch.setattr(image, "_PIECE", 4096)
+    monkeypatch.setattr(image, "_ZEROS", bytes(4096))
+    data = os.urandom(10_000) + bytes(200_000) + os.urandom(10_000)
+    (tmp_path / "f").write_bytes(data)
+    subprocess.run(["zstd", "-q", str(tmp_path / "f"), "-o", str(tmp_path / "f.zst")],
+                   check=True)
+    core = image.open_core(str(tmp_path / "f.zst"))
+    assert isinstance(core, image.ZstdCore)
+    core.keep([(0, len(data))])
+    held = sum(len(k) for k in core._kept if isinstance(k, bytes))
+    assert 20_000 <= held < 40_000
+    for offset, size in [(9_000, 5_000), (0, len(data)), (205_000, 15_000)]:
+        assert core.pread(offset, size) == data[offset : offset + size]
+    core.close()

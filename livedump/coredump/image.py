@@ -8,10 +8,13 @@ decompressed by the ``zstd`` program (its own process, so decompression
 runs beside livedump's copy) in order, with nothing written to disk.
 Random access is served three ways: the small segments (QEMU's heap,
 stacks, ROMs: everything the RAM-map walk reads) are kept in memory from a
-first pass; the last few MiB read are
-kept, for the copy's readers that ask slightly out of order; a read before
-those starts the decompression again (measured: one restart per dump,
-where the guest's RAM lies in two blocks in the wrong order).
+first pass, their zeros (most of TCG's code buffer) as references to one
+zero piece; the last few MiB read are kept, for the copy's readers that ask
+slightly out of order; a read before those starts the decompression again.
+Measured on the gcore of an idle 1 GiB guest under TCG (2.3 GiB, 3.8 MiB
+compressed): one restart, for the guest's RAM that lies before QEMU's
+stacks; 7 s and 0.23 GiB of memory, against 1.1 s and 25 MiB for the
+same core uncompressed, on a 2-CPU machine shared with other work.
 """
 
 import bisect
@@ -30,7 +33,8 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _PIECE = 1 << 20  # bytes decompressed per read of the stream
 _WINDOW = 64 << 20  # the recent bytes kept for readers slightly out of order
 _KEEP_SEGMENT = 64 << 20  # segments up to this size are kept from the first pass...
-_KEEP_TOTAL = 1 << 30  # ...up to this many bytes in all
+_KEEP_TOTAL = 512 << 20  # ...up to this many bytes of data (not zeros) in all
+_ZEROS = bytes(_PIECE)
 
 
 class CoreBytes(Protocol):
@@ -134,7 +138,7 @@ class ZstdCore:
         self._recent: deque[tuple[int, bytes]] = deque()  # (offset, bytes), in order
         self._recent_bytes = 0
         self._kept_starts: list[int] = []
-        self._kept: list[bytes] = []
+        self._kept: list[bytes | memoryview] = []
         self.restarts = 0
         self._scratch = bytearray(_PIECE)
 
@@ -174,7 +178,7 @@ class ZstdCore:
             done += n
         return done
 
-    def _find(self, at: int) -> tuple[int, bytes] | None:
+    def _find(self, at: int) -> tuple[int, bytes | memoryview] | None:
         i = bisect.bisect_right(self._kept_starts, at) - 1
         if i >= 0 and at < self._kept_starts[i] + len(self._kept[i]):
             return self._kept_starts[i], self._kept[i]
@@ -273,22 +277,33 @@ class ZstdCore:
 
     def keep(self, spans: list[tuple[int, int]]) -> None:
         """Keep in memory the file ranges ``spans`` (``(offset, size)``: the
-        small segments, within limits), read in one pass from the start. A core
-        cut short is found where a read needs what is not there."""
-        wanted = sorted(s for s in spans if 0 < s[1] <= _KEEP_SEGMENT)
-        chosen, total = [], 0
-        for offset, size in sorted(wanted, key=lambda s: s[1]):
-            if total + size > _KEEP_TOTAL:
-                break
-            chosen.append((offset, size))
-            total += size
-        chosen.sort()
+        small segments), read in one pass from the start, as far as the last.
+        Their zeros (most of TCG's code buffer, say) are kept as references
+        to one zero piece, and no more than :data:`_KEEP_TOTAL` bytes of data
+        in all. A core cut short is found where a read needs what is missing."""
+        chosen = sorted(s for s in spans if 0 < s[1] <= _KEEP_SEGMENT)
+        kept = 0
         with self._lock:
             for offset, size in chosen:
-                buf = bytearray(size)
-                self._fill(memoryview(buf), offset, short_ok=False)
-                self._kept_starts.append(offset)
-                self._kept.append(bytes(buf))
+                at, end = offset, offset + size
+                while at < end and kept < _KEEP_TOTAL:
+                    piece = self._find(at)
+                    if piece is None:
+                        if not self._advance(at):
+                            raise CoreFileError(f"{self.path} ends at {self._pos:#x} "
+                                                "(decompressed): truncated")
+                        continue
+                    start, data = piece
+                    first, last = at - start, min(end - start, len(data))
+                    part: bytes | memoryview
+                    if data[first:last] == _ZEROS[: last - first]:
+                        part = memoryview(_ZEROS)[: last - first]
+                    else:
+                        part = data if (first, last) == (0, len(data)) else data[first:last]
+                        kept += len(part)
+                    self._kept_starts.append(at)
+                    self._kept.append(part)
+                    at += last - first
             self.restarts = 0
 
     def close(self) -> None:
