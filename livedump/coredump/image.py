@@ -10,11 +10,10 @@ Random access is served three ways: the small segments (QEMU's heap,
 stacks, ROMs: everything the RAM-map walk reads) are kept in memory from a
 first pass, their zeros (most of TCG's code buffer) as references to one
 zero piece; the last few MiB read are kept, for the copy's readers that ask
-slightly out of order; a read before those starts the decompression again.
-Measured on the gcore of an idle 1 GiB guest under TCG (2.3 GiB, 3.8 MiB
-compressed): one restart, for the guest's RAM that lies before QEMU's
-stacks; 7 s and 0.23 GiB of memory, against 1.1 s and 25 MiB for the
-same core uncompressed, on a 2-CPU machine shared with other work.
+slightly out of order; a read before those starts the decompression again
+(once per dump, typically: the guest's RAM lies before QEMU's stacks). A
+compressed core is therefore decompressed about twice: slower than a plain
+one, but with no temporary copy on disk.
 """
 
 import bisect
