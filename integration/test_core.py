@@ -261,3 +261,33 @@ def test_crashed_linux_guests_core_has_its_memory_and_vmcoreinfo(scratch, cores)
     assert found == kernel_vmcoreinfo(ours, facts)
     assert report["vmcoreinfo"]["source"] == "guest"
     assert report["cpu_notes"].startswith("CORE, QEMU notes from QEMU's memory (TCG")
+
+
+def test_core_of_a_qemu_replaced_since_needs_its_debug_file(scratch, cores, tmp_path):
+    """QEMU's binary is gone from disk since the crash (an upgrade): the core's
+    build-id asks for that build's debug info, which --debug-file then gives."""
+    series = next(iter(DEBUG))
+    copy = tmp_path / "bin" / "qemu-system-x86_64"
+    copy.parent.mkdir()
+    shutil.copy2(DEBUG[series].binary, copy)
+    with kernel_cores(cores), VM(qemu=str(copy), platform=COUNTING_PC, memory="256M",
+                                 markers=MARKERS[:1], livedump_socket=False) as vm:
+        vm.command("stop")
+        theirs = scratch / "qemu.vmcore"
+        vm.own_dump(theirs)
+        core = abort(vm, cores)
+    copy.unlink()
+    # No layout cached for the build (else neither binary nor debug info is needed).
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    r = livedump("--core", str(core), str(scratch / "out"), env=env)
+    assert r.returncode == DebugInfoError.exit_code, r.stderr
+    assert "--debug-file" in r.stderr.decode() and r.stderr.decode().count("\n") == 1
+    ours = scratch / "ours.vmcore"
+    r = livedump("--core", str(core), "--debug-file", str(DEBUG[series].binary), str(ours),
+                 env=env)
+    assert r.returncode == 0, r.stderr
+    assert first_difference(ours, theirs) is None
+    assert identity(ours) == identity(theirs)
+    # Its layout now cached by build-id: the core alone is enough.
+    r = livedump("--core", str(core), "--force", str(ours), env=env)
+    assert r.returncode == 0, r.stderr
