@@ -128,9 +128,7 @@ class CoreSession:
             raise CoreFileError(f"{path} is an ELF file but not a core (type {header.type})")
         loads = [s for s in header.segments if s.type == elfcore.PT_LOAD]
         needed = max((s.offset + s.filesz for s in header.segments), default=0)
-        if isinstance(data, ZstdCore):
-            data.keep([(s.offset, s.filesz) for s in loads])
-        elif data.size < needed:
+        if not isinstance(data, ZstdCore) and data.size < needed:
             raise CoreFileError(f"{path} is truncated: {data.size:#x} bytes, its segments "
                                 f"need {needed:#x}")
         self.memory = CoreMemory(data, loads, path)
@@ -148,6 +146,8 @@ class CoreSession:
             elif n_type == elfcore.NT_AUXV:
                 aux = elfcore.auxv(desc, header.bits, header.byteorder)
         self.exe = self._executable(files, aux)
+        if isinstance(data, ZstdCore):  # A core of QEMU: worth a pass over it.
+            data.keep([(s.offset, s.filesz) for s in loads])
         self.maps = [Mapping(f.start, f.end, "r--p", f.offset, f.path) for f in files]
         self.build_id, exe_header = self._exe_header(header)
         self.layout = self._layout(debug_file)
