@@ -189,6 +189,8 @@ class ZstdCore:
     def _advance(self, at: int) -> bool:
         """Decompress until ``at`` is among the recent bytes; False at the end."""
         while self._pos <= at:
+            if self._ended:
+                return False
             if at - self._pos > _WINDOW + _PIECE:  # far behind: skip, keeping nothing
                 self._skip(at - _WINDOW - self._pos)
                 continue
@@ -288,6 +290,8 @@ class ZstdCore:
                 while at < end and kept < _KEEP_TOTAL:
                     piece = self._find(at)
                     if piece is None:
+                        if at < self._pos:  # behind the stream (gcore's notes are last)
+                            self._restart()
                         if not self._advance(at):
                             raise CoreFileError(f"{self.path} ends at {self._pos:#x} "
                                                 "(decompressed): truncated")
