@@ -16,6 +16,11 @@ Scenarios (each guest started here, running while it is dumped):
   dmesg  the guest of (c): the kernel's log by ``livedump dmesg`` (running,
      and --pause), against a vmcore by livedump then ``makedumpfile
      --dump-dmesg`` of it, the usual way without a vmlinux (a table of its own)
+  core  a crashed QEMU's core: the gcore of the 7.2 debug build running an
+     idle 1 GiB guest, paused; QEMU 7.2's scripts/dump-guest-memory.py under
+     gdb against livedump --core, on the same core file (the script is taken
+     from Debian's source package of that build, once, into
+     ~/.cache/livedump/seed/)
 
 For each scenario and each QEMU, the two tools run alternately (QEMU first
 on even runs, livedump first on odd ones), each on a freshly started guest
@@ -223,8 +228,80 @@ SCENARIOS = {
     "b0": "(b0) idle 8 GiB, after QEMU's dump",
     "c": "(c) 4 GiB Linux, 1 GiB touched",
     "live": "(live) 1 GiB populated, --live",
+    "core": "(core) gcore of a 1 GiB guest",
 }
 OPTIONS = {"live": ("--live",)}  # livedump's options per scenario
+
+
+SEED_CACHE = Path.home() / ".cache/livedump/seed"
+
+
+def seed_script() -> Path:
+    """QEMU 7.2's scripts/dump-guest-memory.py, from the source package the
+    debug build was built from (apt-get source, deb-src as build-qemu-debug.sh
+    configured it), kept in :data:`SEED_CACHE`."""
+    script = SEED_CACHE / "dump-guest-memory.py"
+    if script.exists():
+        return script
+    from .qemus import DEBUG_CACHES
+
+    info = (DEBUG_CACHES["7.2"] / "BUILD-INFO").read_text()
+    version = next(line.split()[-1] for line in info.splitlines()
+                   if line.startswith("source: qemu "))
+    work = SEED_CACHE / "download"
+    work.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["apt-get", "source", "--download-only", "-q", f"qemu={version}"],
+                   cwd=work, check=True, capture_output=True)
+    tarball = next(work.glob("qemu_*.orig.tar.*"))
+    subprocess.run(["tar", "-xf", str(tarball), "--strip-components=2", "-C", str(SEED_CACHE),
+                    "--wildcards", "*/scripts/dump-guest-memory.py"], check=True)
+    for f in work.iterdir():
+        f.unlink()
+    work.rmdir()
+    return script
+
+
+def timed(argv: list[str], out: Path) -> Run:
+    """Wall time and the output's allocation of one command that writes ``out``;
+    its peak RSS from wait4 (a fresh process: gdb, or livedump through -c)."""
+    start = time.monotonic()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.monotonic() - start
+    stderr = proc.stderr.read() if proc.stderr else b""
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0 or not out.exists():
+        raise RuntimeError(f"{argv[0]} failed ({proc.returncode}): {stderr.decode()[-500:]}")
+    run = Run(wall, 0.0, os.stat(out).st_blocks * 512, rss=usage.ru_maxrss * 1024)
+    out.unlink()
+    return run
+
+
+def measure_core(runs: int, workdir: Path) -> tuple[list[Run], list[Run], str]:
+    """The seed script under gdb and livedump --core, alternately, on one core."""
+    from .qemus import debug_builds
+
+    qemu = debug_builds()["7.2-debug"]
+    script = seed_script()
+    with VM(qemu=str(qemu.binary), machine="pc", memory="1G",
+            livedump_socket=False) as vm:
+        vm.wait_running(2)
+        vm.command("stop")
+        subprocess.run(["gcore", "-o", str(workdir / "core"), str(vm.pid)], check=True,
+                       capture_output=True)
+        core = workdir / f"core.{vm.pid}"
+    out = workdir / "out.vmcore"
+    seed = ["gdb", "-batch", "-nx", "-ex", f"source {script}",
+            "-ex", f"dump-guest-memory {out} X86_64", str(qemu.binary), str(core)]
+    ours = [sys.executable, "-m", "livedump", "--core", str(core), "--quiet", str(out)]
+    seed_runs: list[Run] = []
+    our_runs: list[Run] = []
+    for i in range(runs):
+        pair = [(seed_runs, seed), (our_runs, ours)]
+        for results, argv in pair if i % 2 == 0 else list(reversed(pair)):
+            results.append(timed(argv, out))
+    return seed_runs, our_runs, (f"core of {os.stat(core).st_size / GiB:.2f} GiB (gcore of "
+                                 f"the 7.2 debug build, 1 GiB guest), read from {workdir}")
 
 
 def fmt_bytes(n: int | None) -> str:
@@ -374,17 +451,33 @@ def main() -> None:
     notes = []
     for name, (series, qemu) in ((n, q) for n in args.scenarios.split(",")
                                  for q in chosen.items()):
+        if name == "core" and series != next(iter(chosen)):
+            continue  # The core of one QEMU build: the QEMUs do not enter into it.
         workdir = args.dir / f"livedump-bench-{os.getpid()}"
         workdir.mkdir()
         try:
             if name == "dmesg":
                 notes.append(f"on QEMU {series}: " + dmesg_bench(args.runs, workdir, qemu))
                 continue
-            qemu_runs, ours, note = measure(name, args.runs, workdir, qemu)
+            if name == "core":
+                seed_runs, ours, note = measure_core(args.runs, workdir)
+            else:
+                qemu_runs, ours, note = measure(name, args.runs, workdir, qemu)
         finally:
             for f in workdir.iterdir():
                 f.unlink()
             workdir.rmdir()
+        if name == "core":
+            s, o = (Run(*(statistics.median(getattr(r, k) for r in runs)
+                          for k in ("wall", "pause", "allocated", "rss")))
+                    for runs in (seed_runs, ours))
+            print(f"{SCENARIOS[name]:36} {'':5} {'seed/gdb':9} {s.wall:7.2f} {'-':>8} "
+                  f"{fmt_bytes(s.allocated):>10} {fmt_bytes(s.rss):>9}")
+            print(f"{'':36} {'':5} {'livedump':9} {o.wall:7.2f} {'-':>8} "
+                  f"{fmt_bytes(o.allocated):>10} {fmt_bytes(o.rss):>9}  "
+                  f"{o.wall / s.wall:.2f}x ({s.wall / o.wall:.1f} times faster)", flush=True)
+            notes.append(f"{name}: {note}")
+            continue
         q = Run(*(statistics.median(getattr(r, k) for r in qemu_runs)
                   for k in ("wall", "pause", "allocated")))
         o = Run(*(statistics.median(getattr(r, k) for r in ours)

@@ -47,12 +47,17 @@ def add_vm_options(p: argparse.ArgumentParser) -> None:
                    "or with --via ptrace only located by libvirt")
     p.add_argument("--connect", metavar="URI", help="libvirt URI for --domain (default: "
                    "$LIBVIRT_DEFAULT_URI, else qemu:///system)")
+    p.add_argument("--core", metavar="CORE",
+                   help="a core file of a QEMU process (plain, or zstd-compressed as "
+                   "systemd-coredump keeps them): the vmcore of its guest, mapped through "
+                   "QEMU's debug info as --via ptrace does; QEMU must have run with "
+                   "dump-guest-core=on (its default)")
     p.add_argument("--via", choices=VIAS, default="auto",
                    help="qmp: pause and map the VM through its monitor; ptrace: freeze "
                    "QEMU's threads and map its RAM from its debug info (no monitor needed); "
                    "auto (default): qmp if a monitor answers, else ptrace")
     p.add_argument("--debug-file", metavar="PATH",
-                   help="QEMU's debug info for --via ptrace (default: found by build-id, "
+                   help="QEMU's debug info for --via ptrace or --core (default: found by build-id, "
                    ".gnu_debuglink or debuginfod)")
     p.add_argument("--qmp-timeout", type=_seconds, default=3.0, metavar="SECONDS",
                    help="how long to wait for a monitor's greeting or reply (default 3)")
@@ -124,6 +129,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         # "livedump --pid 1 dmesg" meant the log, not a vmcore of that name.
         p.error(f"{args.output!r} is a command: give it first (livedump {args.output} "
                 f"--pid PID ...); to write a vmcore of that name, say ./{args.output}")
+    if args.core is not None and (args.pid is not None or args.qmp is not None
+                                  or args.domain is not None):
+        p.error("--core names a core file, not a VM: not with --pid, --qmp or --domain")
+    if args.core is not None and (args.live or not args.pause or args.via != "auto"):
+        p.error("--core reads a core file: --live, --no-pause and --via do not apply")
     return args
 
 
@@ -165,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                       live=args.live, stall_timeout=args.stall_timeout,
                       format=args.format, compress=args.compress, dump_level=args.dump_level,
                       allow_readable_by_others=args.allow_readable_by_others,
+                      core=args.core,
                       progress=None if args.quiet or not sys.stderr.isatty() else ProgressBar())
     try:
         if args.output == STDOUT:
@@ -210,7 +221,9 @@ class ProgressBar:
 
 
 def summary_line(s: Summary) -> str:
-    if not s.was_running:
+    if s.via == "core":
+        paused = "from a core file"
+    elif not s.was_running:
         paused = "guest was already paused"
     elif s.live:
         paused = (f"guest paused {s.pause_seconds:.3f} s (live: memory from QEMU's "
@@ -275,6 +288,8 @@ def _via(s: Summary) -> str:
         return f"via QMP {s.detail}"
     if s.via == "libvirt":
         return f"via libvirt: {s.detail}"
+    if s.via == "core":
+        return f"from the core {s.detail}"
     return f"via ptrace and QEMU's debug info ({s.detail})"
 
 

@@ -13,9 +13,11 @@ the header is written last (see :mod:`livedump.live.snapshot`).
 """
 
 import contextlib
+import functools
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from livedump import __version__
 from livedump.errors import (
@@ -36,7 +38,10 @@ from livedump.transfer.kdump_copy import (
 )
 from livedump.transfer.memory import (
     BackingFiles,
+    Mapping,
+    MemorySource,
     PageMap,
+    Populated,
     ProcessMemory,
     Span,
     check_blocks,
@@ -95,6 +100,7 @@ class Request:
     format: str = "elf"  # or "kdump": makedumpfile's kdump-compressed format
     compress: str | None = None  # kdump's page compression (default zstd)
     dump_level: int = 0  # makedumpfile's -d: the classes of pages left out
+    core: str | None = None  # a core file of QEMU, instead of a running VM
 
 
 @dataclass
@@ -144,6 +150,18 @@ class _Plan:
         return [all(s.private for s in spans) for spans in self.spans]
 
 
+@runtime_checkable
+class _Image(Protocol):
+    """A session over an image of QEMU's memory (a core file) rather than a
+    process: nothing to lock or watch, its memory and mappings its own."""
+
+    memory: "_ImageMemory"
+
+
+class _ImageMemory(MemorySource, Populated, Protocol):
+    def maps(self) -> list[Mapping]: ...
+
+
 class _Copy(Protocol):
     """How memory gets into the vmcore: chosen once, inside the hold, then
     :meth:`inside` while the VM is held and :meth:`after` once it is let go."""
@@ -160,7 +178,7 @@ class _Direct:
 
     live = False
 
-    def __init__(self, memory: ProcessMemory, pagemap: PageMap) -> None:
+    def __init__(self, memory: MemorySource, pagemap: Populated) -> None:
         self.memory, self.pagemap = memory, pagemap
         self.read = 0
 
@@ -204,12 +222,11 @@ def dump(request: Request) -> Summary:
             # Claim the VM before touching it, where its PID is known up front.
             if request.pid is not None:
                 stack.enter_context(VMLock(request.pid))
-            session = open_session(request.pid, request.qmp, request.via, request.qmp_timeout,
-                                   request.debug_file, request.domain, request.connect,
-                                   request.stall_timeout)
+            session = _open(request)
             stack.callback(session.close)
             pid = session.pid
-            if request.pid is None:
+            image = session if isinstance(session, _Image) else None
+            if request.pid is None and image is None:
                 stack.enter_context(VMLock(pid))
             if request.live and not isinstance(session, SnapshotSource):
                 raise UsageError(f"--live needs the VM's QMP monitor, and none could serve "
@@ -221,9 +238,11 @@ def dump(request: Request) -> Summary:
             target = session.target_default(qemu_target) if wanted is None else None
             warnings = ([w] if wanted and qemu_target
                         and (w := arches.contradiction(wanted, qemu_target)) else [])
+            provenance = provenance_note(pid, request.core)
             # The guardian: lets the VM go should livedump die or stall while it
             # holds it, and removes the partial file of a livedump that died.
-            guardian = session.watcher() if request.pause or request.output != STDOUT else None
+            guardian = (session.watcher() if image is None and (request.pause or
+                        request.output != STDOUT) else None)
             if guardian:
                 stack.callback(guardian.partial, None)  # Once the file is gone (or in place).
             out = stack.enter_context(Output(request.output, request.force,
@@ -237,11 +256,18 @@ def dump(request: Request) -> Summary:
                 if guardian:
                     guardian.beat()  # Progress: the stall limit starts again.
 
-            memory = stack.enter_context(ProcessMemory(pid))
-            pagemap = stack.enter_context(PageMap(pid))
-            files = stack.enter_context(BackingFiles(pid))
+            memory: MemorySource
+            pagemap: Populated
+            if image is not None:
+                memory = pagemap = image.memory
+                sources = _Sources(image.memory.maps, None)  # What a core lacks is zeros.
+            else:
+                memory = stack.enter_context(ProcessMemory(pid))
+                pagemap = stack.enter_context(PageMap(pid))
+                sources = _Sources(functools.partial(read_maps, pid),
+                                   stack.enter_context(BackingFiles(pid)))
             prepared = session.prepare()
-            plan = _plan(prepared, files) if prepared is not None else None
+            plan = _plan(prepared, sources) if prepared is not None else None
             live = (stack.enter_context(session.live(qemu_target))
                     if isinstance(session, SnapshotSource) and request.live else None)
             # The snapshot's own pause, the CPU notes from its stream.
@@ -260,7 +286,7 @@ def dump(request: Request) -> Summary:
                 with session.hold(request.pause) as pause:
                     ram = session.ranges(memory, prepared)
                     if plan is None or ram.changed:
-                        plan = _plan(ram, files)
+                        plan = _plan(ram, sources)
                     cpu = session.cpu_notes(memory, plan.blocks)
                     arch, arch_from, cpu = _arch(wanted, target, cpu)
                     if guardian:
@@ -270,7 +296,7 @@ def dump(request: Request) -> Summary:
                     # Pages may wait uncompressed: compression out of the guest's pause.
                     pending = stage_kdump(out, arch, cpu, plan.blocks, plan.private(), memory,
                                           pagemap, request.compress or DEFAULT_COMPRESSION,
-                                          request.dump_level, provenance_note(pid), written,
+                                          request.dump_level, provenance, written,
                                           hint=hint, budget=staging_budget())
                 made = pending.finish()
                 out.commit()
@@ -289,13 +315,15 @@ def dump(request: Request) -> Summary:
                       ) as pause:
                     ram = session.ranges(memory, prepared)
                     if plan is None or ram.changed:
-                        plan = _plan(ram, files)
+                        plan = _plan(ram, sources)
                     data_offset = 0
                     if live and streamed and pause.was_running:
                         # Memory goes after the largest notes the stream may give.
                         forms = live.candidates(plan.blocks)
-                        data_offset = max(_layout(c.arch, plan.blocks, c, pid, VmcoreinfoSearch(
-                            c.arch, c, out.is_stdout).room).data_offset for c in forms)
+                        data_offset = max(_layout(
+                            c.arch, plan.blocks, c, provenance,
+                            VmcoreinfoSearch(c.arch, c, out.is_stdout).room).data_offset
+                            for c in forms)
                         cpu = forms[0]
                     elif live and streamed:
                         cpu = live.paused_notes(plan.blocks[0].gpa)
@@ -306,10 +334,11 @@ def dump(request: Request) -> Summary:
                         guardian.beat()
                     pages = None
                     if request.dump_level & STRUCT_PAGE_LEVELS:
-                        plan, pages = _filter(plan, arch, cpu, memory, files,
+                        plan, pages = _filter(plan, arch, cpu, memory, sources,
                                               request.dump_level, hint, warnings)
                     search = VmcoreinfoSearch(arch, cpu, out.is_stdout)
-                    layout = _layout(arch, plan.blocks, cpu, pid, search.room, data_offset)
+                    layout = _layout(arch, plan.blocks, cpu, provenance, search.room,
+                                     data_offset)
                     writer.inspect = search.inspector(layout)
                     if progress:
                         progress.start(layout.size)
@@ -322,7 +351,8 @@ def dump(request: Request) -> Summary:
             if live and streamed and copier.live:
                 cpu = live.cpu_notes(layout.blocks)
                 arch, arch_from, cpu = _arch(None, target, cpu)
-                final = _layout(arch, layout.blocks, cpu, pid, search.room, layout.data_offset)
+                final = _layout(arch, layout.blocks, cpu, provenance, search.room,
+                                layout.data_offset)
                 if final.offsets != layout.offsets:
                     raise SnapshotError("the vmcore's notes outgrew the room left for them")
                 search.settle(arch, cpu, final)
@@ -333,7 +363,7 @@ def dump(request: Request) -> Summary:
     except LivedumpError:
         # Whatever failed, QEMU's exit is the cause to report (also from the way out:
         # a monitor gone with QEMU fails what puts the VM back).
-        if pid is not None and not alive(pid):
+        if pid is not None and request.core is None and not alive(pid):
             raise ProcessNotFound(f"QEMU (PID {pid}) exited during the dump") from None
         raise
     return Summary(
@@ -348,8 +378,8 @@ def dump(request: Request) -> Summary:
     )
 
 
-def _filter(plan: _Plan, arch: arches.Arch, cpu: CpuNotes, memory: ProcessMemory,
-            files: BackingFiles, dump_level: int, hint: Found | None,
+def _filter(plan: _Plan, arch: arches.Arch, cpu: CpuNotes, memory: MemorySource,
+            sources: "_Sources", dump_level: int, hint: Found | None,
             warnings: list[str]) -> tuple[_Plan, dict[str, object]]:
     """The plan less the pages ``dump_level`` leaves out (``makedumpfile -E``'s ELF),
     and what the report says of them; zero pages need no help, as they are holes."""
@@ -365,27 +395,40 @@ def _filter(plan: _Plan, arch: arches.Arch, cpu: CpuNotes, memory: ProcessMemory
     # As makedumpfile, up to where the kernel's memory ends (device memory beyond).
     end = decision.end_pfn * PAGE if decision.end_pfn is not None else None
     blocks, _ = without_pages(plan.blocks, plan.private(), decision.pfns(), PAGE, end)
-    return _plan_of(blocks, files), {"dump_level": dump_level,
+    return _plan_of(blocks, sources), {"dump_level": dump_level,
                                     "excluded_pages": decision.counts()}
 
 
-def _layout(arch: arches.Arch, blocks: list[Block], cpu: CpuNotes, pid: int,
+def _layout(arch: arches.Arch, blocks: list[Block], cpu: CpuNotes, provenance: Note,
             room: int, data_offset: int = 0) -> CoreLayout:
     """The vmcore's layout: QEMU's notes, ours, then ``room`` for VMCOREINFO."""
-    notes: list[Notes] = [*([cpu] if isinstance(cpu, QemuNotes) else []), provenance_note(pid)]
+    notes: list[Notes] = [*([cpu] if isinstance(cpu, QemuNotes) else []), provenance]
     return CoreLayout(arch, blocks, notes, room, data_offset)
 
 
-def _plan(ram: RamMap, files: BackingFiles) -> _Plan:
+@dataclass(frozen=True)
+class _Sources:
+    """Where a plan's blocks are read from: QEMU's mappings, and for a process
+    the files behind its shared memory (none for a core file, where memory the
+    core lacks is zeros)."""
+
+    maps: Callable[[], Sequence[Mapping]]
+    files: BackingFiles | None
+
+
+def _plan(ram: RamMap, sources: _Sources) -> _Plan:
     blocks = coalesce(ram.ranges)
     if not blocks:
         raise GuestMemoryError("the VM has no RAM in its memory map")
-    return _plan_of(blocks, files)
+    return _plan_of(blocks, sources)
 
 
-def _plan_of(blocks: list[Block], files: BackingFiles) -> _Plan:
+def _plan_of(blocks: list[Block], sources: _Sources) -> _Plan:
     """The plan for ``blocks``: each one's parts by the mappings that cover it."""
-    covering = check_blocks(blocks, read_maps(files.pid))
+    covering = check_blocks(blocks, sources.maps())
+    if sources.files is None:
+        return _Plan(blocks, [[Span(0, b.size, True)] for b in blocks])
+    files = sources.files
     return _Plan(blocks, [files.spans(b, c) for b, c in zip(blocks, covering, strict=True)])
 
 
@@ -398,6 +441,17 @@ def _target(session: Session, wanted: arches.Arch | None) -> str:
         if wanted is None:
             raise
         return ""
+
+
+def _open(request: Request) -> Session:
+    """The session the request names: a core file, or a running VM."""
+    if request.core is not None:
+        from livedump.coredump.session import CoreSession
+
+        return CoreSession(request.core, request.debug_file)
+    return open_session(request.pid, request.qmp, request.via, request.qmp_timeout,
+                        request.debug_file, request.domain, request.connect,
+                        request.stall_timeout)
 
 
 def _arch(wanted: arches.Arch | None, target: arches.TargetDefault | None,
@@ -423,6 +477,6 @@ def _arch(wanted: arches.Arch | None, target: arches.TargetDefault | None,
     return target.arch, str(target), cpu
 
 
-def provenance_note(pid: int) -> Note:
-    text = f"livedump {__version__}\npid {pid}\n"
+def provenance_note(pid: int, core: str | None = None) -> Note:
+    text = f"livedump {__version__}\npid {pid}\n" + (f"core {core}\n" if core else "")
     return Note("LIVEDUMP", NT_LIVEDUMP_INFO, text.encode())

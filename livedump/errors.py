@@ -122,6 +122,21 @@ class GuestKernelError(LivedumpError):
     meaning = "the guest kernel's log cannot be read (no Linux VMCOREINFO, or unsupported)"
 
 
+class CoreFileError(LivedumpError):
+    """``--core``: the file is not a process's core file, or is cut short."""
+
+    exit_code = 18
+    meaning = "--core: not a core file, or a truncated one"
+
+
+class NoGuestRam(LivedumpError):
+    """``--core``: the core holds QEMU's structures but not the guest's RAM
+    (QEMU ran with ``-machine dump-guest-core=off``)."""
+
+    exit_code = 19
+    meaning = "--core: the core holds none of the guest's RAM (dump-guest-core=off)"
+
+
 def exit_codes() -> list[tuple[int, str]]:
     """Every exit code and what it means, for ``--help`` and the README's table."""
     found: dict[int, str] = {0: "vmcore written"}

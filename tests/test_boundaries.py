@@ -22,6 +22,8 @@ ALLOWED = {
     "ptrace": {"vm", "vmcore", "transfer"},
     "live": {"qmp", "vm", "vmcore", "transfer"},
     "guest": {"vmcore", "transfer"},
+    # A core file's session reads QEMU's structures as ptrace mode does.
+    "coredump": {"ptrace", "vm", "vmcore", "transfer"},
 }
 SHARED = {"errors", "signals", "proc", "__init__", "__version__"}
 # The guardian speaks QMP on the monitor connection it inherits: it reads
@@ -60,12 +62,12 @@ def test_each_step_imports_only_the_steps_below_it(package):
             assert parts[0] in ALLOWED[package], f"{path.name} imports {name}"
 
 
-def test_a_dump_through_the_monitor_loads_no_ptrace_dwarf_libvirt_or_migration_code():
+def test_a_dump_through_the_monitor_loads_no_ptrace_dwarf_libvirt_core_or_migration_code():
     probe = """
 import sys
 import livedump.cli, livedump.dump, livedump.qmp.session, livedump.vm.session
 loaded = sorted(m for m in sys.modules if m.startswith(("livedump.ptrace", "livedump.libvirt",
-                "livedump.live", "elftools", "ptrace", "libvirt")))
+                "livedump.live", "livedump.coredump", "elftools", "ptrace", "libvirt")))
 print(loaded)
 """
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,

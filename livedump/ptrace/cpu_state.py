@@ -16,12 +16,19 @@ error QEMU reports); ``vcpu_dirty`` says it was, and stays set until the
 vCPU runs again. Otherwise QEMU's copy is stale.
 """
 
+import contextlib
+import os
+import platform
 from dataclasses import dataclass
 
-from livedump.errors import GuestMemoryError
+from livedump.errors import GuestMemoryError, UsageError
 from livedump.ptrace.layout import QemuLayout
 from livedump.ptrace.ram_map import Reader
-from livedump.transfer.memory import ProcessMemory
+from livedump.transfer.memory import MemorySource
+from livedump.vmcore import arch as arches
+from livedump.vmcore import x86_notes
+from livedump.vmcore.blocks import Block
+from livedump.vmcore.notes import CpuNotes, NoCpuNotes
 from livedump.vmcore.x86_notes import SEGMENTS, Segment, X86State
 
 # More CPUs than this is not QEMU's list but garbage (QEMU's limit is 4096 or so).
@@ -35,7 +42,7 @@ class VCpu:
     synced: bool  # KVM: QEMU fetched the registers from the kernel since it last ran
 
 
-def accelerator(memory: ProcessMemory, layout: QemuLayout, bias: int) -> str | None:
+def accelerator(memory: MemorySource, layout: QemuLayout, bias: int) -> str | None:
     """``"tcg"`` or ``"kvm"``, whichever QEMU enabled; None if neither (Xen, qtest...)."""
     r = Reader(memory, layout)
     for name, flag in layout.accelerators.items():
@@ -44,7 +51,7 @@ def accelerator(memory: ProcessMemory, layout: QemuLayout, bias: int) -> str | N
     return None
 
 
-def read_cpus(memory: ProcessMemory, layout: QemuLayout, bias: int) -> list[VCpu]:
+def read_cpus(memory: MemorySource, layout: QemuLayout, bias: int) -> list[VCpu]:
     """Every vCPU in QEMU's order (the order of its notes). QEMU must be frozen."""
     assert layout.cpu_list is not None
     r = Reader(memory, layout)
@@ -70,6 +77,48 @@ def read_cpus(memory: ProcessMemory, layout: QemuLayout, bias: int) -> list[VCpu
     if not found:
         raise GuestMemoryError("QEMU's list of CPUs is empty")
     return found
+
+
+def target_arch(exe: str, layout: QemuLayout) -> str:
+    """The QEMU target of the binary ``exe``, as ``query-target`` names it: from
+    its name (qemu-system-TARGET; qemu-kvm runs the host's), else x86 if its
+    debug info holds x86 CPU state. The vCPUs' state may refine it (:func:`notes`)."""
+    name = os.path.basename(exe.removesuffix(" (deleted)"))
+    target = platform.machine() if name == "qemu-kvm" else name.removeprefix("qemu-system-")
+    with contextlib.suppress(UsageError):
+        return arches.for_target(target).target
+    if layout.cpu_list is not None:
+        regs, word = (layout.structs["CPUArchState"][m].size for m in ("regs", "eip"))
+        return "x86_64" if regs // word == 16 else "i386"
+    raise UsageError(f"cannot tell which architecture {name} emulates: give --arch")
+
+
+def notes(memory: MemorySource, layout: QemuLayout, bias: int, blocks: list[Block]) -> CpuNotes:
+    """The vCPUs' registers from QEMU's memory (TCG only, or what QEMU fetched
+    from KVM), as QEMU's notes; or why there are none. QEMU must be still."""
+    if layout.cpu_list is None:
+        return NoCpuNotes(f"no CPU registers ({layout.no_cpu_state})")
+    try:
+        accel = accelerator(memory, layout, bias)
+        if accel is None:
+            return NoCpuNotes("no CPU registers: QEMU runs its vCPUs under neither "
+                              "TCG nor KVM")
+        cpus = read_cpus(memory, layout, bias)
+    except GuestMemoryError as e:
+        return NoCpuNotes(f"no CPU registers ({e})")
+    if accel == "kvm":
+        if not all(c.synced for c in cpus):
+            return NoCpuNotes("no CPU registers: under KVM the kernel holds them and "
+                              "QEMU's copy is stale (QMP mode has QEMU fetch them)")
+        source = "QEMU's memory (KVM's registers, which QEMU had fetched"
+    else:
+        source = "QEMU's memory (TCG's vCPU state"
+        running = sum(c.running for c in cpus)
+        if running:
+            source += (f"; {running} of {len(cpus)} vCPUs were executing guest code: "
+                       "their rip may be an earlier instruction's, their rflags lack "
+                       "the arithmetic flags")
+    return x86_notes.qemu_notes([c.state for c in cpus], blocks, source + ")")
 
 
 def _x86_state(r: Reader, layout: QemuLayout, index: int, env: bytes) -> X86State:

@@ -16,12 +16,9 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from elftools.common.exceptions import ELFError
-from elftools.elf.elffile import ELFFile
-
 from livedump.errors import GuestMemoryError
 from livedump.ptrace.layout import Field, QemuLayout
-from livedump.transfer.memory import PAGE_SIZE, Buffer, Mapping, ProcessMemory
+from livedump.transfer.memory import PAGE_SIZE, Buffer, Mapping, MemorySource
 from livedump.vmcore.blocks import GuestRange
 
 # More ranges than this is not a flat view but garbage (a mismatched layout).
@@ -34,6 +31,9 @@ def load_bias(pid: int, layout: QemuLayout, maps: Sequence[Mapping]) -> int:
     """How far the kernel moved QEMU's (PIE) executable: where its first segment is mapped."""
     if not layout.pie:
         return 0
+    from elftools.common.exceptions import ELFError  # Slow to import: only where needed.
+    from elftools.elf.elffile import ELFFile
+
     exe = f"/proc/{pid}/exe"  # The running binary, even if replaced on disk since.
     try:
         with open(exe, "rb") as f:
@@ -43,8 +43,15 @@ def load_bias(pid: int, layout: QemuLayout, maps: Sequence[Mapping]) -> int:
     except (OSError, ELFError, ValueError) as e:
         raise GuestMemoryError(f"cannot read QEMU's executable: {e}") from None
     # pyelftools' header fields are untyped; ELF's are integers.
-    file_start: int = first["p_offset"] - first["p_offset"] % max(first["p_align"], 1)
-    link_start: int = first["p_vaddr"] - (first["p_offset"] - file_start)
+    return mapped_bias(first["p_offset"], first["p_vaddr"], first["p_align"], path, maps)
+
+
+def mapped_bias(p_offset: int, p_vaddr: int, p_align: int, path: str,
+                maps: Sequence[Mapping]) -> int:
+    """The load bias of the executable ``path`` whose first PT_LOAD is given:
+    where ``maps`` show the page of its file that segment starts in."""
+    file_start = p_offset - p_offset % max(p_align, 1)
+    link_start = p_vaddr - (p_offset - file_start)
     for m in maps:
         if m.offset == file_start and m.path == path:
             return m.start - link_start
@@ -54,7 +61,7 @@ def load_bias(pid: int, layout: QemuLayout, maps: Sequence[Mapping]) -> int:
 class Reader:
     """Typed reads of QEMU's memory in QEMU's byte order and pointer size."""
 
-    def __init__(self, memory: ProcessMemory, layout: QemuLayout) -> None:
+    def __init__(self, memory: MemorySource, layout: QemuLayout) -> None:
         self.memory = memory
         self.layout = layout
 
@@ -87,7 +94,7 @@ class Reader:
         return data.partition(b"\0")[0].decode(errors="replace")
 
 
-def guest_ranges(memory: ProcessMemory, layout: QemuLayout, bias: int) -> list[GuestRange]:
+def guest_ranges(memory: MemorySource, layout: QemuLayout, bias: int) -> list[GuestRange]:
     """The RAM ranges ``dump-guest-memory`` would dump, read from QEMU's memory."""
     r = Reader(memory, layout)
     s = layout.structs

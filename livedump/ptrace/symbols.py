@@ -8,8 +8,10 @@ up, by their offsets in the string table.
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from elftools.elf.elffile import ELFFile
+if TYPE_CHECKING:  # Not loaded for a cached layout: it takes long to import.
+    from elftools.elf.elffile import ELFFile
 
 # An ELF symbol per class: its struct format, where st_value, st_size, st_info
 # and st_shndx are in it.
@@ -25,7 +27,7 @@ class Symbol:
     size: int
 
 
-def read_symbols(elf: ELFFile, names: Iterable[str]) -> dict[str, Symbol]:
+def read_symbols(elf: "ELFFile", names: Iterable[str]) -> dict[str, Symbol]:
     """The defined global symbols of ``names`` there are, from .symtab (else .dynsym)."""
     layout, value_at, size_at, info_at, section_at = _SYMBOL_ENTRY[elf.elfclass]
     fmt = ("<" if elf.little_endian else ">") + layout

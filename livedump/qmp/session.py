@@ -12,7 +12,7 @@ from livedump.qmp import memory_devices, notes, ram_map
 from livedump.qmp.memory_devices import VirtioMem
 from livedump.qmp.monitor import Monitor
 from livedump.qmp.transport import QMPTransport
-from livedump.transfer.memory import ProcessMemory, page_with_data, read_maps
+from livedump.transfer.memory import MemorySource, page_with_data, read_maps
 from livedump.vm.guardian import STALL_TIMEOUT, Guardian
 from livedump.vm.pause import Control, Pause, not_paused, paused
 from livedump.vm.process import Address, QmpEndpoint, qemu_executable, qmp_endpoints
@@ -116,7 +116,7 @@ class MonitoredSession(abc.ABC):
     def guardian(self) -> Guardian:
         """A guardian that can resume the guest without us."""
 
-    def ranges(self, memory: ProcessMemory, prepared: RamMap | None) -> RamMap:
+    def ranges(self, memory: MemorySource, prepared: RamMap | None) -> RamMap:
         """Inside the pause: ``prepared`` itself if the map is unchanged, else the
         new map, checked (then QEMU's RAM blocks are read again, as they may
         have changed with it). A partly plugged virtio-mem device's blocks
@@ -141,12 +141,12 @@ class MonitoredSession(abc.ABC):
         self._view, self._devices = view, devices
         return RamMap(self._checked(view, loads))
 
-    def cpu_notes(self, memory: ProcessMemory, blocks: list[Block]) -> CpuNotes:
+    def cpu_notes(self, memory: MemorySource, blocks: list[Block]) -> CpuNotes:
         """Inside the pause: QEMU's notes for this instant, or why there are none."""
         if not self._still:  # QEMU's one-page dump would stop the guest.
             return NoCpuNotes("no CPU registers with --no-pause")
         # A page QEMU has: its dump of a hole would create the page (a huge one).
-        gpa = page_with_data(memory.pid, blocks)
+        gpa = page_with_data(self.pid, blocks)
         try:
             if self._header is not None:  # Taken in this pause, for the map.
                 return dataclasses.replace(parse(self._header), source=self.header_source)

@@ -36,8 +36,8 @@ from livedump.transfer.memory import (
     DATA,
     PAGE_SIZE,
     Buffer,
-    PageMap,
-    ProcessMemory,
+    MemorySource,
+    Populated,
     Span,
     file_extents,
     read_file,
@@ -80,7 +80,7 @@ class _Source:
     def at(self, done: int) -> "_Source":
         return _Source(self.block, self.offset + done, self.file, self.file_offset + done)
 
-    def read(self, memory: ProcessMemory, buf: Buffer, length: int) -> None:
+    def read(self, memory: MemorySource, buf: Buffer, length: int) -> None:
         address = self.block.hva + self.offset
         if self.file is None:
             memory.read(buf, length, address, self.block)
@@ -220,7 +220,7 @@ class Writer:
 class _Readers:
     """Threads that take the chunks in turn, read them and place them."""
 
-    def __init__(self, memory: ProcessMemory, pieces: Iterator[_Piece], writer: Writer,
+    def __init__(self, memory: MemorySource, pieces: Iterator[_Piece], writer: Writer,
                  count: int = READERS) -> None:
         self.memory, self.writer = memory, writer
         self.read = 0  # bytes read
@@ -334,8 +334,8 @@ def _zero(buf: Buffer, at: int, length: int) -> bool:
     return differs == 0
 
 
-def copy(layout: CoreLayout, spans: Sequence[Sequence[Span]], memory: ProcessMemory,
-         pagemap: PageMap, writer: Writer, readers: int = READERS) -> int:
+def copy(layout: CoreLayout, spans: Sequence[Sequence[Span]], memory: MemorySource,
+         pagemap: Populated, writer: Writer, readers: int = READERS) -> int:
     """Write the header and read every block with ``readers`` threads; return
     the bytes read once the last is read (and, into a file, written).
 
@@ -352,7 +352,7 @@ def copy(layout: CoreLayout, spans: Sequence[Sequence[Span]], memory: ProcessMem
 
 
 def _pieces(layout: CoreLayout, spans: Sequence[Sequence[Span]],
-            pagemap: PageMap) -> Iterator[_Piece]:
+            pagemap: Populated) -> Iterator[_Piece]:
     for block, start, parts in zip(layout.blocks, layout.offsets, spans, strict=True):
         for offset, length, source in _extents(block, parts, pagemap):
             if source is None:
@@ -363,7 +363,7 @@ def _pieces(layout: CoreLayout, spans: Sequence[Sequence[Span]],
 
 
 def _extents(block: Block, spans: Sequence[Span],
-             pagemap: PageMap) -> Iterator[tuple[int, int, _Source | None]]:
+             pagemap: Populated) -> Iterator[tuple[int, int, _Source | None]]:
     """``(offset, length, source)`` runs of the block: None where nothing is."""
     # The page map speaks in whole host pages; a block that is not made of
     # them (64 KiB host pages, say) is read in full, through QEMU.

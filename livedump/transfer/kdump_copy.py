@@ -19,7 +19,7 @@ from typing import Generic, TypeVar
 from livedump import signals
 from livedump.errors import DumpIOError
 from livedump.transfer.copier import CHUNK
-from livedump.transfer.memory import PAGE_SIZE, Buffer, PageMap, ProcessMemory
+from livedump.transfer.memory import PAGE_SIZE, Buffer, MemorySource, Populated
 from livedump.transfer.output import Output
 from livedump.vmcore.arch import Arch
 from livedump.vmcore.blocks import Block
@@ -87,8 +87,8 @@ class _Chunk:
     length: int  # bytes of guest memory it covers
 
 
-def copy_kdump(layout: KdumpLayout, private: Sequence[bool], memory: ProcessMemory,
-               pagemap: PageMap, sink: Sink, compression: str, dump_level: int,
+def copy_kdump(layout: KdumpLayout, private: Sequence[bool], memory: MemorySource,
+               pagemap: Populated, sink: Sink, compression: str, dump_level: int,
                inspect: Inspect | None = None, on_written: Callable[[int], None] | None = None,
                workers: int = WORKERS, budget: int = 0) -> "Staged":
     """Read every page ``layout`` keeps; ``inspect(gpa, data, length)`` sees each
@@ -116,7 +116,7 @@ _RAW = -1  # a page's flags while it waits for compression
 
 
 class _Run:
-    def __init__(self, layout: KdumpLayout, memory: ProcessMemory, sink: Sink,
+    def __init__(self, layout: KdumpLayout, memory: MemorySource, sink: Sink,
                  compression: str, dump_level: int, inspect: Inspect | None,
                  on_written: Callable[[int], None] | None, workers: int, budget: int) -> None:
         self.layout, self.memory, self.sink = layout, memory, sink
@@ -285,7 +285,7 @@ class _Ordered(Generic[T]):
             ended.set()
 
 
-def _pieces(layout: KdumpLayout, private: Sequence[bool], pagemap: PageMap) -> Iterator[_Piece]:
+def _pieces(layout: KdumpLayout, private: Sequence[bool], pagemap: Populated) -> Iterator[_Piece]:
     for block, is_private in zip(layout.blocks, private, strict=True):
         # The page map speaks in whole host pages: other blocks are read in full.
         if is_private and (block.hva | block.size) % PAGE_SIZE == 0:
@@ -329,7 +329,7 @@ class Made:
 
 
 def write_kdump(out: Output, arch: Arch, cpu: CpuNotes, blocks: Sequence[Block],
-                private: Sequence[bool], memory: ProcessMemory, pagemap: PageMap,
+                private: Sequence[bool], memory: MemorySource, pagemap: Populated,
                 compression: str, dump_level: int, provenance: Note,
                 on_written: Callable[[int], None] | None = None,
                 workers: int = WORKERS, hint: Found | None = None, budget: int = 0) -> Made:
@@ -352,7 +352,7 @@ def staging_budget() -> int:
 
 
 def stage_kdump(out: Output, arch: Arch, cpu: CpuNotes, blocks: Sequence[Block],
-                private: Sequence[bool], memory: ProcessMemory, pagemap: PageMap,
+                private: Sequence[bool], memory: MemorySource, pagemap: Populated,
                 compression: str, dump_level: int, provenance: Note,
                 on_written: Callable[[int], None] | None = None,
                 workers: int = WORKERS, hint: Found | None = None,
@@ -422,7 +422,7 @@ class PendingKdump:
     finish: Callable[[], Made]
 
 
-def page_decision(arch: Arch, cpu: CpuNotes, notes: bytes, memory: ProcessMemory,
+def page_decision(arch: Arch, cpu: CpuNotes, notes: bytes, memory: MemorySource,
                   blocks: Sequence[Block], ram: Bitmap, dump_level: int,
                   hint: Found | None) -> Decision:
     """The pages ``dump_level`` leaves out, decided while the VM is held, with
@@ -454,7 +454,7 @@ def _entries(text: bytes) -> dict[str, str] | None:
         return None
 
 
-def guest_reader(memory: ProcessMemory, blocks: Sequence[Block]) -> ReadPhys:
+def guest_reader(memory: MemorySource, blocks: Sequence[Block]) -> ReadPhys:
     """Reads of guest-physical memory straight from QEMU (None outside its RAM)."""
     def read_at(gpa: int, n: int) -> bytes | None:
         for b in blocks:
@@ -482,7 +482,7 @@ def guest_utsname(entries: dict[str, str] | None, arch: Arch, read_at: ReadPhys)
     return Utsname.unpack(raw)
 
 
-def find_vmcoreinfo(arch: Arch, cpu: CpuNotes, memory: ProcessMemory,
+def find_vmcoreinfo(arch: Arch, cpu: CpuNotes, memory: MemorySource,
                     blocks: Sequence[Block]) -> Found | None:
     """VMCOREINFO, looked for through all of guest memory as the copy would, and
     checked as it is; None where none (or more than one) passes."""

@@ -11,6 +11,7 @@ import sys
 import typing
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from livedump import proc
 from livedump.errors import DumpIOError, GuestMemoryError, LivedumpError, ProcessNotFound
@@ -302,6 +303,25 @@ def read_file(buf: "Buffer", length: int, fd: int, offset: int, guest: Block,
                               f"behind it, at {offset + done:#x}")
         done += n
     return buf.view[:length]
+
+
+class MemorySource(Protocol):
+    """Where QEMU's memory is read from: a live process (:class:`ProcessMemory`)
+    or the core file of one. The RAM-map walk, the vCPU reader and the copy
+    read through this alone."""
+
+    def read(self, buf: "Buffer", length: int, address: int,
+             guest: Block | None = None) -> memoryview:
+        """``length`` bytes from ``address`` into ``buf``; ``guest``: the guest
+        RAM block being read, named in errors."""
+
+
+class Populated(Protocol):
+    """Which pages of a memory source hold data (:class:`PageMap` for a process)."""
+
+    def extents(self, address: int, size: int) -> Iterator[tuple[int, int, int]]:
+        """``(offset, length, kind)`` runs: :data:`ABSENT`, :data:`DATA` or :data:`ZERO`
+        (a source that knows only present or not may say False or True)."""
 
 
 class _IOVec(ctypes.Structure):
