@@ -1,14 +1,14 @@
 """--core's reading of a core file: its headers and notes, its memory by
 address, and a zstd-compressed core read out of order."""
 
+import io
 import os
 import random
-import shutil
 import struct
-import subprocess
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from livedump.coredump import elfcore, image
 from livedump.coredump.session import CoreMemory
@@ -102,7 +102,13 @@ def test_memory_by_address_across_segments_and_what_the_core_lacks(tmp_path):
     core.close()
 
 
-@pytest.mark.skipif(shutil.which("zstd") is None, reason="needs zstd")
+def zst(path: Path) -> Path:
+    """``path`` compressed as the zstd program does by default (with a checksum)."""
+    out = path.with_name(path.name + ".zst")
+    out.write_bytes(zstandard.ZstdCompressor(write_checksum=True).compress(path.read_bytes()))
+    return out
+
+
 def test_zstd_core_read_in_any_order(tmp_path, monkeypatch):
     """Random reads of a compressed file equal the file's bytes: kept spans
     from memory, recent ones from the window, earlier ones by a restart."""
@@ -111,8 +117,7 @@ def test_zstd_core_read_in_any_order(tmp_path, monkeypatch):
     rng = random.Random(1)
     data = bytes(rng.getrandbits(8) for _ in range(300_000))
     (tmp_path / "f").write_bytes(data)
-    subprocess.run(["zstd", "-q", str(tmp_path / "f"), "-o", str(tmp_path / "f.zst")],
-                   check=True)
+    zst(tmp_path / "f")
     core = image.open_core(str(tmp_path / "f.zst"))
     assert isinstance(core, image.ZstdCore)
     # gcore puts its notes last: read before the pass that keeps what lies before them.
@@ -133,11 +138,9 @@ def test_zstd_core_read_in_any_order(tmp_path, monkeypatch):
     core.close()
 
 
-@pytest.mark.skipif(shutil.which("zstd") is None, reason="needs zstd")
 def test_truncated_zstd_core_is_refused_where_read(tmp_path):
     (tmp_path / "f").write_bytes(os.urandom(1 << 20))
-    subprocess.run(["zstd", "-q", str(tmp_path / "f"), "-o", str(tmp_path / "f.zst")],
-                   check=True)
+    zst(tmp_path / "f")
     os.truncate(tmp_path / "f.zst", os.path.getsize(tmp_path / "f.zst") // 2)
     core = image.open_core(str(tmp_path / "f.zst"))
     with pytest.raises(CoreFileError, match="truncated"):
@@ -145,15 +148,13 @@ def test_truncated_zstd_core_is_refused_where_read(tmp_path):
     core.close()
 
 
-@pytest.mark.skipif(shutil.which("zstd") is None, reason="needs zstd")
 def test_zstd_core_keeps_zeros_as_references(tmp_path, monkeypatch):
     """A kept segment mostly zeros (TCG's code buffer) costs memory only for its data."""
     monkeypatch.setattr(image, "_PIECE", 4096)
     monkeypatch.setattr(image, "_ZEROS", bytes(4096))
     data = os.urandom(10_000) + bytes(200_000) + os.urandom(10_000)
     (tmp_path / "f").write_bytes(data)
-    subprocess.run(["zstd", "-q", str(tmp_path / "f"), "-o", str(tmp_path / "f.zst")],
-                   check=True)
+    zst(tmp_path / "f")
     core = image.open_core(str(tmp_path / "f.zst"))
     assert isinstance(core, image.ZstdCore)
     core.keep([(0, len(data))])
@@ -161,4 +162,89 @@ def test_zstd_core_keeps_zeros_as_references(tmp_path, monkeypatch):
     assert 20_000 <= held < 40_000
     for offset, size in [(9_000, 5_000), (0, len(data)), (205_000, 15_000)]:
         assert core.pread(offset, size) == data[offset : offset + size]
+    core.close()
+
+
+def test_zstd_core_needs_no_zstd_program(tmp_path, monkeypatch):
+    data = os.urandom(100_000)
+    (tmp_path / "f").write_bytes(data)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    core = image.open_core(str(zst(tmp_path / "f")))
+    assert core.pread(0, len(data) + 1) == data
+    core.close()
+
+
+def compressible(size: int) -> bytes:
+    """Random bytes, zeros and a pattern: raw, RLE and compressed blocks."""
+    rng = random.Random(2)
+    data = rng.randbytes(200_000) + bytes(400_000) + b"0123456789abcdef" * 30_000
+    return (data * (size // len(data) + 1))[:size]
+
+
+def test_zstd_core_of_several_frames(tmp_path):
+    """Frames one after another, and a skippable frame between (the zstd
+    program reads them all as one stream)."""
+    data = compressible(3 << 20)
+    half = len(data) // 2
+    skippable = (0x184D2A53).to_bytes(4, "little") + (5).to_bytes(4, "little") + b"hello"
+    (tmp_path / "f.zst").write_bytes(
+        zstandard.ZstdCompressor().compress(data[:half]) + skippable
+        + zstandard.ZstdCompressor(write_checksum=True, write_content_size=False)
+        .compress(data[half:]))
+    core = image.open_core(str(tmp_path / "f.zst"))
+    assert core.pread(0, len(data) + 1) == data
+    core.close()
+
+
+def blocks(data: bytes) -> tuple[bytes, list[int]]:
+    """``data`` as one zstd frame with a checksum, and where some of its
+    blocks end: cut there, the library's reader just stops."""
+    out = io.BytesIO()
+    writer = zstandard.ZstdCompressor(write_checksum=True).stream_writer(out, closefd=False)
+    ends = []
+    for at in range(0, len(data), 500_000):
+        writer.write(data[at : at + 500_000])
+        writer.flush(zstandard.FLUSH_BLOCK)
+        ends.append(out.tell())
+    writer.close()
+    return out.getvalue(), ends
+
+
+@pytest.mark.parametrize("cut", ["header", "middle", "block end", "checksum"])
+def test_zstd_core_cut_anywhere_is_truncated(tmp_path, cut):
+    """Cut short anywhere, even where a block ends: one CoreFileError, read to
+    the end in any way; only a cut in the checksum loses no data."""
+    data = compressible(3 << 20)
+    whole, ends = blocks(data)
+    at = {"header": 6, "middle": len(whole) // 2, "block end": ends[2],
+          "checksum": len(whole) - 2}[cut]
+    (tmp_path / "f.zst").write_bytes(whole[:at])
+    for read in ("pread", "readinto", "keep"):
+        core = image.open_core(str(tmp_path / "f.zst"))
+        assert isinstance(core, image.ZstdCore)
+        if cut == "checksum" and read != "pread":
+            assert core.pread(0, len(data)) == data
+        else:
+            with pytest.raises(CoreFileError, match="truncated"):
+                if read == "pread":
+                    core.pread(0, len(data) + 1)
+                elif read == "readinto":
+                    core.readinto(memoryview(bytearray(len(data))), 0)
+                else:
+                    core.keep([(len(data) - 100, 100)])
+        core.close()
+    (tmp_path / "f.zst").write_bytes(whole)
+    core = image.open_core(str(tmp_path / "f.zst"))
+    assert core.pread(0, len(data) + 1) == data
+    core.close()
+
+
+def test_corrupt_zstd_core_is_refused(tmp_path):
+    data = os.urandom(300_000) + b"abc" * 100_000
+    compressed = bytearray(zstandard.ZstdCompressor(write_checksum=True).compress(data))
+    compressed[-100] ^= 0xFF  # in the last, compressed block (or else its checksum fails)
+    (tmp_path / "f.zst").write_bytes(compressed)
+    core = image.open_core(str(tmp_path / "f.zst"))
+    with pytest.raises(CoreFileError, match="cannot be decompressed"):
+        core.pread(0, len(data))
     core.close()

@@ -4,31 +4,31 @@ A plain core is read with ``pread`` at the speed of the file, and its holes
 (the kernel leaves pages it never populated as holes) are found with
 ``SEEK_DATA``/``SEEK_HOLE`` and never read. A zstd-compressed core, as
 systemd-coredump stores it, is one zstd frame with no seek table: it is
-decompressed by the ``zstd`` program (its own process, so decompression
-runs beside livedump's copy) in order, with nothing written to disk.
-Random access is served three ways: the small segments (QEMU's heap,
-stacks, ROMs: everything the RAM-map walk reads) are kept in memory from a
-first pass, their zeros (most of TCG's code buffer) as references to one
-zero piece; the last few MiB read are kept, for the copy's readers that ask
-slightly out of order; a read before those starts the decompression again
-(once per dump, typically: the guest's RAM lies before QEMU's stacks). A
-compressed core is therefore decompressed about twice: slower than a plain
-one, but with no temporary copy on disk.
+decompressed in order by the zstandard library (which lets go of the GIL
+while it works, so decompression runs beside livedump's copy), with nothing
+written to disk. Random access is served three ways: the small segments
+(QEMU's heap, stacks, ROMs: everything the RAM-map walk reads) are kept in
+memory from a first pass, their zeros (most of TCG's code buffer) as
+references to one zero piece; the last few MiB read are kept, for the
+copy's readers that ask slightly out of order; a read before those starts
+the decompression again (once per dump, typically: the guest's RAM lies
+before QEMU's stacks). A compressed core is therefore decompressed about
+twice: slower than a plain one, but with no temporary copy on disk.
 """
 
 import bisect
-import io
 import os
-import shutil
-import subprocess
 import threading
-import typing
 from collections import deque
 from typing import IO, Protocol
+
+import zstandard
 
 from livedump.errors import CoreFileError, DumpIOError, UsageError
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_SKIPPABLE_MAGIC = 0x184D2A50  # ...to 0x184D2A5F: a frame of metadata, no data
+_FRAME_HEADER_MAX = 18
 _PIECE = 1 << 20  # bytes decompressed per read of the stream
 _WINDOW = 64 << 20  # the recent bytes kept for readers slightly out of order
 _KEEP_SEGMENT = 64 << 20  # segments up to this size are kept from the first pass...
@@ -56,8 +56,7 @@ def open_core(path: str) -> "PlainCore | ZstdCore":
     except OSError as e:
         raise UsageError(f"cannot open the core {path}: {e.strerror}") from None
     if f.read(4) == ZSTD_MAGIC:
-        f.close()
-        return ZstdCore(path)
+        return ZstdCore(path, f)
     return PlainCore(path, f)
 
 
@@ -120,18 +119,16 @@ class PlainCore:
 
 
 class ZstdCore:
-    """A zstd-compressed core, decompressed in order by ``zstd -dc``."""
+    """A zstd-compressed core, decompressed in order by the zstandard library."""
 
     compressed = True
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, f: IO[bytes]) -> None:
         self.path = path
-        self._zstd = shutil.which("zstd")
-        if self._zstd is None:
-            raise UsageError(f"{path} is compressed with zstd: install zstd (the program) "
-                             "to read it")
+        self._f = f
         self._lock = threading.Lock()
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._reader: zstandard.ZstdDecompressionReader | None = None
+        self._whole: bool | None = None  # the file's frames all end in it (found at the end)
         self._pos = 0  # the offset of the next byte the stream gives
         self._ended = False  # the stream gave its last byte
         self._recent: deque[tuple[int, bytes]] = deque()  # (offset, bytes), in order
@@ -139,7 +136,6 @@ class ZstdCore:
         self._kept_starts: list[int] = []
         self._kept: list[bytes | memoryview] = []
         self.restarts = 0
-        self._scratch = bytearray(_PIECE)
 
     # -- reading --------------------------------------------------------------------
 
@@ -194,68 +190,86 @@ class ZstdCore:
             if at - self._pos > _WINDOW + _PIECE:  # far behind: skip, keeping nothing
                 self._skip(at - _WINDOW - self._pos)
                 continue
-            data = self._next_piece()
+            data = self._decompress(_PIECE)
             if not data:
                 return False
             self._remember(self._pos, data)
             self._pos += len(data)
         return True
 
-    def _next_piece(self) -> bytes:
-        if self._ended:
-            return b""
-        if self._proc is None:
-            self._start()
-        assert self._proc is not None and self._proc.stdout is not None
-        data = self._proc.stdout.read(_PIECE)
-        if len(data) < _PIECE:
-            self._end_of_stream(self._pos + len(data))
-        return data
-
     def _skip(self, length: int) -> None:
         """Decompress ``length`` bytes and drop them."""
-        if self._ended:
-            return
-        if self._proc is None:
-            self._start()
-        assert self._proc is not None and self._proc.stdout is not None
         self._recent.clear()
         self._recent_bytes = 0
-        scratch = memoryview(self._scratch)
-        while length > 0:
-            stream = typing.cast(io.BufferedReader, self._proc.stdout)
-            n = stream.readinto(scratch[: min(length, len(scratch))])
-            if not n:
-                self._end_of_stream(self._pos)
-                return
+        while length > 0 and not self._ended:
+            n = len(self._decompress(min(length, _PIECE)))
             self._pos += n
             length -= n
+
+    def _decompress(self, size: int) -> bytes:
+        """The next ``size`` bytes of the stream; fewer only at its end, which
+        must be the end of a whole frame (the library's reader just stops where
+        the file does)."""
+        if self._ended:
+            return b""
+        if self._reader is None:
+            self._f.seek(0)
+            self._reader = zstandard.ZstdDecompressor().stream_reader(
+                self._f, read_across_frames=True, closefd=False)
+        data = b""
+        try:
+            while len(data) < size:
+                more = self._reader.read(size - len(data))
+                if not more:
+                    break
+                data = more if not data else data + more
+        except zstandard.ZstdError as e:
+            raise CoreFileError(f"{self.path} cannot be decompressed after "
+                                f"{self._pos + len(data):#x} bytes: {e} (corrupt?)") from None
+        except OSError as e:
+            raise DumpIOError(f"reading {self.path}: {e.strerror}") from None
+        if len(data) < size:
+            self._stop()
+            self._ended = True
+            if self._whole is None:
+                self._whole = self._frames_whole()
+            if not self._whole:
+                raise CoreFileError(f"{self.path} cannot be decompressed after "
+                                    f"{self._pos + len(data):#x} bytes: its last zstd "
+                                    "frame is cut short (truncated)")
+        return data
+
+    def _frames_whole(self) -> bool:
+        """Whether the file ends where its last frame does, by the frames'
+        headers and blocks' headers (the data in between is not read)."""
+        fd, at = self._f.fileno(), 0
+        size = os.fstat(fd).st_size
+        while at < size:
+            head = os.pread(fd, _FRAME_HEADER_MAX, at)
+            if int.from_bytes(head[:4], "little") & ~0xF == _SKIPPABLE_MAGIC:
+                at += 8 + int.from_bytes(head[4:8], "little")
+                continue
+            try:
+                at += zstandard.frame_header_size(head)
+                checksum = zstandard.get_frame_parameters(head).has_checksum
+            except zstandard.ZstdError:
+                return False
+            last = False
+            while not last:
+                block = os.pread(fd, 3, at)
+                if len(block) < 3:
+                    return False
+                header = int.from_bytes(block, "little")
+                last, kind, length = bool(header & 1), (header >> 1) & 3, header >> 3
+                at += 3 + (1 if kind == 1 else length)  # an RLE block holds one byte
+            at += 4 if checksum else 0
+        return at == size
 
     def _remember(self, start: int, data: bytes) -> None:
         self._recent.append((start, data))
         self._recent_bytes += len(data)
         while self._recent_bytes > _WINDOW and len(self._recent) > 1:
             self._recent_bytes -= len(self._recent.popleft()[1])
-
-    def _start(self) -> None:
-        assert self._zstd is not None
-        self._proc = subprocess.Popen([self._zstd, "-dcq", "--", self.path],
-                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, bufsize=_PIECE)
-
-    def _end_of_stream(self, end: int) -> None:
-        """The stream ended at ``end``: whole, or cut short (zstd says so)."""
-        assert self._proc is not None
-        self._proc.wait()
-        assert self._proc.stderr is not None
-        error = self._proc.stderr.read().decode(errors="replace").strip()
-        code = self._proc.returncode
-        self._proc = None
-        self._ended = True
-        if code != 0:
-            reason = error.splitlines()[-1] if error else f"zstd exited with {code}"
-            raise CoreFileError(f"{self.path} cannot be decompressed after {end:#x} bytes: "
-                                f"{reason} (truncated?)")
 
     def _restart(self) -> None:
         self._stop()
@@ -266,13 +280,7 @@ class ZstdCore:
         self.restarts += 1
 
     def _stop(self) -> None:
-        if self._proc is not None:
-            self._proc.kill()
-            self._proc.wait()
-            for pipe in (self._proc.stdout, self._proc.stderr):
-                if pipe is not None:
-                    pipe.close()
-            self._proc = None
+        self._reader = None  # which leaves the file open (closefd=False)
 
     # -- the first pass -------------------------------------------------------------
 
@@ -312,3 +320,4 @@ class ZstdCore:
     def close(self) -> None:
         with self._lock:
             self._stop()
+            self._f.close()
