@@ -32,6 +32,13 @@ def dmesg_parser() -> argparse.ArgumentParser:
     return p
 
 
+def vm_target(args: argparse.Namespace) -> Target:
+    """The VM that :func:`livedump.cli.add_vm_options`' options name."""
+    return Target(pid=args.pid, qmp=args.qmp, domain=args.domain, connect=args.connect,
+                  via=args.via, debug_file=args.debug_file, qmp_timeout=args.qmp_timeout,
+                  stall_timeout=args.stall_timeout)
+
+
 def main(command: str, argv: list[str]) -> int:
     if command == "watch":
         from livedump.cli_watch import main as watch
@@ -41,9 +48,7 @@ def main(command: str, argv: list[str]) -> int:
     args = p.parse_args(argv)
     check_vm_options(p, args)
     signals.install()
-    target = Target(pid=args.pid, qmp=args.qmp, domain=args.domain, connect=args.connect,
-                    via=args.via, debug_file=args.debug_file, qmp_timeout=args.qmp_timeout,
-                    stall_timeout=args.stall_timeout)
+    target = vm_target(args)
 
     def emit(records: list[Record]) -> None:
         if args.json:

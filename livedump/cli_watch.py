@@ -7,7 +7,7 @@ from pathlib import Path
 
 from livedump import signals
 from livedump.cli import add_vm_options, as_json, check_vm_options, epilog, summary_line
-from livedump.dmesg import Target
+from livedump.cli_guest import vm_target
 from livedump.dump import Request
 from livedump.errors import Interrupted, LivedumpError
 from livedump.watch import Taken, watch
@@ -42,9 +42,7 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     check_vm_options(p, args)
     signals.install()
-    target = Target(pid=args.pid, qmp=args.qmp, domain=args.domain, connect=args.connect,
-                    via=args.via, debug_file=args.debug_file, qmp_timeout=args.qmp_timeout,
-                    stall_timeout=args.stall_timeout)
+    target = vm_target(args)
     request = Request(output="", via=args.via, debug_file=args.debug_file,
                       qmp_timeout=args.qmp_timeout, stall_timeout=args.stall_timeout,
                       pause=args.pause, live=args.live, connect=args.connect,
