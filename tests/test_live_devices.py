@@ -25,8 +25,8 @@ STREAMS = {"7.2": DATA, "10.0": DATA / "qemu-10.0", "10.0-long": DATA / "qemu-10
 BLOCKS = [Block(0, 32 << 20, 0)]
 
 
-def device_state(directory: Path) -> bytes:
-    """What the stream holds after RAM, as livedump keeps it."""
+def read_stream(directory: Path) -> MigrationStream:
+    """The recorded stream in ``directory``, read to its end as livedump reads it."""
     known = [RamBlock(b.name, b.used)
              for b in parse_ram_blocks((directory / "ramblock.txt").read_text())]
     fd = os.open(directory / "stream.qevm", os.O_RDONLY)
@@ -38,6 +38,12 @@ def device_state(directory: Path) -> bytes:
             pass
     finally:
         os.close(fd)
+    return stream
+
+
+def device_state(directory: Path) -> bytes:
+    """What the stream holds after RAM, as livedump keeps it."""
+    stream = read_stream(directory)
     assert stream.device_state is not None
     return stream.device_state
 
@@ -124,16 +130,7 @@ def test_memory_after_the_largest_notes():
 
 def test_device_state_beyond_the_bound_is_dropped(monkeypatch):
     monkeypatch.setattr("livedump.live.stream.DEVICE_STATE_LIMIT", 1000)
-    known = [RamBlock(b.name, b.used)
-             for b in parse_ram_blocks((DATA / "ramblock.txt").read_text())]
-    fd = os.open(DATA / "stream.qevm", os.O_RDONLY)
-    try:
-        stream = MigrationStream(fd, "x86_64", known)
-        stream.read_setup()
-        stream.wait_snapshot()
-        for _ in stream.pages():
-            pass
-        assert stream.device_state is None
-        assert stream.reader.consumed == os.fstat(fd).st_size  # Read to its end all the same.
-    finally:
-        os.close(fd)
+    stream = read_stream(DATA)
+    assert stream.device_state is None
+    # Read to its end all the same.
+    assert stream.reader.consumed == (DATA / "stream.qevm").stat().st_size
