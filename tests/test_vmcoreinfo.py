@@ -255,6 +255,19 @@ def test_of_two_valid_pages_the_one_the_vcpus_page_tables_map_is_chosen(tmp_path
     assert f"GPA {GPA + 0x3000:#x} is an earlier kernel's" in result.detail
 
 
+def test_an_earlier_kernels_page_whose_image_is_overwritten_is_named_in_the_report(tmp_path):
+    # After a reboot the new kernel may overwrite the earlier one's image but not its
+    # VMCOREINFO page: the page fails the release check, and the report says so.
+    earlier = TEXT.replace(b"SYMBOL(init_uts_ns)=ffffffff941fb000",
+                           b"SYMBOL(init_uts_ns)=ffffffff951fb000")
+    contents = (real_guest() | page_tables(INIT_UTS_NS, UTS_RELEASE - 130)
+                | {GPA + 0x3000: earlier, UTS_RELEASE + (16 << 20): b"5.10.0-99-amd64"})
+    result = dump(tmp_path / "core", contents, cpu=qemu_notes(TABLES))
+    assert (result.source, result.gpa) == ("guest", GPA), result
+    assert f"GPA {GPA + 0x3000:#x} set aside: init_uts_ns" in result.detail, result
+    assert "a stale page" in result.detail
+
+
 @pytest.mark.parametrize("capture", sorted(DATA.glob("*one-page*.vmcore")), ids=lambda p: p.stem)
 def test_page_table_roots_are_read_from_qemus_captured_notes(capture):
     notes = parse_qemu(capture.read_bytes())

@@ -338,12 +338,16 @@ class Search:
         if self.result:
             return self.result, None
         valid: dict[bytes, tuple[int, dict[str, str], bool]] = {}
+        # Whole pages whose kernel is gone (its init_uts_ns overwritten): named in
+        # the report even when another page is chosen, so none goes unexplained.
+        stale: list[tuple[int, str]] = []
         for text, gpa in self._candidates.items():
             entries = parse(text)
             try:
                 checked = check_release(entries, self.arch, read_at)
             except Invalid as e:
                 self._reject(gpa, e)
+                stale.append((gpa, str(e)))
                 continue
             valid[text] = (gpa, entries, checked)
         if self._overflow:
@@ -370,8 +374,10 @@ class Search:
         (text, (gpa, entries, checked)), = valid.items()
         release = entries["OSRELEASE"]
         unchecked = "" if checked else f", not cross-checked on {self.arch.name}"
+        aside = "".join(f"; GPA {g:#x} set aside: {why}"
+                        for g, why in sorted(stale)[:_MAX_REASONS])
         return Result("guest", f"VMCOREINFO of Linux {release} found in guest memory at "
-                      f"GPA {gpa:#x}{unchecked}{earlier}", gpa, release), text
+                      f"GPA {gpa:#x}{unchecked}{earlier}{aside}", gpa, release), text
 
     def _running(self, entries: dict[str, str], read_at: ReadPhys) -> bool:
         """Whether the page tables some vCPU runs on map this VMCOREINFO's
