@@ -24,6 +24,7 @@ from . import qemus
 from .conftest import livedump
 from .health import uffd_wp_mappings, write_protected_pages
 from .linux_guest import LinuxVM
+from .test_kdump import elf_pages
 from .test_live import SWEEPING, assert_left_whole, live_args, set_user_capabilities
 from .test_live_pause import TRACE, sent
 from .vm import VM, Marker
@@ -122,6 +123,29 @@ def test_live_kdump_keeps_what_makedumpfile_keeps_from_its_spool(guest, scratch)
     dmesg = scratch / "dmesg"
     makedumpfile("--dump-dmesg", str(ours), str(dmesg))
     assert _KMSG.search(dmesg.read_text(errors="replace"))
+
+
+@pytest.mark.linux
+def test_live_elf_at_a_dump_level_holds_what_makedumpfile_keeps_from_its_spool(guest, scratch):
+    # As makedumpfile -E at that level, less its zero-filled runs (see test_kdump).
+    ours, spool, theirs = scratch / "live.elf", scratch / "spool.elf", scratch / "theirs"
+    done = len(sent(guest))
+    r = subprocess.run([sys.executable, "-c", KEPT_SPOOL, str(spool), "--pid", str(guest.pid),
+                        "--live", "-d", "31", "--json", str(ours)], capture_output=True,
+                       timeout=600)
+    assert r.returncode == 0 and b"warning" not in r.stderr, r.stderr
+    assert "stop" not in sent(guest)[done:]
+    report = json.loads(r.stdout)
+    assert report["live"] is True and report["vmcoreinfo"]["source"] == "guest"
+    left = report["pages"]["excluded_pages"]
+    assert report["pages"]["spool_bytes"] > 0
+    makedumpfile("-c", "-d", "31", str(spool), str(theirs))
+    a, b = elf_pages(ours), read(theirs.read_bytes())
+    kept = b.pfns(b.dumpable)
+    assert sorted(a) == kept
+    assert all(a[p] == b.page_at(p) for p in kept)
+    assert left["free"] > len(kept)
+    assert_runs_on(guest)
 
 
 @pytest.mark.linux

@@ -20,7 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, TypedDict, runtime_checkable
 
 from livedump import __version__
 from livedump.errors import (
@@ -34,7 +34,6 @@ from livedump.proc import alive
 from livedump.transfer.copier import Writer, copy
 from livedump.transfer.kdump_copy import (
     Found,
-    Made,
     find_vmcoreinfo,
     page_decision,
     stage_kdump,
@@ -281,10 +280,14 @@ def dump(request: Request) -> Summary:
             streamed = live is not None and live.ready and live.from_stream and wanted is None
             if live is not None and not streamed:
                 live.own_pause()  # --arch: QEMU's notes from the pause, as without --live
-            # --live kdump: the live ELF vmcore goes to a spool, the kdump file is
-            # written from it (a guest found paused is dumped the normal way).
+            # --live with a dump level or kdump: the live ELF vmcore goes to a spool,
+            # the file asked for is written from it once the snapshot is whole (the
+            # pages a level keeps are known only then). A guest found paused is
+            # dumped the normal way.
             spool = (stack.enter_context(Spool(_spool_directory(request.output)))
-                     if live is not None and live.ready and request.format == "kdump" else None)
+                     if live is not None and live.ready and (
+                         request.format == "kdump" or request.dump_level & STRUCT_PAGE_LEVELS)
+                     else None)
             elf_out: Output = spool or out  # where the ELF vmcore goes
             # VMCOREINFO does not move while the kernel runs: found before the
             # hold where the struct page array (or, for kdump, where the kernel's
@@ -371,8 +374,19 @@ def dump(request: Request) -> Summary:
                 layout = final
                 elf_out.write_at(0, layout.header)
             vmcoreinfo = search.finish(elf_out)
-            spooled = (_kdump_from(spool, out, layout, arch, cpu, request, provenance, written,
-                                vmcoreinfo, search.text) if spool is not None else None)
+            from_spool: _FromSpool = {}
+            if spool is not None:
+                spool.seal()
+                blocks = [dataclasses.replace(b, hva=o)
+                          for b, o in zip(layout.blocks, layout.offsets, strict=True)]
+                # The VMCOREINFO found in the stream: confirmed against the spool.
+                hint = (Found(vmcoreinfo.gpa, search.text)
+                        if search.text is not None and vmcoreinfo.gpa is not None else None)
+                from_spool = (_kdump_from(spool, out, blocks, arch, cpu, request, provenance,
+                                          written, hint, warnings)
+                              if request.format == "kdump" else
+                              _elf_from(spool, out, blocks, arch, cpu, request.dump_level,
+                                        provenance, written, hint, warnings))
             out.commit()
     except LivedumpError:
         # Whatever failed, QEMU's exit is the cause to report (also from the way out:
@@ -390,33 +404,57 @@ def dump(request: Request) -> Summary:
         read_bytes=read, written_bytes=written_bytes,
         wall_seconds=time.monotonic() - started, pause_seconds=pause.seconds, pages=pages,
     )
-    if spooled is not None:  # The kdump file written from the spool.
-        kdump, spool_bytes = spooled
-        summary.elf_class, summary.format, summary.kdump = 64, "kdump", kdump.report()
-        summary.kdump["spool_bytes"] = spool_bytes
-        summary.warnings += kdump.warnings
-        summary.vmcoreinfo = kdump.vmcoreinfo
-        summary.file_size = summary.written_bytes = kdump.size
-    return summary
+    return dataclasses.replace(summary, **from_spool)
 
 
-def _kdump_from(spool: Spool, out: Output, layout: CoreLayout, arch: arches.Arch,
+class _FromSpool(TypedDict, total=False):
+    """What the report says of a file written from a spool (:class:`Summary`'s fields)."""
+
+    elf_class: int
+    format: str
+    vmcoreinfo: VmcoreinfoResult
+    kdump: dict[str, object] | None
+    pages: dict[str, object] | None
+    warnings: list[str]
+    file_size: int
+    written_bytes: int
+
+
+def _kdump_from(spool: Spool, out: Output, blocks: list[Block], arch: arches.Arch,
                 cpu: CpuNotes, request: Request, provenance: Note,
-                written: Callable[[int], None], vmcoreinfo: VmcoreinfoResult,
-                text: bytes | None) -> tuple[Made, int]:
-    """The kdump file of the ELF vmcore in ``spool`` (``layout``'s), and the bytes the
-    spool took. Its pages are the guest memory read, by file offset; the VMCOREINFO
-    found while the stream was written is the hint, confirmed against the spool."""
-    spool.seal()
-    blocks = [dataclasses.replace(b, hva=o)
-              for b, o in zip(layout.blocks, layout.offsets, strict=True)]
-    hint = (Found(vmcoreinfo.gpa, text) if text is not None and vmcoreinfo.gpa is not None
-            else None)
+                written: Callable[[int], None], hint: Found | None,
+                warnings: list[str]) -> _FromSpool:
+    """The kdump file of the ELF vmcore in ``spool``, whose ``blocks`` lie at their
+    ``hva`` in it; what the report says of it (:class:`Summary`'s fields)."""
     # Every page the stream said is zero is a hole: not read, known to be zeros.
     made = stage_kdump(out, arch, cpu, blocks, [True] * len(blocks), spool, spool,
                        request.compress or DEFAULT_COMPRESSION, request.dump_level, provenance,
                        written, hint=hint).finish()
-    return made, spool.allocated
+    return {"elf_class": 64, "format": "kdump", "vmcoreinfo": made.vmcoreinfo,
+            "kdump": made.report() | {"spool_bytes": spool.allocated},
+            "warnings": warnings + made.warnings, "file_size": made.size,
+            "written_bytes": made.size}
+
+
+def _elf_from(spool: Spool, out: Output, blocks: list[Block], arch: arches.Arch,
+              cpu: CpuNotes, dump_level: int, provenance: Note, written: Callable[[int], None],
+              hint: Found | None, warnings: list[str]) -> _FromSpool:
+    """The ELF vmcore of the one in ``spool`` less the pages ``dump_level`` leaves out
+    (as :func:`_filter` decides for the normal mode); what the report says of it."""
+    end = max(b.hva + b.size for b in blocks)
+    # The spool as a process's only mapping: private, so its holes are zeros.
+    sources = _Sources(lambda: [Mapping(0, end, "r--p", 0, "")], None)
+    plan, pages = _filter(_plan_of(blocks, sources), arch, cpu, spool, sources, dump_level,
+                          hint, warnings)
+    search = VmcoreinfoSearch(arch, cpu, out.is_stdout)
+    layout = _layout(arch, plan.blocks, cpu, provenance, search.room)
+    with Writer(out, written) as writer:
+        writer.inspect = search.inspector(layout)
+        copy(layout, plan.spans, spool, spool, writer)
+        writer.finish()
+    return {"vmcoreinfo": search.finish(out), "file_size": layout.size,
+            "written_bytes": writer.written,
+            "pages": pages | {"spool_bytes": spool.allocated}}
 
 
 def _spool_directory(output: str) -> str:
