@@ -23,7 +23,8 @@ from tests.kdump_file import read, unflatten
 from . import qemus
 from .conftest import livedump
 from .health import uffd_wp_mappings, write_protected_pages
-from .linux_guest import LinuxVM
+from .linux_guest import LinuxVM, kernel_release
+from .test_analysis import crash, drgn, vmlinux  # noqa: F401 (a fixture)
 from .test_kdump import elf_pages
 from .test_live import SWEEPING, assert_left_whole, live_args, set_user_capabilities
 from .test_live_pause import TRACE, sent
@@ -146,6 +147,22 @@ def test_live_elf_at_a_dump_level_holds_what_makedumpfile_keeps_from_its_spool(g
     assert all(a[p] == b.page_at(p) for p in kept)
     assert left["free"] > len(kept)
     assert_runs_on(guest)
+
+
+@pytest.mark.linux
+@pytest.mark.analysis
+def test_crash_and_drgn_read_a_live_kdump(guest, scratch, vmlinux):  # noqa: F811
+    path = scratch / "live.zstd"
+    r = livedump("--pid", str(guest.pid), "--live", "--format", "kdump", "-d", "31", str(path))
+    assert r.returncode == 0, r.stderr
+    out = crash(vmlinux, path, "sys", "log", "bt -a", "kmem -i")
+    assert kernel_release() in out["sys"]
+    assert "LIVEDUMP-KMSG" in out["log"]
+    assert "PID: 0" in out["bt -a"]
+    assert "TOTAL MEM" in out["kmem -i"]
+    r2 = drgn(vmlinux, path)
+    assert r2.returncode == 0, r2.stderr
+    assert f"release {kernel_release()}" in r2.stdout
 
 
 @pytest.mark.linux
