@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -140,6 +141,12 @@ def test_live_elf_at_a_dump_level_holds_what_makedumpfile_keeps_from_its_spool(g
     assert report["live"] is True and report["vmcoreinfo"]["source"] == "guest"
     left = report["pages"]["excluded_pages"]
     assert report["pages"]["spool_bytes"] > 0
+    # The blocks kept, each where QEMU holds it (as the normal mode reports them).
+    maps = [tuple(int(x, 16) for x in line.split()[0].split("-"))
+            for line in Path(f"/proc/{guest.pid}/maps").read_text().splitlines()]
+    assert report["memory_bytes"] < 512 << 20
+    assert all(any(lo <= b["hva"] and b["hva"] + b["size"] <= hi for lo, hi in maps)
+               for b in report["blocks"])
     makedumpfile("-c", "-d", "31", str(spool), str(theirs))
     a, b = elf_pages(ours), read(theirs.read_bytes())
     kept = b.pfns(b.dumpable)

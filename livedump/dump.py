@@ -9,7 +9,9 @@ one-page dump, or from its memory in ptrace mode), and memory is read.
 Each chunk is written as soon as it is read (into a pipe, the last few after
 the guest runs again). ``--live`` on x86 holds nothing itself: QEMU's
 background snapshot is the pause, and its stream brings the CPU notes, so
-the header is written last (see :mod:`livedump.live.snapshot`).
+the header is written last (see :mod:`livedump.live.snapshot`). With a
+dump level or ``--format kdump``, that vmcore goes to a spool no name leads
+to, and the file asked for is written from it (:mod:`livedump.transfer.spool`).
 """
 
 import contextlib
@@ -377,15 +379,13 @@ def dump(request: Request) -> Summary:
             from_spool: _FromSpool = {}
             if spool is not None:
                 spool.seal()
-                blocks = [dataclasses.replace(b, hva=o)
-                          for b, o in zip(layout.blocks, layout.offsets, strict=True)]
                 # The VMCOREINFO found in the stream: confirmed against the spool.
                 hint = (Found(vmcoreinfo.gpa, search.text)
                         if search.text is not None and vmcoreinfo.gpa is not None else None)
-                from_spool = (_kdump_from(spool, out, blocks, arch, cpu, request, provenance,
+                from_spool = (_kdump_from(spool, out, layout, arch, cpu, request, provenance,
                                           written, hint, warnings)
                               if request.format == "kdump" else
-                              _elf_from(spool, out, blocks, arch, cpu, request.dump_level,
+                              _elf_from(spool, out, layout, arch, cpu, request.dump_level,
                                         provenance, written, hint, warnings))
             out.commit()
     except LivedumpError:
@@ -415,17 +415,19 @@ class _FromSpool(TypedDict, total=False):
     vmcoreinfo: VmcoreinfoResult
     kdump: dict[str, object] | None
     pages: dict[str, object] | None
+    blocks: list[Block]
     warnings: list[str]
     file_size: int
     written_bytes: int
 
 
-def _kdump_from(spool: Spool, out: Output, blocks: list[Block], arch: arches.Arch,
+def _kdump_from(spool: Spool, out: Output, spooled: CoreLayout, arch: arches.Arch,
                 cpu: CpuNotes, request: Request, provenance: Note,
                 written: Callable[[int], None], hint: Found | None,
                 warnings: list[str]) -> _FromSpool:
-    """The kdump file of the ELF vmcore in ``spool``, whose ``blocks`` lie at their
-    ``hva`` in it; what the report says of it (:class:`Summary`'s fields)."""
+    """The kdump file of the ELF vmcore in ``spool`` (of layout ``spooled``); what the
+    report says of it (:class:`Summary`'s fields)."""
+    blocks = _spooled(spooled)
     # Every page the stream said is zero is a hole: not read, known to be zeros.
     made = stage_kdump(out, arch, cpu, blocks, [True] * len(blocks), spool, spool,
                        request.compress or DEFAULT_COMPRESSION, request.dump_level, provenance,
@@ -436,11 +438,13 @@ def _kdump_from(spool: Spool, out: Output, blocks: list[Block], arch: arches.Arc
             "written_bytes": made.size}
 
 
-def _elf_from(spool: Spool, out: Output, blocks: list[Block], arch: arches.Arch,
+def _elf_from(spool: Spool, out: Output, spooled: CoreLayout, arch: arches.Arch,
               cpu: CpuNotes, dump_level: int, provenance: Note, written: Callable[[int], None],
               hint: Found | None, warnings: list[str]) -> _FromSpool:
-    """The ELF vmcore of the one in ``spool`` less the pages ``dump_level`` leaves out
-    (as :func:`_filter` decides for the normal mode); what the report says of it."""
+    """The ELF vmcore of the one in ``spool`` (of layout ``spooled``) less the pages
+    ``dump_level`` leaves out (as :func:`_filter` decides for the normal mode); what
+    the report says of it."""
+    blocks = _spooled(spooled)
     end = max(b.hva + b.size for b in blocks)
     # The spool as a process's only mapping: private, so its holes are zeros.
     sources = _Sources(lambda: [Mapping(0, end, "r--p", 0, "")], None)
@@ -452,9 +456,18 @@ def _elf_from(spool: Spool, out: Output, blocks: list[Block], arch: arches.Arch,
         writer.inspect = search.inspector(layout)
         copy(layout, plan.spans, spool, spool, writer)
         writer.finish()
+    # The blocks kept, where they are in QEMU (as the normal mode reports them).
+    kept = [dataclasses.replace(k, hva=b.hva + k.gpa - b.gpa)
+            for k in layout.blocks for b in spooled.blocks if b.gpa <= k.gpa < b.end]
     return {"vmcoreinfo": search.finish(out), "file_size": layout.size,
-            "written_bytes": writer.written,
+            "written_bytes": writer.written, "blocks": kept,
             "pages": pages | {"spool_bytes": spool.allocated}}
+
+
+def _spooled(layout: CoreLayout) -> list[Block]:
+    """``layout``'s blocks as a spool holds them: at their file offset."""
+    return [dataclasses.replace(b, hva=o)
+            for b, o in zip(layout.blocks, layout.offsets, strict=True)]
 
 
 def _spool_directory(output: str) -> str:
