@@ -70,9 +70,15 @@ def guest(request):
         yield vm
 
 
+def of(vm: LinuxVM) -> tuple[str, ...]:
+    """The guest, for livedump: a loaded host may keep a TCG guest's monitor busy for
+    seconds (each test checks what is dumped, not how fast the monitor answers)."""
+    return ("--pid", str(vm.pid), "--qmp-timeout", "30")
+
+
 def logged(vm: LinuxVM) -> int:
     """The guest's last ``LIVEDUMP-KMSG n=N``, from its log as ``livedump dmesg`` reads it."""
-    r = livedump("dmesg", "--pid", str(vm.pid))
+    r = livedump("dmesg", *of(vm))
     assert r.returncode == 0, r.stderr
     return max((int(n) for n in _KMSG.findall(r.stdout.decode(errors="replace"))), default=0)
 
@@ -99,7 +105,7 @@ def makedumpfile(*args: str) -> subprocess.CompletedProcess:
 def test_live_kdump_keeps_what_makedumpfile_keeps_from_its_spool(guest, scratch):
     ours, spool, theirs = scratch / "live.kdump", scratch / "spool.elf", scratch / "theirs"
     done = len(sent(guest))
-    r = subprocess.run([sys.executable, "-c", KEPT_SPOOL, str(spool), "--pid", str(guest.pid),
+    r = subprocess.run([sys.executable, "-c", KEPT_SPOOL, str(spool), *of(guest),
                         "--live", "--format", "kdump", "-d", "31", "--compress", "zlib",
                         "--json", str(ours)], capture_output=True, timeout=600)
     assert r.returncode == 0 and b"warning" not in r.stderr, r.stderr
@@ -132,7 +138,7 @@ def test_live_elf_at_a_dump_level_holds_what_makedumpfile_keeps_from_its_spool(g
     # As makedumpfile -E at that level, less its zero-filled runs (see test_kdump).
     ours, spool, theirs = scratch / "live.elf", scratch / "spool.elf", scratch / "theirs"
     done = len(sent(guest))
-    r = subprocess.run([sys.executable, "-c", KEPT_SPOOL, str(spool), "--pid", str(guest.pid),
+    r = subprocess.run([sys.executable, "-c", KEPT_SPOOL, str(spool), *of(guest),
                         "--live", "-d", "31", "--json", str(ours)], capture_output=True,
                        timeout=600)
     assert r.returncode == 0 and b"warning" not in r.stderr, r.stderr
@@ -160,7 +166,7 @@ def test_live_elf_at_a_dump_level_holds_what_makedumpfile_keeps_from_its_spool(g
 @pytest.mark.analysis
 def test_crash_and_drgn_read_a_live_kdump(guest, scratch, vmlinux):  # noqa: F811
     path = scratch / "live.zstd"
-    r = livedump("--pid", str(guest.pid), "--live", "--format", "kdump", "-d", "31", str(path))
+    r = livedump(*of(guest), "--live", "--format", "kdump", "-d", "31", str(path))
     assert r.returncode == 0, r.stderr
     out = crash(vmlinux, path, "sys", "log", "bt -a", "kmem -i")
     assert kernel_release() in out["sys"]
@@ -178,8 +184,8 @@ def test_live_kdump_of_a_paused_guest_is_the_normal_ways(guest, scratch):
     elf, ours, theirs = scratch / "elf", scratch / "ours", scratch / "theirs"
     guest.command("stop")
     try:
-        assert livedump("--pid", str(guest.pid), "--live", str(elf)).returncode == 0
-        r = livedump("--pid", str(guest.pid), "--live", "--format", "kdump", "-d", "31",
+        assert livedump(*of(guest), "--live", str(elf)).returncode == 0
+        r = livedump(*of(guest), "--live", "--format", "kdump", "-d", "31",
                      "--compress", "zlib", "--json", str(ours))
         assert r.returncode == 0, r.stderr
         assert guest.status() == "paused"
@@ -197,7 +203,7 @@ def test_live_kdump_to_standard_output_is_flattened(guest, scratch):
     stream, restored, spools = scratch / "flat", scratch / "restored", scratch / "tmp"
     spools.mkdir()
     with open(stream, "wb") as f:
-        r = livedump("--pid", str(guest.pid), "--live", "--format", "kdump", "-d", "31", "-",
+        r = livedump(*of(guest), "--live", "--format", "kdump", "-d", "31", "-",
                      stdout=f, env={**os.environ, "TMPDIR": str(spools)})
     assert r.returncode == 0, r.stderr
     assert os.listdir(spools) == []
