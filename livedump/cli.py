@@ -97,7 +97,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     mode.add_argument("--live", action="store_true",
                       help="consistent vmcore with the guest paused only for milliseconds: "
                       "QEMU (6.0 or newer) takes a background snapshot and livedump reads "
-                      "it while the guest runs (needs the QMP monitor and an output file)")
+                      "it while the guest runs (needs the QMP monitor, and an output file "
+                      "but with --format kdump). With -d N or --format kdump the snapshot is "
+                      "first spooled into an unnamed file beside the output (in TMPDIR for "
+                      "standard output), which takes as much disk as the ELF vmcore would")
     mode.add_argument("--no-pause", dest="pause", action="store_false",
                       help="do not pause the guest: faster for it, but the vmcore is fuzzy "
                       "(memory changes while it is read)")
