@@ -97,7 +97,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     mode.add_argument("--live", action="store_true",
                       help="consistent vmcore with the guest paused only for milliseconds: "
                       "QEMU (6.0 or newer) takes a background snapshot and livedump reads "
-                      "it while the guest runs (needs the QMP monitor and an output file)")
+                      "it while the guest runs (needs the QMP monitor, and an output file "
+                      "but with --format kdump). With -d N or --format kdump the snapshot is "
+                      "first spooled into an unnamed file beside the output (in TMPDIR for "
+                      "standard output), which takes as much disk as the ELF vmcore would")
     mode.add_argument("--no-pause", dest="pause", action="store_false",
                       help="do not pause the guest: faster for it, but the vmcore is fuzzy "
                       "(memory changes while it is read)")
@@ -249,14 +252,21 @@ def _kdump(s: Summary) -> str:
         left = s.pages["excluded_pages"]
         assert isinstance(left, dict)
         return (f"; dump level {s.pages['dump_level']}: pages left out: "
-                + (", ".join(f"{n} {c}" for c, n in left.items()) or "none"))
+                + (", ".join(f"{n} {c}" for c, n in left.items()) or "none") + _spool(s.pages))
     excluded = k["excluded_pages"]
     assert isinstance(excluded, dict)
     out = ", ".join(f"{n} {c}" for c, n in excluded.items()) or "none"
     return (f"; kdump, dump level {k['dump_level']}, {k['compression']}: {k['kept_pages']} "
             f"of {k['ram_pages']} pages kept ({k['zero_pages']} of them as the page of "
             f"zeros), pages left out: {out}; {_size(int(str(k['bytes_before_compression'])))} "
-            f"of pages in {_size(int(str(k['bytes_after_compression'])))}")
+            f"of pages in {_size(int(str(k['bytes_after_compression'])))}{_spool(k)}")
+
+
+def _spool(report: dict[str, object]) -> str:
+    """The disk a --live snapshot's spool took while the file was made from it."""
+    spooled = report.get("spool_bytes")
+    return "" if spooled is None else (f"; from the snapshot spooled in {_size(int(str(spooled)))} "
+                                       "of its filesystem (now freed)")
 
 
 def _exposed(s: Summary) -> str:

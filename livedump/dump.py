@@ -9,15 +9,20 @@ one-page dump, or from its memory in ptrace mode), and memory is read.
 Each chunk is written as soon as it is read (into a pipe, the last few after
 the guest runs again). ``--live`` on x86 holds nothing itself: QEMU's
 background snapshot is the pause, and its stream brings the CPU notes, so
-the header is written last (see :mod:`livedump.live.snapshot`).
+the header is written last (see :mod:`livedump.live.snapshot`). With a
+dump level or ``--format kdump``, that vmcore goes to a spool no name leads
+to, and the file asked for is written from it (:mod:`livedump.transfer.spool`).
 """
 
 import contextlib
+import dataclasses
 import functools
+import os
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, TypedDict, runtime_checkable
 
 from livedump import __version__
 from livedump.errors import (
@@ -48,6 +53,7 @@ from livedump.transfer.memory import (
     read_maps,
 )
 from livedump.transfer.output import STDOUT, Output
+from livedump.transfer.spool import Spool
 from livedump.vm.guardian import STALL_TIMEOUT
 from livedump.vm.lock import VMLock
 from livedump.vm.process import Address
@@ -211,11 +217,13 @@ def dump(request: Request) -> Summary:
     """Write a vmcore of the VM ``request`` names; return what was done."""
     started = time.monotonic()
     progress = request.progress
-    if request.live and (request.output == STDOUT or not request.pause):
-        raise UsageError("--live writes the vmcore out of order: it needs an output file, "
-                         "and pauses the guest (not with --no-pause)")
+    if request.live and ((request.output == STDOUT and request.format != "kdump")
+                         or not request.pause):
+        raise UsageError("--live writes an ELF vmcore out of order: it needs an output file "
+                         "(--format kdump may go to standard output), and pauses the guest "
+                         "(not with --no-pause)")
     check_request(request.live, request.via, request.domain)
-    check_format(request.format, request.compress, request.dump_level, request.live)
+    check_format(request.format, request.compress, request.dump_level)
     pid: int | None = None
     try:
         with contextlib.ExitStack() as stack:
@@ -274,15 +282,24 @@ def dump(request: Request) -> Summary:
             streamed = live is not None and live.ready and live.from_stream and wanted is None
             if live is not None and not streamed:
                 live.own_pause()  # --arch: QEMU's notes from the pause, as without --live
+            # --live with a dump level or kdump: the live ELF vmcore goes to a spool,
+            # the file asked for is written from it once the snapshot is whole (the
+            # pages a level keeps are known only then). A guest found paused is
+            # dumped the normal way.
+            spool = (stack.enter_context(Spool(_spool_directory(request.output)))
+                     if live is not None and live.ready and (
+                         request.format == "kdump" or request.dump_level & STRUCT_PAGE_LEVELS)
+                     else None)
+            elf_out: Output = spool or out  # where the ELF vmcore goes
             # VMCOREINFO does not move while the kernel runs: found before the
             # hold where the struct page array (or, for kdump, where the kernel's
             # memory ends) is read before the copy; confirmed inside.
             hint = (find_vmcoreinfo(arches.lookup(request.arch or "x86_64"),
                                     NoCpuNotes("not yet"), memory, plan.blocks)
-                    if plan is not None and (request.format == "kdump"
-                                             or request.dump_level & STRUCT_PAGE_LEVELS)
+                    if plan is not None and spool is None and (
+                        request.format == "kdump" or request.dump_level & STRUCT_PAGE_LEVELS)
                     else None)
-            if request.format == "kdump":
+            if request.format == "kdump" and spool is None:
                 with session.hold(request.pause) as pause:
                     ram = session.ranges(memory, prepared)
                     if plan is None or ram.changed:
@@ -310,7 +327,7 @@ def dump(request: Request) -> Summary:
                     read_bytes=made.stats.read_bytes, written_bytes=made.size,
                     wall_seconds=time.monotonic() - started, pause_seconds=pause.seconds,
                     format="kdump", kdump=made.report())
-            with Writer(out, written) as writer:
+            with Writer(elf_out, written) as writer:
                 with (live.hold() if live and streamed else session.hold(request.pause)
                       ) as pause:
                     ram = session.ranges(memory, prepared)
@@ -322,7 +339,7 @@ def dump(request: Request) -> Summary:
                         forms = live.candidates(plan.blocks)
                         data_offset = max(_layout(
                             c.arch, plan.blocks, c, provenance,
-                            VmcoreinfoSearch(c.arch, c, out.is_stdout).room).data_offset
+                            VmcoreinfoSearch(c.arch, c, elf_out.is_stdout).room).data_offset
                             for c in forms)
                         cpu = forms[0]
                     elif live and streamed:
@@ -333,21 +350,21 @@ def dump(request: Request) -> Summary:
                     if guardian:
                         guardian.beat()
                     pages = None
-                    if request.dump_level & STRUCT_PAGE_LEVELS:
+                    if request.dump_level & STRUCT_PAGE_LEVELS and spool is None:
                         plan, pages = _filter(plan, arch, cpu, memory, sources,
                                               request.dump_level, hint, warnings)
-                    search = VmcoreinfoSearch(arch, cpu, out.is_stdout)
+                    search = VmcoreinfoSearch(arch, cpu, elf_out.is_stdout)
                     layout = _layout(arch, plan.blocks, cpu, provenance, search.room,
                                      data_offset)
                     writer.inspect = search.inspector(layout)
-                    if progress:
-                        progress.start(layout.size)
+                    if progress:  # From a spool: its pages are read once more.
+                        progress.start(layout.size + (_memory(layout) if spool else 0))
                     # A paused guest cannot change: the normal way is as consistent.
                     copier: _Copy = (_Snapshot(live) if live and live.ready and pause.was_running
                                      else _Direct(memory, pagemap))
                     copier.inside(layout, plan, writer)
                 writer.finish()
-            read, written_bytes = copier.after(out, layout, writer, progress)
+            read, written_bytes = copier.after(elf_out, layout, writer, progress)
             if live and streamed and copier.live:
                 cpu = live.cpu_notes(layout.blocks)
                 arch, arch_from, cpu = _arch(None, target, cpu)
@@ -357,8 +374,19 @@ def dump(request: Request) -> Summary:
                     raise SnapshotError("the vmcore's notes outgrew the room left for them")
                 search.settle(arch, cpu, final)
                 layout = final
-                out.write_at(0, layout.header)
-            vmcoreinfo = search.finish(out)
+                elf_out.write_at(0, layout.header)
+            vmcoreinfo = search.finish(elf_out)
+            from_spool: _FromSpool = {}
+            if spool is not None:
+                spool.seal()
+                # The VMCOREINFO found in the stream: confirmed against the spool.
+                hint = (Found(vmcoreinfo.gpa, search.text)
+                        if search.text is not None and vmcoreinfo.gpa is not None else None)
+                from_spool = (_kdump_from(spool, out, layout, arch, cpu, request, provenance,
+                                          written, hint, warnings)
+                              if request.format == "kdump" else
+                              _elf_from(spool, out, layout, arch, cpu, request.dump_level,
+                                        provenance, written, hint, warnings))
             out.commit()
     except LivedumpError:
         # Whatever failed, QEMU's exit is the cause to report (also from the way out:
@@ -366,7 +394,7 @@ def dump(request: Request) -> Summary:
         if pid is not None and request.core is None and not alive(pid):
             raise ProcessNotFound(f"QEMU (PID {pid}) exited during the dump") from None
         raise
-    return Summary(
+    summary = Summary(
         output=request.output, pid=pid, arch=arch.name, arch_from=arch_from,
         elf_class=layout.bits, qemu_target=qemu_target, warnings=warnings,
         via=session.via, detail=session.detail, was_running=pause.was_running,
@@ -376,6 +404,81 @@ def dump(request: Request) -> Summary:
         read_bytes=read, written_bytes=written_bytes,
         wall_seconds=time.monotonic() - started, pause_seconds=pause.seconds, pages=pages,
     )
+    return dataclasses.replace(summary, **from_spool)
+
+
+class _FromSpool(TypedDict, total=False):
+    """What the report says of a file written from a spool (:class:`Summary`'s fields)."""
+
+    elf_class: int
+    format: str
+    vmcoreinfo: VmcoreinfoResult
+    kdump: dict[str, object] | None
+    pages: dict[str, object] | None
+    blocks: list[Block]
+    warnings: list[str]
+    file_size: int
+    written_bytes: int
+
+
+def _kdump_from(spool: Spool, out: Output, spooled: CoreLayout, arch: arches.Arch,
+                cpu: CpuNotes, request: Request, provenance: Note,
+                written: Callable[[int], None], hint: Found | None,
+                warnings: list[str]) -> _FromSpool:
+    """The kdump file of the ELF vmcore in ``spool`` (of layout ``spooled``); what the
+    report says of it (:class:`Summary`'s fields)."""
+    blocks = _spooled(spooled)
+    # Every page the stream said is zero is a hole: not read, known to be zeros.
+    made = stage_kdump(out, arch, cpu, blocks, [True] * len(blocks), spool, spool,
+                       request.compress or DEFAULT_COMPRESSION, request.dump_level, provenance,
+                       written, hint=hint).finish()
+    return {"elf_class": 64, "format": "kdump", "vmcoreinfo": made.vmcoreinfo,
+            "kdump": made.report() | {"spool_bytes": spool.allocated},
+            "warnings": warnings + made.warnings, "file_size": made.size,
+            "written_bytes": made.size}
+
+
+def _elf_from(spool: Spool, out: Output, spooled: CoreLayout, arch: arches.Arch,
+              cpu: CpuNotes, dump_level: int, provenance: Note, written: Callable[[int], None],
+              hint: Found | None, warnings: list[str]) -> _FromSpool:
+    """The ELF vmcore of the one in ``spool`` (of layout ``spooled``) less the pages
+    ``dump_level`` leaves out (as :func:`_filter` decides for the normal mode); what
+    the report says of it."""
+    blocks = _spooled(spooled)
+    end = max(b.hva + b.size for b in blocks)
+    # The spool as a process's only mapping: private, so its holes are zeros.
+    sources = _Sources(lambda: [Mapping(0, end, "r--p", 0, "")], None)
+    plan, pages = _filter(_plan_of(blocks, sources), arch, cpu, spool, sources, dump_level,
+                          hint, warnings)
+    search = VmcoreinfoSearch(arch, cpu, out.is_stdout)
+    layout = _layout(arch, plan.blocks, cpu, provenance, search.room)
+    with Writer(out, written) as writer:
+        writer.inspect = search.inspector(layout)
+        copy(layout, plan.spans, spool, spool, writer)
+        writer.finish()
+    # The blocks kept, where they are in QEMU (as the normal mode reports them).
+    kept = [dataclasses.replace(k, hva=b.hva + k.gpa - b.gpa)
+            for k in layout.blocks for b in spooled.blocks if b.gpa <= k.gpa < b.end]
+    return {"vmcoreinfo": search.finish(out), "file_size": layout.size,
+            "written_bytes": writer.written, "blocks": kept,
+            "pages": pages | {"spool_bytes": spool.allocated}}
+
+
+def _spooled(layout: CoreLayout) -> list[Block]:
+    """``layout``'s blocks as a spool holds them: at their file offset."""
+    return [dataclasses.replace(b, hva=o)
+            for b, o in zip(layout.blocks, layout.offsets, strict=True)]
+
+
+def _spool_directory(output: str) -> str:
+    """Where a spool goes: beside the output, which fills no other filesystem; for
+    standard output, the temporary directory (``TMPDIR``)."""
+    return tempfile.gettempdir() if output == STDOUT else os.path.dirname(
+        os.path.abspath(output))
+
+
+def _memory(layout: CoreLayout) -> int:
+    return sum(b.size for b in layout.blocks)
 
 
 def _filter(plan: _Plan, arch: arches.Arch, cpu: CpuNotes, memory: MemorySource,

@@ -108,7 +108,7 @@ def compressor(name: str) -> Compress:
     raise UsageError(f"unknown compression {name!r} (known: {', '.join(COMPRESSIONS)})")
 
 
-def check_format(fmt: str, compress: str | None, dump_level: int, live: bool) -> None:
+def check_format(fmt: str, compress: str | None, dump_level: int) -> None:
     """Refuse what cannot be written, before the VM is touched (a missing
     compression library included)."""
     if fmt not in ("elf", "kdump"):
@@ -120,8 +120,6 @@ def check_format(fmt: str, compress: str | None, dump_level: int, live: bool) ->
         if compress is not None:
             raise UsageError("--compress is for --format kdump: an ELF vmcore is not compressed")
         return
-    if live:
-        raise UsageError("--live writes --format elf only")
     compressor(compress or DEFAULT_COMPRESSION)
 
 

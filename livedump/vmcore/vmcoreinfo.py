@@ -248,6 +248,7 @@ class Search:
         self._looks = 0
         self._overflow = False  # more than _MAX_LOOKS: nothing is trusted
         self._layout: CoreLayout | None = None  # the dump looked through, once inspector() ran
+        self.text: bytes | None = None  # the VMCOREINFO written by finish(), if any
 
     @property
     def room(self) -> int:
@@ -326,6 +327,7 @@ class Search:
         if layout is None:
             raise RuntimeError("VMCOREINFO search finished before inspector() was given a layout")
         result, text = self.validate(self._reader(layout, out))
+        self.text = text
         if text is not None:
             for offset, data in layout.add_note(Note(NAME, NT_VMCOREINFO, text).encode(
                     layout.structs)):
