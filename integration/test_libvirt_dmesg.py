@@ -2,7 +2,8 @@
 libvirtd and a transient domain that boots the Linux test guest
 (integration/linux_guest.py) under TCG, logging a line a second.
 
-One domain for the module, as it boots slowly; the last test makes it panic.
+One domain for each QEMU (the system's and 10.0), as it boots slowly; the
+last test makes it panic.
 """
 
 import json
@@ -15,9 +16,18 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import livedump
-from .libvirt_harness import Domain, Libvirtd, domstate, readable_dir, virsh
+from .conftest import QEMUS, livedump
+from .libvirt_harness import (
+    Domain,
+    Libvirtd,
+    domstate,
+    emulator,
+    forget_emulator,
+    readable_dir,
+    virsh,
+)
 from .linux_guest import IDLE, guest_files, kernel_cmdline, wait_for_console
+from .qemus import Qemu
 
 pytest.importorskip("libvirt", reason="libvirt's Python binding: pip install '.[libvirt]'")
 pytestmark = [
@@ -31,16 +41,23 @@ PANIC = "Kernel panic - not syncing: NMI: Not continuing"
 AWKWARD = b"LIVEDUMP-KMSG-BYTES tab\there caf\\xffffffc3\\xffffffa9 bell\\x07 end\n"
 
 
-@pytest.fixture(scope="module")
-def domain():
+@pytest.fixture(scope="module", params=list(QEMUS.values()), ids=list(QEMUS))
+def domain(request):
+    """The domain, run by each QEMU in turn (as libvirt starts it)."""
     vmlinuz, initramfs = guest_files()
     cmdline = kernel_cmdline(extra=["livedump.kmsg=1", "unknown_nmi_panic"])
     files = readable_dir()
+    binary = emulator(request.param, files)
     try:
-        with Libvirtd(), Domain(files, linux=(vmlinuz, initramfs, cmdline)) as dom:
+        with Libvirtd(), Domain(files, emulator=str(binary),
+                                linux=(vmlinuz, initramfs, cmdline)) as dom:
+            # The domain runs that QEMU, not the system's.
+            assert Qemu(Path(f"/proc/{dom.pid}/exe").resolve()).series == request.param.series
             wait_for_console(dom.console, f"^{IDLE}\\b", timeout=300)
             yield dom
     finally:
+        if binary.is_relative_to(files):  # a copy, going away: libvirt forgets its probe
+            forget_emulator(binary)
         shutil.rmtree(files, ignore_errors=True)
 
 
