@@ -33,7 +33,6 @@ from .linux_guest import (
     _Cpio,
     _extract,
     _Locked,
-    _run,
     console_text,
     wait_for_console,
 )
@@ -118,7 +117,9 @@ def _fetch(root: Path, final: Path) -> None:
     with tempfile.TemporaryDirectory(prefix=".fetch-", dir=root) as tmp:
         work = Path(tmp)
         apt = _private_apt(work)
-        depends = _run(["apt-cache", *apt, "depends", KERNEL_META_PACKAGE])
+        # (apt-get update succeeds, with warnings, where the mirror cannot be reached)
+        depends = _apt(["apt-cache", *apt, "depends", KERNEL_META_PACKAGE],
+                       f"apt-cache depends {KERNEL_META_PACKAGE} (arm64)")
         m = re.search(r"^\s*Depends:\s*(linux-image-\d\S*)\s*$", depends, re.M)
         if m is None:
             raise FetchError(f"cannot tell which kernel {KERNEL_META_PACKAGE} (arm64) "
@@ -126,10 +127,8 @@ def _fetch(root: Path, final: Path) -> None:
         package, release = m[1], m[1].removeprefix("linux-image-")
         debs = work / "debs"
         debs.mkdir()
-        try:
-            _run(["apt-get", "-q", *apt, "download", package, BUSYBOX_PACKAGE], cwd=debs)
-        except RuntimeError as e:
-            raise FetchError(str(e)) from None
+        _apt(["apt-get", "-q", *apt, "download", package, BUSYBOX_PACKAGE],
+             f"apt-get download {package} {BUSYBOX_PACKAGE} (arm64)", cwd=debs)
         [kernel_deb] = debs.glob(f"{package}_*.deb")
         [busybox_deb] = debs.glob(f"{BUSYBOX_PACKAGE}_*.deb")
         staged = work / "kernel"
@@ -150,11 +149,9 @@ def _fetch(root: Path, final: Path) -> None:
 def _private_apt(work: Path) -> list[str]:
     """apt options for an apt of its own in ``work``, for arm64, on the mirrors and
     suites the host's sources name for main; its lists updated."""
-    try:
-        targets = _run(["apt-get", "indextargets", "--format",
-                        "$(REPO_URI) $(RELEASE) $(COMPONENT)", "Created-By: Packages"])
-    except RuntimeError as e:
-        raise FetchError(str(e)) from None
+    targets = _apt(["apt-get", "indextargets", "--format",
+                    "$(REPO_URI) $(RELEASE) $(COMPONENT)", "Created-By: Packages"],
+                   "apt-get indextargets")
     signed = f" signed-by={KEYRING}" if KEYRING.exists() else ""
     lines = sorted({f"deb [arch=arm64{signed}] {uri} {release} main\n"
                     for uri, release, component in (t.split() for t in targets.splitlines())
@@ -175,11 +172,16 @@ def _private_apt(work: Path) -> list[str]:
            "-oDir::Etc::PreferencesParts=/dev/null"]
     if os.geteuid() == 0:  # apt's _apt user cannot reach a private directory under $HOME.
         apt.append("-oAPT::Sandbox::User=root")
-    try:
-        _run(["apt-get", "-q", *apt, "update"])
-    except RuntimeError as e:
-        raise FetchError(str(e)) from None
+    _apt(["apt-get", "-q", *apt, "update"], "apt-get update (arm64)")
     return apt
+
+
+def _apt(args: list[str], what: str, cwd: Path | None = None) -> str:
+    """Run an apt command; its stdout, or FetchError saying ``what`` failed and why."""
+    r = subprocess.run(args, cwd=cwd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise FetchError(f"{what} failed: {r.stderr.strip()}")
+    return r.stdout
 
 
 def _initramfs(root: Path, kernel: Path) -> Path:
