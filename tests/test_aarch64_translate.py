@@ -65,10 +65,22 @@ def test_52_bit_va_on_48_bit_hardware():
     # The kernel keeps PAGE_OFFSET at -(1 << 52) but maps RAM from -(1 << 48): it
     # lowers PHYS_OFFSET by the difference (negative), and the one rule still holds.
     phys_offset = 0x40000000 - ((1 << 52) - (1 << 48))
-    entries = vmcoreinfo(52, t1sz=16, phys_offset=phys_offset)
+    entries = vmcoreinfo(52, t1sz=16, phys_offset=phys_offset) | {"OSRELEASE": "6.8.0"}
     assert aarch64_translate(entries, 0xFFFF000000000000) == 0x40000000
     assert aarch64_translate(entries, 0xFFFF000012345678) == 0x52345678
     assert aarch64_translate(entries, 0xFFFF800008010000) == 0x40010000
+
+
+@pytest.mark.parametrize("release", ["5.10.0-28-arm64", "5.9.1"])
+def test_52_bit_va_on_48_bit_hardware_before_5_11(release):
+    # 5.4 to 5.10 left PHYS_OFFSET as it was and counted from -(1 << 48) instead.
+    entries = vmcoreinfo(52, t1sz=16) | {"OSRELEASE": release}
+    assert aarch64_translate(entries, 0xFFFF000000000000) == 0x40000000
+    assert aarch64_translate(entries, 0xFFFF000012345678) == 0x52345678
+    assert aarch64_translate(entries, 0xFFFF800008010000) == 0x40010000
+    # On 52-bit hardware T1SZ says 52 bits: the one rule.
+    entries = vmcoreinfo(52, t1sz=12) | {"OSRELEASE": release}
+    assert aarch64_translate(entries, 0xFFF0000012345678) == 0x52345678
 
 
 def test_52_bit_va_with_16k_pages_ends_the_linear_map_at_47_bits():

@@ -203,10 +203,11 @@ def aarch64_translate(entries: dict[str, str], va: int) -> int:
     ``-(1 << VA_BITS)`` to PAGE_END (``-(1 << (VA_BITS_MIN - 1))``), and the
     image above it; before, the upper half, from ``-(1 << (VA_BITS - 1))``, with
     the image below. The half the image lies in (``init_uts_ns``'s) tells which.
-    A 52-bit VA kernel on 48-bit hardware lowers PHYS_OFFSET (made negative,
-    printed as 64 bits) so the same rule holds (Linux 5.11 on). Any other
-    address (vmalloc, modules) is taken for an image one, which the printk
-    reader does not meet.
+    A 52-bit VA kernel on 48-bit hardware (``TCR_EL1_T1SZ`` gives the VA size
+    it runs with) lowers PHYS_OFFSET (made negative, printed as 64 bits) so the
+    same rule holds from Linux 5.11 on; 5.4 to 5.10 instead counted the linear
+    map from ``-(1 << 48)``. Any other address (vmalloc, modules) is taken for
+    an image one, which the printk reader does not meet.
     """
     va_bits = number(entries.get("NUMBER(VA_BITS)"), "NUMBER(VA_BITS)")
     if not 36 <= va_bits <= 52:
@@ -219,6 +220,9 @@ def aarch64_translate(entries: dict[str, str], va: int) -> int:
     if image >= page_end:  # 5.4 on: the linear map below PAGE_END
         page_offset = _U64 + 1 - (1 << va_bits)
         linear = page_offset <= va < page_end
+        t1sz = entries.get("NUMBER(TCR_EL1_T1SZ)")
+        if t1sz is not None and _release(entries) < (5, 11):
+            page_offset = _U64 + 1 - (1 << (64 - number(t1sz, "NUMBER(TCR_EL1_T1SZ)")))
     else:
         page_offset = _U64 + 1 - (1 << (va_bits - 1))
         linear = va >= page_offset
@@ -226,6 +230,12 @@ def aarch64_translate(entries: dict[str, str], va: int) -> int:
         phys_offset = number(entries.get("NUMBER(PHYS_OFFSET)"), "NUMBER(PHYS_OFFSET)")
         return (va - page_offset + phys_offset) & _U64
     return (va - number(entries.get("NUMBER(kimage_voffset)"), "kimage_voffset")) & _U64
+
+
+def _release(entries: dict[str, str]) -> tuple[int, int]:
+    """OSRELEASE's major and minor version; (0, 0) if it names none."""
+    m = re.match(r"(\d+)\.(\d+)", entries.get("OSRELEASE", ""))
+    return (int(m[1]), int(m[2])) if m else (0, 0)
 
 
 def number(text: str | None, what: str, base: int = 10) -> int:
