@@ -21,7 +21,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from xml.sax.saxutils import quoteattr
+from xml.sax.saxutils import escape, quoteattr
 
 from .qemus import Qemu
 from .vm import Marker
@@ -115,9 +115,13 @@ class Domain:
     memory_mib: int = 512
     emulator: str = "/usr/bin/qemu-system-x86_64"
     running: bool = True  # False: defined only (shut off), not started.
+    # A Linux guest to boot, (kernel, initramfs, command line), its serial
+    # console into ``self.console``; None: the firmware only.
+    linux: tuple[Path, Path, str] | None = None
 
     def __enter__(self) -> "Domain":
         self.name = f"livedump-test-{uuid.uuid4().hex[:8]}"
+        self.console = self.files / f"{self.name}-console.log"
         args = []
         for i, m in enumerate(self.markers):
             path = self.files / f"{self.name}-marker{i}.bin"
@@ -136,7 +140,7 @@ class Domain:
   <name>{self.name}</name>
   <memory unit='MiB'>{self.memory_mib}</memory>
   <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+  <os><type arch='x86_64' machine='pc'>hvm</type>{self._boot()}</os>
   <!-- ACPI on, as QEMU's default: without it libvirt 9.0 passes -no-acpi,
        which QEMU 10 no longer has. -->
   <features><acpi/></features>
@@ -144,11 +148,32 @@ class Domain:
     <emulator>{self.emulator}</emulator>
     <controller type='usb' model='none'/>
     <video><model type='none'/></video>
-    <memballoon model='none'/>
+    <memballoon model='none'/>{self._serial()}
   </devices>
   <qemu:commandline>{args}</qemu:commandline>
 </domain>
 """
+
+    def _boot(self) -> str:
+        """The ``<os>`` elements that boot ``linux``, from copies libvirt's QEMU user
+        can read."""
+        if self.linux is None:
+            return ""
+        kernel, initramfs, cmdline = self.linux
+        copies = []
+        for source, suffix in ((kernel, "vmlinuz"), (initramfs, "initramfs")):
+            copy = self.files / f"{self.name}-{suffix}"
+            shutil.copyfile(source, copy)
+            copy.chmod(0o644)
+            copies.append(copy)
+        return (f"<kernel>{copies[0]}</kernel><initrd>{copies[1]}</initrd>"
+                f"<cmdline>{escape(cmdline)}</cmdline>")
+
+    def _serial(self) -> str:
+        if self.linux is None:
+            return ""
+        return (f"<serial type='file'><source path={quoteattr(str(self.console))}/>"
+                "<target port='0'/></serial>")
 
     @property
     def pid(self) -> int:

@@ -185,10 +185,10 @@ def _kernel_package() -> str:
     return name
 
 
-def _check_kernel_config(config: str) -> None:
-    """Fail unless every option in REQUIRED_KERNEL_CONFIG is built in."""
+def _check_kernel_config(config: str, required: Iterable[str] = REQUIRED_KERNEL_CONFIG) -> None:
+    """Fail unless every option in ``required`` is built in."""
     values = dict(re.findall(r"^CONFIG_(\w+)=(.*)$", config, re.M))
-    missing = [f"CONFIG_{o}={values.get(o, 'n')}" for o in REQUIRED_KERNEL_CONFIG
+    missing = [f"CONFIG_{o}={values.get(o, 'n')}" for o in required
                if values.get(o) != "y"]
     if missing:
         raise RuntimeError(f"the guest kernel lacks built-in {', '.join(missing)}; "

@@ -18,7 +18,8 @@ def dmesg_parser() -> argparse.ArgumentParser:
         description="Print the guest kernel's log, read from the running VM's memory: no "
         "vmcore, no vmlinux, the guest not paused (records are checked by their own "
         "states and sequence numbers). The text is makedumpfile --dump-dmesg's. Linux "
-        "x86_64 guests, with the printk ring buffer (5.10 on) or log_buf (3.5 to 5.9).",
+        "x86_64 and arm64 (little-endian) guests, with the printk ring buffer (5.10 on) "
+        "or log_buf (3.5 to 5.9).",
         epilog=epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_vm_options(p)
     p.add_argument("--pause", action="store_true", help="pause the guest while the log is "

@@ -257,9 +257,10 @@ def test_no_log_in_vmcoreinfo_is_an_error():
         open_log(kernel)
 
 
-def test_only_x86_64_kernels_are_read():
-    with pytest.raises(GuestKernelError, match="not supported on aarch64"):
-        Kernel({"OSRELEASE": "6.1.0"}, lookup("aarch64"), lambda gpa, n: None)
+@pytest.mark.parametrize("arch", ["aarch64-be", "ppc64-le", "386"])
+def test_only_x86_64_and_aarch64_kernels_are_read(arch):
+    with pytest.raises(GuestKernelError, match=f"not supported on {arch} yet"):
+        Kernel({"OSRELEASE": "6.1.0"}, lookup(arch), lambda gpa, n: None)
 
 
 def test_text_is_escaped_as_makedumpfile_prints_it():

@@ -6,14 +6,23 @@ need (makedumpfile and crash read it the same way). On x86_64 a kernel-image
 address (above ``__START_KERNEL_map``) is translated by the rule VMCOREINFO
 gives (``phys_base``, which KASLR's offset is part of); any other address
 (the direct map, vmalloc) by walking the kernel's own top page table,
-``init_top_pgt``, which VMCOREINFO also names.
+``init_top_pgt``, which VMCOREINFO also names. On arm64 the linear map and
+the image are translated by the numbers VMCOREINFO gives for them
+(``aarch64_translate``), with no page table read: the log lives in one or
+the other.
 """
 
 from collections.abc import Callable
 
 from livedump.errors import GuestKernelError
-from livedump.vmcore.arch import EM_X86_64, Arch
-from livedump.vmcore.vmcoreinfo import Invalid, kernel_phys, number, x86_64_translate
+from livedump.vmcore.arch import EM_AARCH64, EM_X86_64, Arch
+from livedump.vmcore.vmcoreinfo import (
+    Invalid,
+    aarch64_translate,
+    kernel_phys,
+    number,
+    x86_64_translate,
+)
 
 ReadPhys = Callable[[int, int], bytes | None]  # guest-physical address, length
 
@@ -21,21 +30,23 @@ _PAGE = 4096
 _START_KERNEL_MAP = 0xFFFFFFFF80000000
 # The kernel image's mapping ends where the modules' (vmalloc'ed) begins.
 _KERNEL_IMAGE_END = _START_KERNEL_MAP + (1 << 30)
+# The targets whose kernel addresses are translated here (the reads are little-endian).
+_READ = ("x86_64", "aarch64-le")
 
 
 class Kernel:
     """The guest kernel of one VMCOREINFO text, read through ``read_phys``."""
 
     def __init__(self, entries: dict[str, str], arch: Arch, read_phys: ReadPhys) -> None:
-        if arch.machine != EM_X86_64:
+        if arch.name not in _READ:
             raise GuestKernelError(f"reading the guest kernel's memory is not supported on "
-                                   f"{arch.name} yet (x86_64 only)")
+                                   f"{arch.name} yet (x86_64 and aarch64-le only)")
         self.entries = entries
         self.arch = arch
         self.read_phys = read_phys
         self.release = entries.get("OSRELEASE", "?")
         self._levels = 5 if entries.get("NUMBER(pgtable_l5_enabled)") == "1" else 4
-        top = self.symbol("init_top_pgt")
+        top = self.symbol("init_top_pgt") if arch.machine == EM_X86_64 else None
         self._root = None if top is None else kernel_phys(entries, arch, top)
         # Pages of the kernel's address space stay where they are mapped: the
         # translations of a log read many times are walked once.
@@ -80,7 +91,12 @@ class Kernel:
         page = va & ~(_PAGE - 1)
         base = self._pages.get(page)
         if base is None:
-            if _START_KERNEL_MAP <= page < _KERNEL_IMAGE_END:
+            if self.arch.machine == EM_AARCH64:
+                try:
+                    base = aarch64_translate(self.entries, page)
+                except Invalid as e:
+                    raise GuestKernelError(f"the guest kernel's VMCOREINFO: {e}") from None
+            elif _START_KERNEL_MAP <= page < _KERNEL_IMAGE_END:
                 base = kernel_phys(self.entries, self.arch, page)
             elif self._root is not None:
                 base = x86_64_translate(self._root, page, self._levels, self.read_phys)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from livedump.errors import GuestKernelError
 from livedump.transfer.memory import DATA, Buffer, PageMap, ProcessMemory
-from livedump.vmcore.arch import Arch
+from livedump.vmcore.arch import EM_X86_64, Arch
 from livedump.vmcore.blocks import Block
 from livedump.vmcore.vmcoreinfo import (
     MAGIC,
@@ -96,11 +96,14 @@ def find_vmcoreinfo(guest: GuestMemory, pagemap: PageMap | None, private: list[b
                                + why)
     if len(valid) > 1:
         where = ", ".join(f"{f.gpa:#x}" for f in valid)
-        raise SeveralKernels(
-            f"{len(valid)} kernels' VMCOREINFO in guest memory (GPA {where}), as after a "
-            "reboot; with --pause the vCPUs' page tables tell which kernel runs"
-            if not roots else f"{len(valid)} kernels' VMCOREINFO in guest memory (GPA "
-            f"{where}), and the vCPUs' page tables map each of them")
+        several = f"{len(valid)} kernels' VMCOREINFO in guest memory (GPA {where})"
+        if roots:
+            raise SeveralKernels(f"{several}, and the vCPUs' page tables map each of them")
+        if arch.machine != EM_X86_64:  # Only x86's CPU state gives its page tables here.
+            raise SeveralKernels(f"{several}, as after a reboot; which one runs cannot be "
+                                 f"told on {arch.name}")
+        raise SeveralKernels(f"{several}, as after a reboot; with --pause the vCPUs' page "
+                             "tables tell which kernel runs")
     return valid[0]
 
 

@@ -63,6 +63,7 @@ _NEW_UTS_LEN = 65  # struct new_utsname: sysname, nodename, release... of 65 byt
 _RELEASE_OFFSET = 2 * _NEW_UTS_LEN
 _START_KERNEL_MAP = 0xFFFFFFFF80000000  # x86_64: kernel text mapping base
 _PPC64_PAGE_OFFSET = 0xC000000000000000  # ppc64: the linear map, which holds the kernel
+_U64 = (1 << 64) - 1
 _PTE_PRESENT, _PTE_HUGE = 1, 1 << 7
 _PTE_ADDRESS = 0x000F_FFFF_FFFF_F000
 # With page-table isolation CR3 may point at the user half of an 8 KiB pair;
@@ -189,6 +190,52 @@ def x86_64_translate(root: int, va: int, levels: int, read_at: ReadPhys) -> int 
             return (entry & _PTE_ADDRESS & -(1 << shift)) | (va & ((1 << shift) - 1))
         table = entry & _PTE_ADDRESS
     return None
+
+
+def aarch64_translate(entries: dict[str, str], va: int) -> int:
+    """The physical address of arm64 kernel address ``va`` in the linear map or the
+    kernel image, by asm/memory.h's rule and the numbers VMCOREINFO gives (no page
+    table is read); Invalid if VMCOREINFO lacks them.
+
+    The linear map starts at PAGE_OFFSET, which maps PHYS_OFFSET; the image is
+    mapped ``kimage_voffset`` above its physical address. Since Linux 5.4 the
+    linear map is the lower half of the kernel's address space, from
+    ``-(1 << VA_BITS)`` to PAGE_END (``-(1 << (VA_BITS_MIN - 1))``), and the
+    image above it; before, the upper half, from ``-(1 << (VA_BITS - 1))``, with
+    the image below. The half the image lies in (``init_uts_ns``'s) tells which.
+    A 52-bit VA kernel on 48-bit hardware (``TCR_EL1_T1SZ`` gives the VA size
+    it runs with) lowers PHYS_OFFSET (made negative, printed as 64 bits) so the
+    same rule holds from Linux 5.11 on; 5.4 to 5.10 instead counted the linear
+    map from ``-(1 << 48)``. Any other address (vmalloc, modules) is taken for
+    an image one, which the printk reader does not meet.
+    """
+    va_bits = number(entries.get("NUMBER(VA_BITS)"), "NUMBER(VA_BITS)")
+    if not 36 <= va_bits <= 52:
+        raise Invalid(f"NUMBER(VA_BITS)={va_bits} is not an arm64 VA size")
+    page = number(entries.get("PAGESIZE"), "PAGESIZE")
+    va_bits_min = va_bits if va_bits <= 48 else 47 if page == 16384 else 48
+    image = number(entries.get("SYMBOL(init_uts_ns)"), "SYMBOL(init_uts_ns)", base=16)
+    page_end = _U64 + 1 - (1 << (va_bits_min - 1))
+    va &= _U64
+    if image >= page_end:  # 5.4 on: the linear map below PAGE_END
+        page_offset = _U64 + 1 - (1 << va_bits)
+        linear = page_offset <= va < page_end
+        t1sz = entries.get("NUMBER(TCR_EL1_T1SZ)")
+        if t1sz is not None and _release(entries) < (5, 11):
+            page_offset = _U64 + 1 - (1 << (64 - number(t1sz, "NUMBER(TCR_EL1_T1SZ)")))
+    else:
+        page_offset = _U64 + 1 - (1 << (va_bits - 1))
+        linear = va >= page_offset
+    if linear:
+        phys_offset = number(entries.get("NUMBER(PHYS_OFFSET)"), "NUMBER(PHYS_OFFSET)")
+        return (va - page_offset + phys_offset) & _U64
+    return (va - number(entries.get("NUMBER(kimage_voffset)"), "kimage_voffset")) & _U64
+
+
+def _release(entries: dict[str, str]) -> tuple[int, int]:
+    """OSRELEASE's major and minor version; (0, 0) if it names none."""
+    m = re.match(r"(\d+)\.(\d+)", entries.get("OSRELEASE", ""))
+    return (int(m[1]), int(m[2])) if m else (0, 0)
 
 
 def number(text: str | None, what: str, base: int = 10) -> int:
