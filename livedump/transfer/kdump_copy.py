@@ -1,7 +1,8 @@
 """Copy guest memory into a kdump-compressed vmcore: read, sorted and compressed in one pass.
 
 Worker threads, one per CPU, take the chunks of guest memory in pfn order;
-each reads its chunk from QEMU, tells zero pages apart (dump level 1) and
+each reads the pages of its chunk that the file keeps from QEMU (runs of
+them: pages left out are never read), tells zero pages apart (dump level 1) and
 compresses the others page by page. Reading (process_vm_readv) and the
 compression libraries release the GIL, so the workers run on every CPU.
 The main thread takes the chunks back in order, gives each page its place
@@ -172,27 +173,30 @@ class _Run:
         return stats
 
     def read(self, piece: _Piece, buf: Buffer) -> "_Chunk":
+        """The chunk's pages the file keeps, and only those read: a run of kept
+        pages at a time (``inspect`` sees each run)."""
         gpa, length, hva = piece
         size = self.layout.page
-        kept = self.layout.dumpable
-        first = gpa // size
-        pfns = ([*range(length // size)] if kept.all_set(first, length // size)
-                else [i for i in range(length // size) if first + i in kept])
+        runs = self.layout.dumpable.runs(gpa // size, length // size)
         if hva is None:
-            return _Chunk([self._zero_page() for _ in pfns], 0, length)
-        data = bytes(self.memory.read(buf, length, hva))
-        if self.inspect:
-            self.inspect(gpa, data, length)
+            return _Chunk([self._zero_page() for _, n in runs for _ in range(n)], 0, length)
         pages: list[_Page] = []
-        for i in pfns:
-            page = data[i * size:(i + 1) * size]
-            if page == self.zeros:
-                pages.append(self._zero_page())
-            elif self._may_wait(size):
-                pages.append((page, _RAW))
-            else:
-                pages.append(compress_page(page, self.compress, self.flag))
-        return _Chunk(pages, length, length)
+        read = 0
+        for pfn, n in runs:
+            at = pfn * size - gpa
+            data = bytes(self.memory.read(buf, n * size, hva + at))
+            read += n * size
+            if self.inspect:
+                self.inspect(gpa + at, data, n * size)
+            for i in range(n):
+                page = data[i * size:(i + 1) * size]
+                if page == self.zeros:
+                    pages.append(self._zero_page())
+                elif self._may_wait(size):
+                    pages.append((page, _RAW))
+                else:
+                    pages.append(compress_page(page, self.compress, self.flag))
+        return _Chunk(pages, read, length)
 
     def _may_wait(self, size: int) -> bool:
         with self._count_lock:
@@ -380,7 +384,7 @@ def stage_kdump(out: Output, arch: Arch, cpu: CpuNotes, blocks: Sequence[Block],
         blocks, private = _clip(blocks, private, decision.end_pfn * PAGE)
         layout = KdumpLayout(arch, blocks, PAGE, note_room=len(notes) + search.room)
     beyond = ram_pages - layout.ram.count()
-    layout.exclude(decision.pfns())
+    layout.exclude_bits(decision.bits)
     flat = FlatSink(out.write) if out.is_stdout else None
     sink: Sink = flat or out
     staged = copy_kdump(layout, private, memory, pagemap, sink, compression, dump_level,
