@@ -117,6 +117,7 @@ def test_bitmap_runs_and_clear_bits(seed):
     assert [q for start, k in runs for q in range(start, start + k)] == [
         q for q in range(first, first + count) if q in b]
     assert all(start + k not in b or start + k == first + count for start, k in runs)
+    assert b.any_set(first, count) == bool(runs)
     want = [q for q in range(n) if q in b and q not in other]
     b.clear_bits(bytes(other.bits))
     assert [q for q in range(n) if q in b] == want

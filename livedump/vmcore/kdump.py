@@ -193,6 +193,11 @@ class Bitmap:
         mine = int.from_bytes(self.bits[:n], "little")
         self.bits[:n] = (mine & ~int.from_bytes(other[:n], "little")).to_bytes(n, "little")
 
+    def any_set(self, first: int, count: int) -> bool:
+        """Whether any pfn of ``[first, first + count)`` is set."""
+        bits = int.from_bytes(self.bits[first >> 3:(first + count + 7) >> 3], "little")
+        return bits >> (first & 7) & (1 << count) - 1 != 0
+
     def runs(self, first: int, count: int) -> list[tuple[int, int]]:
         """(first pfn, count) of each run of set pfns in ``[first, first + count)``:
         a step per run, not per pfn."""
