@@ -26,9 +26,10 @@ entries; the translation is :func:`livedump.vmcore.vmcoreinfo.x86_64_mapping`.
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import numpy as np
+if TYPE_CHECKING:  # imported where used: a dump with no struct page test never loads it
+    import numpy as np
 
 from livedump.vmcore.arch import EM_X86_64, Arch
 from livedump.vmcore.vmcoreinfo import ReadPhys, kernel_phys, x86_64_mapping
@@ -69,6 +70,8 @@ class Decision:
 
     def pfns(self) -> list[int]:
         """The pfns left out, in order."""
+        import numpy as np
+
         found = np.unpackbits(np.frombuffer(self.bits, dtype=np.uint8), bitorder="little")
         pfns: list[int] = np.flatnonzero(found).tolist()
         return pfns
@@ -236,6 +239,8 @@ class _Reader:
             max_order=self.num("LENGTH(zone.free_area)", 64))
 
     def decide(self, ram: Ram, max_pfn: int) -> Decision:
+        import numpy as np
+
         params = self.params()
         if params.size % 8 or params.size < 8 or any(
                 params.offsets[k] % 8 for k in ("flags", "mapping", "private", "compound_head")
@@ -291,6 +296,8 @@ _FREE, _CACHE, _CACHE_PRIVATE, _USER, _HWPOISON, _OFFLINE = range(len(CLASSES))
 
 
 def _ram_mask(ram: Ram, first: int, count: int) -> "np.ndarray[Any, np.dtype[np.bool_]]":
+    import numpy as np
+
     return np.fromiter((first + i in ram for i in range(count)), dtype=np.bool_, count=count)
 
 
@@ -306,6 +313,8 @@ def classify(array: bytes, first: int, count: int,
     tested themselves). Also (first pfn, end, class) of each block that runs
     past the array (its pages there not yet told apart from non-RAM).
     """
+    import numpy as np
+
     u8 = np.frombuffer(array, dtype=np.uint8, count=count * p.size)
     step = p.size // 8
     words = u8.view("<u8")
