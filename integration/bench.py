@@ -16,6 +16,13 @@ Scenarios (each guest started here, running while it is dumped):
   dmesg  the guest of (c): the kernel's log by ``livedump dmesg`` (running,
      and --pause), against a vmcore by livedump then ``makedumpfile
      --dump-dmesg`` of it, the usual way without a vmlinux (a table of its own)
+  filtered  one Linux guest (4 GiB by default, --filtered-gib) with half its
+     RAM in page cache (files in tmpfs) and a quarter in user memory, idle,
+     all its RAM read once by QEMU's dump first (as a guest that has run for
+     long has touched it all): livedump --format kdump -d 31, livedump's ELF,
+     QEMU's dump-guest-memory -z (kdump-zlib: its pause is its whole wall),
+     and livedump's ELF then makedumpfile -c -d 31, all on that one guest
+     (filling memory under TCG is slow), in turns (a table of its own)
   core  a crashed QEMU's core: the gcore of the 7.2 debug build running an
      idle 1 GiB guest, paused; QEMU 7.2's scripts/dump-guest-memory.py under
      gdb against livedump --core, on the same core file (the script is taken
@@ -49,6 +56,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,7 +103,10 @@ runpy.run_module("livedump", run_name="__main__")
 """
 
 
-def livedump(vm: VM, out: Path, *options: str) -> Run:
+def livedump(vm: VM, out: Path, *options: str, counted: bool = True,
+             keep: bool = False) -> Run:
+    """livedump's run; ``counted``: with the bytes present and of data in what it
+    dumped (read afterwards, slow on big guests); ``keep``: leave ``out`` in place."""
     vm.event_log()
     peak_file = out.with_name("peak-rss")
     start = time.monotonic()
@@ -108,12 +119,15 @@ def livedump(vm: VM, out: Path, *options: str) -> Run:
     if status != 0:
         raise RuntimeError(f"livedump failed with status {status}")
     summary = json.loads(report)
-    # Counted after the dump, which populates no private page it did not find populated.
-    present = present_runs(vm.pid, [(b["hva"], b["size"]) for b in summary["blocks"]])
     run = Run(wall, pause_of(vm.event_log()), os.stat(out).st_blocks * 512,
-              rss=int(peak_file.read_text()) * 1024, read_bytes=summary["read_bytes"],
-              present=sum(size for _, size in present), data=data_bytes(vm.pid, present))
-    out.unlink()
+              rss=int(peak_file.read_text()) * 1024, read_bytes=summary["read_bytes"])
+    if counted:
+        # Counted after the dump, which populates no private page it did not find populated.
+        present = present_runs(vm.pid, [(b["hva"], b["size"]) for b in summary["blocks"]])
+        run.present = sum(size for _, size in present)
+        run.data = data_bytes(vm.pid, present)
+    if not keep:
+        out.unlink()
     peak_file.unlink()
     return run
 
@@ -229,6 +243,7 @@ SCENARIOS = {
     "c": "(c) 4 GiB Linux, 1 GiB touched",
     "live": "(live) 1 GiB populated, --live",
     "core": "(core) gcore of a 1 GiB guest",
+    "filtered": "(filtered) {gib} GiB Linux, {cache} GiB cache, {user} GiB user",
 }
 OPTIONS = {"live": ("--live",)}  # livedump's options per scenario
 
@@ -417,6 +432,67 @@ def dmesg_bench(runs: int, workdir: Path, qemu: Qemu) -> str:
     return "\n".join(lines)
 
 
+def filtered_bench(runs: int, workdir: Path, qemu: Qemu, gib: int) -> str:
+    """The filtered scenario's table (see the module's docstring): medians over
+    ``runs`` turns on one guest of ``gib`` GiB; each turn takes the ways in
+    another order."""
+    from .linux_guest import LinuxVM
+
+    cache, user = gib << 9, gib << 8  # MiB: half and a quarter of its RAM
+    out, elf = workdir / "out.vmcore", workdir / "out.elf"
+    start = time.monotonic()
+    vm = LinuxVM(memory=f"{gib}G", touch_mib=user, qemu=qemu,
+                 cmdline_extra=[f"livedump.cache={cache}"]).__enter__()
+    try:
+        vm.wait_idle(timeout=1800)
+        dumped_once(vm, workdir)
+        built = time.monotonic() - start
+
+        def zlib() -> Run:
+            vm.event_log()
+            began = time.monotonic()
+            vm.own_dump(out, format="kdump-zlib", detach=True)
+            run = Run(time.monotonic() - began, pause_of(vm.event_log()),
+                      os.stat(out).st_blocks * 512)
+            out.unlink()
+            return run
+
+        def then_makedumpfile() -> Run:
+            began = time.monotonic()
+            first = livedump(vm, elf, counted=False, keep=True)
+            subprocess.run(["makedumpfile", "-c", "-d", "31", str(elf), str(out)], check=True,
+                           capture_output=True)
+            run = Run(time.monotonic() - began, first.pause, os.stat(out).st_blocks * 512)
+            elf.unlink()
+            out.unlink()
+            return run
+
+        ways: dict[str, Callable[[], Run]] = {
+            "livedump --format kdump -d 31": lambda: livedump(
+                vm, out, "--format", "kdump", "-d", "31", counted=False),
+            "livedump (ELF)": lambda: livedump(vm, out, counted=False),
+            "QEMU dump-guest-memory -z (kdump-zlib)": zlib,
+            "livedump (ELF), then makedumpfile -c -d 31": then_makedumpfile,
+        }
+        results: dict[str, list[Run]] = {name: [] for name in ways}
+        for i in range(runs):
+            for name, way in ways.items() if i % 2 == 0 else reversed(ways.items()):
+                results[name].append(way())
+    finally:
+        vm.__exit__()
+    med = {name: Run(*(statistics.median(getattr(r, k) for r in got)
+                       for k in ("wall", "pause", "allocated")))
+           for name, got in results.items()}
+    lines = [f"{SCENARIOS['filtered'].format(gib=gib, cache=cache >> 10, user=user >> 10):48} "
+             f"{'wall s':>7} {'pause s':>8} {'allocated':>10}"]
+    for name, r in med.items():
+        lines.append(f"  {name:46} {r.wall:7.2f} {r.pause:8.3f} {fmt_bytes(r.allocated):>10}")
+    kdump, ours = med["livedump --format kdump -d 31"], med["livedump (ELF)"]
+    lines.append(f"  kdump -d 31 pause / ELF pause: {kdump.pause / ours.pause:.2f}x; "
+                 f"guest built (booted, filled, read once) in {built:.0f} s")
+    return "\n".join(lines)
+
+
 def provenance(chosen: dict[str, Qemu]) -> str:
     """Which code ran where and when, on which QEMUs: figures mean nothing without it."""
     top = Path(__file__).resolve().parent.parent
@@ -439,6 +515,9 @@ def main() -> None:
     p.add_argument("--qemus", help="the QEMUs, by series (default: every one "
                    "`python -m integration.qemus` lists, debug builds aside)")
     p.add_argument("--dir", type=Path, default=Path("/dev/shm"))
+    p.add_argument("--filtered-gib", type=int, default=4,
+                   help="RAM of the filtered scenario's guest (half page cache, a quarter "
+                   "user memory)")
     args = p.parse_args()
     found = qemus.available()
     wanted = args.qemus.split(",") if args.qemus else list(found)
@@ -458,6 +537,10 @@ def main() -> None:
         try:
             if name == "dmesg":
                 notes.append(f"on QEMU {series}: " + dmesg_bench(args.runs, workdir, qemu))
+                continue
+            if name == "filtered":
+                notes.append(f"on QEMU {series}: " + filtered_bench(args.runs, workdir, qemu,
+                                                                    args.filtered_gib))
                 continue
             if name == "core":
                 seed_runs, ours, note = measure_core(args.runs, workdir)

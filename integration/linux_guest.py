@@ -10,6 +10,8 @@ kernel command line and reports on its serial console:
 
 * ``livedump.touch=MIB``: fill that many MiB of guest memory with non-zero
   data, held by a live process (``LIVEDUMP-TOUCH mib= seconds= mib_per_s=``);
+* ``livedump.cache=MIB``: write that many MiB of files into ``/dev/shm``
+  (tmpfs: page cache), about half compressible (``LIVEDUMP-CACHE mib= ...``);
 * ``livedump.marker=N``: put N known strings in N pages of a live process and
   print each page's guest-physical address (``LIVEDUMP-MARKER gpa= text=``);
 * ``livedump.kmsg=S``: log a few awkward messages (a tab, UTF-8, a control

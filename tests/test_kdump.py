@@ -8,7 +8,7 @@ import random
 import pytest
 
 from livedump.errors import UsageError
-from livedump.transfer.kdump_copy import write_kdump
+from livedump.transfer.kdump_copy import _with_kept, write_kdump
 from livedump.transfer.memory import PageMap, ProcessMemory
 from livedump.transfer.output import Output
 from livedump.vmcore.arch import ARCHES
@@ -175,6 +175,19 @@ def test_layout_places_parts_on_block_boundaries():
     assert layout.data_offset == layout.desc_offset + 24 * layout.num_dumpable
     assert 200 not in layout.ram and 159 in layout.ram and 256 in layout.ram
     assert 3 not in layout.dumpable and 4 in layout.dumpable
+
+
+def test_only_pieces_with_a_page_kept_are_handed_out_and_all_are_counted():
+    blocks = [Block(0, 64 * PAGE, 0), Block(1 << 20, 64 * PAGE, 1 << 30)]
+    layout = KdumpLayout(X86_64, blocks, PAGE, note_room=0)
+    layout.exclude([*range(0, 20), *range(21, 64), *range(256 + 32, 256 + 64)])
+    pieces = [(0, 16 * PAGE, 0), (16 * PAGE, 16 * PAGE, None), (32 * PAGE, 32 * PAGE, 32 * PAGE),
+              (1 << 20, 32 * PAGE, 1 << 30), ((1 << 20) + 32 * PAGE, 32 * PAGE, None)]
+    work = _with_kept(pieces, layout)
+    # pfn 20 is in the second piece, 256-287 in the fourth; the rest is counted with them.
+    assert work == [((16 * PAGE, 16 * PAGE, None), 32 * PAGE),
+                    (((1 << 20), 32 * PAGE, 1 << 30), 64 * PAGE), ((0, 0, None), 32 * PAGE)]
+    assert sum(n for _, n in work) == sum(b.size for b in blocks)
 
 
 @pytest.mark.parametrize("args, message", [

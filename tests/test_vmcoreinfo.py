@@ -23,6 +23,7 @@ from livedump.vmcore.vmcoreinfo import (
     Result,
     Search,
     parse,
+    x86_64_mapping,
     x86_64_translate,
 )
 from livedump.vmcore.x86_notes import QEMU_CPU_STATE, x86_page_tables
@@ -241,6 +242,16 @@ def test_x86_64_translate_walks_to_a_2mib_page():
         return memory.get(gpa, bytes(8))
     assert x86_64_translate(TABLES, INIT_UTS_NS + 130, 4, read_at) == UTS_RELEASE
     assert x86_64_translate(TABLES, INIT_UTS_NS + (4 << 20), 4, read_at) is None
+
+
+def test_x86_64_mapping_says_how_far_the_2mib_page_goes_on():
+    memory = page_tables(INIT_UTS_NS, UTS_RELEASE - 130)
+
+    def read_at(gpa, n):
+        return memory.get(gpa, bytes(8))
+    # INIT_UTS_NS lies 0x1fb000 into its 2 MiB page: 0x5000 bytes of it are left.
+    assert x86_64_mapping(TABLES, INIT_UTS_NS + 130, 4, read_at) == (UTS_RELEASE, 0x5000 - 130)
+    assert x86_64_mapping(TABLES, INIT_UTS_NS + (4 << 20), 4, read_at) is None
 
 
 def test_of_two_valid_pages_the_one_the_vcpus_page_tables_map_is_chosen(tmp_path):

@@ -4,6 +4,7 @@
 # Switches on the kernel command line (read from /proc/cmdline):
 #   livedump.touch=MIB    fill MIB MiB of anonymous memory with non-zero data,
 #                         in a process that stays alive
+#   livedump.cache=MIB    write MIB MiB of files into /dev/shm (page cache)
 #   livedump.marker=N     place N known strings in N pages of a live process
 #                         and print their guest-physical addresses
 #   livedump.kmsg=S       write a few awkward messages to the kernel log, then
@@ -16,7 +17,8 @@
 #   LIVEDUMP-VMCOREINFO PADDR SIZE   /sys/kernel/vmcoreinfo: where the kernel's
 #                                    VMCOREINFO note is (hex)
 #   LIVEDUMP-KERNEL-TEXT ADDR        the address of _text (KASLR moves it)
-#   LIVEDUMP-TOUCH ... / LIVEDUMP-MARKER ...   from livedump-guest
+#   LIVEDUMP-TOUCH ... / LIVEDUMP-CACHE ... / LIVEDUMP-MARKER ...
+#                                    from livedump-guest
 #   LIVEDUMP-GUEST-PANIC             about to crash the kernel
 #   LIVEDUMP-GUEST-IDLE uptime=S     all done; the guest idles from now on
 #   LIVEDUMP-GUEST-ERROR ...         something failed
@@ -66,6 +68,11 @@ done </proc/kallsyms
 touch_mib=$(switch touch)
 if [ -n "$touch_mib" ] && [ "$touch_mib" != 0 ]; then
     livedump-guest touch "$touch_mib" || echo "LIVEDUMP-GUEST-ERROR touch failed"
+fi
+
+cache_mib=$(switch cache)
+if [ -n "$cache_mib" ] && [ "$cache_mib" != 0 ]; then
+    livedump-guest cache "$cache_mib" || echo "LIVEDUMP-GUEST-ERROR cache failed"
 fi
 
 markers=$(switch marker)

@@ -6,6 +6,8 @@
  *   livedump-guest marker COUNT  place COUNT known ASCII strings, one per page
  *                                of anonymous memory, and print the
  *                                guest-physical address of each page
+ *   livedump-guest cache MIB     write MIB MiB of files into /dev/shm (tmpfs:
+ *                                page cache), about half compressible
  *
  * Either way the work is done in a child process that stays alive (sleeping)
  * afterwards, so the memory stays in use; the parent waits until the child has
@@ -15,6 +17,7 @@
  * Lines printed on stdout (the serial console), parsed by linux_guest.py:
  *
  *   LIVEDUMP-TOUCH mib=N seconds=S mib_per_s=R
+ *   LIVEDUMP-CACHE mib=N seconds=S mib_per_s=R
  *   LIVEDUMP-MARKER gpa=0xADDR text=LIVEDUMP-MARKER-<hex>-<i>
  *   LIVEDUMP-GUEST-ERROR <what went wrong>
  *
@@ -102,6 +105,57 @@ static int touch(unsigned long mib)
 	return 0;
 }
 
+/* Write `mib` MiB of files of 64 MiB each into /dev/shm, as page cache: each
+ * page starts with its own index, then half a page of pseudo-random bytes,
+ * then 0x5a, so that it compresses about as well as text does. */
+static int cache(unsigned long mib)
+{
+	size_t page = (size_t)sysconf(_SC_PAGESIZE);
+	size_t chunk = (size_t)1 << 20, per_file = (size_t)64 << 20;
+	unsigned char *buf = malloc(chunk);
+	uint64_t state = 0x9e3779b97f4a7c15ULL, index = 0;
+	double start = now(), seconds;
+	int fd = -1;
+
+	if (!buf)
+		fail("malloc");
+	memset(buf, 0x5a, chunk);
+	for (size_t done = 0; done < (size_t)mib << 20; done += chunk) {
+		if (done % per_file == 0) {
+			char name[64];
+
+			if (fd >= 0 && close(fd) != 0)
+				fail("close");
+			snprintf(name, sizeof(name), "/dev/shm/livedump-cache-%zu",
+				 done / per_file);
+			fd = open(name, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+			if (fd < 0)
+				fail("creating %s", name);
+		}
+		for (size_t off = 0; off < chunk; off += page) {
+			uint64_t tag = 0x4c43000000000000ULL | index++; /* "LC" */
+			uint64_t *words = (uint64_t *)(buf + off);
+
+			words[0] = tag;
+			for (size_t w = 1; w < page / 16; w++) {
+				state ^= state << 13;
+				state ^= state >> 7;
+				state ^= state << 17;
+				words[w] = state;
+			}
+		}
+		if (write(fd, buf, chunk) != (ssize_t)chunk)
+			fail("writing the cache files");
+	}
+	if (fd >= 0 && close(fd) != 0)
+		fail("close");
+	free(buf);
+	seconds = now() - start;
+	printf("LIVEDUMP-CACHE mib=%lu seconds=%.3f mib_per_s=%.1f\n", mib,
+	       seconds, seconds > 0 ? mib / seconds : 0.0);
+	return 0;
+}
+
 /* Guest-physical address of the page holding `addr` in this process. */
 static uint64_t physical(int pagemap, const void *addr, size_t page)
 {
@@ -167,8 +221,9 @@ int main(int argc, char **argv)
 	pid_t child;
 
 	setvbuf(stdout, NULL, _IOLBF, 0);
-	if (argc != 3 || (strcmp(argv[1], "touch") && strcmp(argv[1], "marker"))) {
-		fprintf(stderr, "usage: %s touch MIB | marker COUNT\n", argv[0]);
+	if (argc != 3 || (strcmp(argv[1], "touch") && strcmp(argv[1], "marker")
+			  && strcmp(argv[1], "cache"))) {
+		fprintf(stderr, "usage: %s touch MIB | marker COUNT | cache MIB\n", argv[0]);
 		return 2;
 	}
 	errno = 0;
@@ -192,7 +247,8 @@ int main(int argc, char **argv)
 	/* Child: do the work, report, then keep the memory forever. */
 	close(ready[0]);
 	setsid();
-	status = strcmp(argv[1], "touch") == 0 ? touch(n) : marker(n);
+	status = strcmp(argv[1], "touch") == 0 ? touch(n)
+		 : strcmp(argv[1], "cache") == 0 ? cache(n) : marker(n);
 	fflush(stdout);
 	if (write(ready[1], &status, 1) != 1)
 		return 1;

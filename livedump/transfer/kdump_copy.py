@@ -1,7 +1,8 @@
 """Copy guest memory into a kdump-compressed vmcore: read, sorted and compressed in one pass.
 
 Worker threads, one per CPU, take the chunks of guest memory in pfn order;
-each reads its chunk from QEMU, tells zero pages apart (dump level 1) and
+each reads the pages of its chunk that the file keeps from QEMU (runs of
+them: pages left out are never read), tells zero pages apart (dump level 1) and
 compresses the others page by page. Reading (process_vm_readv) and the
 compression libraries release the GIL, so the workers run on every CPU.
 The main thread takes the chunks back in order, gives each page its place
@@ -12,7 +13,7 @@ of the writing, so memory use stays bounded.
 
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -60,6 +61,9 @@ _WAIT_STEP = 0.1
 # One chunk of guest memory: its guest-physical address, length, and where QEMU
 # holds it (None: never populated, so zeros, not read).
 _Piece = tuple[int, int, int | None]
+# A chunk to copy, and the bytes of guest memory it stands for in the progress
+# (its own and those of chunks before it with no page kept, never handed out).
+_Work = tuple[_Piece, int]
 # A page as a worker left it: None for a page of zeros (dump level 1), else the
 # bytes to store and their descriptor flags.
 _Page = tuple[bytes, int] | None
@@ -97,7 +101,8 @@ def copy_kdump(layout: KdumpLayout, private: Sequence[bool], memory: MemorySourc
     the rest is compressed as it is read. The headers and bitmaps are the caller's."""
     run = _Run(layout, memory, sink, compression, dump_level, inspect, on_written, workers,
                budget)
-    return Staged(run, list(run.results(list(_pieces(layout, private, pagemap)), run.read)))
+    work = _with_kept(_pieces(layout, private, pagemap), layout)
+    return Staged(run, list(run.results(work, run.read)))
 
 
 class Staged:
@@ -171,28 +176,31 @@ class _Run:
         stats.end = data_at
         return stats
 
-    def read(self, piece: _Piece, buf: Buffer) -> "_Chunk":
-        gpa, length, hva = piece
+    def read(self, work: _Work, buf: Buffer) -> "_Chunk":
+        """The chunk's pages the file keeps, and only those read: a run of kept
+        pages at a time (``inspect`` sees each run)."""
+        (gpa, length, hva), accounts = work
         size = self.layout.page
-        kept = self.layout.dumpable
-        first = gpa // size
-        pfns = ([*range(length // size)] if kept.all_set(first, length // size)
-                else [i for i in range(length // size) if first + i in kept])
+        runs = self.layout.dumpable.runs(gpa // size, length // size)
         if hva is None:
-            return _Chunk([self._zero_page() for _ in pfns], 0, length)
-        data = bytes(self.memory.read(buf, length, hva))
-        if self.inspect:
-            self.inspect(gpa, data, length)
+            return _Chunk([self._zero_page() for _, n in runs for _ in range(n)], 0, accounts)
         pages: list[_Page] = []
-        for i in pfns:
-            page = data[i * size:(i + 1) * size]
-            if page == self.zeros:
-                pages.append(self._zero_page())
-            elif self._may_wait(size):
-                pages.append((page, _RAW))
-            else:
-                pages.append(compress_page(page, self.compress, self.flag))
-        return _Chunk(pages, length, length)
+        read = 0
+        for pfn, n in runs:
+            at = pfn * size - gpa
+            data = bytes(self.memory.read(buf, n * size, hva + at))
+            read += n * size
+            if self.inspect:
+                self.inspect(gpa + at, data, n * size)
+            for i in range(n):
+                page = data[i * size:(i + 1) * size]
+                if page == self.zeros:
+                    pages.append(self._zero_page())
+                elif self._may_wait(size):
+                    pages.append((page, _RAW))
+                else:
+                    pages.append(compress_page(page, self.compress, self.flag))
+        return _Chunk(pages, read, accounts)
 
     def _may_wait(self, size: int) -> bool:
         with self._count_lock:
@@ -283,6 +291,23 @@ class _Ordered(Generic[T]):
             self._fail(e)
         finally:
             ended.set()
+
+
+def _with_kept(pieces: Iterable[_Piece], layout: KdumpLayout) -> list[_Work]:
+    """The pieces with a page the file keeps: only those go to the workers (a
+    filtered dump leaves most chunks out whole); the others' bytes are counted
+    with the next one's, or with an empty piece at the end."""
+    work: list[_Work] = []
+    skipped = 0
+    for gpa, length, hva in pieces:
+        if layout.dumpable.any_set(gpa // layout.page, length // layout.page):
+            work.append(((gpa, length, hva), skipped + length))
+            skipped = 0
+        else:
+            skipped += length
+    if skipped:
+        work.append(((0, 0, None), skipped))
+    return work
 
 
 def _pieces(layout: KdumpLayout, private: Sequence[bool], pagemap: Populated) -> Iterator[_Piece]:
@@ -380,7 +405,7 @@ def stage_kdump(out: Output, arch: Arch, cpu: CpuNotes, blocks: Sequence[Block],
         blocks, private = _clip(blocks, private, decision.end_pfn * PAGE)
         layout = KdumpLayout(arch, blocks, PAGE, note_room=len(notes) + search.room)
     beyond = ram_pages - layout.ram.count()
-    layout.exclude(decision.pfns())
+    layout.exclude_bits(decision.bits)
     flat = FlatSink(out.write) if out.is_stdout else None
     sink: Sink = flat or out
     staged = copy_kdump(layout, private, memory, pagemap, sink, compression, dump_level,

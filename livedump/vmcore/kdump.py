@@ -185,6 +185,31 @@ class Bitmap:
         for pfn in pfns:
             bits[pfn >> 3] &= ~(1 << (pfn & 7)) & 0xFF
 
+    def clear_bits(self, other: bytes) -> None:
+        """Clear every pfn ``other`` sets (a bitmap of the same form)."""
+        n = min(len(other), len(self.bits))
+        mine = int.from_bytes(self.bits[:n], "little")
+        self.bits[:n] = (mine & ~int.from_bytes(other[:n], "little")).to_bytes(n, "little")
+
+    def any_set(self, first: int, count: int) -> bool:
+        """Whether any pfn of ``[first, first + count)`` is set."""
+        bits = int.from_bytes(self.bits[first >> 3:(first + count + 7) >> 3], "little")
+        return bits >> (first & 7) & (1 << count) - 1 != 0
+
+    def runs(self, first: int, count: int) -> list[tuple[int, int]]:
+        """(first pfn, count) of each run of set pfns in ``[first, first + count)``:
+        a step per run, not per pfn."""
+        bits = int.from_bytes(self.bits[first >> 3:(first + count + 7) >> 3], "little")
+        bits = bits >> (first & 7) & (1 << count) - 1
+        out, at = [], first
+        while bits:
+            gap = (bits & -bits).bit_length() - 1
+            bits, at = bits >> gap, at + gap
+            ones = (~bits & (bits + 1)).bit_length() - 1
+            out.append((at, ones))
+            bits, at = bits >> ones, at + ones
+        return out
+
     def all_set(self, first: int, count: int) -> bool:
         """Whether every pfn of ``[first, first + count)`` is set."""
         if first % 8 == 0 and count % 8 == 0:
@@ -233,6 +258,14 @@ class KdumpLayout:
     def exclude(self, pfns: Iterable[int]) -> None:
         """Leave ``pfns`` out of the second bitmap (before any page is written)."""
         self.dumpable.clear(pfns)
+        self._counted()
+
+    def exclude_bits(self, bits: bytes) -> None:
+        """Leave out of the second bitmap the pfns ``bits`` sets (one bit each)."""
+        self.dumpable.clear_bits(bits)
+        self._counted()
+
+    def _counted(self) -> None:
         self.num_dumpable = self.dumpable.count()
         self.data_offset = self.desc_offset + PAGE_DESC.size * self.num_dumpable
 

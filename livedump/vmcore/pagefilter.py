@@ -20,16 +20,19 @@ be decided (VMCOREINFO lacks a number, a table is outside RAM) is kept: a
 dump never loses a page the level does not name.
 
 Its interface is narrow on purpose: ``read(gpa, n)`` and VMCOREINFO's
-entries; the translation is :func:`livedump.vmcore.vmcoreinfo.x86_64_translate`.
+entries; the translation is :func:`livedump.vmcore.vmcoreinfo.x86_64_mapping`.
 """
 
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:  # imported where used: a dump with no struct page test never loads it
+    import numpy as np
 
 from livedump.vmcore.arch import EM_X86_64, Arch
-from livedump.vmcore.vmcoreinfo import ReadPhys, kernel_phys, x86_64_translate
+from livedump.vmcore.vmcoreinfo import ReadPhys, kernel_phys, x86_64_mapping
 
 DL_CACHE, DL_CACHE_PRIVATE, DL_USER, DL_FREE = 2, 4, 8, 16
 STRUCT_PAGE_LEVELS = DL_CACHE | DL_CACHE_PRIVATE | DL_USER | DL_FREE
@@ -54,20 +57,27 @@ _BY_LEVEL = {DL_FREE: ("NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE)",),
 
 @dataclass
 class Decision:
-    """The pfns left out, by class; and, for the report, what could not be decided."""
+    """The pfns left out (how many by class, and which: one bit each, least
+    significant first, as the kdump bitmaps); and, for the report, what could
+    not be decided."""
 
-    excluded: dict[str, list[int]] = field(default_factory=dict)
+    excluded: dict[str, int] = field(default_factory=dict)  # class -> pages left out
+    bits: bytes = b""  # pfns left out (none past its end)
     undecided: str = ""  # why some classes the level names were kept ("" if none)
     # Where the kernel's memory ends (its last section with a struct page array):
     # makedumpfile's files end there, past it lies device memory. None: unknown.
     end_pfn: int | None = None
 
-    def pfns(self) -> Iterable[int]:
-        for pfns in self.excluded.values():
-            yield from pfns
+    def pfns(self) -> list[int]:
+        """The pfns left out, in order."""
+        import numpy as np
+
+        found = np.unpackbits(np.frombuffer(self.bits, dtype=np.uint8), bitorder="little")
+        pfns: list[int] = np.flatnonzero(found).tolist()
+        return pfns
 
     def counts(self) -> dict[str, int]:
-        return {c: len(p) for c, p in self.excluded.items() if p}
+        return {c: n for c, n in self.excluded.items() if n}
 
 
 class Ram(Protocol):
@@ -143,20 +153,23 @@ class _Reader:
         page = self._tables[base]
         return None if page is None else page[gpa - base:gpa - base + n]
 
-    def phys(self, va: int) -> int:
-        pa = x86_64_translate(self.root, va, self.levels, self.table_read)
-        if pa is None:
+    def mapped(self, va: int) -> tuple[int, int]:
+        """The physical address of kernel virtual ``va``, and the bytes from it
+        on that are physically contiguous (the rest of its page, huge or not)."""
+        found = x86_64_mapping(self.root, va, self.levels, self.table_read)
+        if found is None:
             raise _Unreadable(f"kernel address {va:#x} is not mapped")
-        return pa
+        return found
 
     def read_virtual(self, va: int, n: int) -> bytes:
-        """``n`` bytes at kernel virtual ``va``, page by page, physical runs read whole."""
+        """``n`` bytes at kernel virtual ``va``, a page (huge or not) at a time,
+        physical runs read whole."""
         parts: list[bytes] = []
         run_pa, run_len = -1, 0
         at = va
         while at < va + n:
-            step = min(self.page_size - at % self.page_size, va + n - at)
-            pa = self.phys(at)
+            pa, contiguous = self.mapped(at)
+            step = min(contiguous, va + n - at)
             if run_len and pa == run_pa + run_len:
                 run_len += step
             else:
@@ -202,114 +215,184 @@ class _Reader:
         ends = [first + self.section_pages for first, _ in self.mem_maps(max_pfn)]
         return min(max(ends), max_pfn) if ends else None
 
-    def decide(self, ram: Ram, max_pfn: int) -> Decision:
-        out: dict[str, list[int]] = {c: [] for c in CLASSES}
+    def params(self) -> "PageLayout":
+        """The layout of ``struct page`` and the numbers the decision tests against."""
         e = self.e
-        off = {k: self.num(f"OFFSET(page.{k})") for k in
-               ("flags", "_mapcount", "mapping", "private", "compound_head")}
-        head_mask = self.num("NUMBER(PG_head_mask)")
-        bit = {k: self.num(f"NUMBER(PG_{k})", -1) for k in
-               ("lru", "private", "swapcache", "swapbacked", "slab", "hwpoison", "hugetlb")}
-        buddy = self.num("NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE)", 0) if \
-            "NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE)" in e else None
-        slab_mc = (self.num("NUMBER(PAGE_SLAB_MAPCOUNT_VALUE)")
-                   if "NUMBER(PAGE_SLAB_MAPCOUNT_VALUE)" in e else None)
-        offline_mc = (self.num("NUMBER(PAGE_OFFLINE_MAPCOUNT_VALUE)")
-                      if "NUMBER(PAGE_OFFLINE_MAPCOUNT_VALUE)" in e else None)
-        hugetlb_mc = (self.num("NUMBER(PAGE_HUGETLB_MAPCOUNT_VALUE)")
-                      if "NUMBER(PAGE_HUGETLB_MAPCOUNT_VALUE)" in e else None)
-        hugetlb_dtor = (self.num("NUMBER(HUGETLB_PAGE_DTOR)")
-                        if "NUMBER(HUGETLB_PAGE_DTOR)" in e else None)
-        order_off = self.num("OFFSET(page.compound_order)", -1)
-        dtor_off = self.num("OFFSET(page.compound_dtor)", -1)
-        max_order = self.num("LENGTH(zone.free_area)", 64)
-        level, size = self.level, self.size
-        if size % 8 or any(off[k] % 8 for k in ("flags", "mapping", "private", "compound_head")) \
-                or off["_mapcount"] % 4:
+
+        def optional(key: str) -> int | None:
+            return self.num(key) if key in e else None
+
+        return PageLayout(
+            size=self.size, level=self.level,
+            offsets={k: self.num(f"OFFSET(page.{k})") for k in
+                     ("flags", "_mapcount", "mapping", "private", "compound_head")},
+            head_mask=self.num("NUMBER(PG_head_mask)"),
+            bits={k: self.num(f"NUMBER(PG_{k})", -1) for k in
+                  ("lru", "private", "swapcache", "swapbacked", "slab", "hwpoison", "hugetlb")},
+            buddy=optional("NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE)"),
+            slab_mapcount=optional("NUMBER(PAGE_SLAB_MAPCOUNT_VALUE)"),
+            offline_mapcount=optional("NUMBER(PAGE_OFFLINE_MAPCOUNT_VALUE)"),
+            hugetlb_mapcount=optional("NUMBER(PAGE_HUGETLB_MAPCOUNT_VALUE)"),
+            hugetlb_dtor=optional("NUMBER(HUGETLB_PAGE_DTOR)"),
+            order_offset=self.num("OFFSET(page.compound_order)", -1),
+            dtor_offset=self.num("OFFSET(page.compound_dtor)", -1),
+            max_order=self.num("LENGTH(zone.free_area)", 64))
+
+    def decide(self, ram: Ram, max_pfn: int) -> Decision:
+        import numpy as np
+
+        params = self.params()
+        if params.size % 8 or params.size < 8 or any(
+                params.offsets[k] % 8 for k in ("flags", "mapping", "private", "compound_head")
+        ) or params.offsets["_mapcount"] % 4:
             raise _Unreadable("struct page has unaligned fields")
-
-        def flag(flags: int, name: str) -> bool:
-            return bit[name] >= 0 and bool(flags >> bit[name] & 1)
-
-        def is_slab(flags: int, mapcount: int) -> bool:
-            return (slab_mc is not None and mapcount == slab_mc) or flag(flags, "slab")
-
+        excluded = np.zeros(-(-max_pfn // 8), dtype=np.uint8)
+        counts = np.zeros(len(CLASSES), dtype=np.int64)
+        spills: list[tuple[int, int, int]] = []
         end = 0
         for first, mem_map in self.mem_maps(max_pfn):
             count = min(self.section_pages, max_pfn - first)
             end = first + count
-            array = self.read_virtual(mem_map, count * size)
-            # Each field of every struct page, as one list: strided views of the array.
-            words, ints = memoryview(array).cast("Q"), memoryview(array).cast("i")
-            field_flags = words[off["flags"] // 8::size // 8].tolist()
-            field_mapping = words[off["mapping"] // 8::size // 8].tolist()
-            field_private = words[off["private"] // 8::size // 8].tolist()
-            field_head = words[off["compound_head"] // 8::size // 8].tolist()
-            field_mapcount = ints[off["_mapcount"] // 4::size // 4].tolist()
-            all_ram = ram.all_set(first, count)
-            i = 0
-            while i < count:
-                pfn = first + i
-                if not all_ram and pfn not in ram:
-                    i += 1
-                    continue
-                at = i * size
-                flags, mapcount = field_flags[i], field_mapcount[i]
-                mapping, private, chead = field_mapping[i], field_private[i], field_head[i]
-                order, dtor = 0, -1
-                # The next struct page is in the array: a section is 512-aligned,
-                # and makedumpfile looks no further at 511 either.
-                if flags & head_mask and pfn % 512 != 511:
-                    nxt = at + size
-                    if hugetlb_mc is not None or bit["hugetlb"] >= 0:
-                        flags1 = int.from_bytes(array[nxt + off["flags"]:nxt + off["flags"] + 8],
-                                                "little")
-                        order = flags1 & 0xFF
-                        if (hugetlb_mc is not None and mapcount == hugetlb_mc) or (
-                                hugetlb_mc is None and flags1 >> bit["hugetlb"] & 1):
-                            dtor = -2  # hugetlb
-                    else:
-                        if order_off >= 0:
-                            order = array[nxt + order_off]
-                        if dtor_off >= 0:
-                            dtor = array[nxt + dtor_off]
-                    if order >= 64 or pfn & ((1 << order) - 1):
-                        order = 0
-                is_hugetlb = dtor == -2 or (hugetlb_dtor is not None and dtor == hugetlb_dtor)
-                anon = bool(mapping & _PAGE_MAPPING_ANON) and not is_slab(flags, mapcount)
-                cache = flag(flags, "lru") or (
-                    (bit["swapbacked"] < 0 or flag(flags, "swapbacked"))
-                    and flag(flags, "swapcache"))
-                n = 1 << order
-                kind: str | None = None
-                if chead & 1:
-                    kind = None  # a tail: its head decided
-                elif (level & DL_FREE and buddy is not None and not is_slab(flags, mapcount)
-                      and mapcount == buddy):
-                    if private >= max_order:
-                        kind = None
-                    else:
-                        kind, n = "free", 1 << private
-                elif level & DL_CACHE and cache and not flag(flags, "private") and not anon:
-                    kind = "cache"
-                elif level & DL_CACHE_PRIVATE and cache and not anon:
-                    kind = "cache_private" if flag(flags, "private") else "cache"
-                elif level & DL_USER and (anon or is_hugetlb):
-                    kind = "user"
-                elif flag(flags, "hwpoison"):
-                    kind = "hwpoison"
-                elif (offline_mc is not None and not is_slab(flags, mapcount)
-                      and mapcount == offline_mc):
-                    kind = "offline"
-                if kind is None:
-                    i += 1
-                    continue
-                if n == 1:
-                    out[kind].append(pfn)
-                    i += 1
-                    continue
-                stop = min(pfn + n, max_pfn)
-                out[kind].extend(range(pfn, stop) if all_ram and stop <= end
-                                 else (p for p in range(pfn, stop) if p in ram))
-                i += stop - pfn
-        return Decision({c: p for c, p in out.items() if p}, end_pfn=end or None)
+            in_ram = None if ram.all_set(first, count) else _ram_mask(ram, first, count)
+            kinds, spilled = classify(self.read_virtual(mem_map, count * params.size), first,
+                                      count, in_ram, max_pfn, params)
+            spills += spilled
+            kept = kinds >= 0
+            counts += np.bincount(kinds[kept], minlength=len(CLASSES))
+            # A section's first pfn is a multiple of 8: whole bytes of the bitmap.
+            packed = np.packbits(kept, bitorder="little")
+            excluded[first // 8:first // 8 + len(packed)] |= packed
+        for start, stop, kind in spills:  # blocks that ran past their section
+            for pfn in range(start, stop):
+                if pfn in ram and not excluded[pfn >> 3] >> (pfn & 7) & 1:
+                    excluded[pfn >> 3] |= 1 << (pfn & 7)
+                    counts[kind] += 1
+        return Decision({c: int(n) for c, n in zip(CLASSES, counts, strict=True) if n},
+                        excluded.tobytes(), end_pfn=end or None)
+
+
+@dataclass(frozen=True)
+class PageLayout:
+    """What the decision reads in a ``struct page`` (byte offsets, ``PG_*`` bit
+    numbers, -1 where VMCOREINFO has none) and tests against (None where absent)."""
+
+    size: int
+    level: int
+    offsets: dict[str, int]
+    head_mask: int
+    bits: dict[str, int]
+    buddy: int | None
+    slab_mapcount: int | None
+    offline_mapcount: int | None
+    hugetlb_mapcount: int | None
+    hugetlb_dtor: int | None
+    order_offset: int
+    dtor_offset: int
+    max_order: int
+
+
+_NONE = -1  # a pfn kept (the kinds are indices into CLASSES)
+_FREE, _CACHE, _CACHE_PRIVATE, _USER, _HWPOISON, _OFFLINE = range(len(CLASSES))
+
+
+def _ram_mask(ram: Ram, first: int, count: int) -> "np.ndarray[Any, np.dtype[np.bool_]]":
+    import numpy as np
+
+    return np.fromiter((first + i in ram for i in range(count)), dtype=np.bool_, count=count)
+
+
+def classify(array: bytes, first: int, count: int,
+             in_ram: "np.ndarray[Any, np.dtype[np.bool_]] | None", max_pfn: int,
+             p: PageLayout) -> tuple["np.ndarray[Any, np.dtype[np.int8]]",
+                                     list[tuple[int, int, int]]]:
+    """The class (an index into CLASSES, or -1: kept) of each of the ``count``
+    pfns from ``first`` whose ``struct page`` array is ``array``; ``in_ram``
+    says which are RAM (None: all). makedumpfile's test, page by page in its
+    order, made on whole arrays at once: a compound page's head or a free
+    block's first page decides for all of its pages (those pages are not
+    tested themselves). Also (first pfn, end, class) of each block that runs
+    past the array (its pages there not yet told apart from non-RAM).
+    """
+    import numpy as np
+
+    u8 = np.frombuffer(array, dtype=np.uint8, count=count * p.size)
+    step = p.size // 8
+    words = u8.view("<u8")
+    flags = words[p.offsets["flags"] // 8::step]
+    mapping = words[p.offsets["mapping"] // 8::step]
+    private = words[p.offsets["private"] // 8::step]
+    chead = words[p.offsets["compound_head"] // 8::step]
+    mapcount = u8.view("<i4")[p.offsets["_mapcount"] // 4::p.size // 4]
+    pfn = np.arange(first, first + count, dtype=np.uint64)
+    none = np.zeros(count, dtype=np.bool_)
+
+    def flag(name: str, of: "np.ndarray[Any, np.dtype[np.uint64]]" = flags
+             ) -> "np.ndarray[Any, np.dtype[np.bool_]]":
+        bit = p.bits[name]
+        return none if bit < 0 else (of >> np.uint64(bit)) & np.uint64(1) != 0
+
+    def mapcount_is(value: int | None) -> "np.ndarray[Any, np.dtype[np.bool_]]":
+        return none if value is None else mapcount == value
+
+    def after(field: "np.ndarray[Any, Any]") -> "np.ndarray[Any, Any]":
+        """The field of the next struct page (zero past the array's end)."""
+        nxt = np.zeros_like(field)
+        nxt[:-1] = field[1:]
+        return nxt
+
+    # A compound head's order and destructor are in its next struct page; a
+    # section is 512-aligned, and makedumpfile looks no further at 511 either.
+    head = (flags & np.uint64(p.head_mask) != 0) & (pfn % 512 != 511)
+    dtor = np.full(count, -1, dtype=np.int64)
+    hugetlb = none
+    if p.hugetlb_mapcount is not None or p.bits["hugetlb"] >= 0:
+        flags1 = after(flags)
+        order = np.where(head, flags1 & np.uint64(0xFF), 0).astype(np.uint64)
+        hugetlb = head & (mapcount_is(p.hugetlb_mapcount) if p.hugetlb_mapcount is not None
+                          else flag("hugetlb", flags1))
+    else:
+        order = np.zeros(count, dtype=np.uint64)
+        if p.order_offset >= 0:
+            order = np.where(head, after(u8[p.order_offset::p.size]), 0).astype(np.uint64)
+        if p.dtor_offset >= 0:
+            dtor = np.where(head, after(u8[p.dtor_offset::p.size]), -1).astype(np.int64)
+    misaligned = pfn & ((np.uint64(1) << np.minimum(order, np.uint64(63))) - np.uint64(1)) != 0
+    order[(order >= 64) | misaligned] = 0
+    if p.hugetlb_dtor is not None:
+        hugetlb = hugetlb | (dtor == p.hugetlb_dtor)
+    slab = mapcount_is(p.slab_mapcount) | flag("slab")
+    anon = (mapping & np.uint64(1) != 0) & ~slab
+    swapbacked = ~none if p.bits["swapbacked"] < 0 else flag("swapbacked")
+    cache = flag("lru") | (swapbacked & flag("swapcache"))
+    private_flag = flag("private")
+    buddy = (mapcount_is(p.buddy) & ~slab) if p.level & DL_FREE else none
+    tail = chead & np.uint64(1) != 0
+    level = p.level
+    kinds = np.select(
+        [tail, buddy & (private >= p.max_order), buddy,
+         cache & ~private_flag & ~anon if level & DL_CACHE else none,
+         cache & ~anon if level & DL_CACHE_PRIVATE else none,
+         anon | hugetlb if level & DL_USER else none,
+         flag("hwpoison"),
+         mapcount_is(p.offline_mapcount) & ~slab],
+        [_NONE, _NONE, _FREE, _CACHE, np.where(private_flag, _CACHE_PRIVATE, _CACHE), _USER,
+         _HWPOISON, _OFFLINE], _NONE).astype(np.int8)
+    if in_ram is not None:
+        kinds[~in_ram] = _NONE
+    # Blocks of more than one page, in pfn order: each leaves out its pages,
+    # and a block among the pages of one before it is not a block at all.
+    log_n = np.where(kinds == _FREE, private, order)
+    out = np.where(log_n == 0, kinds, _NONE).astype(np.int8)
+    spills: list[tuple[int, int, int]] = []
+    covered = 0
+    for i in np.flatnonzero((kinds != _NONE) & (log_n != 0)).tolist():
+        if i < covered:
+            continue
+        kind, start = int(kinds[i]), first + i
+        stop = min(start + (1 << int(log_n[i])), max_pfn)
+        inside = min(stop - first, count)
+        out[i:inside] = kind if in_ram is None else np.where(in_ram[i:inside], kind, _NONE)
+        if stop > first + count:
+            spills.append((first + count, stop, kind))
+        covered = i + stop - start
+    return out, spills

@@ -177,6 +177,13 @@ def check_release(entries: dict[str, str], arch: Arch, read_at: ReadPhys) -> boo
 def x86_64_translate(root: int, va: int, levels: int, read_at: ReadPhys) -> int | None:
     """The physical address the x86_64 page tables at ``root`` (CR3) map ``va`` to,
     through 4 or 5 ``levels``; None if unmapped or the tables are not in the dump."""
+    found = x86_64_mapping(root, va, levels, read_at)
+    return None if found is None else found[0]
+
+
+def x86_64_mapping(root: int, va: int, levels: int, read_at: ReadPhys) -> tuple[int, int] | None:
+    """:func:`x86_64_translate`'s address, and how many bytes from ``va`` on the
+    same page (4 KiB, 2 MiB or 1 GiB) maps on: contiguous physical memory."""
     table = root & _PTE_ADDRESS
     for level in range(levels - 1, -1, -1):
         shift = 12 + 9 * level
@@ -187,7 +194,8 @@ def x86_64_translate(root: int, va: int, levels: int, read_at: ReadPhys) -> int 
         if not entry & _PTE_PRESENT:
             return None
         if level == 0 or (level <= 2 and entry & _PTE_HUGE):  # 4 KiB, 2 MiB, 1 GiB
-            return (entry & _PTE_ADDRESS & -(1 << shift)) | (va & ((1 << shift) - 1))
+            within = va & ((1 << shift) - 1)
+            return (entry & _PTE_ADDRESS & -(1 << shift)) | within, (1 << shift) - within
         table = entry & _PTE_ADDRESS
     return None
 
