@@ -92,7 +92,8 @@ class Target:
 
     def close(self) -> None:
         self.proc.kill()
-        self.proc.wait()
+        # Bounded: a thread left traced by this process would make it wait for ever.
+        self.proc.wait(timeout=30)
 
 
 @pytest.fixture
@@ -319,6 +320,19 @@ def test_thread_in_uninterruptible_sleep_times_out_and_is_let_go(start):
             pytest.fail("froze a thread in uninterruptible sleep")
     assert_none_traced(t.pid)  # Once its vfork child exited, it stopped and was detached.
     wait_for(lambda: t.counters()[0] > 0)
+
+
+def test_a_thread_asleep_longer_than_the_grace_is_waited_for_and_let_go(start):
+    # Asleep in the kernel past the grace (as on a loaded host, or a slow disk):
+    # letting go waits until it wakes and stops, then detaches it, instead of
+    # leaving it traced until livedump exits.
+    t = start("vfork", str(int(freeze._GRACE * 1000) + 1500))
+    wait_for(lambda: "D" in t.states().values())
+    with pytest.raises(FreezeError, match=r"could not stop thread \d+ \(threads, D "):
+        with frozen(t.pid, timeout=0.1):
+            pytest.fail("froze a thread in uninterruptible sleep")
+    assert_none_traced(t.pid)
+    wait_for(lambda: t.counters()[0] > 0, timeout=10)
 
 
 def test_a_thread_still_held_is_reported(counting, monkeypatch):

@@ -28,6 +28,10 @@ _WALL = func.THREAD_TRACE_FLAGS
 _PTRACE_EVENT_STOP = 128
 # How long letting go may wait for a thread to reach its stop or to be reaped.
 _GRACE = 2.0
+# How long it goes on waiting while a seized thread lives but has not stopped yet
+# (asleep in the kernel, or not scheduled on a loaded host): such a thread is not
+# held by us, and stops, to be let go at once, as soon as it runs.
+_WAKE_LIMIT = 60.0
 
 
 class _Ptrace:
@@ -90,7 +94,8 @@ class _Threads:
 
     def release(self) -> None:
         """Detach every seized thread, then check that none is left held."""
-        deadline = time.monotonic() + _GRACE
+        started = time.monotonic()
+        deadline = started + _GRACE
         while True:
             for tid, signum in list(self.stopped.items()):
                 del self.stopped[tid]
@@ -98,8 +103,14 @@ class _Threads:
                     self.ptrace.detach(tid, signum)
                 except ProcessLookupError:
                     self.running.add(tid)  # Killed while stopped: ours to reap.
-            if not self.running or time.monotonic() > deadline:
+            if not self.running:
                 break
+            now = time.monotonic()
+            if now > deadline:
+                if now - started > _WAKE_LIMIT or not any(
+                        _alive(self.pid, t) for t in self.running):
+                    break
+                deadline = now + _GRACE
             self._wait(deadline)  # Seized threads must reach a stop to be detached.
         self._verify()
 
