@@ -9,7 +9,7 @@ import pytest
 
 from livedump.errors import UsageError
 from livedump.transfer.kdump_copy import _with_kept, write_kdump
-from livedump.transfer.memory import PageMap, ProcessMemory
+from livedump.transfer.memory import PageMap, ProcessMemory, Span
 from livedump.transfer.output import Output
 from livedump.vmcore.arch import ARCHES
 from livedump.vmcore.blocks import Block, without_pages
@@ -68,7 +68,8 @@ def _address(m: mmap.mmap) -> int:
 
 def dump(guest: Guest, out: Output, compression: str, level: int, budget: int = 0):
     with ProcessMemory(os.getpid()) as memory, PageMap(os.getpid()) as pagemap:
-        return write_kdump(out, X86_64, NoCpuNotes("none"), guest.blocks, [True, True],
+        return write_kdump(out, X86_64, NoCpuNotes("none"), guest.blocks,
+                           [[Span(0, b.size, True)] for b in guest.blocks],
                            memory, pagemap, compression, level,
                            Note("LIVEDUMP", 0x4C564450, b"livedump test\n"), workers=2,
                            budget=budget)
