@@ -9,7 +9,15 @@ import pytest
 
 from livedump.errors import UsageError
 from livedump.transfer.kdump_copy import _with_kept, write_kdump
-from livedump.transfer.memory import PageMap, ProcessMemory, Span
+from livedump.transfer.memory import (
+    ABSENT,
+    BackingFiles,
+    PageMap,
+    ProcessMemory,
+    Span,
+    check_blocks,
+    read_maps,
+)
 from livedump.transfer.output import Output
 from livedump.vmcore.arch import ARCHES
 from livedump.vmcore.blocks import Block, without_pages
@@ -109,6 +117,35 @@ def test_every_page_reads_back_as_it_was(tmp_path, compression, level, budget):
     assert stats.zero_pages == (len(zeros) if level & 1 else 0)
     # Never-populated pages are not read.
     assert stats.read_bytes < sum(b.size for b in guest.blocks)
+
+
+def test_shared_memory_is_read_from_its_file_creating_no_page(tmp_path):
+    """Guest RAM in a memfd this process maps shared and never touches, its data
+    (VMCOREINFO and init_uts_ns too) written to the file only: every page, the
+    headers' utsname too, is read from the file, and no page gets mapped."""
+    guest = Guest()
+    size = 16 * PAGE
+    fd = os.memfd_create("ram")
+    os.ftruncate(fd, size)
+    os.pwrite(fd, guest.low[:], 0)
+    m = mmap.mmap(fd, size)
+    try:
+        address = _address(m)
+        blocks = [Block(0, size, address)]
+        with BackingFiles(os.getpid()) as files, ProcessMemory(os.getpid()) as memory, \
+                PageMap(os.getpid()) as pagemap, Output(str(tmp_path / "vmcore")) as out:
+            spans = [files.spans(blocks[0], check_blocks(blocks, read_maps(os.getpid()))[0])]
+            made = write_kdump(out, X86_64, NoCpuNotes("none"), blocks, spans, memory, pagemap,
+                               "zstd", 0, Note("LIVEDUMP", 0x4C564450, b"test\n"), workers=2)
+            out.commit()
+            assert list(pagemap.extents(address, size)) == [(0, size, ABSENT)]
+        k = read((tmp_path / "vmcore").read_bytes())
+        assert [k.page_at(pfn) for pfn in range(16)] == [guest.page(pfn) for pfn in range(16)]
+        assert made.vmcoreinfo.gpa == 8 * PAGE and RELEASE in k.utsname
+    finally:
+        del address
+        m.close()
+        os.close(fd)
 
 
 def test_headers_carry_vmcoreinfo_notes_and_utsname(tmp_path):

@@ -362,22 +362,26 @@ def _pieces(layout: CoreLayout, spans: Sequence[Sequence[Span]],
                 yield start + offset + done, min(CHUNK, length - done), source.at(done)
 
 
-def extents(block: Block, spans: Sequence[Span],
-            pagemap: Populated) -> Iterator[tuple[int, int, Source | None]]:
-    """``(offset, length, source)`` runs of the block, ``spans`` its parts
+def extents(block: Block, spans: Sequence[Span], pagemap: Populated, start: int = 0,
+            end: int | None = None) -> Iterator[tuple[int, int, Source | None]]:
+    """``(offset, length, source)`` runs of the block from offset ``start`` to
+    ``end`` (host-page-aligned; its end by default), ``spans`` its parts
     (:meth:`BackingFiles.spans <livedump.transfer.memory.BackingFiles.spans>`):
     None where nothing is, so zeros never read (pages never populated, the zero
     page, holes in the file behind shared memory); else where to read them
     without creating a page."""
+    end = block.size if end is None else end
     # The page map speaks in whole host pages; a block that is not made of
     # them (64 KiB host pages, say) is read in full, through QEMU.
     if (block.hva | block.size) % PAGE_SIZE:
-        yield 0, block.size, Source(block, 0)
+        yield start, end - start, Source(block, start)
         return
     for span in spans:
-        for offset, length, kind in pagemap.extents(block.hva + span.start,
-                                                    span.end - span.start):
-            offset += span.start
+        first, last = max(span.start, start), min(span.end, end)
+        if first >= last:
+            continue
+        for offset, length, kind in pagemap.extents(block.hva + first, last - first):
+            offset += first
             if kind == DATA or (kind == ABSENT and not span.private and span.file is None):
                 yield offset, length, Source(block, offset)
             elif kind != ABSENT or span.private:
@@ -385,7 +389,7 @@ def extents(block: Block, spans: Sequence[Span],
             else:
                 assert span.file is not None
                 base = span.file_offset - span.start  # the file's offset of the block's start
-                for start, end, data in file_extents(span.file, base + offset,
-                                                     base + offset + length):
-                    yield (start - base, end - start,
-                           Source(block, start - base, span.file, start) if data else None)
+                for at, stop, data in file_extents(span.file, base + offset,
+                                                   base + offset + length):
+                    yield (at - base, stop - at,
+                           Source(block, at - base, span.file, at) if data else None)

@@ -21,7 +21,7 @@ from typing import Generic, TypeVar
 from livedump import signals
 from livedump.errors import DumpIOError
 from livedump.transfer.copier import CHUNK, Source, extents
-from livedump.transfer.memory import Buffer, MemorySource, Populated, Span
+from livedump.transfer.memory import PAGE_SIZE, Buffer, MemorySource, Populated, Span
 from livedump.transfer.output import Output
 from livedump.vmcore.arch import Arch
 from livedump.vmcore.blocks import Block
@@ -398,7 +398,7 @@ def stage_kdump(out: Output, arch: Arch, cpu: CpuNotes, blocks: Sequence[Block],
     s64 = ElfStructs(64, True)
     notes = (cpu.data if isinstance(cpu, QemuNotes) else b"") + provenance.encode(s64)
     layout = KdumpLayout(arch, blocks, PAGE, note_room=len(notes) + search.room)
-    read_at = guest_reader(memory, blocks)
+    read_at = guest_reader(memory, blocks, spans, pagemap)
     decision = page_decision(arch, cpu, notes, memory, blocks, spans, pagemap, layout.ram,
                              dump_level, hint)
     ram_pages = layout.ram.count()
@@ -456,7 +456,7 @@ def page_decision(arch: Arch, cpu: CpuNotes, notes: bytes, memory: MemorySource,
     """The pages ``dump_level`` leaves out, decided while the VM is held, with
     VMCOREINFO from QEMU's ``notes`` (64-bit), else ``hint`` once confirmed, else
     (where the level needs it) looked for now."""
-    read_at = guest_reader(memory, blocks)
+    read_at = guest_reader(memory, blocks, spans, pagemap)
     qemus = find_note(notes, NAME)
     known = _entries(notes[qemus[0]:qemus[0] + qemus[1]]) if qemus else None
     if known is None and hint is not None and read_at(hint.gpa, len(hint.text)) == hint.text:
@@ -488,13 +488,23 @@ def _entries(text: bytes) -> dict[str, str] | None:
         return None
 
 
-def guest_reader(memory: MemorySource, blocks: Sequence[Block]) -> ReadPhys:
-    """Reads of guest-physical memory straight from QEMU (None outside its RAM)."""
+def guest_reader(memory: MemorySource, blocks: Sequence[Block], spans: Sequence[Sequence[Span]],
+                 pagemap: Populated) -> ReadPhys:
+    """Reads of guest-physical memory (None outside its RAM), as the copy reads
+    it (:func:`~livedump.transfer.copier.extents`): pages that hold nothing
+    are zeros, none is created."""
     def read_at(gpa: int, n: int) -> bytes | None:
-        for b in blocks:
+        for b, parts in zip(blocks, spans, strict=True):
             if b.gpa <= gpa and gpa + n <= b.end:
-                buf = Buffer(max(n, 1))
-                return bytes(memory.read(buf, n, b.hva + gpa - b.gpa))
+                offset = gpa - b.gpa
+                start = offset - offset % PAGE_SIZE
+                end = min(b.size, -(-(offset + n) // PAGE_SIZE) * PAGE_SIZE)
+                data = bytearray(end - start)
+                for at, length, source in extents(b, parts, pagemap, start, end):
+                    if source is not None:
+                        buf = Buffer(length)
+                        data[at - start:at - start + length] = source.read(memory, buf, length)
+                return bytes(data[offset - start:offset - start + n])
         return None
     return read_at
 
@@ -526,5 +536,5 @@ def find_vmcoreinfo(arch: Arch, cpu: CpuNotes, memory: MemorySource, blocks: Seq
     for gpa, n, source in _pieces(blocks, spans, pagemap):
         if source is not None:
             search.look(gpa, bytes(source.read(memory, buf, n)), n)
-    result, text = search.validate(guest_reader(memory, blocks))
+    result, text = search.validate(guest_reader(memory, blocks, spans, pagemap))
     return Found(result.gpa, text) if text is not None and result.gpa is not None else None
