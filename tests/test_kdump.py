@@ -8,7 +8,7 @@ import random
 import pytest
 
 from livedump.errors import UsageError
-from livedump.transfer.kdump_copy import _with_kept, write_kdump
+from livedump.transfer.kdump_copy import _with_kept, guest_reader, write_kdump
 from livedump.transfer.memory import (
     ABSENT,
     BackingFiles,
@@ -127,7 +127,9 @@ def test_shared_memory_is_read_from_its_file_creating_no_page(tmp_path):
     size = 16 * PAGE
     fd = os.memfd_create("ram")
     os.ftruncate(fd, size)
-    os.pwrite(fd, guest.low[:], 0)
+    for pfn in range(16):  # the pages of zeros left holes
+        if guest.page(pfn) != bytes(PAGE):
+            os.pwrite(fd, guest.page(pfn), pfn * PAGE)
     m = mmap.mmap(fd, size)
     try:
         address = _address(m)
@@ -138,6 +140,10 @@ def test_shared_memory_is_read_from_its_file_creating_no_page(tmp_path):
             made = write_kdump(out, X86_64, NoCpuNotes("none"), blocks, spans, memory, pagemap,
                                "zstd", 0, Note("LIVEDUMP", 0x4C564450, b"test\n"), workers=2)
             out.commit()
+            # The kernel's pages read alone, across holes of the file and its data.
+            read_at = guest_reader(memory, blocks, spans, pagemap)
+            assert read_at(PAGE - 5, 5 * PAGE + 10) == guest.low[PAGE - 5:6 * PAGE + 5]
+            assert read_at(UTS_PA, 5) == b"Linux" and read_at(size - 4, 8) is None
             assert list(pagemap.extents(address, size)) == [(0, size, ABSENT)]
         k = read((tmp_path / "vmcore").read_bytes())
         assert [k.page_at(pfn) for pfn in range(16)] == [guest.page(pfn) for pfn in range(16)]

@@ -499,12 +499,19 @@ def guest_reader(memory: MemorySource, blocks: Sequence[Block], spans: Sequence[
                 offset = gpa - b.gpa
                 start = offset - offset % PAGE_SIZE
                 end = min(b.size, -(-(offset + n) // PAGE_SIZE) * PAGE_SIZE)
-                data = bytearray(end - start)
-                for at, length, source in extents(b, parts, pagemap, start, end):
+                if n == 0:
+                    return b""
+                runs = list(extents(b, parts, pagemap, start, end))
+                first, skip = runs[0][2], offset - start
+                if len(runs) == 1 and first is not None:  # most reads: one run of data
+                    return bytes(first.read(memory, Buffer(end - start), end - start)
+                                 [skip:skip + n])
+                data = memoryview(bytearray(end - start))
+                for at, length, source in runs:
                     if source is not None:
-                        buf = Buffer(length)
-                        data[at - start:at - start + length] = source.read(memory, buf, length)
-                return bytes(data[offset - start:offset - start + n])
+                        data[at - start:at - start + length] = source.read(
+                            memory, Buffer(length), length)
+                return bytes(data[skip:skip + n])
         return None
     return read_at
 
