@@ -1,10 +1,13 @@
 """Copy guest memory into a kdump-compressed vmcore: read, sorted and compressed in one pass.
 
 Worker threads, one per CPU, take the chunks of guest memory in pfn order;
-each reads the pages of its chunk that the file keeps from QEMU (runs of
-them: pages left out are never read), tells zero pages apart (dump level 1) and
-compresses the others page by page. Reading (process_vm_readv) and the
-compression libraries release the GIL, so the workers run on every CPU.
+each reads the pages of its chunk that the file keeps (runs of them: pages
+left out are never read), where and as the ELF copy reads them
+(:func:`~livedump.transfer.copier.extents`: pages that hold nothing are
+zeros never read, shared memory QEMU has not mapped is read from its file),
+tells zero pages apart (dump level 1) and compresses the others page by
+page. Reading (process_vm_readv, or the file) and the compression libraries
+release the GIL, so the workers run on every CPU.
 The main thread takes the chunks back in order, gives each page its place
 in the data area and writes data and descriptors, so the file's pages come
 in pfn order as makedumpfile's do. A worker runs at most a few chunks ahead
