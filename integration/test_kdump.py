@@ -184,3 +184,34 @@ def test_qemus_vmcoreinfo_serves_without_a_search(tmp_path):
     a, b = read(ours.read_bytes()), read(theirs.read_bytes())
     assert a.vmcoreinfo == b.vmcoreinfo and a.vmcoreinfo.startswith(b"OSRELEASE=")
     assert a.pfns(a.dumpable) == b.pfns(b.dumpable)
+
+
+def rss_shmem(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line for line in f if line.startswith("RssShmem:")).split()[1]) * 1024
+
+
+def test_guest_on_shared_memory_keeps_what_makedumpfile_keeps_creating_no_page(tmp_path):
+    # RAM in a memfd, as vhost-user setups have it: the VMCOREINFO search, the
+    # struct page array and the copy read it from the file where QEMU has not
+    # mapped it, so QEMU's shared memory stays as it was (it grew to all of
+    # guest RAM), and the pages kept are makedumpfile's, byte for byte.
+    extra = ["-object", "memory-backend-memfd,id=ram0,size=512M,share=on",
+             "-machine", "memory-backend=ram0"]
+    with LinuxVM(machine="q35", memory="512M", touch_mib=32, extra=extra) as vm:
+        vm.wait_idle(timeout=300)
+        vm.command("stop")
+        shmem = rss_shmem(vm.pid)
+        elf = tmp_path / "elf"
+        assert livedump("--pid", str(vm.pid), str(elf)).returncode == 0
+        assert rss_shmem(vm.pid) == shmem
+        for level in (31, 1):
+            ours, theirs = tmp_path / f"ours.d{level}", tmp_path / f"theirs.d{level}"
+            report = kdump(vm, ours, "-d", str(level))
+            assert rss_shmem(vm.pid) == shmem, f"-d {level}"
+            assert report["read_bytes"] < 256 << 20, f"-d {level}"
+            makedumpfile("-c", "-d", str(level), str(elf), str(theirs))
+            a, b = read(ours.read_bytes()), read(theirs.read_bytes())
+            kept = a.pfns(a.dumpable)
+            assert kept == b.pfns(b.dumpable), f"-d {level}"
+            assert all(a.page_at(p) == b.page_at(p) for p in kept), f"-d {level}"

@@ -295,7 +295,8 @@ def dump(request: Request) -> Summary:
             # hold where the struct page array (or, for kdump, where the kernel's
             # memory ends) is read before the copy; confirmed inside.
             hint = (find_vmcoreinfo(arches.lookup(request.arch or "x86_64"),
-                                    NoCpuNotes("not yet"), memory, plan.blocks)
+                                    NoCpuNotes("not yet"), memory, plan.blocks, plan.spans,
+                                    pagemap)
                     if plan is not None and spool is None and (
                         request.format == "kdump" or request.dump_level & STRUCT_PAGE_LEVELS)
                     else None)
@@ -311,7 +312,7 @@ def dump(request: Request) -> Summary:
                     if progress:
                         progress.start(sum(b.size for b in plan.blocks))
                     # Pages may wait uncompressed: compression out of the guest's pause.
-                    pending = stage_kdump(out, arch, cpu, plan.blocks, plan.private(), memory,
+                    pending = stage_kdump(out, arch, cpu, plan.blocks, plan.spans, memory,
                                           pagemap, request.compress or DEFAULT_COMPRESSION,
                                           request.dump_level, provenance, written,
                                           hint=hint, budget=staging_budget())
@@ -351,7 +352,7 @@ def dump(request: Request) -> Summary:
                         guardian.beat()
                     pages = None
                     if request.dump_level & STRUCT_PAGE_LEVELS and spool is None:
-                        plan, pages = _filter(plan, arch, cpu, memory, sources,
+                        plan, pages = _filter(plan, arch, cpu, memory, pagemap, sources,
                                               request.dump_level, hint, warnings)
                     search = VmcoreinfoSearch(arch, cpu, elf_out.is_stdout)
                     layout = _layout(arch, plan.blocks, cpu, provenance, search.room,
@@ -429,7 +430,8 @@ def _kdump_from(spool: Spool, out: Output, spooled: CoreLayout, arch: arches.Arc
     report says of it (:class:`Summary`'s fields)."""
     blocks = _spooled(spooled)
     # Every page the stream said is zero is a hole: not read, known to be zeros.
-    made = stage_kdump(out, arch, cpu, blocks, [True] * len(blocks), spool, spool,
+    made = stage_kdump(out, arch, cpu, blocks, [[Span(0, b.size, True)] for b in blocks],
+                       spool, spool,
                        request.compress or DEFAULT_COMPRESSION, request.dump_level, provenance,
                        written, hint=hint).finish()
     return {"elf_class": 64, "format": "kdump", "vmcoreinfo": made.vmcoreinfo,
@@ -448,8 +450,8 @@ def _elf_from(spool: Spool, out: Output, spooled: CoreLayout, arch: arches.Arch,
     end = max(b.hva + b.size for b in blocks)
     # The spool as a process's only mapping: private, so its holes are zeros.
     sources = _Sources(lambda: [Mapping(0, end, "r--p", 0, "")], None)
-    plan, pages = _filter(_plan_of(blocks, sources), arch, cpu, spool, sources, dump_level,
-                          hint, warnings)
+    plan, pages = _filter(_plan_of(blocks, sources), arch, cpu, spool, spool, sources,
+                          dump_level, hint, warnings)
     search = VmcoreinfoSearch(arch, cpu, out.is_stdout)
     layout = _layout(arch, plan.blocks, cpu, provenance, search.room)
     with Writer(out, written) as writer:
@@ -482,7 +484,7 @@ def _memory(layout: CoreLayout) -> int:
 
 
 def _filter(plan: _Plan, arch: arches.Arch, cpu: CpuNotes, memory: MemorySource,
-            sources: "_Sources", dump_level: int, hint: Found | None,
+            pagemap: Populated, sources: "_Sources", dump_level: int, hint: Found | None,
             warnings: list[str]) -> tuple[_Plan, dict[str, object]]:
     """The plan less the pages ``dump_level`` leaves out (``makedumpfile -E``'s ELF),
     and what the report says of them; zero pages need no help, as they are holes."""
@@ -491,7 +493,8 @@ def _filter(plan: _Plan, arch: arches.Arch, cpu: CpuNotes, memory: MemorySource,
     except ValueError:
         ram = Bitmap(0)
     notes = cpu.data if isinstance(cpu, QemuNotes) and arch.bits == 64 else b""
-    decision = page_decision(arch, cpu, notes, memory, plan.blocks, ram, dump_level, hint)
+    decision = page_decision(arch, cpu, notes, memory, plan.blocks, plan.spans, pagemap, ram,
+                             dump_level, hint)
     if decision.undecided:
         warnings.append(f"dump level {dump_level}: page cache, user and free pages were kept: "
                         f"{decision.undecided}")

@@ -8,8 +8,16 @@ import random
 import pytest
 
 from livedump.errors import UsageError
-from livedump.transfer.kdump_copy import _with_kept, write_kdump
-from livedump.transfer.memory import PageMap, ProcessMemory
+from livedump.transfer.kdump_copy import _with_kept, guest_reader, write_kdump
+from livedump.transfer.memory import (
+    ABSENT,
+    BackingFiles,
+    PageMap,
+    ProcessMemory,
+    Span,
+    check_blocks,
+    read_maps,
+)
 from livedump.transfer.output import Output
 from livedump.vmcore.arch import ARCHES
 from livedump.vmcore.blocks import Block, without_pages
@@ -68,7 +76,8 @@ def _address(m: mmap.mmap) -> int:
 
 def dump(guest: Guest, out: Output, compression: str, level: int, budget: int = 0):
     with ProcessMemory(os.getpid()) as memory, PageMap(os.getpid()) as pagemap:
-        return write_kdump(out, X86_64, NoCpuNotes("none"), guest.blocks, [True, True],
+        return write_kdump(out, X86_64, NoCpuNotes("none"), guest.blocks,
+                           [[Span(0, b.size, True)] for b in guest.blocks],
                            memory, pagemap, compression, level,
                            Note("LIVEDUMP", 0x4C564450, b"livedump test\n"), workers=2,
                            budget=budget)
@@ -108,6 +117,41 @@ def test_every_page_reads_back_as_it_was(tmp_path, compression, level, budget):
     assert stats.zero_pages == (len(zeros) if level & 1 else 0)
     # Never-populated pages are not read.
     assert stats.read_bytes < sum(b.size for b in guest.blocks)
+
+
+def test_shared_memory_is_read_from_its_file_creating_no_page(tmp_path):
+    """Guest RAM in a memfd this process maps shared and never touches, its data
+    (VMCOREINFO and init_uts_ns too) written to the file only: every page, the
+    headers' utsname too, is read from the file, and no page gets mapped."""
+    guest = Guest()
+    size = 16 * PAGE
+    fd = os.memfd_create("ram")
+    os.ftruncate(fd, size)
+    for pfn in range(16):  # the pages of zeros left holes
+        if guest.page(pfn) != bytes(PAGE):
+            os.pwrite(fd, guest.page(pfn), pfn * PAGE)
+    m = mmap.mmap(fd, size)
+    try:
+        address = _address(m)
+        blocks = [Block(0, size, address)]
+        with BackingFiles(os.getpid()) as files, ProcessMemory(os.getpid()) as memory, \
+                PageMap(os.getpid()) as pagemap, Output(str(tmp_path / "vmcore")) as out:
+            spans = [files.spans(blocks[0], check_blocks(blocks, read_maps(os.getpid()))[0])]
+            made = write_kdump(out, X86_64, NoCpuNotes("none"), blocks, spans, memory, pagemap,
+                               "zstd", 0, Note("LIVEDUMP", 0x4C564450, b"test\n"), workers=2)
+            out.commit()
+            # The kernel's pages read alone, across holes of the file and its data.
+            read_at = guest_reader(memory, blocks, spans, pagemap)
+            assert read_at(PAGE - 5, 5 * PAGE + 10) == guest.low[PAGE - 5:6 * PAGE + 5]
+            assert read_at(UTS_PA, 5) == b"Linux" and read_at(size - 4, 8) is None
+            assert list(pagemap.extents(address, size)) == [(0, size, ABSENT)]
+        k = read((tmp_path / "vmcore").read_bytes())
+        assert [k.page_at(pfn) for pfn in range(16)] == [guest.page(pfn) for pfn in range(16)]
+        assert made.vmcoreinfo.gpa == 8 * PAGE and RELEASE in k.utsname
+    finally:
+        del address
+        m.close()
+        os.close(fd)
 
 
 def test_headers_carry_vmcoreinfo_notes_and_utsname(tmp_path):

@@ -68,7 +68,7 @@ OnWritten = Callable[[int], None]  # told the length of each part written
 
 
 @dataclass(frozen=True)
-class _Source:
+class Source:
     """Where a piece of ``block`` at ``offset`` in it is read: QEMU's memory,
     or (``file`` not None) the file behind it at ``file_offset``."""
 
@@ -77,20 +77,20 @@ class _Source:
     file: int | None = None
     file_offset: int = 0
 
-    def at(self, done: int) -> "_Source":
-        return _Source(self.block, self.offset + done, self.file, self.file_offset + done)
+    def at(self, done: int) -> "Source":
+        return Source(self.block, self.offset + done, self.file, self.file_offset + done)
 
-    def read(self, memory: MemorySource, buf: Buffer, length: int) -> None:
+    def read(self, memory: MemorySource, buf: Buffer, length: int) -> memoryview:
+        """The first ``length`` bytes of the piece, read into ``buf``."""
         address = self.block.hva + self.offset
         if self.file is None:
-            memory.read(buf, length, address, self.block)
-        else:
-            read_file(buf, length, self.file, self.file_offset, self.block, address)
+            return memory.read(buf, length, address, self.block)
+        return read_file(buf, length, self.file, self.file_offset, self.block, address)
 
 
 # A chunk of the vmcore's memory, in file order: its file offset, its length,
 # and where it is read from (None: a hole, nothing there).
-_Piece = tuple[int, int, _Source | None]
+_Piece = tuple[int, int, Source | None]
 # The spans of a chunk that hold data, (start, end), in order; the rest is zeros.
 _Extents = list[tuple[int, int]]
 
@@ -354,7 +354,7 @@ def copy(layout: CoreLayout, spans: Sequence[Sequence[Span]], memory: MemorySour
 def _pieces(layout: CoreLayout, spans: Sequence[Sequence[Span]],
             pagemap: Populated) -> Iterator[_Piece]:
     for block, start, parts in zip(layout.blocks, layout.offsets, spans, strict=True):
-        for offset, length, source in _extents(block, parts, pagemap):
+        for offset, length, source in extents(block, parts, pagemap):
             if source is None:
                 yield start + offset, length, None
                 continue
@@ -362,26 +362,34 @@ def _pieces(layout: CoreLayout, spans: Sequence[Sequence[Span]],
                 yield start + offset + done, min(CHUNK, length - done), source.at(done)
 
 
-def _extents(block: Block, spans: Sequence[Span],
-             pagemap: Populated) -> Iterator[tuple[int, int, _Source | None]]:
-    """``(offset, length, source)`` runs of the block: None where nothing is."""
+def extents(block: Block, spans: Sequence[Span], pagemap: Populated, start: int = 0,
+            end: int | None = None) -> Iterator[tuple[int, int, Source | None]]:
+    """``(offset, length, source)`` runs of the block from offset ``start`` to
+    ``end`` (host-page-aligned; its end by default), ``spans`` its parts
+    (:meth:`BackingFiles.spans <livedump.transfer.memory.BackingFiles.spans>`):
+    None where nothing is, so zeros never read (pages never populated, the zero
+    page, holes in the file behind shared memory); else where to read them
+    without creating a page."""
+    end = block.size if end is None else end
     # The page map speaks in whole host pages; a block that is not made of
     # them (64 KiB host pages, say) is read in full, through QEMU.
     if (block.hva | block.size) % PAGE_SIZE:
-        yield 0, block.size, _Source(block, 0)
+        yield start, end - start, Source(block, start)
         return
     for span in spans:
-        for offset, length, kind in pagemap.extents(block.hva + span.start,
-                                                    span.end - span.start):
-            offset += span.start
+        first, last = max(span.start, start), min(span.end, end)
+        if first >= last:
+            continue
+        for offset, length, kind in pagemap.extents(block.hva + first, last - first):
+            offset += first
             if kind == DATA or (kind == ABSENT and not span.private and span.file is None):
-                yield offset, length, _Source(block, offset)
+                yield offset, length, Source(block, offset)
             elif kind != ABSENT or span.private:
                 yield offset, length, None  # the zero page, or never populated
             else:
                 assert span.file is not None
                 base = span.file_offset - span.start  # the file's offset of the block's start
-                for start, end, data in file_extents(span.file, base + offset,
-                                                     base + offset + length):
-                    yield (start - base, end - start,
-                           _Source(block, start - base, span.file, start) if data else None)
+                for at, stop, data in file_extents(span.file, base + offset,
+                                                   base + offset + length):
+                    yield (at - base, stop - at,
+                           Source(block, at - base, span.file, at) if data else None)

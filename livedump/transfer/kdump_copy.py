@@ -1,16 +1,20 @@
 """Copy guest memory into a kdump-compressed vmcore: read, sorted and compressed in one pass.
 
 Worker threads, one per CPU, take the chunks of guest memory in pfn order;
-each reads the pages of its chunk that the file keeps from QEMU (runs of
-them: pages left out are never read), tells zero pages apart (dump level 1) and
-compresses the others page by page. Reading (process_vm_readv) and the
-compression libraries release the GIL, so the workers run on every CPU.
+each reads the pages of its chunk that the file keeps (runs of them: pages
+left out are never read), where and as the ELF copy reads them
+(:func:`~livedump.transfer.copier.extents`: pages that hold nothing are
+zeros never read, shared memory QEMU has not mapped is read from its file),
+tells zero pages apart (dump level 1) and compresses the others page by
+page. Reading (process_vm_readv, or the file) and the compression libraries
+release the GIL, so the workers run on every CPU.
 The main thread takes the chunks back in order, gives each page its place
 in the data area and writes data and descriptors, so the file's pages come
 in pfn order as makedumpfile's do. A worker runs at most a few chunks ahead
 of the writing, so memory use stays bounded.
 """
 
+import dataclasses
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -19,8 +23,8 @@ from typing import Generic, TypeVar
 
 from livedump import signals
 from livedump.errors import DumpIOError
-from livedump.transfer.copier import CHUNK
-from livedump.transfer.memory import PAGE_SIZE, Buffer, MemorySource, Populated
+from livedump.transfer.copier import CHUNK, Source, extents
+from livedump.transfer.memory import PAGE_SIZE, Buffer, MemorySource, Populated, Span
 from livedump.transfer.output import Output
 from livedump.vmcore.arch import Arch
 from livedump.vmcore.blocks import Block
@@ -58,9 +62,9 @@ WORKERS = max(1, os.cpu_count() or 1)
 _AHEAD = 2  # chunks each worker may be ahead of the writing
 _WAIT_STEP = 0.1
 
-# One chunk of guest memory: its guest-physical address, length, and where QEMU
-# holds it (None: never populated, so zeros, not read).
-_Piece = tuple[int, int, int | None]
+# One chunk of guest memory: its guest-physical address, length, and where it is
+# read (None: nothing there, so zeros, not read).
+_Piece = tuple[int, int, Source | None]
 # A chunk to copy, and the bytes of guest memory it stands for in the progress
 # (its own and those of chunks before it with no page kept, never handed out).
 _Work = tuple[_Piece, int]
@@ -91,7 +95,7 @@ class _Chunk:
     length: int  # bytes of guest memory it covers
 
 
-def copy_kdump(layout: KdumpLayout, private: Sequence[bool], memory: MemorySource,
+def copy_kdump(layout: KdumpLayout, spans: Sequence[Sequence[Span]], memory: MemorySource,
                pagemap: Populated, sink: Sink, compression: str, dump_level: int,
                inspect: Inspect | None = None, on_written: Callable[[int], None] | None = None,
                workers: int = WORKERS, budget: int = 0) -> "Staged":
@@ -101,7 +105,7 @@ def copy_kdump(layout: KdumpLayout, private: Sequence[bool], memory: MemorySourc
     the rest is compressed as it is read. The headers and bitmaps are the caller's."""
     run = _Run(layout, memory, sink, compression, dump_level, inspect, on_written, workers,
                budget)
-    work = _with_kept(_pieces(layout, private, pagemap), layout)
+    work = _with_kept(_pieces(layout.blocks, spans, pagemap), layout)
     return Staged(run, list(run.results(work, run.read)))
 
 
@@ -179,16 +183,16 @@ class _Run:
     def read(self, work: _Work, buf: Buffer) -> "_Chunk":
         """The chunk's pages the file keeps, and only those read: a run of kept
         pages at a time (``inspect`` sees each run)."""
-        (gpa, length, hva), accounts = work
+        (gpa, length, source), accounts = work
         size = self.layout.page
         runs = self.layout.dumpable.runs(gpa // size, length // size)
-        if hva is None:
+        if source is None:
             return _Chunk([self._zero_page() for _, n in runs for _ in range(n)], 0, accounts)
         pages: list[_Page] = []
         read = 0
         for pfn, n in runs:
             at = pfn * size - gpa
-            data = bytes(self.memory.read(buf, n * size, hva + at))
+            data = bytes(source.at(at).read(self.memory, buf, n * size))
             read += n * size
             if self.inspect:
                 self.inspect(gpa + at, data, n * size)
@@ -310,18 +314,14 @@ def _with_kept(pieces: Iterable[_Piece], layout: KdumpLayout) -> list[_Work]:
     return work
 
 
-def _pieces(layout: KdumpLayout, private: Sequence[bool], pagemap: Populated) -> Iterator[_Piece]:
-    for block, is_private in zip(layout.blocks, private, strict=True):
-        # The page map speaks in whole host pages: other blocks are read in full.
-        if is_private and (block.hva | block.size) % PAGE_SIZE == 0:
-            extents = pagemap.extents(block.hva, block.size)
-        else:
-            extents = iter([(0, block.size, True)])
-        for offset, length, populated in extents:
+def _pieces(blocks: Sequence[Block], spans: Sequence[Sequence[Span]],
+            pagemap: Populated) -> Iterator[_Piece]:
+    """The blocks in chunks, read as the ELF path reads them (:func:`extents`)."""
+    for block, parts in zip(blocks, spans, strict=True):
+        for offset, length, source in extents(block, parts, pagemap):
             for done in range(0, length, CHUNK):
-                n = min(CHUNK, length - done)
-                yield (block.gpa + offset + done, n,
-                       block.hva + offset + done if populated else None)
+                yield (block.gpa + offset + done, min(CHUNK, length - done),
+                       source.at(done) if source else None)
 
 
 @dataclass(frozen=True)
@@ -354,12 +354,12 @@ class Made:
 
 
 def write_kdump(out: Output, arch: Arch, cpu: CpuNotes, blocks: Sequence[Block],
-                private: Sequence[bool], memory: MemorySource, pagemap: Populated,
+                spans: Sequence[Sequence[Span]], memory: MemorySource, pagemap: Populated,
                 compression: str, dump_level: int, provenance: Note,
                 on_written: Callable[[int], None] | None = None,
                 workers: int = WORKERS, hint: Found | None = None, budget: int = 0) -> Made:
     """:func:`stage_kdump`, then its finish: all of it while the VM is held."""
-    return stage_kdump(out, arch, cpu, blocks, private, memory, pagemap, compression,
+    return stage_kdump(out, arch, cpu, blocks, spans, memory, pagemap, compression,
                        dump_level, provenance, on_written, workers, hint, budget).finish()
 
 
@@ -377,13 +377,17 @@ def staging_budget() -> int:
 
 
 def stage_kdump(out: Output, arch: Arch, cpu: CpuNotes, blocks: Sequence[Block],
-                private: Sequence[bool], memory: MemorySource, pagemap: Populated,
+                spans: Sequence[Sequence[Span]], memory: MemorySource, pagemap: Populated,
                 compression: str, dump_level: int, provenance: Note,
                 on_written: Callable[[int], None] | None = None,
                 workers: int = WORKERS, hint: Found | None = None,
                 budget: int = 0) -> "PendingKdump":
     """Read the guest memory of a kdump file into ``out`` (flattened into a pipe);
     its :meth:`~PendingKdump.finish` compresses what waits and writes the rest.
+
+    ``spans[i]``: block ``i``'s parts by QEMU's mappings, which say, with
+    ``pagemap``, where its pages are read and which hold nothing (as for an
+    ELF vmcore: see :func:`~livedump.transfer.copier.extents`).
 
     Called while the VM is held: VMCOREINFO is looked for in the memory read,
     as for an ELF vmcore, then checked against guest memory, and with it the
@@ -397,18 +401,19 @@ def stage_kdump(out: Output, arch: Arch, cpu: CpuNotes, blocks: Sequence[Block],
     s64 = ElfStructs(64, True)
     notes = (cpu.data if isinstance(cpu, QemuNotes) else b"") + provenance.encode(s64)
     layout = KdumpLayout(arch, blocks, PAGE, note_room=len(notes) + search.room)
-    read_at = guest_reader(memory, blocks)
-    decision = page_decision(arch, cpu, notes, memory, blocks, layout.ram, dump_level, hint)
+    read_at = guest_reader(memory, blocks, spans, pagemap)
+    decision = page_decision(arch, cpu, notes, memory, blocks, spans, pagemap, layout.ram,
+                             dump_level, hint)
     ram_pages = layout.ram.count()
     if decision.end_pfn is not None and decision.end_pfn < layout.max_mapnr:
         # As makedumpfile: the file ends with the kernel's memory.
-        blocks, private = _clip(blocks, private, decision.end_pfn * PAGE)
+        blocks, spans = _clip(blocks, spans, decision.end_pfn * PAGE)
         layout = KdumpLayout(arch, blocks, PAGE, note_room=len(notes) + search.room)
     beyond = ram_pages - layout.ram.count()
     layout.exclude_bits(decision.bits)
     flat = FlatSink(out.write) if out.is_stdout else None
     sink: Sink = flat or out
-    staged = copy_kdump(layout, private, memory, pagemap, sink, compression, dump_level,
+    staged = copy_kdump(layout, spans, memory, pagemap, sink, compression, dump_level,
                         None if search.result else search.look, on_written, workers, budget)
     result, text = search.validate(read_at)
     if text is not None:
@@ -448,28 +453,35 @@ class PendingKdump:
 
 
 def page_decision(arch: Arch, cpu: CpuNotes, notes: bytes, memory: MemorySource,
-                  blocks: Sequence[Block], ram: Bitmap, dump_level: int,
+                  blocks: Sequence[Block], spans: Sequence[Sequence[Span]],
+                  pagemap: Populated, ram: Bitmap, dump_level: int,
                   hint: Found | None) -> Decision:
     """The pages ``dump_level`` leaves out, decided while the VM is held, with
     VMCOREINFO from QEMU's ``notes`` (64-bit), else ``hint`` once confirmed, else
     (where the level needs it) looked for now."""
-    read_at = guest_reader(memory, blocks)
+    read_at = guest_reader(memory, blocks, spans, pagemap)
     qemus = find_note(notes, NAME)
     known = _entries(notes[qemus[0]:qemus[0] + qemus[1]]) if qemus else None
     if known is None and hint is not None and read_at(hint.gpa, len(hint.text)) == hint.text:
         known = _entries(hint.text)
     if known is None and dump_level & STRUCT_PAGE_LEVELS:
-        found = find_vmcoreinfo(arch, cpu, memory, blocks)
+        found = find_vmcoreinfo(arch, cpu, memory, blocks, spans, pagemap)
         known = _entries(found.text) if found else None
     return decide(known, arch, read_at, ram, ram.size, dump_level)
 
 
-def _clip(blocks: Sequence[Block], private: Sequence[bool],
-          end: int) -> tuple[list[Block], list[bool]]:
-    """The blocks (and their private flags) below guest-physical ``end``."""
-    kept = [(Block(b.gpa, min(b.size, end - b.gpa), b.hva), p)
-            for b, p in zip(blocks, private, strict=True) if b.gpa < end]
-    return [b for b, _ in kept], [p for _, p in kept]
+def _clip(blocks: Sequence[Block], spans: Sequence[Sequence[Span]],
+          end: int) -> tuple[list[Block], list[list[Span]]]:
+    """The blocks (and their spans) below guest-physical ``end``."""
+    kept: list[Block] = []
+    kept_spans: list[list[Span]] = []
+    for b, parts in zip(blocks, spans, strict=True):
+        if b.gpa < end:
+            size = min(b.size, end - b.gpa)
+            kept.append(Block(b.gpa, size, b.hva))
+            kept_spans.append([dataclasses.replace(s, end=min(s.end, size))
+                               for s in parts if s.start < size])
+    return kept, kept_spans
 
 
 def _entries(text: bytes) -> dict[str, str] | None:
@@ -479,13 +491,30 @@ def _entries(text: bytes) -> dict[str, str] | None:
         return None
 
 
-def guest_reader(memory: MemorySource, blocks: Sequence[Block]) -> ReadPhys:
-    """Reads of guest-physical memory straight from QEMU (None outside its RAM)."""
+def guest_reader(memory: MemorySource, blocks: Sequence[Block], spans: Sequence[Sequence[Span]],
+                 pagemap: Populated) -> ReadPhys:
+    """Reads of guest-physical memory (None outside its RAM), as the copy reads
+    it (:func:`~livedump.transfer.copier.extents`): pages that hold nothing
+    are zeros, none is created."""
     def read_at(gpa: int, n: int) -> bytes | None:
-        for b in blocks:
+        for b, parts in zip(blocks, spans, strict=True):
             if b.gpa <= gpa and gpa + n <= b.end:
-                buf = Buffer(max(n, 1))
-                return bytes(memory.read(buf, n, b.hva + gpa - b.gpa))
+                offset = gpa - b.gpa
+                start = offset - offset % PAGE_SIZE
+                end = min(b.size, -(-(offset + n) // PAGE_SIZE) * PAGE_SIZE)
+                if n == 0:
+                    return b""
+                runs = list(extents(b, parts, pagemap, start, end))
+                first, skip = runs[0][2], offset - start
+                if len(runs) == 1 and first is not None:  # most reads: one run of data
+                    return bytes(first.read(memory, Buffer(end - start), end - start)
+                                 [skip:skip + n])
+                data = memoryview(bytearray(end - start))
+                for at, length, source in runs:
+                    if source is not None:
+                        data[at - start:at - start + length] = source.read(
+                            memory, Buffer(length), length)
+                return bytes(data[skip:skip + n])
         return None
     return read_at
 
@@ -507,15 +536,15 @@ def guest_utsname(entries: dict[str, str] | None, arch: Arch, read_at: ReadPhys)
     return Utsname.unpack(raw)
 
 
-def find_vmcoreinfo(arch: Arch, cpu: CpuNotes, memory: MemorySource,
-                    blocks: Sequence[Block]) -> Found | None:
-    """VMCOREINFO, looked for through all of guest memory as the copy would, and
-    checked as it is; None where none (or more than one) passes."""
+def find_vmcoreinfo(arch: Arch, cpu: CpuNotes, memory: MemorySource, blocks: Sequence[Block],
+                    spans: Sequence[Sequence[Span]], pagemap: Populated) -> Found | None:
+    """VMCOREINFO, looked for through all of guest memory as the copy would (pages
+    that hold nothing not read), and checked as it is; None where none (or more
+    than one) passes."""
     search = Search(arch, cpu, to_stdout=False)
     buf = Buffer(CHUNK)
-    for b in blocks:
-        for done in range(0, b.size, CHUNK):
-            n = min(CHUNK, b.size - done)
-            search.look(b.gpa + done, bytes(memory.read(buf, n, b.hva + done)), n)
-    result, text = search.validate(guest_reader(memory, blocks))
+    for gpa, n, source in _pieces(blocks, spans, pagemap):
+        if source is not None:
+            search.look(gpa, bytes(source.read(memory, buf, n)), n)
+    result, text = search.validate(guest_reader(memory, blocks, spans, pagemap))
     return Found(result.gpa, text) if text is not None and result.gpa is not None else None
