@@ -18,6 +18,7 @@ import pytest
 
 from .conftest import livedump
 from .linux_guest import LinuxVM
+from .test_kdump import rss_shmem
 
 pytestmark = [pytest.mark.qemu, pytest.mark.linux]
 
@@ -173,3 +174,31 @@ def test_dmesg_through_ptrace_with_no_monitor():
         assert vm.status() == "running"
     assert r.stdout.startswith(b"[    0.000000] Linux version ")
     assert paused.stdout.startswith(r.stdout)  # and what was logged since
+
+
+def test_dmesg_of_a_guest_on_shared_memory_creates_no_page():
+    # RAM in a memfd, as vhost-user setups have it: the VMCOREINFO search and
+    # the log's reads go through the dump's extents, reading the file where QEMU
+    # has not mapped it, so QEMU's shared memory stays as it was (a search
+    # through QEMU grew it to all of guest RAM). Paused, it must not move at all;
+    # running, only by what the guest itself touches.
+    extra = ["-object", "memory-backend-memfd,id=ram0,size=512M,share=on",
+             "-machine", "memory-backend=ram0"]
+    with LinuxVM(machine="q35", memory="512M", touch_mib=32, extra=extra) as vm:
+        vm.wait_idle(timeout=300)
+        vm.command("stop")
+        try:
+            shmem = rss_shmem(vm.pid)
+            for args in ([], ["--pause"]):
+                out = livedump("dmesg", "--pid", str(vm.pid), *args)
+                assert out.returncode == 0, out.stderr
+                assert b"Linux version " in out.stdout, args
+                assert rss_shmem(vm.pid) == shmem, args
+        finally:
+            vm.command("cont")
+        shmem = rss_shmem(vm.pid)
+        out = livedump("dmesg", "--pid", str(vm.pid))
+        assert out.returncode == 0, out.stderr
+        assert b"Linux version " in out.stdout
+        assert rss_shmem(vm.pid) - shmem < 64 << 20  # the guest touches 32 MiB, no more
+        assert vm.status() == "running"

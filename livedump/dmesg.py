@@ -19,7 +19,13 @@ from livedump.guest.memory import Found, GuestMemory, SeveralKernels, find_vmcor
 from livedump.guest.printk import Log, Record, open_log
 from livedump.proc import alive
 from livedump.qmp.session import MonitoredSession
-from livedump.transfer.memory import PageMap, ProcessMemory, check_blocks, read_maps
+from livedump.transfer.memory import (
+    BackingFiles,
+    PageMap,
+    ProcessMemory,
+    check_blocks,
+    read_maps,
+)
 from livedump.vm.guardian import STALL_TIMEOUT
 from livedump.vm.lock import VMLock
 from livedump.vm.process import Address
@@ -68,12 +74,13 @@ class Guest:
             prepared = session.prepare()
             ram = prepared if prepared is not None else session.ranges(self.memory, None)
             blocks = coalesce(ram.ranges)
-            # Only private anonymous RAM tells untouched pages apart (they hold nothing).
-            private = [all(m.private_anonymous for m in covering)
-                       for covering in check_blocks(blocks, read_maps(self.pid))]
-            self.guest = GuestMemory(self.memory, blocks)
+            # Read as a dump reads: shared RAM through its file, so no page is created.
+            files = self._stack.enter_context(BackingFiles(self.pid))
+            spans = [files.spans(b, covering)
+                     for b, covering in zip(blocks, check_blocks(blocks, read_maps(self.pid)),
+                                            strict=True)]
+            self.guest = GuestMemory(self.memory, blocks, spans, pagemap)
             self.arch = arches.for_target(session.target_arch()).arch
-            self._pagemap, self._private = pagemap, private
             self.log = self._open(pause)
         except BaseException:
             self._stack.close()
@@ -99,7 +106,7 @@ class Guest:
         return open_log(self.kernel)
 
     def _find(self, roots: list[int] | None) -> Found:
-        return find_vmcoreinfo(self.guest, self._pagemap, self._private, self.arch, roots)
+        return find_vmcoreinfo(self.guest, self.arch, roots)
 
     def read(self, pause: bool) -> list[Record]:
         """Every record of the log: read while the guest runs, or (``pause``) with

@@ -27,12 +27,11 @@ def ram():
 
 
 @pytest.mark.parametrize("syscall", [True, False], ids=["process_vm_readv", "proc-mem"])
-def test_pages_starting_with_osrelease_are_found(ram, syscall, monkeypatch):
-    monkeypatch.setattr(guest_memory, "_CHUNK", 4 << 20)
+def test_pages_starting_with_osrelease_are_found(ram, syscall):
     with ProcessMemory(os.getpid()) as memory:
         memory._use_syscall = syscall
         guest = GuestMemory(memory, [Block(0x100000, 8 << 20, ram.address)])
-        found = list(guest_memory._pages(guest, None, [False]))
+        found = list(guest_memory._pages(guest))
     assert [gpa for gpa, _ in found] == [0x100000 + p * PAGE for p in (3, 1024, 2047)]
     assert all(page.startswith(b"OSRELEASE=6.1.0\n") and len(page) == PAGE
                for _, page in found)
@@ -54,4 +53,4 @@ def test_two_arm64_kernels_are_not_told_apart_by_a_pause():
         with pytest.raises(SeveralKernels, match=r"^2 kernels' VMCOREINFO in guest memory "
                            r"\(GPA 0x40001000, 0x40002000\), as after a reboot; which one "
                            r"runs cannot be told on aarch64-le$"):
-            find_vmcoreinfo(guest, None, [False], lookup("aarch64-le"))
+            find_vmcoreinfo(guest, lookup("aarch64-le"))

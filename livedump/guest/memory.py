@@ -4,15 +4,20 @@ kernel's VMCOREINFO found in it, with no vmcore written.
 The search is the dump's (:mod:`livedump.vmcore.vmcoreinfo`), over memory
 read for it alone: pages that start with ``OSRELEASE=`` and hold one whole
 well-formed VMCOREINFO, whose ``init_uts_ns`` holds the release it names.
-Only pages the process ever populated are read where the page map can
-tell (private anonymous RAM): a page never touched holds no kernel.
+Memory is read as the dump's copy reads it
+(:func:`~livedump.transfer.copier.extents`): pages that hold nothing (never
+populated, the zero page, holes in the file behind shared RAM) are not read,
+and shared RAM QEMU has not mapped is read from its file, so neither the
+search nor the log's reads create a page in QEMU.
 """
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from livedump.errors import GuestKernelError
-from livedump.transfer.memory import DATA, Buffer, PageMap, ProcessMemory
+from livedump.transfer.copier import CHUNK
+from livedump.transfer.kdump_copy import guest_reader, pieces
+from livedump.transfer.memory import DATA, Buffer, MemorySource, Populated, Span
 from livedump.vmcore.arch import EM_X86_64, Arch
 from livedump.vmcore.blocks import Block
 from livedump.vmcore.vmcoreinfo import (
@@ -27,26 +32,37 @@ from livedump.vmcore.vmcoreinfo import (
     x86_64_translate,
 )
 
-_CHUNK = 4 << 20  # bytes read at a time while searching
 _PTI_USER_BIT = 1 << 12  # as in vmcoreinfo: CR3 may name the user half of a PTI pair
 
 
-class GuestMemory:
-    """Guest-physical addresses read through the VM's RAM map from QEMU's memory."""
+class _AllData:
+    """A page map that knows nothing: every page is read (through QEMU)."""
 
-    def __init__(self, memory: ProcessMemory, blocks: list[Block]) -> None:
+    def extents(self, address: int, size: int) -> Iterator[tuple[int, int, int]]:
+        yield 0, size, DATA
+
+
+class GuestMemory:
+    """Guest-physical addresses read through the VM's RAM map from QEMU's memory,
+    as a dump reads them: ``spans[i]`` are block ``i``'s parts
+    (:meth:`BackingFiles.spans <livedump.transfer.memory.BackingFiles.spans>`),
+    ``pagemap`` says which pages hold data. Without them every page is read
+    through QEMU."""
+
+    def __init__(self, memory: MemorySource, blocks: list[Block],
+                 spans: Sequence[Sequence[Span]] | None = None,
+                 pagemap: Populated | None = None) -> None:
         self.memory = memory
         self.blocks = blocks
-        self._buffer = Buffer(1 << 20)
+        self.spans = (list(spans) if spans is not None
+                      else [[Span(0, b.size, False)] for b in blocks])
+        self.pagemap: Populated = pagemap if pagemap is not None else _AllData()
+        self._read = guest_reader(memory, blocks, self.spans, self.pagemap)
 
     def read(self, gpa: int, length: int) -> bytes | None:
-        """``length`` bytes at ``gpa``; None unless all of them are in one RAM block."""
-        for b in self.blocks:
-            if b.gpa <= gpa and gpa + length <= b.end:
-                if length > len(self._buffer.data):
-                    self._buffer = Buffer(-(-length // SCAN_ALIGN) * SCAN_ALIGN)
-                return bytes(self.memory.read(self._buffer, length, b.hva + gpa - b.gpa))
-        return None
+        """``length`` bytes at ``gpa`` (zeros where nothing is); None unless all of
+        them are in one RAM block."""
+        return self._read(gpa, length)
 
 
 class SeveralKernels(GuestKernelError):
@@ -62,8 +78,7 @@ class Found:
     entries: dict[str, str]
 
 
-def find_vmcoreinfo(guest: GuestMemory, pagemap: PageMap | None, private: list[bool],
-                    arch: Arch, roots: list[int] | None = None) -> Found:
+def find_vmcoreinfo(guest: GuestMemory, arch: Arch, roots: list[int] | None = None) -> Found:
     """The guest kernel's VMCOREINFO, searched in all of guest RAM.
 
     Several that pass every check (a warm reboot leaves the earlier kernel's
@@ -72,7 +87,7 @@ def find_vmcoreinfo(guest: GuestMemory, pagemap: PageMap | None, private: list[b
     """
     candidates: dict[bytes, int] = {}
     rejected: list[str] = []
-    for gpa, rest in _pages(guest, pagemap, private):
+    for gpa, rest in _pages(guest):
         try:
             text = page_text(gpa, rest, len(rest))
         except Invalid as e:
@@ -117,26 +132,18 @@ def runs(entries: dict[str, str], arch: Arch, roots: list[int], guest: GuestMemo
                for cr3 in roots for root in (cr3, cr3 & ~_PTI_USER_BIT))
 
 
-def _pages(guest: GuestMemory, pagemap: PageMap | None,
-           private: list[bool]) -> Iterator[tuple[int, bytes]]:
+def _pages(guest: GuestMemory) -> Iterator[tuple[int, bytes]]:
     """``(gpa, page)`` for each page of guest RAM that starts with ``OSRELEASE=``."""
-    buffer = Buffer(_CHUNK)
-    for block, only_populated in zip(guest.blocks, private, strict=True):
-        if pagemap is not None and only_populated:
-            runs = [(o, n) for o, n, kind in pagemap.extents(block.hva, block.size)
-                    if kind == DATA]
-        else:
-            runs = [(0, block.size)]
-        for offset, size in runs:
-            for at in range(offset, offset + size, _CHUNK):
-                n = min(_CHUNK, offset + size - at)
-                data = guest.memory.read(buffer, n, block.hva + at)
-                gpa = block.gpa + at
-                first = -gpa % SCAN_ALIGN
-                starts = bytes(data[first:n:SCAN_ALIGN])
-                page = starts.find(MAGIC[0])
-                while page >= 0:
-                    where = first + page * SCAN_ALIGN
-                    if data[where : where + len(MAGIC)] == MAGIC:
-                        yield gpa + where, bytes(data[where : where + SCAN_ALIGN])
-                    page = starts.find(MAGIC[0], page + 1)
+    buffer = Buffer(CHUNK)
+    for gpa, n, source in pieces(guest.blocks, guest.spans, guest.pagemap):
+        if source is None:
+            continue  # nothing there
+        data = source.read(guest.memory, buffer, n)
+        first = -gpa % SCAN_ALIGN
+        starts = bytes(data[first:n:SCAN_ALIGN])
+        page = starts.find(MAGIC[0])
+        while page >= 0:
+            where = first + page * SCAN_ALIGN
+            if data[where : where + len(MAGIC)] == MAGIC:
+                yield gpa + where, bytes(data[where : where + SCAN_ALIGN])
+            page = starts.find(MAGIC[0], page + 1)

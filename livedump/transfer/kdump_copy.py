@@ -105,7 +105,7 @@ def copy_kdump(layout: KdumpLayout, spans: Sequence[Sequence[Span]], memory: Mem
     the rest is compressed as it is read. The headers and bitmaps are the caller's."""
     run = _Run(layout, memory, sink, compression, dump_level, inspect, on_written, workers,
                budget)
-    work = _with_kept(_pieces(layout.blocks, spans, pagemap), layout)
+    work = _with_kept(pieces(layout.blocks, spans, pagemap), layout)
     return Staged(run, list(run.results(work, run.read)))
 
 
@@ -314,7 +314,7 @@ def _with_kept(pieces: Iterable[_Piece], layout: KdumpLayout) -> list[_Work]:
     return work
 
 
-def _pieces(blocks: Sequence[Block], spans: Sequence[Sequence[Span]],
+def pieces(blocks: Sequence[Block], spans: Sequence[Sequence[Span]],
             pagemap: Populated) -> Iterator[_Piece]:
     """The blocks in chunks, read as the ELF path reads them (:func:`extents`)."""
     for block, parts in zip(blocks, spans, strict=True):
@@ -543,7 +543,7 @@ def find_vmcoreinfo(arch: Arch, cpu: CpuNotes, memory: MemorySource, blocks: Seq
     than one) passes."""
     search = Search(arch, cpu, to_stdout=False)
     buf = Buffer(CHUNK)
-    for gpa, n, source in _pieces(blocks, spans, pagemap):
+    for gpa, n, source in pieces(blocks, spans, pagemap):
         if source is not None:
             search.look(gpa, bytes(source.read(memory, buf, n)), n)
     result, text = search.validate(guest_reader(memory, blocks, spans, pagemap))
