@@ -72,8 +72,9 @@ def guest(request):
 
 def of(vm: LinuxVM) -> tuple[str, ...]:
     """The guest, for livedump: a loaded host may keep a TCG guest's monitor busy for
-    seconds (each test checks what is dumped, not how fast the monitor answers)."""
-    return ("--pid", str(vm.pid), "--qmp-timeout", "30")
+    seconds (each test checks what is dumped, not how fast the monitor answers), and
+    the stall limit must outlast the longest wait for the monitor."""
+    return ("--pid", str(vm.pid), "--qmp-timeout", "30", "--stall-timeout", "90")
 
 
 def logged(vm: LinuxVM) -> int:
