@@ -471,17 +471,12 @@ def _let_go(told: Told, how: list[str]) -> tuple[list[str], bool]:
 
 def _let_go_qmp(monitor: "_Monitor", told: Told, done: list[str]) -> bool:
     try:
-        if told.paused:
-            reply = monitor.execute("query-status")
-            if reply is None:
-                return False
-            status = reply.get("return")
-            if isinstance(status, dict) and status.get("running"):
-                told.paused = False  # livedump's own 'cont' went through.
-            elif monitor.execute("cont") is None:
-                return False
-            else:
-                done.append("resumed the guest")
+        # Once a snapshot may have started, the guest is resumed only after it has
+        # ended: QEMU shows the guest paused as soon as its snapshot begins to stop
+        # it, and a 'cont' before its vCPUs are all stopped leaves QEMU's snapshot
+        # waiting for them for ever (its stream never comes).
+        if told.paused and not told.streaming and not _resume(monitor, done):
+            return False
         if told.stream >= 0:
             if told.stream_name:  # Fails harmlessly if a migration took it.
                 monitor.execute("closefd", {"fdname": told.stream_name})
@@ -489,6 +484,8 @@ def _let_go_qmp(monitor: "_Monitor", told: Told, done: list[str]) -> bool:
             os.close(told.stream)
             if told.streaming:
                 done.append("read the snapshot to its end")
+        if told.paused and told.streaming and not _resume(monitor, done):
+            return False
         if told.settings is not None:
             if not monitor.migration_ended(_MIGRATION_END_TIMEOUT):
                 return False
@@ -498,6 +495,21 @@ def _let_go_qmp(monitor: "_Monitor", told: Told, done: list[str]) -> bool:
             done.append("put QEMU's migration settings back")
     except OSError:
         return False  # The monitor is gone (and QEMU with it, most likely).
+    return True
+
+
+def _resume(monitor: "_Monitor", done: list[str]) -> bool:
+    """Resume the guest unless it runs (livedump's own 'cont', or QEMU's at the
+    end of its snapshot's start, went through); whether that worked."""
+    reply = monitor.execute("query-status")
+    if reply is None:
+        return False
+    status = reply.get("return")
+    if isinstance(status, dict) and status.get("running"):
+        return True
+    if monitor.execute("cont") is None:
+        return False
+    done.append("resumed the guest")
     return True
 
 
