@@ -184,14 +184,16 @@ def header_from_pipe(dump_into: Callable[[str], object], timeout: float = 10.0,
                      watch: Callable[[str | None], None] | None = None) -> bytes:
     """The headers and notes of the dump of :func:`from_pipe`, unparsed."""
     path = os.path.join(tempfile.mkdtemp(prefix="livedump-"), "notes")
-    os.mkfifo(path, 0o600)
-    # Open before the writer: no end-of-file until it has come and gone.
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    # The guardian is told the name before the FIFO is made: a livedump killed
+    # at any instant leaves nothing it does not know of.
     try:
         if watch:
             watch(path)
+        os.mkfifo(path, 0o600)
+        # Open before the writer: no end-of-file until it has come and gone.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except BaseException:
-        release_fifo(path, fd)
+        release_fifo(path)
         raise
     try:
         return _cut(fd, lambda: dump_into(path), timeout,
