@@ -36,6 +36,7 @@ from .linux_guest import (
     console_text,
     wait_for_console,
 )
+from .qemus import private_apt
 from .vm import VM, Platform
 
 KERNEL_META_PACKAGE = "linux-image-arm64"
@@ -158,20 +159,8 @@ def _private_apt(work: Path) -> list[str]:
                     if component == "main"})
     if not lines:
         raise FetchError("the host's apt sources name no Debian mirror for main")
-    sources = work / "sources.list"
-    sources.write_text("".join(lines))
-    (work / "lists/partial").mkdir(parents=True)
-    (work / "cache/archives/partial").mkdir(parents=True)
-    status = work / "status"
-    status.touch()
     apt = ["-oAPT::Architecture=arm64", "-oAPT::Architectures=arm64",
-           f"-oDir::Etc::SourceList={sources}", "-oDir::Etc::SourceParts=/dev/null",
-           f"-oDir::State::Lists={work / 'lists'}", f"-oDir::State::status={status}",
-           f"-oDir::Cache={work / 'cache'}", "-oDir::Cache::pkgcache=",
-           "-oDir::Cache::srcpkgcache=", "-oDir::Etc::Preferences=/dev/null",
-           "-oDir::Etc::PreferencesParts=/dev/null"]
-    if os.geteuid() == 0:  # apt's _apt user cannot reach a private directory under $HOME.
-        apt.append("-oAPT::Sandbox::User=root")
+           *private_apt(work, "".join(lines))]
     _apt(["apt-get", "-q", *apt, "update"], "apt-get update (arm64)")
     return apt
 

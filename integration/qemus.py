@@ -230,20 +230,28 @@ def _backports(work: Path, kind: str) -> list[str]:
     mirror = _mirror()
     arch = _run(["dpkg", "--print-architecture"]).strip()
     options = [f"arch={arch}"] + ([f"signed-by={KEYRING}"] if KEYRING.exists() else [])
-    sources = work / "sources.list"
-    sources.write_text(f"{kind} [{' '.join(options)}] {mirror} {SUITE} main\n")
+    apt = private_apt(work, f"{kind} [{' '.join(options)}] {mirror} {SUITE} main\n")
+    _run(["apt-get", "-q", *apt, "update"])
+    return apt
+
+
+def private_apt(work: Path, sources: str) -> list[str]:
+    """apt-get options for an apt of its own in ``work`` that reads only the
+    ``sources`` list given, with nothing installed (the candidates are the
+    lists'), leaving the host's apt state untouched; not yet updated."""
+    listing = work / "sources.list"
+    listing.write_text(sources)
     (work / "lists/partial").mkdir(parents=True)
     (work / "cache/archives/partial").mkdir(parents=True)
-    status = work / "status"  # Nothing installed: the candidates are the backports'.
+    status = work / "status"
     status.touch()
-    apt = [f"-oDir::Etc::SourceList={sources}", "-oDir::Etc::SourceParts=/dev/null",
+    apt = [f"-oDir::Etc::SourceList={listing}", "-oDir::Etc::SourceParts=/dev/null",
            f"-oDir::State::Lists={work / 'lists'}", f"-oDir::State::status={status}",
            f"-oDir::Cache={work / 'cache'}", "-oDir::Cache::pkgcache=",
            "-oDir::Cache::srcpkgcache=", "-oDir::Etc::Preferences=/dev/null",
            "-oDir::Etc::PreferencesParts=/dev/null"]
     if os.geteuid() == 0:  # apt's _apt user cannot reach a private directory under $HOME.
         apt.append("-oAPT::Sandbox::User=root")
-    _run(["apt-get", "-q", *apt, "update"])
     return apt
 
 
