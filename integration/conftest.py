@@ -24,6 +24,22 @@ def pytest_collection_modifyitems(config, items):
                     item.add_marker(pytest.mark.skip(reason=why))
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test's report says what each QEMU still running was doing (a
+    fixture's guest): whether a monitor that did not answer was busy or blocked."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and call.when == "call":
+        from .vm import RUNNING
+
+        for vm in list(RUNNING.values()):
+            try:
+                report.sections.append((f"QEMU {vm.pid}", vm.describe()))
+            except Exception as e:  # A diagnosis must not hide the failure.
+                report.sections.append((f"QEMU {vm.pid}", f"not described: {e}"))
+
+
 # The x86 QEMUs this machine has, by series ("7.2", "10.0"), and those built
 # with debug info for ptrace mode ("7.2-debug", "10.0-debug"): each a test id,
 # so ``-k 10.0`` picks one QEMU's runs.

@@ -12,6 +12,7 @@ import contextlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
@@ -36,6 +37,23 @@ from .qemus import Qemu
 # ``qemu`` fixture gives each of them to the tests that do).
 QEMU = Qemu(Path(os.environ.get("LIVEDUMP_TEST_QEMU", "qemu-system-x86_64")))
 COMMAND_TIMEOUT = 30.0
+# The VMs running now, for conftest.py to describe when a test fails.
+RUNNING: dict[int, "VM"] = {}
+
+
+def threads_of(pid: int) -> str:
+    """Each thread of process ``pid``: name, state, where it waits in the kernel and
+    its CPU time, to tell a busy QEMU from a blocked one after a timeout."""
+    lines = []
+    for task in sorted(Path(f"/proc/{pid}/task").glob("*"), key=lambda p: int(p.name)):
+        with contextlib.suppress(OSError):
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            wchan = (task / "wchan").read_text().strip() or "-"
+            ticks = int(fields[11]) + int(fields[12])
+            lines.append(f"  {task.name} {name!r} state {fields[0]} wchan {wchan} "
+                         f"cpu {ticks / os.sysconf('SC_CLK_TCK'):.2f} s")
+    return "\n".join(lines)
 
 
 def emulator(qemu: Qemu | str) -> Qemu:
@@ -141,6 +159,7 @@ class VM:
         self.log = open(self.dir / "qemu.log", "wb")
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=self.log,
                                         stderr=subprocess.STDOUT)
+        RUNNING[id(self)] = self
         try:
             self._wait_for_socket(self.harness_socket)
             deadline = time.monotonic() + 5
@@ -222,7 +241,20 @@ class VM:
             time.sleep(0.05)
         assert self.command("query-dump")["status"] == "completed"
 
+    def describe(self) -> str:
+        """What this QEMU is doing now and the end of its log, for a failed test."""
+        if self.process.poll() is not None:
+            return f"QEMU {self.pid} exited with {self.process.returncode}"
+        self.log.flush()
+        tail = (self.dir / "qemu.log").read_bytes()[-2000:].decode(errors="replace")
+        return (f"QEMU {self.pid} ({' '.join(self.args[:1])}), threads:\n"
+                f"{threads_of(self.pid)}\nend of its log:\n{tail}")
+
     def __exit__(self, *exc: object) -> None:
+        if exc and exc[0] is not None and hasattr(self, "process"):
+            with contextlib.suppress(Exception):
+                print(f"failing with {self.describe()}", file=sys.stderr)
+        RUNNING.pop(id(self), None)
         try:
             if hasattr(self, "qmp"):
                 self.qmp.close()
