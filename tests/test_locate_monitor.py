@@ -286,3 +286,25 @@ def test_unreadable_ramblock_replies_are_refused(text):
     unreadable = "^unexpected (line in 'info ramblock'|reply to 'info ramblock')"
     with pytest.raises(MonitorError, match=unreadable):
         parse_ram_blocks(text)
+
+
+class _Timed:
+    """A transport that records the time each command was allowed."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.allowed: list[tuple[str, float | None]] = []
+
+    def execute(self, command, arguments=None, timeout=None):
+        self.allowed.append((command, timeout))
+        return {}
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("qmp_timeout, expected", [(3.0, 30.0), (120.0, 120.0)])
+def test_cont_is_allowed_no_less_than_any_other_command(qmp_timeout, expected):
+    transport = _Timed(qmp_timeout)
+    Monitor(transport).cont()
+    assert transport.allowed == [("cont", expected)]

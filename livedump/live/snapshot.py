@@ -69,8 +69,10 @@ _PROGRESS_STEP = 64 << 20
 # sections of target/i386), so that the snapshot is the only pause.
 X86_TARGETS = ("x86_64", "i386")
 # How long QEMU may take to resume the guest once the snapshot point is taken
-# (it does so from its main loop, at once) before livedump resumes it.
-_RESUME_GRACE = 2.0
+# before livedump resumes it. Every QEMU tried does so from its main loop at
+# once; a loaded host may delay that loop for seconds, and a 'cont' sent then
+# would only say livedump paused a guest it did not.
+_RESUME_GRACE = 10.0
 _STREAM_NOTES = "QEMU's background snapshot"
 
 

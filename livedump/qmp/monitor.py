@@ -82,8 +82,10 @@ class Monitor:
             raise MonitorError("the monitor answered 'stop', but the guest still runs")
 
     def cont(self) -> None:
-        # Resuming is what matters most: a slow monitor gets longer to answer.
-        self.transport.execute("cont", timeout=RESUME_TIMEOUT)
+        # Resuming is what matters most: a slow monitor gets longer to answer,
+        # and never less than the user allows every other command.
+        allowed = getattr(self.transport, "timeout", None)
+        self.transport.execute("cont", timeout=max(RESUME_TIMEOUT, allowed or 0.0))
 
     def target_arch(self) -> str:
         """The QEMU target, as ``query-target`` names it (``x86_64``, ``ppc64``...)."""
