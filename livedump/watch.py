@@ -6,7 +6,9 @@ the VM has a QMP monitor, one ``query-status``, whose exchange also
 delivers QEMU's events. A vmcore is taken (into DIR, named for the VM and
 the time) on QEMU's ``GUEST_PANICKED`` event (a pvpanic device), or when a
 panic, oops, hung-task or lockup report appears in the log: once the log
-has settled, so the whole report is in it. The dump is the ordinary one
+has settled, so the whole report is in it (a panic's or an oops's once its
+closing line is in, whatever pauses the guest took while writing it). The
+dump is the ordinary one
 (it pauses and resumes only what it paused), and watching goes on.
 """
 
@@ -29,7 +31,12 @@ from livedump.vm.session import Session
 
 INTERVAL = 1.0  # seconds between looks
 SETTLE = 1.0  # a report is complete once the log is quiet this long...
-SETTLE_MAX = 10.0  # ...or after this long at most
+SETTLE_MAX = 15.0  # ...or after this long at most
+
+# The line that closes the report of a panic or an oops: until it is logged,
+# a quiet log only means the guest's vCPU was not running.
+CLOSING = re.compile(rb"^---\[ end (Kernel panic|trace)", re.MULTILINE)
+CLOSED_KINDS = ("panic", "oops", "pvpanic")
 
 # The first line of each report, as the kernel words it.
 REPORTS = (
@@ -94,6 +101,7 @@ class Watch:
         self.position: int | None = None
         self.status: str | None = None
         self.name = target.domain
+        self.closed = False  # whether the records last read closed a report
         self._checked = time.monotonic()  # when the running kernel was last asked for
 
     def open(self) -> None:
@@ -151,7 +159,10 @@ class Watch:
         """Follow the log until it is quiet, as the report is still being written;
         ``trigger``, with whatever else said the guest died meanwhile."""
         quiet_since = started = time.monotonic()
-        while time.monotonic() - quiet_since < SETTLE and time.monotonic() - started < SETTLE_MAX:
+        closing = trigger.kind in CLOSED_KINDS and self.guest is not None
+        closed = self.closed and trigger.kind != "pvpanic"  # Read with the trigger.
+        while time.monotonic() - started < SETTLE_MAX and (
+                time.monotonic() - quiet_since < SETTLE or (closing and not closed)):
             time.sleep(0.2)
             more = self._event() if trigger.kind != "pvpanic" else None
             with contextlib.suppress(GuestKernelError):
@@ -159,6 +170,7 @@ class Watch:
                     new = self.guest.log.records(after=self.position)
                     self.position = self.guest.log.position(new) if new else self.position
                     quiet_since = time.monotonic()
+                    closed = closed or any(CLOSING.search(r.text) for r in new)
                     if trigger.kind == "pvpanic":
                         more = triggered_by(new)
             if more is not None and more.kind != trigger.kind:
@@ -206,6 +218,7 @@ class Watch:
             return None
         if new:
             self.position = self.guest.log.position(new)
+            self.closed = any(CLOSING.search(r.text) for r in new)
         return triggered_by(new)
 
     def _transport(self) -> QMPTransport | None:

@@ -1,7 +1,10 @@
 """What ``livedump watch`` takes for a dying kernel, and where its vmcores go."""
 
+import time
+
 import pytest
 
+from livedump import watch
 from livedump.errors import UsageError
 from livedump.guest.printk import Record
 from livedump.watch import Request, Target, Watch, triggered_by, vmcore_path
@@ -51,3 +54,76 @@ def test_vmcores_are_named_for_the_vm_and_the_time_and_never_clobber(tmp_path):
 def test_the_directory_must_be_one(tmp_path):
     with pytest.raises(UsageError, match="is not a directory"):
         Watch(Target(pid=1), tmp_path / "missing", Request(output=""), print)
+
+
+class _Log:
+    """A kernel log whose records are logged at given seconds from now."""
+
+    def __init__(self, *timed: tuple[float, bytes]) -> None:
+        start = time.monotonic()
+        self.timed = [(start + at, record(text)) for at, text in timed]
+        self.read = 0
+
+    def _logged(self) -> list:
+        return [r for at, r in self.timed if at <= time.monotonic()]
+
+    def moved(self) -> bool:
+        return len(self._logged()) > self.read
+
+    def records(self, after=None):
+        return self._logged()[after or 0:]
+
+    def position(self, records) -> int:
+        self.read = self._logged().index(records[-1]) + 1
+        return self.read
+
+
+class _Guest:
+    def __init__(self, log: _Log) -> None:
+        self.log = log
+
+
+def _watching(tmp_path, log: _Log) -> Watch:
+    w = Watch(Target(pid=1), tmp_path, Request(output=""), print)
+    w.guest, w.position = _Guest(log), 0  # type: ignore[assignment]
+    return w
+
+
+@pytest.fixture
+def quick(monkeypatch):
+    monkeypatch.setattr(watch, "SETTLE", 0.3)
+
+
+def test_a_panic_report_is_waited_for_to_its_closing_line_through_a_silence(tmp_path, quick):
+    # The guest's vCPU not scheduled for longer than the log's quiet limit
+    # in the middle of its panic report.
+    log = _Log((1.0, b"CPU: 0 PID: 1 Comm: sh"),
+               (1.2, b"---[ end Kernel panic - not syncing: sysrq triggered crash ]---"))
+    w = _watching(tmp_path, log)
+    w._settle(watch.Trigger("panic", "kernel log: Kernel panic - not syncing"))
+    assert log.read == 2
+
+
+@pytest.mark.parametrize("kind", ["oops", "pvpanic"])
+def test_other_closed_reports_are_waited_for_too(tmp_path, quick, kind):
+    log = _Log((0.8, b"---[ end trace 0000000000000000 ]---"))
+    w = _watching(tmp_path, log)
+    w._settle(watch.Trigger(kind, "a report"))
+    assert log.read == 1
+
+
+def test_a_report_closed_when_it_was_found_needs_only_a_quiet_log(tmp_path, quick):
+    log = _Log((5.0, b"long after"))
+    w = _watching(tmp_path, log)
+    w.closed = True
+    started = time.monotonic()
+    w._settle(watch.Trigger("panic", "kernel log: Kernel panic - not syncing"))
+    assert time.monotonic() - started < 2 and log.read == 0
+
+
+def test_a_report_with_no_closing_line_needs_only_a_quiet_log(tmp_path, quick):
+    log = _Log((5.0, b"long after"))
+    w = _watching(tmp_path, log)
+    started = time.monotonic()
+    w._settle(watch.Trigger("hung task", "kernel log: INFO: task"))
+    assert time.monotonic() - started < 2 and log.read == 0
