@@ -150,11 +150,12 @@ def test_unprivileged_user_is_refused(scratch):
 def test_sigkill_mid_dump_the_guardian_resumes_the_vm(scratch, qemu):
     """SIGKILL gives livedump no chance to resume; its guardian process does."""
     with VM(memory="1G", qemu=qemu) as vm:
-        proc, fd = blocked_dump(vm)
+        # A stall limit far past the wait: only livedump's death can explain the resume.
+        proc, fd = blocked_dump(vm, "--stall-timeout", "600")
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         os.close(fd)
-        wait_for_status(vm, "running", seconds=10)
+        wait_for_status(vm, "running", seconds=60)
 
 
 def test_livedump_only_reads_and_pauses(scratch, qemu):
