@@ -29,11 +29,13 @@ from .linux_guest import (
     FAILURE,
     IDLE,
     INIT_SCRIPT,
+    SLOW_GUEST_COMMAND_TIMEOUT,
     _check_kernel_config,
     _Cpio,
     _extract,
     _Locked,
     console_text,
+    livedump_args,
     wait_for_console,
 )
 from .qemus import private_apt
@@ -210,6 +212,11 @@ class Arm64LinuxVM(VM):
     platform: Platform = PLATFORM
     cmdline_extra: list[str] = field(default_factory=list)
     cache: Path | None = None
+    command_timeout: float = SLOW_GUEST_COMMAND_TIMEOUT
+
+    def livedump_args(self) -> tuple[str, ...]:
+        """This guest, for livedump (``livedump_args``)."""
+        return livedump_args(self)
 
     def __enter__(self) -> Arm64LinuxVM:
         vmlinuz, initramfs = guest_files(self.cache)

@@ -10,6 +10,7 @@ PyPI, in the ``test`` extra) and Debian's ``crash``.
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -54,8 +55,8 @@ def crash(vmlinux, vmcore, *commands: str) -> dict[str, str]:
     return {c: part.removeprefix(c + "\n") for c, part in zip(commands, parts, strict=True)}
 
 
-def dump(vm, path, *args: str) -> dict:
-    r = livedump("--pid", str(vm.pid), "--json", *args, str(path))
+def dump(vm: LinuxVM, path: Path, *args: str) -> dict:
+    r = livedump(*vm.livedump_args(), "--json", *args, str(path))
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 
@@ -75,7 +76,7 @@ def test_crash_and_drgn_open_a_running_guest_where_drgn_refuses_qemus_dump(scrat
         # Without QEMU's CPU notes (as in ptrace mode), crash finds the kernel
         # through VMCOREINFO alone.
         bare = scratch / "no-cpu-notes.vmcore"
-        assert livedump("--pid", str(vm.pid), "--no-pause", str(bare)).returncode == 0
+        assert livedump(*vm.livedump_args(), "--no-pause", str(bare)).returncode == 0
 
     r = drgn(vmlinux, theirs)
     assert r.returncode != 0 and "unrecognized QEMU memory dump" in r.stderr

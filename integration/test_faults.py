@@ -97,11 +97,13 @@ def test_slow_greeting(scratch):
 
 def test_slow_reply_to_stop(scratch, qemu):
     """QEMU stops the guest but its reply is late: livedump gives up and resumes it."""
-    with VM(memory="128M", qemu=qemu) as vm, QMPProxy(vm.socket, "stop", delay=5) as proxy:
-        r = livedump("--pid", str(vm.pid), "--qmp", str(proxy.path), "--qmp-timeout", "1",
+    # The monitor answers all before 'stop' within the limit, even on a slow host;
+    # the reply to 'stop' comes well after it.
+    with VM(memory="128M", qemu=qemu) as vm, QMPProxy(vm.socket, "stop", delay=20) as proxy:
+        r = livedump("--pid", str(vm.pid), "--qmp", str(proxy.path), "--qmp-timeout", "5",
                      str(scratch / "x.vmcore"))
-        assert r.returncode == 5
-        assert b"no reply to 'stop' within 1 s" in r.stderr
+        assert r.returncode == 5, r.stderr
+        assert b"no reply to 'stop' within 5 s" in r.stderr
         time.sleep(0.5)
         assert vm.status() == "running"
         assert os.listdir(scratch) == []
@@ -148,11 +150,12 @@ def test_unprivileged_user_is_refused(scratch):
 def test_sigkill_mid_dump_the_guardian_resumes_the_vm(scratch, qemu):
     """SIGKILL gives livedump no chance to resume; its guardian process does."""
     with VM(memory="1G", qemu=qemu) as vm:
-        proc, fd = blocked_dump(vm)
+        # A stall limit far past the wait: only livedump's death can explain the resume.
+        proc, fd = blocked_dump(vm, "--stall-timeout", "600")
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         os.close(fd)
-        wait_for_status(vm, "running", seconds=10)
+        wait_for_status(vm, "running", seconds=60)
 
 
 def test_livedump_only_reads_and_pauses(scratch, qemu):

@@ -10,7 +10,7 @@ import pytest
 
 from . import qemus
 from .conftest import livedump
-from .linux_guest import LinuxVM
+from .linux_guest import SLOW_GUEST_TIMEOUTS, LinuxVM
 from .test_arches import dump
 from .test_dump import MARKERS, assert_markers
 from .vm import VM
@@ -102,9 +102,9 @@ def test_readers_see_the_notes_and_no_placeholder(scratch):
     with LinuxVM(machine="q35", memory="1G") as vm:
         vm.wait_idle(timeout=300)
         found, piped = scratch / "found.vmcore", scratch / "piped.vmcore"
-        assert dump(vm, found)["vmcoreinfo"]["source"] == "guest"
+        assert dump(vm, found, *SLOW_GUEST_TIMEOUTS)["vmcoreinfo"]["source"] == "guest"
         with open(piped, "wb") as f:
-            r = livedump("--pid", str(vm.pid), "-q", "-", stdout=f)
+            r = livedump(*vm.livedump_args(), "-q", "-", stdout=f)
         assert r.returncode == 0, r.stderr
     assert readelf_notes(found) == ["CORE", "QEMU", "LIVEDUMP", "VMCOREINFO"]
     assert readelf_notes(piped) == ["CORE", "QEMU", "LIVEDUMP"]

@@ -106,14 +106,16 @@ def test_signal_at_any_moment_leaves_the_vm_running(scratch, qemu):
 @pytest.mark.parametrize("command", ["stop", "cont"])
 def test_signal_while_a_monitor_command_is_in_flight(scratch, qemu, command):
     """The signal lands while QEMU's reply to stop (or cont) is held back."""
-    with VM(memory="512M", qemu=qemu) as vm, QMPProxy(vm.socket, command, delay=1.0) as proxy:
+    # Held long enough that the signal lands in the hold even on a slow host; the
+    # monitor limit outlasts the hold, so livedump waits rather than gives up.
+    with VM(memory="512M", qemu=qemu) as vm, QMPProxy(vm.socket, command, delay=10) as proxy:
         proc = subprocess.Popen(
             [sys.executable, "-m", "livedump", "--pid", str(vm.pid), "--qmp", str(proxy.path),
-             str(scratch / "x.vmcore")], stderr=subprocess.PIPE)
+             "--qmp-timeout", "60", str(scratch / "x.vmcore")], stderr=subprocess.PIPE)
         try:
             assert proxy.seen.wait(30)
             proc.send_signal(signal.SIGTERM)
-            _, err = proc.communicate(timeout=30)
+            _, err = proc.communicate(timeout=120)
         finally:
             proc.kill()
         assert (proc.returncode, err) == (143, b"livedump: interrupted by SIGTERM\n")

@@ -37,13 +37,13 @@ def guest(tmp_path_factory):
         vm.wait_idle(timeout=300)
         vm.command("stop")
         elf = where / "livedump.elf"
-        r = livedump("--pid", str(vm.pid), str(elf))
+        r = livedump(*vm.livedump_args(), str(elf))
         assert r.returncode == 0, r.stderr
         yield vm, where, elf
 
 
 def kdump(vm, path, *args: str) -> dict:
-    r = livedump("--pid", str(vm.pid), "--format", "kdump", "--json", *args, str(path))
+    r = livedump(*vm.livedump_args(), "--format", "kdump", "--json", *args, str(path))
     assert r.returncode == 0, r.stderr
     assert b"warning" not in r.stderr, r.stderr
     return json.loads(r.stdout)
@@ -99,7 +99,7 @@ def test_elf_holds_the_pages_makedumpfile_keeps(guest, level):
     # PT_LOADs, and keeps some free blocks its kdump output leaves out.)
     vm, where, elf = guest
     ours, theirs = where / f"livedump.elf.d{level}", where / f"makedumpfile.kdump.d{level}"
-    r = livedump("--pid", str(vm.pid), "--json", "-d", str(level), str(ours))
+    r = livedump(*vm.livedump_args(), "--json", "-d", str(level), str(ours))
     assert r.returncode == 0 and b"warning" not in r.stderr, r.stderr
     left = json.loads(r.stdout)["pages"]["excluded_pages"]
     makedumpfile("-c", "-d", str(level), str(elf), str(theirs))
@@ -114,7 +114,7 @@ def test_flattened_stream_converts_back_with_makedumpfile(guest):
     vm, where, _ = guest
     stream, restored, file = where / "flat", where / "restored", where / "file"
     with open(stream, "wb") as f:
-        r = livedump("--pid", str(vm.pid), "--format", "kdump", "-d", "31", "-", stdout=f)
+        r = livedump(*vm.livedump_args(), "--format", "kdump", "-d", "31", "-", stdout=f)
     assert r.returncode == 0, r.stderr
     kdump(vm, file, "-d", "31")
     with open(stream, "rb") as f:
@@ -152,7 +152,7 @@ def test_drgn_reads_the_flattened_stream_as_it_is(guest, vmlinux):  # noqa: F811
     vm, where, _ = guest
     stream = where / "flat-drgn"
     with open(stream, "wb") as f:
-        r = livedump("--pid", str(vm.pid), "--format", "kdump", "-d", "31", "-", stdout=f)
+        r = livedump(*vm.livedump_args(), "--format", "kdump", "-d", "31", "-", stdout=f)
     assert r.returncode == 0, r.stderr
     r2 = drgn(vmlinux, stream)
     assert r2.returncode == 0, r2.stderr
@@ -176,7 +176,7 @@ def test_qemus_vmcoreinfo_serves_without_a_search(tmp_path):
         vm.wait_idle(timeout=300)
         vm.command("stop")
         elf, ours, theirs = tmp_path / "elf", tmp_path / "ours", tmp_path / "theirs"
-        assert livedump("--pid", str(vm.pid), str(elf)).returncode == 0
+        assert livedump(*vm.livedump_args(), str(elf)).returncode == 0
         report = kdump(vm, ours, "-d", "31")
     assert report["vmcoreinfo"]["source"] == "qemu"
     assert report["kdump"]["excluded_pages"]["free"] > 0
@@ -203,7 +203,7 @@ def test_guest_on_shared_memory_keeps_what_makedumpfile_keeps_creating_no_page(t
         vm.command("stop")
         shmem = rss_shmem(vm.pid)
         elf = tmp_path / "elf"
-        assert livedump("--pid", str(vm.pid), str(elf)).returncode == 0
+        assert livedump(*vm.livedump_args(), str(elf)).returncode == 0
         assert rss_shmem(vm.pid) == shmem
         for level in (31, 1):
             ours, theirs = tmp_path / f"ours.d{level}", tmp_path / f"theirs.d{level}"

@@ -70,17 +70,9 @@ def guest(request):
         yield vm
 
 
-def of(vm: LinuxVM) -> tuple[str, ...]:
-    """The guest, for livedump: a loaded host may keep a TCG guest's monitor busy for
-    long (each test checks what is dumped, not how fast the monitor answers: one CI
-    run saw no answer within 30 s), and the stall limit must outlast the longest
-    wait for the monitor."""
-    return ("--pid", str(vm.pid), "--qmp-timeout", "120", "--stall-timeout", "300")
-
-
 def logged(vm: LinuxVM) -> int:
     """The guest's last ``LIVEDUMP-KMSG n=N``, from its log as ``livedump dmesg`` reads it."""
-    r = livedump("dmesg", *of(vm))
+    r = livedump("dmesg", *vm.livedump_args())
     assert r.returncode == 0, r.stderr
     return max((int(n) for n in _KMSG.findall(r.stdout.decode(errors="replace"))), default=0)
 
@@ -107,7 +99,7 @@ def makedumpfile(*args: str) -> subprocess.CompletedProcess:
 def test_live_kdump_keeps_what_makedumpfile_keeps_from_its_spool(guest, scratch):
     ours, spool, theirs = scratch / "live.kdump", scratch / "spool.elf", scratch / "theirs"
     done = len(sent(guest))
-    r = subprocess.run([sys.executable, "-c", KEPT_SPOOL, str(spool), *of(guest),
+    r = subprocess.run([sys.executable, "-c", KEPT_SPOOL, str(spool), *guest.livedump_args(),
                         "--live", "--format", "kdump", "-d", "31", "--compress", "zlib",
                         "--json", str(ours)], capture_output=True, timeout=600)
     assert r.returncode == 0 and b"warning" not in r.stderr, r.stderr
@@ -140,7 +132,7 @@ def test_live_elf_at_a_dump_level_holds_what_makedumpfile_keeps_from_its_spool(g
     # As makedumpfile -E at that level, less its zero-filled runs (see test_kdump).
     ours, spool, theirs = scratch / "live.elf", scratch / "spool.elf", scratch / "theirs"
     done = len(sent(guest))
-    r = subprocess.run([sys.executable, "-c", KEPT_SPOOL, str(spool), *of(guest),
+    r = subprocess.run([sys.executable, "-c", KEPT_SPOOL, str(spool), *guest.livedump_args(),
                         "--live", "-d", "31", "--json", str(ours)], capture_output=True,
                        timeout=600)
     assert r.returncode == 0 and b"warning" not in r.stderr, r.stderr
@@ -168,7 +160,7 @@ def test_live_elf_at_a_dump_level_holds_what_makedumpfile_keeps_from_its_spool(g
 @pytest.mark.analysis
 def test_crash_and_drgn_read_a_live_kdump(guest, scratch, vmlinux):  # noqa: F811
     path = scratch / "live.zstd"
-    r = livedump(*of(guest), "--live", "--format", "kdump", "-d", "31", str(path))
+    r = livedump(*guest.livedump_args(), "--live", "--format", "kdump", "-d", "31", str(path))
     assert r.returncode == 0, r.stderr
     out = crash(vmlinux, path, "sys", "log", "bt -a", "kmem -i")
     assert kernel_release() in out["sys"]
@@ -186,8 +178,8 @@ def test_live_kdump_of_a_paused_guest_is_the_normal_ways(guest, scratch):
     elf, ours, theirs = scratch / "elf", scratch / "ours", scratch / "theirs"
     guest.command("stop")
     try:
-        assert livedump(*of(guest), "--live", str(elf)).returncode == 0
-        r = livedump(*of(guest), "--live", "--format", "kdump", "-d", "31",
+        assert livedump(*guest.livedump_args(), "--live", str(elf)).returncode == 0
+        r = livedump(*guest.livedump_args(), "--live", "--format", "kdump", "-d", "31",
                      "--compress", "zlib", "--json", str(ours))
         assert r.returncode == 0, r.stderr
         assert guest.status() == "paused"
@@ -205,7 +197,7 @@ def test_live_kdump_to_standard_output_is_flattened(guest, scratch):
     stream, restored, spools = scratch / "flat", scratch / "restored", scratch / "tmp"
     spools.mkdir()
     with open(stream, "wb") as f:
-        r = livedump(*of(guest), "--live", "--format", "kdump", "-d", "31", "-",
+        r = livedump(*guest.livedump_args(), "--live", "--format", "kdump", "-d", "31", "-",
                      stdout=f, env={**os.environ, "TMPDIR": str(spools)})
     assert r.returncode == 0, r.stderr
     assert os.listdir(spools) == []

@@ -26,7 +26,13 @@ from .libvirt_harness import (
     readable_dir,
     virsh,
 )
-from .linux_guest import IDLE, guest_files, kernel_cmdline, wait_for_console
+from .linux_guest import (
+    IDLE,
+    SLOW_GUEST_TIMEOUTS,
+    guest_files,
+    kernel_cmdline,
+    wait_for_console,
+)
 from .qemus import Qemu
 
 pytest.importorskip("libvirt", reason="libvirt's Python binding: pip install '.[libvirt]'")
@@ -62,7 +68,7 @@ def domain(request):
 
 
 def test_dmesg_of_a_running_domain_leaves_it_running(domain):
-    r = livedump("dmesg", "--domain", domain.name)
+    r = livedump("dmesg", "--domain", domain.name, *SLOW_GUEST_TIMEOUTS)
     assert r.returncode == 0, r.stderr
     assert r.stderr == b""
     assert r.stdout.startswith(b"[    0.000000] Linux version ")
@@ -70,7 +76,7 @@ def test_dmesg_of_a_running_domain_leaves_it_running(domain):
     # Not paused at all: libvirt's view is the boot's.
     assert domstate(domain.name) == "running (booted)"
 
-    paused = livedump("dmesg", "--domain", domain.name, "--pause", "--json")
+    paused = livedump("dmesg", "--domain", domain.name, *SLOW_GUEST_TIMEOUTS, "--pause", "--json")
     assert paused.returncode == 0, paused.stderr
     records = [json.loads(line) for line in paused.stdout.splitlines()]
     assert records[0]["text"].startswith("Linux version")
@@ -81,10 +87,10 @@ def test_dmesg_of_a_running_domain_leaves_it_running(domain):
 def test_dmesg_of_a_suspended_domain_equals_makedumpfiles(domain, scratch):
     virsh("suspend", domain.name)
     try:
-        ours = livedump("dmesg", "--domain", domain.name)
+        ours = livedump("dmesg", "--domain", domain.name, *SLOW_GUEST_TIMEOUTS)
         assert ours.returncode == 0, ours.stderr
         vmcore = scratch / "domain.vmcore"
-        r = livedump("-q", "--domain", domain.name, str(vmcore))
+        r = livedump("-q", "--domain", domain.name, *SLOW_GUEST_TIMEOUTS, str(vmcore))
         assert r.returncode == 0, r.stderr
         assert domstate(domain.name) == "paused (user)"
     finally:
@@ -102,7 +108,7 @@ def test_watch_takes_a_vmcore_when_the_domain_panics(domain, tmp_path):
     out = tmp_path / "vmcores"
     out.mkdir()
     watch = subprocess.Popen([sys.executable, "-m", "livedump", "watch", "--once", "--json",
-                              "--domain", domain.name, str(out)],
+                              "--domain", domain.name, *SLOW_GUEST_TIMEOUTS, str(out)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
     try:
         first = watch.stderr.readline()

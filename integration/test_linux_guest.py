@@ -35,7 +35,7 @@ def test_linux_guest_dump_has_markers_and_equals_qemu_dump(scratch, qemu):
 
         # The running guest: paused for the dump, running again after it.
         live = scratch / "live.vmcore"
-        r = livedump("--pid", str(vm.pid), "--json", str(live))
+        r = livedump(*vm.livedump_args(), "--json", str(live))
         assert r.returncode == 0, r.stderr
         assert vm.status() == "running"
         for m in markers:
@@ -46,7 +46,7 @@ def test_linux_guest_dump_has_markers_and_equals_qemu_dump(scratch, qemu):
         live.unlink()
 
         # --live: the same markers, from QEMU's background snapshot.
-        r = livedump("--pid", str(vm.pid), "--live", "--json", str(live))
+        r = livedump(*vm.livedump_args(), "--live", "--json", str(live))
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["live"]
         assert vm.status() == "running"
@@ -59,7 +59,7 @@ def test_linux_guest_dump_has_markers_and_equals_qemu_dump(scratch, qemu):
         # The paused guest: livedump's vmcore equals QEMU's own, byte for byte.
         vm.command("stop")
         ours, theirs = scratch / "ours.vmcore", scratch / "qemu.vmcore"
-        assert livedump("--pid", str(vm.pid), str(ours)).returncode == 0
+        assert livedump(*vm.livedump_args(), str(ours)).returncode == 0
         vm.own_dump(theirs)
         assert first_difference(ours, theirs) is None
 
@@ -70,7 +70,7 @@ def test_qemus_vmcoreinfo_is_carried_not_found_again(scratch, qemu):
     with LinuxVM(machine="q35", memory="1G", extra=["-device", "vmcoreinfo"], qemu=qemu) as vm:
         vm.wait_idle(timeout=300)
         ours, theirs = scratch / "ours.vmcore", scratch / "qemu.vmcore"
-        r = livedump("--pid", str(vm.pid), "--json", str(ours))
+        r = livedump(*vm.livedump_args(), "--json", str(ours))
         assert r.returncode == 0, r.stderr
         vm.command("stop")
         vm.own_dump(theirs)
@@ -96,7 +96,7 @@ def test_after_a_reboot_the_running_kernels_vmcoreinfo_is_chosen(scratch, qemu):
             time.sleep(0.2)
         after = vm.kernel_facts()
         vmcore = scratch / "rebooted.vmcore"
-        r = livedump("--pid", str(vm.pid), "--json", str(vmcore))
+        r = livedump(*vm.livedump_args(), "--json", str(vmcore))
         assert r.returncode == 0, r.stderr
     assert before.kaslr_offset != after.kaslr_offset
     report = json.loads(r.stdout)["vmcoreinfo"]

@@ -18,6 +18,7 @@ import pytest
 
 from . import qemus
 from .conftest import livedump
+from .counting import wait_counting
 from .firmware import X86_64_LONG_MODE, X86_HALT
 from .health import assert_whole
 from .test_live import counters, set_user_capabilities, settings
@@ -111,7 +112,9 @@ def test_qemus_pause_is_the_only_one(scratch, binaries, series, accel):
         assert events.index("STOP") < events.index("RESUME"), events
         report = json.loads(r.stdout)
         assert report["paused"] is True and report["live"] is True
-        assert 0 < report["pause_seconds"] < 0.5, report["pause_seconds"]
+        # QEMU's own pause to start the snapshot: short, but a starved host
+        # stretches it (a pause for the whole copy would be far longer).
+        assert 0 < report["pause_seconds"] < 5, report["pause_seconds"]
         assert settings(vm) == before
         assert_whole(vm)
         os.unlink(out)
@@ -122,6 +125,7 @@ def test_one_instant_without_our_pause(scratch, binaries, series):
     """The counting guest's two copies of its count, in one vmcore: equal."""
     with VM(qemu=binaries[series], platform=COUNTING_PC, memory="256M") as vm:
         vm.wait_running(0.5)
+        wait_counting(vm)
         out = scratch / "live.vmcore"
         for _ in range(3):
             r = livedump("--pid", str(vm.pid), "--live", "--force", str(out))

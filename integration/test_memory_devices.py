@@ -214,7 +214,8 @@ def virtio_mem_initrd(into: Path) -> Path:
 
 def linux_with_virtio_mem(qemu: str, into: Path, console: Path, *extra: str) -> VM:
     vmlinuz, _ = linux_guest.guest_files()
-    return VM(qemu=qemu, platform=PC, machine="q35", memory="512M,maxmem=2G", extra=[
+    return VM(qemu=qemu, platform=PC, machine="q35", memory="512M,maxmem=2G",
+              command_timeout=linux_guest.SLOW_GUEST_COMMAND_TIMEOUT, extra=[
         "-kernel", str(vmlinuz), "-initrd", str(virtio_mem_initrd(into)),
         "-append", "console=ttyS0 panic=0 quiet memhp_default_state=online_movable",
         "-serial", f"file:{console}", "-no-reboot", *virtio_mem("1G"), *extra])
@@ -239,21 +240,23 @@ def test_partly_plugged_virtio_mem(scratch, qemu):
         linux_guest.wait_for_console(console, VMEM_READY, 300, vm.process)
         plug(vm, 256 << 20)
         plug(vm, 96 << 20)
-        r = livedump("--pid", str(vm.pid), "--no-pause", str(scratch / "refused.vmcore"))
+        r = livedump(*linux_guest.livedump_args(vm), "--no-pause",
+                     str(scratch / "refused.vmcore"))
         assert r.returncode == 10 and b"virtio-mem device vm0" in r.stderr, r.stderr
         assert vm.status() == "running"
         live = scratch / "live.vmcore"
-        r = livedump("--pid", str(vm.pid), "--live", "--json", str(live))
+        r = livedump(*linux_guest.livedump_args(vm), "--live", "--json", str(live))
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["live"] and vm.status() == "running"
         vm.command("stop")
-        report = same_as_qemus_plugged(vm, scratch)
+        report = same_as_qemus_plugged(vm, scratch, *linux_guest.SLOW_GUEST_TIMEOUTS)
         assert report["cpu_notes"] == "CORE, QEMU notes from QEMU's dump-guest-memory"
         assert segments(live) == segments(scratch / "theirs.vmcore")
         # Over TCP no pipe passes: QEMU's dump goes into a FIFO of QEMU's /tmp, gone after.
         before = _notes_dirs(vm.pid)
         tcp = scratch / "tcp.vmcore"
-        r = livedump("--qmp", f"tcp:127.0.0.1:{port}", str(tcp))
+        r = livedump("--qmp", f"tcp:127.0.0.1:{port}", *linux_guest.SLOW_GUEST_TIMEOUTS,
+                     str(tcp))
         assert r.returncode == 0, r.stderr
         assert first_difference(tcp, scratch / "theirs.vmcore") is None
         assert _notes_dirs(vm.pid) == before
@@ -301,7 +304,7 @@ def test_ptrace_partly_plugged_virtio_mem(scratch, series):
         plug(vm, 256 << 20)
         plug(vm, 96 << 20)
         vm.command("stop")
-        same_as_qemus_plugged(vm, scratch, "--via", "ptrace")
+        same_as_qemus_plugged(vm, scratch, "--via", "ptrace", *linux_guest.SLOW_GUEST_TIMEOUTS)
 
 
 # --------------------------------------------------------------------------
@@ -343,7 +346,8 @@ def test_libvirt_partly_plugged_virtio_mem(scratch):
             plug(qmp, 96 << 20)  # type: ignore[arg-type]
             virsh("suspend", dom.name)
             ours, theirs = scratch / "ours.vmcore", scratch / "theirs.vmcore"
-            r = livedump("--domain", dom.name, "--json", str(ours))
+            r = livedump("--domain", dom.name, *linux_guest.SLOW_GUEST_TIMEOUTS, "--json",
+                         str(ours))
             assert r.returncode == 0, r.stderr
             assert json.loads(r.stdout)["cpu_notes"] == "CORE, QEMU notes from libvirt's " \
                                                         "memory-only dump"

@@ -96,7 +96,7 @@ def test_monitor_in_a_readconfig_file(scratch, tmp_path, qemu):
             vm = stack.enter_context(VM(memory="32M", platform=COUNTING_PC, qemu=qemu,
                                         livedump_socket=False, extra=["-readconfig", "vm.cfg"]))
         # The harness's monitor comes first and is held: it never greets.
-        report = dumps_as_qemu(vm, scratch, "--pid", str(vm.pid), "--qmp-timeout", "1")
+        report = dumps_as_qemu(vm, scratch, "--pid", str(vm.pid), "--qmp-timeout", "5")
         assert report["detail"] == f"unix:{tmp_path}/cfg.sock"
 
 
@@ -189,21 +189,23 @@ def test_an_interrupt_while_qemu_writes_its_notes_leaves_no_file(scratch, qemu):
         watch = _libc.inotify_init1(os.O_CLOEXEC)
         assert watch >= 0 and _libc.inotify_add_watch(watch, b"/tmp", _IN_CREATE) >= 0
         try:
-            for _attempt in range(5):
+            for _attempt in range(20):
                 dump = subprocess.Popen(
                     [sys.executable, "-m", "livedump", "--qmp", f"tcp:127.0.0.1:{port}",
                      str(scratch / "x.vmcore")], stderr=subprocess.PIPE)
                 name = _created(watch, "livedump-notes-", time.monotonic() + 60)
                 assert name is not None, dump.communicate(timeout=60)
                 dump.send_signal(signal.SIGSTOP)  # Held while the directory is there...
-                there = os.path.exists(f"/tmp/{name}")
-                dump.send_signal(signal.SIGTERM)
-                dump.send_signal(signal.SIGCONT)  # ...and then told to end.
-                _, err = dump.communicate(timeout=60)
-                if not there:  # Removed before the SIGSTOP came: once more.
+                if not os.path.exists(f"/tmp/{name}"):
+                    # Removed before the SIGSTOP came: let it finish, and once more.
+                    dump.send_signal(signal.SIGCONT)
+                    _, err = dump.communicate(timeout=120)
                     assert dump.returncode == 0, err
                     os.unlink(scratch / "x.vmcore")
                     continue
+                dump.send_signal(signal.SIGTERM)
+                dump.send_signal(signal.SIGCONT)  # ...and then told to end.
+                _, err = dump.communicate(timeout=120)
                 assert (dump.returncode, err) == (128 + signal.SIGTERM,
                                                   b"livedump: interrupted by SIGTERM\n")
                 break

@@ -100,11 +100,12 @@ def frozen_dump(vm: VM) -> Iterator[subprocess.Popen]:
                              "--via", "ptrace", "-"], stdout=w, stderr=subprocess.PIPE)
     os.close(w)
     try:
-        for _ in range(500):
-            if "t" in thread_states(vm.pid):
-                break
+        # A slow host takes its time to start livedump and attach to QEMU.
+        deadline = time.monotonic() + 60
+        while "t" not in thread_states(vm.pid):
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "livedump never froze QEMU"
             time.sleep(0.01)
-        assert "t" in thread_states(vm.pid)
         yield proc
     finally:
         os.close(r)

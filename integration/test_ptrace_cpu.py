@@ -35,7 +35,8 @@ def qemu_notes(vm: VM, path: Path) -> QemuNotes:
 def ptrace_dump(vm: VM, scratch: Path) -> tuple[QemuNotes, dict]:
     """livedump --via ptrace of the paused guest: its notes and its report."""
     ours = scratch / "ours.vmcore"
-    r = livedump("--pid", str(vm.pid), "--via", "ptrace", "--json", str(ours))
+    target = vm.livedump_args() if isinstance(vm, LinuxVM) else ("--pid", str(vm.pid))
+    r = livedump(*target, "--via", "ptrace", "--json", str(ours))
     assert r.returncode == 0, r.stderr
     assert vm.status() == "paused" and "t" not in thread_states(vm.pid)
     with open(ours, "rb") as f:
@@ -90,7 +91,7 @@ def test_crash_finds_the_kernel_of_a_running_guest_through_the_notes(scratch, de
     with LinuxVM(qemu=debug_qemu, memory="1G", smp=2) as vm:
         vm.wait_ready(timeout=300)
         vmcore = scratch / "live.vmcore"
-        r = livedump("--pid", str(vm.pid), "--via", "ptrace", str(vmcore))
+        r = livedump(*vm.livedump_args(), "--via", "ptrace", str(vmcore))
         assert r.returncode == 0, r.stderr
         assert vm.status() == "running"
     r = subprocess.run(["crash", "-s", str(vmlinux), str(vmcore)], input="sys\nbt -a\nquit\n",

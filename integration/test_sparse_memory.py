@@ -22,6 +22,7 @@ from tests.kdump_file import KdumpFile, read
 
 from . import qemus
 from .conftest import livedump
+from .counting import wait_nonzero
 from .firmware import SWEEP_COUNTER, SWEEP_END, SWEEP_START, SWEEP_STEP
 from .vm import SWEEPING_PC, VM, Marker, kvm_usable
 from .vmcore import first_difference, loads, read_phys
@@ -86,6 +87,7 @@ def sweeping(extra: list[str], series: str, scratch: Path) -> Iterator[VM]:
     with VM(machine="q35", memory="2G", platform=SWEEPING_PC, markers=MARKERS, accel=ACCEL,
             extra=extra, qemu=str(binary) if binary else None) as vm:
         vm.wait_running(1)
+        wait_nonzero(vm, SWEEP_COUNTER)
         vm.command("stop")
         assert vm.read_u32(SWEEP_COUNTER) > 0
         yield vm

@@ -25,7 +25,7 @@ def watch_a_panic(out: Path, extra: list[str]):
                  extra=["-name", "watched guest", *extra]) as vm:
         vm.wait_idle(timeout=300)
         watch = subprocess.Popen([sys.executable, "-m", "livedump", "watch", "--once",
-                                  "--json", "--pid", str(vm.pid), str(out)],
+                                  "--json", *vm.livedump_args(), str(out)],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
         try:
             first = watch.stderr.readline()

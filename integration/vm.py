@@ -36,6 +36,8 @@ from .qemus import Qemu
 # The x86 QEMU of the tests that do not run on every QEMU (conftest.py's
 # ``qemu`` fixture gives each of them to the tests that do).
 QEMU = Qemu(Path(os.environ.get("LIVEDUMP_TEST_QEMU", "qemu-system-x86_64")))
+# How long the harness waits for an answer on its own monitor: a QEMU whose
+# main loop hangs fails the test instead of holding it.
 COMMAND_TIMEOUT = 30.0
 # The VMs running now, for conftest.py to describe when a test fails.
 RUNNING: dict[int, "VM"] = {}
@@ -133,6 +135,8 @@ class VM:
     qemu: Qemu | str | None = None  # another build of the platform's emulator
     # False: the harness's socket is the VM's only monitor, as with libvirt.
     livedump_socket: bool = True
+    # Each harness command's limit; a slow guest raises it.
+    command_timeout: float = COMMAND_TIMEOUT
 
     def __enter__(self) -> "VM":
         self.dir = Path(tempfile.mkdtemp(prefix="livedump-vm-"))
@@ -177,7 +181,7 @@ class VM:
                     if time.monotonic() > deadline:
                         raise
             # A QEMU whose main loop hangs fails the test instead of holding it.
-            self.qmp.settimeout(COMMAND_TIMEOUT)
+            self.qmp.settimeout(self.command_timeout)
         except BaseException:
             self.__exit__()
             raise
