@@ -376,7 +376,7 @@ def _prepare(request: Request, session: Session, stack: contextlib.ExitStack) ->
     streamed = live is not None and live.ready and live.from_stream and wanted is None
     if live is not None and not streamed:
         live.own_pause()  # --arch: QEMU's notes from the pause, as without --live
-    # Pages left out by the kernel's own structures: known only from memory read.
+    # The pages kept are decided by the guest kernel's structures (VMCOREINFO's).
     decides_pages = request.format == "kdump" or bool(request.dump_level & STRUCT_PAGE_LEVELS)
     # --live with a dump level or kdump: the live ELF vmcore goes to a spool,
     # the file asked for is written from it once the snapshot is whole (the
@@ -431,7 +431,8 @@ def _vmcore(run: _Run) -> _Vmcore:
 
 
 class _Kdump:
-    """Pages read while the VM is held; compressed, where they may wait, after."""
+    """A kdump file staged from guest memory: pages read while the VM is held, and
+    compressed, where they may wait, once it runs (out of the guest's pause)."""
 
     def __init__(self, run: _Run) -> None:
         self.run = run
