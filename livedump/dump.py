@@ -20,7 +20,8 @@ import functools
 import os
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, TypedDict, runtime_checkable
 
@@ -54,8 +55,9 @@ from livedump.transfer.memory import (
 )
 from livedump.transfer.output import STDOUT, Output
 from livedump.transfer.spool import Spool
-from livedump.vm.guardian import STALL_TIMEOUT
+from livedump.vm.guardian import STALL_TIMEOUT, Guardian
 from livedump.vm.lock import VMLock
+from livedump.vm.pause import Pause
 from livedump.vm.process import Address
 from livedump.vm.session import RamMap, Session, SnapshotSource, check_request, open_session
 from livedump.vmcore import arch as arches
@@ -216,14 +218,7 @@ class _Snapshot:
 def dump(request: Request) -> Summary:
     """Write a vmcore of the VM ``request`` names; return what was done."""
     started = time.monotonic()
-    progress = request.progress
-    if request.live and ((request.output == STDOUT and request.format != "kdump")
-                         or not request.pause):
-        raise UsageError("--live writes an ELF vmcore out of order: it needs an output file "
-                         "(--format kdump may go to standard output), and pauses the guest "
-                         "(not with --no-pause)")
-    check_request(request.live, request.via, request.domain)
-    check_format(request.format, request.compress, request.dump_level)
+    _check(request)
     pid: int | None = None
     try:
         with contextlib.ExitStack() as stack:
@@ -233,235 +228,347 @@ def dump(request: Request) -> Summary:
             session = _open(request)
             stack.callback(session.close)
             pid = session.pid
-            image = session if isinstance(session, _Image) else None
-            if request.pid is None and image is None:
-                stack.enter_context(VMLock(pid))
-            if request.live and not isinstance(session, SnapshotSource):
-                raise UsageError(f"--live needs the VM's QMP monitor, and none could serve "
-                                 f"({session.detail})")
-            if progress:
-                stack.callback(progress.close)
-            wanted = arches.lookup(request.arch) if request.arch else None
-            qemu_target = _target(session, wanted)
-            target = session.target_default(qemu_target) if wanted is None else None
-            warnings = ([w] if wanted and qemu_target
-                        and (w := arches.contradiction(wanted, qemu_target)) else [])
-            provenance = provenance_note(pid, request.core)
-            # The guardian: lets the VM go should livedump die or stall while it
-            # holds it, and removes the partial file of a livedump that died.
-            guardian = (session.watcher() if image is None and (request.pause or
-                        request.output != STDOUT) else None)
-            if guardian:
-                stack.callback(guardian.partial, None)  # Once the file is gone (or in place).
-            out = stack.enter_context(Output(request.output, request.force,
-                                             request.allow_readable_by_others))
-            if guardian and out.partial_path is not None:
-                guardian.partial(out.partial_path)
-
-            def written(length: int) -> None:
-                if progress:
-                    progress.update(length)
-                if guardian:
-                    guardian.beat()  # Progress: the stall limit starts again.
-
-            memory: MemorySource
-            pagemap: Populated
-            if image is not None:
-                memory = pagemap = image.memory
-                sources = _Sources(image.memory.maps, None)  # What a core lacks is zeros.
-            else:
-                memory = stack.enter_context(ProcessMemory(pid))
-                pagemap = stack.enter_context(PageMap(pid))
-                sources = _Sources(functools.partial(read_maps, pid),
-                                   stack.enter_context(BackingFiles(pid)))
-            prepared = session.prepare()
-            plan = _plan(prepared, sources) if prepared is not None else None
-            live = (stack.enter_context(session.live(qemu_target))
-                    if isinstance(session, SnapshotSource) and request.live else None)
-            # The snapshot's own pause, the CPU notes from its stream.
-            streamed = live is not None and live.ready and live.from_stream and wanted is None
-            if live is not None and not streamed:
-                live.own_pause()  # --arch: QEMU's notes from the pause, as without --live
-            # --live with a dump level or kdump: the live ELF vmcore goes to a spool,
-            # the file asked for is written from it once the snapshot is whole (the
-            # pages a level keeps are known only then). A guest found paused is
-            # dumped the normal way.
-            spool = (stack.enter_context(Spool(_spool_directory(request.output)))
-                     if live is not None and live.ready and (
-                         request.format == "kdump" or request.dump_level & STRUCT_PAGE_LEVELS)
-                     else None)
-            elf_out: Output = spool or out  # where the ELF vmcore goes
-            # VMCOREINFO does not move while the kernel runs: found before the
-            # hold where the struct page array (or, for kdump, where the kernel's
-            # memory ends) is read before the copy; confirmed inside.
-            hint = (find_vmcoreinfo(arches.lookup(request.arch or "x86_64"),
-                                    NoCpuNotes("not yet"), memory, plan.blocks, plan.spans,
-                                    pagemap)
-                    if plan is not None and spool is None and (
-                        request.format == "kdump" or request.dump_level & STRUCT_PAGE_LEVELS)
-                    else None)
-            if request.format == "kdump" and spool is None:
-                with session.hold(request.pause) as pause:
-                    ram = session.ranges(memory, prepared)
-                    if plan is None or ram.changed:
-                        plan = _plan(ram, sources)
-                    cpu = session.cpu_notes(memory, plan.blocks)
-                    arch, arch_from, cpu = _arch(wanted, target, cpu)
-                    if guardian:
-                        guardian.beat()
-                    if progress:
-                        progress.start(sum(b.size for b in plan.blocks))
-                    # Pages may wait uncompressed: compression out of the guest's pause.
-                    pending = stage_kdump(out, arch, cpu, plan.blocks, plan.spans, memory,
-                                          pagemap, request.compress or DEFAULT_COMPRESSION,
-                                          request.dump_level, provenance, written,
-                                          hint=hint, budget=staging_budget())
-                made = pending.finish()
-                out.commit()
-                return Summary(
-                    output=request.output, pid=pid, arch=arch.name, arch_from=arch_from,
-                    elf_class=64, qemu_target=qemu_target,
-                    warnings=warnings + made.warnings, via=session.via, detail=session.detail,
-                    was_running=pause.was_running, paused=request.pause and pause.was_running,
-                    blocks=plan.blocks, cpu_notes=cpu.summary(), vmcoreinfo=made.vmcoreinfo,
-                    file_size=made.size, file_mode=out.mode,
-                    read_bytes=made.stats.read_bytes, written_bytes=made.size,
-                    wall_seconds=time.monotonic() - started, pause_seconds=pause.seconds,
-                    format="kdump", kdump=made.report())
-            with Writer(elf_out, written) as writer:
-                with (live.hold() if live and streamed else session.hold(request.pause)
-                      ) as pause:
-                    ram = session.ranges(memory, prepared)
-                    if plan is None or ram.changed:
-                        plan = _plan(ram, sources)
-                    data_offset = 0
-                    if live and streamed and pause.was_running:
-                        # Memory goes after the largest notes the stream may give.
-                        forms = live.candidates(plan.blocks)
-                        data_offset = max(_layout(
-                            c.arch, plan.blocks, c, provenance,
-                            VmcoreinfoSearch(c.arch, c, elf_out.is_stdout).room).data_offset
-                            for c in forms)
-                        cpu = forms[0]
-                    elif live and streamed:
-                        cpu = live.paused_notes(plan.blocks[0].gpa)
-                    else:
-                        cpu = session.cpu_notes(memory, plan.blocks)
-                    arch, arch_from, cpu = _arch(wanted, target, cpu)
-                    if guardian:
-                        guardian.beat()
-                    pages = None
-                    if request.dump_level & STRUCT_PAGE_LEVELS and spool is None:
-                        plan, pages = _filter(plan, arch, cpu, memory, pagemap, sources,
-                                              request.dump_level, hint, warnings)
-                    search = VmcoreinfoSearch(arch, cpu, elf_out.is_stdout)
-                    layout = _layout(arch, plan.blocks, cpu, provenance, search.room,
-                                     data_offset)
-                    writer.inspect = search.inspector(layout)
-                    if progress:  # From a spool: its pages are read once more.
-                        progress.start(layout.size + (_memory(layout) if spool else 0))
-                    # A paused guest cannot change: the normal way is as consistent.
-                    copier: _Copy = (_Snapshot(live) if live and live.ready and pause.was_running
-                                     else _Direct(memory, pagemap))
-                    copier.inside(layout, plan, writer)
-                writer.finish()
-            read, written_bytes = copier.after(elf_out, layout, writer, progress)
-            if live and streamed and copier.live:
-                cpu = live.cpu_notes(layout.blocks)
-                arch, arch_from, cpu = _arch(None, target, cpu)
-                final = _layout(arch, layout.blocks, cpu, provenance, search.room,
-                                layout.data_offset)
-                if final.offsets != layout.offsets:
-                    raise SnapshotError("the vmcore's notes outgrew the room left for them")
-                search.settle(arch, cpu, final)
-                layout = final
-                elf_out.write_at(0, layout.header)
-            vmcoreinfo = search.finish(elf_out)
-            from_spool: _FromSpool = {}
-            if spool is not None:
-                spool.seal()
-                # The VMCOREINFO found in the stream: confirmed against the spool.
-                hint = (Found(vmcoreinfo.gpa, search.text)
-                        if search.text is not None and vmcoreinfo.gpa is not None else None)
-                from_spool = (_kdump_from(spool, out, layout, arch, cpu, request, provenance,
-                                          written, hint, warnings)
-                              if request.format == "kdump" else
-                              _elf_from(spool, out, layout, arch, cpu, request.dump_level,
-                                        provenance, written, hint, warnings))
-            out.commit()
+            run = _prepare(request, session, stack)
+            vmcore = _vmcore(run)
+            with vmcore.copying():
+                with run.hold() as pause:
+                    vmcore.inside(run.confirm(pause), pause)
+            made = vmcore.after()
+            run.out.commit()
     except LivedumpError:
         # Whatever failed, QEMU's exit is the cause to report (also from the way out:
         # a monitor gone with QEMU fails what puts the VM back).
         if pid is not None and request.core is None and not alive(pid):
             raise ProcessNotFound(f"QEMU (PID {pid}) exited during the dump") from None
         raise
-    summary = Summary(
-        output=request.output, pid=pid, arch=arch.name, arch_from=arch_from,
-        elf_class=layout.bits, qemu_target=qemu_target, warnings=warnings,
-        via=session.via, detail=session.detail, was_running=pause.was_running,
-        paused=request.pause and pause.was_running, live=copier.live,
-        blocks=layout.blocks, cpu_notes=cpu.summary(), vmcoreinfo=vmcoreinfo,
-        file_size=layout.size, file_mode=out.mode,
-        read_bytes=read, written_bytes=written_bytes,
-        wall_seconds=time.monotonic() - started, pause_seconds=pause.seconds, pages=pages,
-    )
-    return dataclasses.replace(summary, **from_spool)
+    return Summary(
+        output=request.output, pid=pid, qemu_target=run.qemu_target, via=session.via,
+        detail=session.detail, was_running=pause.was_running,
+        paused=request.pause and pause.was_running, file_mode=run.out.mode,
+        wall_seconds=time.monotonic() - started, pause_seconds=pause.seconds, **made)
 
 
-class _FromSpool(TypedDict, total=False):
-    """What the report says of a file written from a spool (:class:`Summary`'s fields)."""
+def _check(request: Request) -> None:
+    """Refuse, before anything is touched, what cannot be done."""
+    if request.live and ((request.output == STDOUT and request.format != "kdump")
+                         or not request.pause):
+        raise UsageError("--live writes an ELF vmcore out of order: it needs an output file "
+                         "(--format kdump may go to standard output), and pauses the guest "
+                         "(not with --no-pause)")
+    check_request(request.live, request.via, request.domain)
+    check_format(request.format, request.compress, request.dump_level)
 
+
+@dataclass
+class _Run:
+    """A dump made ready before the hold: what the steps inside and after it share."""
+
+    request: Request
+    session: Session
+    out: Output
+    memory: MemorySource
+    pagemap: Populated
+    sources: "_Sources"
+    prepared: RamMap | None  # the RAM map read before the hold, if the session can
+    plan: _Plan | None
+    wanted: arches.Arch | None  # --arch
+    target: arches.TargetDefault | None
+    qemu_target: str
+    warnings: list[str]
+    provenance: Note
+    guardian: Guardian | None
+    live: "LiveSnapshot | None"
+    streamed: bool  # the snapshot's own pause, the CPU notes from its stream
+    spool: Spool | None
+    hint: Found | None  # VMCOREINFO, found before the hold
+
+    def written(self, length: int) -> None:
+        """Told each part written: it is progress, for the user and the guardian."""
+        if self.request.progress:
+            self.request.progress.update(length)
+        if self.guardian:
+            self.guardian.beat()  # Progress: the stall limit starts again.
+
+    def hold(self) -> AbstractContextManager[Pause]:
+        """The session's pause; a streamed snapshot's is QEMU's own."""
+        return (self.live.hold() if self.live and self.streamed
+                else self.session.hold(self.request.pause))
+
+    def confirm(self, pause: Pause) -> "_Held":
+        """Inside the hold, for every writer: the RAM map confirmed (planned again
+        only if it changed), the vCPUs' registers, the vmcore's architecture."""
+        ram = self.session.ranges(self.memory, self.prepared)
+        plan = (self.plan if self.plan is not None and not ram.changed
+                else _plan(ram, self.sources))
+        data_offset = 0
+        cpu: CpuNotes
+        if self.live and self.streamed and pause.was_running:
+            # Memory goes after the largest notes the stream may give.
+            forms = self.live.candidates(plan.blocks)
+            to_stdout = (self.spool or self.out).is_stdout
+            data_offset = max(_layout(
+                c.arch, plan.blocks, c, self.provenance,
+                VmcoreinfoSearch(c.arch, c, to_stdout).room).data_offset for c in forms)
+            cpu = forms[0]
+        elif self.live and self.streamed:
+            cpu = self.live.paused_notes(plan.blocks[0].gpa)
+        else:
+            cpu = self.session.cpu_notes(self.memory, plan.blocks)
+        arch, arch_from, cpu = _arch(self.wanted, self.target, cpu)
+        if self.guardian:
+            self.guardian.beat()
+        return _Held(plan, cpu, arch, arch_from, data_offset)
+
+
+@dataclass(frozen=True)
+class _Held:
+    """What :meth:`_Run.confirm` settled inside the hold."""
+
+    plan: _Plan
+    cpu: CpuNotes
+    arch: arches.Arch
+    arch_from: str
+    data_offset: int  # where memory starts in a live ELF vmcore (0: after the notes)
+
+
+def _prepare(request: Request, session: Session, stack: contextlib.ExitStack) -> _Run:
+    """Everything that can be slow, before the guest is held: the VM claimed, its
+    target asked, the output opened, its RAM mapped, QEMU's snapshot set up."""
+    pid = session.pid
+    image = session if isinstance(session, _Image) else None
+    if request.pid is None and image is None:
+        stack.enter_context(VMLock(pid))
+    if request.live and not isinstance(session, SnapshotSource):
+        raise UsageError(f"--live needs the VM's QMP monitor, and none could serve "
+                         f"({session.detail})")
+    if request.progress:
+        stack.callback(request.progress.close)
+    wanted = arches.lookup(request.arch) if request.arch else None
+    qemu_target = _target(session, wanted)
+    target = session.target_default(qemu_target) if wanted is None else None
+    warnings = ([w] if wanted and qemu_target
+                and (w := arches.contradiction(wanted, qemu_target)) else [])
+    provenance = provenance_note(pid, request.core)
+    # The guardian: lets the VM go should livedump die or stall while it
+    # holds it, and removes the partial file of a livedump that died.
+    guardian = (session.watcher() if image is None and (request.pause or
+                request.output != STDOUT) else None)
+    if guardian:
+        stack.callback(guardian.partial, None)  # Once the file is gone (or in place).
+    out = stack.enter_context(Output(request.output, request.force,
+                                     request.allow_readable_by_others))
+    if guardian and out.partial_path is not None:
+        guardian.partial(out.partial_path)
+    memory: MemorySource
+    pagemap: Populated
+    if image is not None:
+        memory = pagemap = image.memory
+        sources = _Sources(image.memory.maps, None)  # What a core lacks is zeros.
+    else:
+        memory = stack.enter_context(ProcessMemory(pid))
+        pagemap = stack.enter_context(PageMap(pid))
+        sources = _Sources(functools.partial(read_maps, pid),
+                           stack.enter_context(BackingFiles(pid)))
+    prepared = session.prepare()
+    plan = _plan(prepared, sources) if prepared is not None else None
+    live = (stack.enter_context(session.live(qemu_target))
+            if isinstance(session, SnapshotSource) and request.live else None)
+    streamed = live is not None and live.ready and live.from_stream and wanted is None
+    if live is not None and not streamed:
+        live.own_pause()  # --arch: QEMU's notes from the pause, as without --live
+    # The pages kept are decided by the guest kernel's structures (VMCOREINFO's).
+    decides_pages = request.format == "kdump" or bool(request.dump_level & STRUCT_PAGE_LEVELS)
+    # --live with a dump level or kdump: the live ELF vmcore goes to a spool,
+    # the file asked for is written from it once the snapshot is whole (the
+    # pages a level keeps are known only then). A guest found paused is
+    # dumped the normal way.
+    spool = (stack.enter_context(Spool(_spool_directory(request.output)))
+             if live is not None and live.ready and decides_pages else None)
+    # VMCOREINFO does not move while the kernel runs: found before the
+    # hold where the struct page array (or, for kdump, where the kernel's
+    # memory ends) is read before the copy; confirmed inside.
+    hint = (find_vmcoreinfo(arches.lookup(request.arch or "x86_64"),
+                            NoCpuNotes("not yet"), memory, plan.blocks, plan.spans, pagemap)
+            if plan is not None and spool is None and decides_pages else None)
+    return _Run(request, session, out, memory, pagemap, sources, prepared, plan, wanted,
+                target, qemu_target, warnings, provenance, guardian, live, streamed, spool,
+                hint)
+
+
+class _Written(TypedDict):
+    """What the report says of the vmcore written (:class:`Summary`'s fields; the
+    rest are the run's)."""
+
+    arch: str
+    arch_from: str
     elf_class: int
-    format: str
-    vmcoreinfo: VmcoreinfoResult
-    kdump: dict[str, object] | None
-    pages: dict[str, object] | None
+    cpu_notes: str
     blocks: list[Block]
+    vmcoreinfo: VmcoreinfoResult
     warnings: list[str]
     file_size: int
+    read_bytes: int
     written_bytes: int
+    live: bool
+    format: str
+    kdump: dict[str, object] | None
+    pages: dict[str, object] | None
 
 
-def _kdump_from(spool: Spool, out: Output, spooled: CoreLayout, arch: arches.Arch,
-                cpu: CpuNotes, request: Request, provenance: Note,
-                written: Callable[[int], None], hint: Found | None,
-                warnings: list[str]) -> _FromSpool:
-    """The kdump file of the ELF vmcore in ``spool`` (of layout ``spooled``); what the
-    report says of it (:class:`Summary`'s fields)."""
+class _Vmcore(Protocol):
+    """How the vmcore is written: chosen once, before the hold (:func:`_vmcore`);
+    :meth:`inside` while the VM is held, :meth:`after` once it is let go."""
+
+    def copying(self) -> AbstractContextManager[object]: ...
+    def inside(self, held: _Held, pause: Pause) -> None: ...
+    def after(self) -> _Written: ...
+
+
+def _vmcore(run: _Run) -> _Vmcore:
+    """A kdump file staged from guest memory; else an ELF vmcore, into the output or
+    (then rewritten from it) into the spool."""
+    return _Kdump(run) if run.request.format == "kdump" and run.spool is None else _Elf(run)
+
+
+class _Kdump:
+    """A kdump file staged from guest memory: pages read while the VM is held, and
+    compressed, where they may wait, once it runs (out of the guest's pause)."""
+
+    def __init__(self, run: _Run) -> None:
+        self.run = run
+
+    def copying(self) -> AbstractContextManager[object]:
+        return contextlib.nullcontext()
+
+    def inside(self, held: _Held, pause: Pause) -> None:
+        run, request, plan = self.run, self.run.request, held.plan
+        if request.progress:
+            request.progress.start(sum(b.size for b in plan.blocks))
+        self.held = held
+        self.pending = stage_kdump(run.out, held.arch, held.cpu, plan.blocks, plan.spans,
+                                   run.memory, run.pagemap,
+                                   request.compress or DEFAULT_COMPRESSION, request.dump_level,
+                                   run.provenance, run.written, hint=run.hint,
+                                   budget=staging_budget())
+
+    def after(self) -> _Written:
+        made, held = self.pending.finish(), self.held
+        return {"arch": held.arch.name, "arch_from": held.arch_from, "elf_class": 64,
+                "cpu_notes": held.cpu.summary(), "blocks": held.plan.blocks,
+                "vmcoreinfo": made.vmcoreinfo, "warnings": self.run.warnings + made.warnings,
+                "file_size": made.size, "read_bytes": made.stats.read_bytes,
+                "written_bytes": made.size, "live": False, "format": "kdump",
+                "kdump": made.report(), "pages": None}
+
+
+class _Elf:
+    """An ELF vmcore, each chunk written as soon as it is read; into the spool
+    (if any), then the file asked for written from it."""
+
+    def __init__(self, run: _Run) -> None:
+        self.run = run
+        self.out: Output = run.spool or run.out
+        self.writer = Writer(self.out, run.written)
+
+    @contextlib.contextmanager
+    def copying(self) -> Iterator[None]:
+        """The writer (a pipe's thread) around the hold, drained once the VM runs."""
+        with self.writer:
+            yield
+            self.writer.finish()
+
+    def inside(self, held: _Held, pause: Pause) -> None:
+        run, request, plan = self.run, self.run.request, held.plan
+        self.pages: dict[str, object] | None = None
+        if request.dump_level & STRUCT_PAGE_LEVELS and run.spool is None:
+            plan, self.pages = _filter(plan, held.arch, held.cpu, run.memory, run.pagemap,
+                                       run.sources, request.dump_level, run.hint,
+                                       run.warnings)
+        self.held = held
+        self.search = VmcoreinfoSearch(held.arch, held.cpu, self.out.is_stdout)
+        self.layout = _layout(held.arch, plan.blocks, held.cpu, run.provenance,
+                              self.search.room, held.data_offset)
+        self.writer.inspect = self.search.inspector(self.layout)
+        if request.progress:  # From a spool: its pages are read once more.
+            request.progress.start(self.layout.size +
+                                   (_memory(self.layout) if run.spool else 0))
+        # A paused guest cannot change: the normal way is as consistent.
+        live = run.live
+        self.copier: _Copy = (_Snapshot(live) if live and live.ready and pause.was_running
+                              else _Direct(run.memory, run.pagemap))
+        self.copier.inside(self.layout, plan, self.writer)
+
+    def after(self) -> _Written:
+        run, layout, search = self.run, self.layout, self.search
+        arch, arch_from, cpu = self.held.arch, self.held.arch_from, self.held.cpu
+        read, written = self.copier.after(self.out, layout, self.writer,
+                                          run.request.progress)
+        if run.live and run.streamed and self.copier.live:
+            cpu = run.live.cpu_notes(layout.blocks)
+            arch, arch_from, cpu = _arch(None, run.target, cpu)
+            final = _layout(arch, layout.blocks, cpu, run.provenance, search.room,
+                            layout.data_offset)
+            if final.offsets != layout.offsets:
+                raise SnapshotError("the vmcore's notes outgrew the room left for them")
+            search.settle(arch, cpu, final)
+            layout = final
+            self.out.write_at(0, layout.header)
+        vmcoreinfo = search.finish(self.out)
+        made: _Written = {
+            "arch": arch.name, "arch_from": arch_from, "elf_class": layout.bits,
+            "cpu_notes": cpu.summary(), "blocks": layout.blocks, "vmcoreinfo": vmcoreinfo,
+            "warnings": run.warnings, "file_size": layout.size, "read_bytes": read,
+            "written_bytes": written, "live": self.copier.live, "format": "elf",
+            "kdump": None, "pages": self.pages}
+        if run.spool is None:
+            return made
+        run.spool.seal()
+        # The VMCOREINFO found in the stream: confirmed against the spool.
+        hint = (Found(vmcoreinfo.gpa, search.text)
+                if search.text is not None and vmcoreinfo.gpa is not None else None)
+        rewrite = _kdump_from if run.request.format == "kdump" else _elf_from
+        return rewrite(run, run.spool, layout, arch, cpu, hint, made)
+
+
+def _kdump_from(run: _Run, spool: Spool, spooled: CoreLayout, arch: arches.Arch,
+                cpu: CpuNotes, hint: Found | None, elf: _Written) -> _Written:
+    """The kdump file of the ELF vmcore in ``spool`` (of layout ``spooled``, reported
+    as ``elf``); what the report says of the file."""
+    request = run.request
     blocks = _spooled(spooled)
     # Every page the stream said is zero is a hole: not read, known to be zeros.
-    made = stage_kdump(out, arch, cpu, blocks, [[Span(0, b.size, True)] for b in blocks],
+    made = stage_kdump(run.out, arch, cpu, blocks, [[Span(0, b.size, True)] for b in blocks],
                        spool, spool,
-                       request.compress or DEFAULT_COMPRESSION, request.dump_level, provenance,
-                       written, hint=hint).finish()
-    return {"elf_class": 64, "format": "kdump", "vmcoreinfo": made.vmcoreinfo,
+                       request.compress or DEFAULT_COMPRESSION, request.dump_level,
+                       run.provenance, run.written, hint=hint).finish()
+    return {**elf, "elf_class": 64, "format": "kdump", "vmcoreinfo": made.vmcoreinfo,
             "kdump": made.report() | {"spool_bytes": spool.allocated},
-            "warnings": warnings + made.warnings, "file_size": made.size,
+            "warnings": run.warnings + made.warnings, "file_size": made.size,
             "written_bytes": made.size}
 
 
-def _elf_from(spool: Spool, out: Output, spooled: CoreLayout, arch: arches.Arch,
-              cpu: CpuNotes, dump_level: int, provenance: Note, written: Callable[[int], None],
-              hint: Found | None, warnings: list[str]) -> _FromSpool:
+def _elf_from(run: _Run, spool: Spool, spooled: CoreLayout, arch: arches.Arch,
+              cpu: CpuNotes, hint: Found | None, elf: _Written) -> _Written:
     """The ELF vmcore of the one in ``spool`` (of layout ``spooled``) less the pages
-    ``dump_level`` leaves out (as :func:`_filter` decides for the normal mode); what
+    the dump level leaves out (as :func:`_filter` decides for the normal mode); what
     the report says of it."""
+    out, dump_level = run.out, run.request.dump_level
     blocks = _spooled(spooled)
     end = max(b.hva + b.size for b in blocks)
     # The spool as a process's only mapping: private, so its holes are zeros.
     sources = _Sources(lambda: [Mapping(0, end, "r--p", 0, "")], None)
     plan, pages = _filter(_plan_of(blocks, sources), arch, cpu, spool, spool, sources,
-                          dump_level, hint, warnings)
+                          dump_level, hint, run.warnings)
     search = VmcoreinfoSearch(arch, cpu, out.is_stdout)
-    layout = _layout(arch, plan.blocks, cpu, provenance, search.room)
-    with Writer(out, written) as writer:
+    layout = _layout(arch, plan.blocks, cpu, run.provenance, search.room)
+    with Writer(out, run.written) as writer:
         writer.inspect = search.inspector(layout)
         copy(layout, plan.spans, spool, spool, writer)
         writer.finish()
     # The blocks kept, where they are in QEMU (as the normal mode reports them).
     kept = [dataclasses.replace(k, hva=b.hva + k.gpa - b.gpa)
             for k in layout.blocks for b in spooled.blocks if b.gpa <= k.gpa < b.end]
-    return {"vmcoreinfo": search.finish(out), "file_size": layout.size,
+    return {**elf, "vmcoreinfo": search.finish(out), "file_size": layout.size,
             "written_bytes": writer.written, "blocks": kept,
             "pages": pages | {"spool_bytes": spool.allocated}}
 
