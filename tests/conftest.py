@@ -1,7 +1,10 @@
 import json
+import signal
 from pathlib import Path
 
 import pytest
+
+from livedump import signals
 
 DATA = Path(__file__).parent / "data"
 SESSIONS = sorted((DATA / "sessions").glob("*.json"))
@@ -27,3 +30,13 @@ class ReplayTransport:
 @pytest.fixture(params=SESSIONS, ids=[p.stem for p in SESSIONS])
 def session(request) -> dict:
     return json.loads(request.param.read_text())
+
+
+@pytest.fixture
+def terminating_signals_raise():
+    """livedump's signal handlers, as its CLI installs them; the test's put back after."""
+    saved = {s: signal.getsignal(s) for s in signals.HELD}
+    signals.install()
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)

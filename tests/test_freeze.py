@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 from ptrace.binding import func
 
-from livedump import signals
 from livedump.errors import FreezeError, Interrupted, PermissionDenied, ProcessNotFound
 from livedump.ptrace import freeze
 from livedump.ptrace.freeze import frozen
@@ -239,15 +238,6 @@ def test_signal_in_the_block_lets_go(counting, signum):
         holder.wait()
     assert_none_traced(counting.pid)
     wait_for(counting.moving)
-
-
-@pytest.fixture
-def terminating_signals_raise():
-    saved = {s: signal.getsignal(s) for s in signals.TERMINATING}
-    signals.install()
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
 
 
 def test_signal_during_the_attach_waits_for_it_then_lets_go(counting, monkeypatch,

@@ -12,15 +12,6 @@ from livedump.errors import Interrupted
 
 
 @pytest.fixture
-def installed():
-    saved = {s: signal.getsignal(s) for s in signals.HELD}
-    signals.install()
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
-
-
-@pytest.fixture
 def bystander():
     """A thread that blocks no signal, as a library's own thread does (OpenBLAS's,
     which numpy starts): the kernel gives it what the main thread holds off."""
@@ -32,7 +23,7 @@ def bystander():
     thread.join()
 
 
-def test_a_signal_in_the_block_is_raised_at_its_end(installed):
+def test_a_signal_in_the_block_is_raised_at_its_end(terminating_signals_raise):
     reached = False
     with pytest.raises(Interrupted) as e:
         with signals.deferred():
@@ -42,7 +33,8 @@ def test_a_signal_in_the_block_is_raised_at_its_end(installed):
     assert reached and e.value.exit_code == 128 + signal.SIGTERM
 
 
-def test_a_signal_given_to_another_thread_still_waits_for_the_block(installed, bystander):
+def test_a_signal_given_to_another_thread_still_waits_for_the_block(terminating_signals_raise,
+                                                                    bystander):
     reached = False
     with pytest.raises(Interrupted) as e:
         with signals.deferred():
@@ -53,7 +45,7 @@ def test_a_signal_given_to_another_thread_still_waits_for_the_block(installed, b
     assert reached and e.value.exit_code == 128 + signal.SIGINT
 
 
-def test_nested_blocks_raise_once_at_the_outermost_end(installed, bystander):
+def test_nested_blocks_raise_once_at_the_outermost_end(terminating_signals_raise, bystander):
     inner_done = False
     with pytest.raises(Interrupted):
         with signals.deferred():
@@ -67,7 +59,7 @@ def test_nested_blocks_raise_once_at_the_outermost_end(installed, bystander):
         time.sleep(0.01)
 
 
-def test_an_exception_relayed_from_a_thread_waits_for_the_block_too(installed):
+def test_an_exception_relayed_from_a_thread_waits_for_the_block_too(terminating_signals_raise):
     error = Interrupted(signal.SIGTERM, "relayed")
     reached = False
     with pytest.raises(Interrupted) as e:
@@ -80,7 +72,7 @@ def test_an_exception_relayed_from_a_thread_waits_for_the_block_too(installed):
     assert reached and e.value is error
 
 
-def test_outside_a_block_a_signal_is_raised_at_once(installed):
+def test_outside_a_block_a_signal_is_raised_at_once(terminating_signals_raise):
     with pytest.raises(Interrupted):
         signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
         time.sleep(1)
