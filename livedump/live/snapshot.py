@@ -263,6 +263,7 @@ class LiveSnapshot:
         self.from_stream = False
         self._cpus = 0  # the vCPUs the monitor counts: the stream must hold as many
         self._pause: Pause | None = None  # QEMU's, as its events time it
+        self._resume_pending = False  # QEMU's resume not yet seen (the stream comes first)
 
     def __enter__(self) -> "LiveSnapshot":
         m = self.monitor
@@ -348,8 +349,14 @@ class LiveSnapshot:
         yield self._pause
 
     def start(self, layout: CoreLayout) -> None:
-        """Start the snapshot; return once QEMU has taken it (and, with the notes
-        from the stream, once the guest runs again).
+        """Start the snapshot; return once QEMU has taken it.
+
+        From 'migrate' until the stream has been read to its end, livedump sends
+        QEMU nothing: a vCPU may write a page not yet sent while it holds QEMU's
+        big lock (TCG pushes an interrupt frame so), and waits for QEMU's
+        migration thread, which waits for livedump to read the stream, while a
+        command waits for the lock. So QEMU's resume is seen, and the map
+        confirmed, once the stream is read (:meth:`write`).
 
         If this fails, the guest is resumed first and the stream read to its
         end after (on leaving): a guest resumed before QEMU stops it for the
@@ -376,10 +383,15 @@ class LiveSnapshot:
             if not self.from_stream:  # The guest is ours to resume first.
                 raise
             raise SnapshotError(f"{e}; migration {self._finish()}") from None
-        if self.from_stream:
+        self._resume_pending = self.from_stream
+
+    def _after_stream(self) -> None:
+        """Once the stream is read: QEMU's resume seen (or made), and the map, read
+        before the snapshot and unchanged after it, known to have held at its point."""
+        if self._resume_pending:
+            self._resume_pending = False
             self._resumed()
             self.guardian.resumed()
-            # The map was read before; unchanged after, it held at the snapshot point.
             if self._ram.changed():
                 raise SnapshotError("the VM's memory map changed while the snapshot was "
                                     "taken; run livedump again")
@@ -476,6 +488,7 @@ class LiveSnapshot:
         status = self._finish()
         if status != "completed":
             raise SnapshotError(f"the snapshot did not complete: migration {status}")
+        self._after_stream()
         if progress:
             progress(layout.size - _progress(reported, layout))
         return received, written
@@ -532,5 +545,7 @@ class LiveSnapshot:
         with signals.deferred():
             try:
                 self._finish()
+                with contextlib.suppress(LivedumpError):  # The dump's error comes first.
+                    self._after_stream()
             finally:
                 self._restore()
