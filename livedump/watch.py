@@ -57,6 +57,11 @@ class Trigger:
     detail: str  # the event, or the log line
 
 
+def closes(records: list[Record]) -> bool:
+    """Whether ``records`` hold the closing line of a panic's or an oops's report."""
+    return any(CLOSING.search(r.text) for r in records)
+
+
 def triggered_by(records: list[Record]) -> Trigger | None:
     """The first report of a dying kernel among ``records``."""
     for record in records:
@@ -170,7 +175,7 @@ class Watch:
                     new = self.guest.log.records(after=self.position)
                     self.position = self.guest.log.position(new) if new else self.position
                     quiet_since = time.monotonic()
-                    closed = closed or any(CLOSING.search(r.text) for r in new)
+                    closed = closed or closes(new)
                     if trigger.kind == "pvpanic":
                         more = triggered_by(new)
             if more is not None and more.kind != trigger.kind:
@@ -218,7 +223,7 @@ class Watch:
             return None
         if new:
             self.position = self.guest.log.position(new)
-            self.closed = any(CLOSING.search(r.text) for r in new)
+            self.closed = closes(new)
         return triggered_by(new)
 
     def _transport(self) -> QMPTransport | None:
