@@ -41,10 +41,6 @@ def _raise(signum: int, frame: object) -> None:
         _raise_now(signum)
 
 
-def _raise_relayed(signum: int, frame: object) -> None:
-    _raise(signum, frame)
-
-
 def _raise_now(signum: int) -> None:
     if signum != RELAYED:
         raise Interrupted(signum, signal.Signals(signum).name)
@@ -54,16 +50,15 @@ def _raise_now(signum: int) -> None:
 
 def install() -> None:
     """Make the terminating signals raise :class:`Interrupted` (main thread only)."""
-    for sig in TERMINATING:
+    for sig in HELD:
         signal.signal(sig, _raise)
-    signal.signal(RELAYED, _raise_relayed)
 
 
 def raise_in_main(error: Interrupted) -> None:
     """Have the main thread raise ``error`` as soon as no signal is held off there
     (if :func:`install` was called: else the signal would end the process)."""
     main = threading.main_thread().ident
-    if main is not None and signal.getsignal(RELAYED) is _raise_relayed:
+    if main is not None and signal.getsignal(RELAYED) is _raise:
         _relayed.append(error)
         signal.pthread_kill(main, RELAYED)
 
