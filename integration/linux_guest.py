@@ -530,10 +530,10 @@ def parse_kernel_offset(text: str) -> int | None:
 
 
 # A TCG Linux guest on a loaded host (nested KVM whose vCPUs are starved) may
-# keep its monitor busy for long: one CI run saw no answer within 30 s.  Its
-# tests check what is dumped or read, not how fast the monitor answers, so
-# they give livedump (and the harness) limits that only a hung QEMU reaches;
-# the stall limit outlasts the longest wait for the monitor.
+# keep its monitor busy for long. Its tests check what is dumped or read, not
+# how fast the monitor answers, so they give livedump (and the harness) limits
+# that only a hung QEMU reaches; the stall limit outlasts the longest wait for
+# the monitor.
 SLOW_GUEST_TIMEOUTS = ("--qmp-timeout", "120", "--stall-timeout", "300")
 SLOW_GUEST_COMMAND_TIMEOUT = 300.0
 

@@ -191,8 +191,8 @@ def test_live_sends_qemu_nothing_while_its_stream_is_unread(guest, scratch):
     # Under TCG a vCPU that takes an interrupt holds QEMU's big lock while it
     # pushes the frame; on a page not yet sent, it waits for QEMU's migration
     # thread, which waits for livedump to read the stream. A monitor command
-    # sent then waits for that lock: the VM hangs until livedump gives up (it
-    # did in 1 of 3 such runs here, and twice in CI).
+    # sent then waits for that lock: the VM hangs until livedump gives up. It
+    # happens in some runs only (what the vCPU does as the pipe fills): 8 runs.
     out = scratch / "late.vmcore"
     for attempt in range(8):
         r = subprocess.run([sys.executable, "-c", LATE_AFTER_THE_POINT, "--pid", str(guest.pid),

@@ -114,9 +114,8 @@ def test_live_is_one_instant_and_no_pause_is_not(scratch, qemu, accel):
         # Read while the guest runs, the second copy is read later than the
         # first, and has moved on. A vCPU thread that is not scheduled while
         # the megabyte between them is copied makes a read look consistent:
-        # on a nested-KVM host with two cores, about half of them do, and on
-        # a loaded one most, so up to 200 tries (a slow host gets as many),
-        # within 10 minutes.
+        # on a nested-KVM host many do, and on a loaded one most, so up to 200
+        # tries (a slow host gets as many), within 10 minutes.
         tries, deadline = 0, time.monotonic() + 600
         while True:
             r = livedump("--pid", str(vm.pid), "--no-pause", "--force", str(out))
